@@ -1,0 +1,433 @@
+"""The Connect client: calls over a pooled ``requests`` session.
+
+Requests are sent straight through the session's transport adapter (skipping the
+per-call settings merge of ``Session.request``), so an in-process adapter can stand in
+for the network without changing anything above it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, Iterator, Mapping, Sequence, TypeVar
+
+import requests
+from google.protobuf.message import Message
+from requests.adapters import HTTPAdapter
+from requests.structures import CaseInsensitiveDict
+from urllib3.exceptions import HTTPError as Urllib3Error
+
+from . import _codec
+from ._metadata import Value, from_pairs, to_wire
+from ._service import Method
+from .errors import Code, ConnectError
+
+Res = TypeVar("Res", bound=Message)
+
+_USER_AGENT = "connectplugin-python/0.1"
+
+
+@dataclass
+class Call:
+    """One outgoing call as interceptors see it; they may change headers and timeout."""
+
+    method: Method
+    request: Message
+    headers: dict[str, Value]
+    timeout: float | None
+    response_headers: dict[str, Value] = field(default_factory=dict)
+    response_trailers: dict[str, Value] = field(default_factory=dict)
+
+
+Interceptor = Callable[[Call, Callable[[Call], Any]], Any]
+"""``interceptor(call, proceed) -> result``: wraps every call a client makes.
+
+``proceed(call)`` performs the call (or the next interceptor) and returns its result: the
+response message for unary calls, a :class:`ServerStream` for streaming ones. Add headers
+by changing ``call.headers``; retry by calling ``proceed`` again; fail by raising
+:class:`ConnectError`. Interceptors run in the order given, the first outermost.
+"""
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How a client talks to one endpoint; the defaults suit most callers."""
+
+    codec: str = "proto"
+    """``proto`` or ``json``."""
+    compression: str = _codec.GZIP
+    """Request compression (``gzip`` or ``identity``); gzip responses are always accepted."""
+    compress_min_bytes: int = _codec.COMPRESS_MIN_BYTES
+    read_limit: int = _codec.DEFAULT_READ_LIMIT
+    timeout: float | None = None
+    """Default per-call timeout in seconds; sent as Connect-Timeout-Ms and enforced here too."""
+    connect_timeout: float = 5.0
+    use_get: bool = False
+    """Call side-effect-free unary methods with GET (cacheable) instead of POST."""
+    pool_size: int = 16
+    """Keep-alive connections kept per host."""
+    interceptors: Sequence[Interceptor] = ()
+    headers: Mapping[str, str] = field(default_factory=dict)
+    """Sent with every call (before per-call headers)."""
+
+    def __post_init__(self) -> None:
+        if self.codec not in _codec.CODECS:
+            raise ValueError(f"codec must be one of {sorted(_codec.CODECS)}, not {self.codec!r}")
+        if self.compression not in _codec.ENCODINGS:
+            raise ValueError(f"compression must be one of {_codec.ENCODINGS}, not {self.compression!r}")
+
+
+class _Capture(threading.local):
+    stack: list[ResponseMetadata]
+
+    def __init__(self) -> None:
+        self.stack = []
+
+
+_capture = _Capture()
+
+
+class ResponseMetadata:
+    """Captures the headers and trailers of unary calls made inside a ``with`` block.
+
+    >>> with ResponseMetadata() as md:
+    ...     kv.get(GetRequest(key="a"))
+    >>> md.headers, md.trailers
+    """
+
+    def __init__(self) -> None:
+        self.headers: dict[str, Value] = {}
+        self.trailers: dict[str, Value] = {}
+
+    def __enter__(self) -> ResponseMetadata:
+        _capture.stack.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _capture.stack.remove(self)
+
+
+class Client:
+    """A Connect client for one base URL. Safe to share between threads.
+
+    ``session`` may be supplied to share a connection pool or mount a custom adapter
+    (TLS settings, an in-process transport); the client then does not close it.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        config: ClientConfig | None = None,
+        *,
+        session: requests.Session | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.config = config or ClientConfig()
+        self._owns_session = session is None
+        if session is None:
+            session = requests.Session()
+            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=self.config.pool_size, max_retries=0)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+        self.session = session
+        self._adapter = session.get_adapter(self.base_url + "/")
+        codec = self.config.codec
+        self._codec = _codec.CODECS[codec]
+        self._base_headers: dict[str, str] = {
+            "User-Agent": _USER_AGENT,
+            "Connect-Protocol-Version": "1",
+            **self.config.headers,
+        }
+        self._unary_type = "application/" + codec
+        self._stream_type = "application/connect+" + codec
+        self._chain = self._build_chain()
+
+    # --- public -------------------------------------------------------------------------------
+
+    def call_unary(
+        self,
+        method: Method[Any, Res],
+        request: Message,
+        *,
+        timeout: float | None = None,
+        headers: Mapping[str, Value] | None = None,
+    ) -> Res:
+        call = Call(method, request, dict(headers or {}), timeout if timeout is not None else self.config.timeout)
+        result: Res = self._chain(call)
+        for md in _capture.stack:
+            md.headers.update(call.response_headers)
+            md.trailers.update(call.response_trailers)
+        return result
+
+    def call_server_stream(
+        self,
+        method: Method[Any, Res],
+        request: Message,
+        *,
+        timeout: float | None = None,
+        headers: Mapping[str, Value] | None = None,
+    ) -> ServerStream[Res]:
+        call = Call(method, request, dict(headers or {}), timeout if timeout is not None else self.config.timeout)
+        stream: ServerStream[Res] = self._chain(call)
+        return stream
+
+    def close(self) -> None:
+        if self._owns_session:
+            self.session.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- the call itself ----------------------------------------------------------------------
+
+    def _build_chain(self) -> Callable[[Call], Any]:
+        chain: Callable[[Call], Any] = self._invoke
+        for interceptor in reversed(self.config.interceptors):
+            chain = _bind(interceptor, chain)
+        return chain
+
+    def _invoke(self, call: Call) -> Any:
+        if call.method.server_streaming:
+            return self._stream(call)
+        return self._unary(call)
+
+    def _send(self, call: Call, http_method: str, url: str, headers: dict[str, str], body: bytes | None):
+        deadline = time.monotonic() + call.timeout if call.timeout is not None else None
+        if call.timeout is not None:
+            headers["Connect-Timeout-Ms"] = _codec.format_timeout_ms(call.timeout)
+        for key, value in to_wire(call.headers):
+            headers[key] = value
+        prepared = requests.PreparedRequest()
+        prepared.method = http_method
+        prepared.url = url
+        prepared.headers = CaseInsensitiveDict(headers)
+        prepared.body = body
+        prepared.hooks = {"response": []}
+        if body is not None:
+            prepared.headers["Content-Length"] = str(len(body))
+        read_timeout = call.timeout
+        connect_timeout = self.config.connect_timeout
+        if read_timeout is not None:
+            connect_timeout = min(connect_timeout, read_timeout)
+        try:
+            response = self._adapter.send(prepared, stream=True, timeout=(connect_timeout, read_timeout))
+        except requests.exceptions.Timeout as e:
+            raise _timeout_error(deadline, e) from None
+        except (requests.exceptions.RequestException, Urllib3Error, OSError) as e:
+            raise ConnectError(Code.UNAVAILABLE, f"cannot reach {self.base_url}: {_reason(e)}") from None
+        return response, deadline
+
+    def _unary(self, call: Call) -> Message:
+        method = call.method
+        data = self._codec.encode(call.request)
+        headers = dict(self._base_headers)
+        headers["Accept-Encoding"] = "gzip"
+        url = self.base_url + method.path
+        if self.config.use_get and method.idempotent:
+            query = f"?encoding={self.config.codec}&connect=v1&"
+            if self.config.codec == "json":
+                query += "message=" + requests.utils.quote(data.decode(), safe="")
+            else:
+                query += "base64=1&message=" + base64.urlsafe_b64encode(data).decode().rstrip("=")
+            response, deadline = self._send(call, "GET", url + query, headers, None)
+        else:
+            headers["Content-Type"] = self._unary_type
+            if self.config.compression != _codec.IDENTITY and len(data) >= self.config.compress_min_bytes:
+                data = _codec.compress(self.config.compression, data)
+                headers["Content-Encoding"] = self.config.compression
+            response, deadline = self._send(call, "POST", url, headers, data)
+        try:
+            body = self._read_all(response, deadline)
+        finally:
+            response.close()
+        meta = from_pairs(response.headers.items())
+        call.response_headers = {k: v for k, v in meta.items() if not k.startswith("trailer-")}
+        call.response_trailers = {k[8:]: v for k, v in meta.items() if k.startswith("trailer-")}
+        if response.status_code != 200:
+            raise _unary_error(response, body, meta)
+        content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type != self._unary_type:
+            raise ConnectError(Code.INTERNAL, f"unexpected response content type {content_type!r}", metadata=meta)
+        encoding = response.headers.get("Content-Encoding", _codec.IDENTITY)
+        try:
+            payload = _codec.decompress(encoding, body, self.config.read_limit)
+        except ConnectError as e:
+            raise ConnectError(Code.INTERNAL if e.code is Code.INVALID_ARGUMENT else e.code, e.message, metadata=meta) from None
+        return self._decode(payload, method.output)
+
+    def _read_all(self, response: requests.Response, deadline: float | None) -> bytes:
+        limit = self.config.read_limit
+        try:
+            body = response.raw.read(limit + 1)
+        except requests.exceptions.Timeout as e:
+            raise _timeout_error(deadline, e) from None
+        except (Urllib3Error, OSError, requests.exceptions.RequestException) as e:
+            raise _read_error(deadline, e) from None
+        if len(body) > limit:
+            raise _codec.too_large(limit)
+        return body
+
+    def _decode(self, payload: bytes, message_type: type[Res]) -> Res:
+        try:
+            return self._codec.decode(payload, message_type)
+        except ConnectError as e:
+            raise ConnectError(Code.INTERNAL, f"cannot decode response: {e.message}") from None
+
+    def _stream(self, call: Call) -> ServerStream[Any]:
+        data = self._codec.encode(call.request)
+        headers = dict(self._base_headers)
+        headers["Content-Type"] = self._stream_type
+        headers["Connect-Accept-Encoding"] = "gzip"
+        flags = 0
+        if self.config.compression != _codec.IDENTITY and len(data) >= self.config.compress_min_bytes:
+            data = _codec.compress(self.config.compression, data)
+            headers["Connect-Content-Encoding"] = self.config.compression
+            flags = _codec.FLAG_COMPRESSED
+        response, deadline = self._send(call, "POST", self.base_url + call.method.path, headers, _codec.envelope(flags, data))
+        meta = from_pairs(response.headers.items())
+        call.response_headers = meta
+        if response.status_code != 200:
+            try:
+                body = self._read_all(response, deadline)
+            finally:
+                response.close()
+            raise _unary_error(response, body, meta)
+        content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type != self._stream_type:
+            response.close()
+            raise ConnectError(Code.INTERNAL, f"unexpected response content type {content_type!r}", metadata=meta)
+        return ServerStream(self, call, response, deadline)
+
+
+def _bind(interceptor: Interceptor, proceed: Callable[[Call], Any]) -> Callable[[Call], Any]:
+    return lambda call: interceptor(call, proceed)
+
+
+class ServerStream(Generic[Res]):
+    """The responses of a server-streaming call, as an iterator.
+
+    ``close()`` (or leaving a ``with`` block) ends the call early and releases its
+    connection. ``headers`` are known at once; ``trailers`` once the stream has ended.
+    """
+
+    def __init__(self, client: Client, call: Call, response: requests.Response, deadline: float | None) -> None:
+        self._client = client
+        self._call = call
+        self._response = response
+        self._deadline = deadline
+        self._encoding = response.headers.get("Connect-Content-Encoding", _codec.IDENTITY)
+        self._done = False
+        if self._encoding not in _codec.ENCODINGS:
+            self.close()
+            raise ConnectError(Code.INTERNAL, f"server used unknown compression {self._encoding!r}")
+
+    @property
+    def headers(self) -> Mapping[str, Value]:
+        return self._call.response_headers
+
+    @property
+    def trailers(self) -> Mapping[str, Value]:
+        return self._call.response_trailers
+
+    def __iter__(self) -> ServerStream[Res]:
+        return self
+
+    def __next__(self) -> Res:
+        if self._done:
+            raise StopIteration
+        try:
+            envelope = self._next_envelope()
+        except BaseException:
+            self.close()
+            raise
+        if envelope is None:
+            self.close()
+            raise ConnectError(Code.INTERNAL, "stream ended without an end-of-stream message")
+        flags, data = envelope
+        if flags & _codec.FLAG_END_STREAM:
+            self.close()
+            self._finish(data)
+            raise StopIteration
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            self.close()
+            raise ConnectError(Code.DEADLINE_EXCEEDED, "the stream outlived its timeout")
+        return self._client._decode(data, self._call.method.output)
+
+    def _next_envelope(self) -> tuple[int, bytes] | None:
+        read = self._response.raw.read
+        try:
+            return _codec.read_envelope(read, self._encoding, self._client.config.read_limit)
+        except ConnectError as e:
+            if e.code is Code.RESOURCE_EXHAUSTED:
+                raise
+            raise ConnectError(Code.INTERNAL, f"malformed stream: {e.message}") from None
+        except requests.exceptions.Timeout as e:
+            raise _timeout_error(self._deadline, e) from None
+        except (Urllib3Error, OSError, requests.exceptions.RequestException) as e:
+            raise _read_error(self._deadline, e) from None
+
+    def _finish(self, data: bytes) -> None:
+        try:
+            end = json.loads(data)
+            if not isinstance(end, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            raise ConnectError(Code.INTERNAL, "malformed end-of-stream message") from None
+        metadata = end.get("metadata") or {}
+        pairs = [(k, v) for k, vs in metadata.items() if isinstance(vs, list) for v in vs if isinstance(v, str)]
+        self._call.response_trailers = from_pairs(pairs)
+        if end.get("error") is not None:
+            raise ConnectError.from_json(
+                end["error"], Code.UNKNOWN, {**self._call.response_headers, **self._call.response_trailers}
+            )
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._response.close()
+
+    def __enter__(self) -> ServerStream[Res]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _unary_error(response: requests.Response, body: bytes, meta: Mapping[str, Value]) -> ConnectError:
+    fallback = Code.from_http_status(response.status_code)
+    content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if content_type == "application/json":
+        try:
+            body = _codec.decompress(response.headers.get("Content-Encoding", _codec.IDENTITY), body, len(body) * 64 + 1024)
+            return ConnectError.from_json(json.loads(body), fallback, meta)
+        except (ValueError, ConnectError):
+            pass
+    reason = response.reason or ""
+    return ConnectError(fallback, f"HTTP {response.status_code} {reason}".strip(), metadata=meta)
+
+
+def _timeout_error(deadline: float | None, cause: Exception) -> ConnectError:
+    if deadline is not None:
+        return ConnectError(Code.DEADLINE_EXCEEDED, "the call outlived its timeout")
+    return ConnectError(Code.UNAVAILABLE, f"timed out: {_reason(cause)}")
+
+
+def _read_error(deadline: float | None, cause: Exception) -> ConnectError:
+    if deadline is not None and time.monotonic() >= deadline:
+        return ConnectError(Code.DEADLINE_EXCEEDED, "the call outlived its timeout")
+    return ConnectError(Code.UNAVAILABLE, f"connection lost: {_reason(cause)}")
+
+
+def _reason(e: BaseException) -> str:
+    while e.args and isinstance(e.args[0], BaseException):
+        e = e.args[0]
+    return str(e) or type(e).__name__

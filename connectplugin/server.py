@@ -1,0 +1,413 @@
+"""The Connect server: a plain WSGI application that routes calls to generated handlers.
+
+Request flow: Werkzeug routing -> protocol checks -> decode -> handler -> encode -> response.
+Unary and server-streaming calls over HTTP/1.1, per the Connect protocol specification.
+The app holds no mutable state after construction, so any number of server threads may call it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import http
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Mapping
+from urllib.parse import parse_qs
+
+from google.protobuf.message import Message
+from werkzeug.exceptions import NotFound
+from werkzeug.routing import Map, Rule
+
+from . import _codec
+from ._metadata import Value, from_pairs, to_wire
+from ._service import Method, Service
+from .errors import Code, ConnectError
+
+log = logging.getLogger("connectplugin.server")
+
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict, StartResponse], Iterable[bytes]]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Limits and tuning of the Connect server; the defaults suit most plugins."""
+
+    read_limit: int = _codec.DEFAULT_READ_LIMIT
+    """Largest request message in bytes, compressed or not; larger is resource_exhausted."""
+    compress_min_bytes: int = _codec.COMPRESS_MIN_BYTES
+    """Responses smaller than this are never compressed."""
+
+
+class Context:
+    """What a handler knows about its call, and what it may add to the response.
+
+    ``request_headers`` are lower-cased; ``-bin`` values arrive decoded to bytes.
+    Values set in ``response_headers`` / ``response_trailers`` may be bytes for ``-bin`` keys.
+    """
+
+    __slots__ = ("method", "environ", "deadline", "response_headers", "response_trailers", "_headers")
+
+    def __init__(self, method: Method, environ: dict, deadline: float | None) -> None:
+        self.method = method
+        self.environ = environ
+        self.deadline = deadline
+        """Absolute ``time.monotonic()`` by which the call must end, or None."""
+        self.response_headers: dict[str, Value] = {}
+        self.response_trailers: dict[str, Value] = {}
+        self._headers: dict[str, Value] | None = None
+
+    @property
+    def request_headers(self) -> Mapping[str, Value]:
+        if self._headers is None:
+            self._headers = from_pairs(_environ_headers(self.environ))
+        return self._headers
+
+    @property
+    def peer(self) -> str:
+        return self.environ.get("REMOTE_ADDR", "")
+
+    def timeout_remaining(self) -> float | None:
+        """Seconds left before the deadline (never negative), or None without a deadline."""
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - time.monotonic())
+
+    def is_active(self) -> bool:
+        """False once the deadline has passed or the client has gone; long handlers poll this."""
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return False
+        gone = self.environ.get("waitress.client_disconnected")
+        return not (gone and gone())
+
+
+def _environ_headers(environ: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            yield key[5:].replace("_", "-"), value
+        elif key in ("CONTENT_TYPE", "CONTENT_LENGTH") and value:
+            yield key.replace("_", "-"), value
+
+
+_REASONS = {s.value: s.phrase for s in http.HTTPStatus}
+_REASONS[499] = "Client Closed Request"
+
+
+def _status(code: int) -> str:
+    return f"{code} {_REASONS.get(code, '')}"
+
+
+class _Route:
+    __slots__ = ("method", "call", "allow")
+
+    def __init__(self, method: Method, call: Callable[..., Any]) -> None:
+        self.method = method
+        self.call = call
+        self.allow = "GET, POST" if method.idempotent and not method.server_streaming else "POST"
+
+
+_UNARY_TYPES = {"application/proto": "proto", "application/json": "json"}
+_STREAM_TYPES = {"application/connect+proto": "proto", "application/connect+json": "json"}
+
+
+class App:
+    """A WSGI application serving the given handler objects over Connect.
+
+    Each handler carries a ``service`` attribute (a :class:`Service`, set by the
+    generated base class) and one Python method per RPC.
+    """
+
+    def __init__(self, handlers: Iterable[Any], config: ServerConfig | None = None) -> None:
+        self.config = config or ServerConfig()
+        rules = []
+        self.services: dict[str, Service] = {}
+        for handler in handlers:
+            service: Service = handler.service
+            if service.name in self.services:
+                raise ValueError(f"service {service.name} is served twice")
+            self.services[service.name] = service
+            for method in service.methods.values():
+                route = _Route(method, getattr(handler, method.attr))
+                rules.append(Rule(method.path, endpoint=route))
+        # Bound once: matching is then read-only and safe from any thread.
+        self._routes = Map(rules, strict_slashes=False, merge_slashes=False).bind("connect")
+
+    def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+        try:
+            route: _Route = self._routes.match(environ.get("PATH_INFO", ""))[0]
+        except NotFound:
+            return _error_response(
+                start_response,
+                ConnectError(Code.UNIMPLEMENTED, f"no procedure at {environ.get('PATH_INFO')}"),
+                status=404,
+            )
+        http_method = environ["REQUEST_METHOD"]
+        if http_method != "POST" and not (http_method == "GET" and route.allow != "POST"):
+            start_response(_status(405), [("Allow", route.allow), ("Content-Length", "0")])
+            return [b""]
+        if route.method.server_streaming:
+            return self._stream(route, environ, start_response)
+        return self._unary(route, environ, start_response, http_method == "GET")
+
+    # --- unary --------------------------------------------------------------------------------
+
+    def _unary(
+        self, route: _Route, environ: dict, start_response: StartResponse, is_get: bool
+    ) -> Iterable[bytes]:
+        query: dict[str, list[str]] = {}
+        if is_get:
+            query = parse_qs(environ.get("QUERY_STRING", ""))
+            codec_name = _first(query, "encoding")
+            content_type = "application/" + codec_name
+        else:
+            content_type = environ.get("CONTENT_TYPE", "")
+            codec_name = _codec_for(content_type, _UNARY_TYPES)
+        if codec_name not in _codec.CODECS:
+            return _unsupported_media(start_response, _UNARY_TYPES)
+        codec = _codec.CODECS[codec_name]
+        ctx: Context | None = None
+        try:
+            deadline = _deadline(environ)
+            ctx = Context(route.method, environ, deadline)
+            if is_get:
+                if _first(query, "connect") not in ("", "v1"):
+                    raise ConnectError(Code.INVALID_ARGUMENT, "connect query parameter must be v1")
+                payload = self._get_payload(query)
+            else:
+                _check_protocol_version(environ)
+                encoding = environ.get("HTTP_CONTENT_ENCODING", _codec.IDENTITY) or _codec.IDENTITY
+                if encoding not in _codec.ENCODINGS:
+                    raise _codec.unsupported_encoding(encoding)
+                payload = _codec.decompress(encoding, self._read_body(environ), self.config.read_limit)
+            request = codec.decode(payload, route.method.input)
+            response = route.call(request, ctx)
+            if deadline is not None and time.monotonic() > deadline:
+                raise ConnectError(Code.DEADLINE_EXCEEDED, "the call outlived its timeout")
+            if not isinstance(response, route.method.output):
+                log.error(
+                    "%s returned %s, not %s",
+                    route.method.path,
+                    type(response).__name__,
+                    route.method.output.__name__,
+                )
+                raise ConnectError(Code.INTERNAL, "internal error")
+            body = codec.encode(response)
+        except ConnectError as e:
+            return _error_response(start_response, e, ctx=ctx)
+        except Exception:
+            log.exception("unhandled error in %s", route.method.path)
+            return _error_response(start_response, ConnectError(Code.INTERNAL, "internal error"), ctx=ctx)
+
+        headers = [("Content-Type", "application/" + codec_name)]
+        if len(body) >= self.config.compress_min_bytes:
+            if _codec.negotiate(environ.get("HTTP_ACCEPT_ENCODING")) == _codec.GZIP:
+                body = _codec.compress(_codec.GZIP, body)
+                headers.append(("Content-Encoding", _codec.GZIP))
+        headers.append(("Content-Length", str(len(body))))
+        if ctx.response_headers:
+            headers += to_wire(ctx.response_headers)
+        if ctx.response_trailers:
+            headers += to_wire(ctx.response_trailers, "trailer-")
+        start_response("200 OK", headers)
+        return [body]
+
+    def _get_payload(self, query: dict[str, list[str]]) -> bytes:
+        message = _first(query, "message")
+        if _first(query, "base64") == "1":
+            try:
+                data = base64.urlsafe_b64decode(message + "=" * (-len(message) % 4))
+            except (binascii.Error, ValueError):
+                raise ConnectError(Code.INVALID_ARGUMENT, "message is not valid base64") from None
+        else:
+            data = message.encode()
+        encoding = _first(query, "compression") or _codec.IDENTITY
+        if encoding not in _codec.ENCODINGS:
+            raise _codec.unsupported_encoding(encoding)
+        if len(data) > self.config.read_limit:
+            raise _codec.too_large(self.config.read_limit)
+        return _codec.decompress(encoding, data, self.config.read_limit)
+
+    def _read_body(self, environ: dict, slack: int = 0) -> bytes:
+        limit = self.config.read_limit + slack
+        length = environ.get("CONTENT_LENGTH")
+        if length:
+            try:
+                n = int(length)
+            except ValueError:
+                raise ConnectError(Code.INVALID_ARGUMENT, "bad Content-Length") from None
+            if n > limit:
+                raise _codec.too_large(self.config.read_limit)
+            return environ["wsgi.input"].read(n) if n else b""
+        data = environ["wsgi.input"].read(limit + 1)
+        if len(data) > limit:
+            raise _codec.too_large(self.config.read_limit)
+        return data
+
+    # --- server streaming ---------------------------------------------------------------------
+
+    def _stream(self, route: _Route, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+        codec_name = _codec_for(environ.get("CONTENT_TYPE", ""), _STREAM_TYPES)
+        if codec_name not in _codec.CODECS:
+            return _unsupported_media(start_response, _STREAM_TYPES)
+        codec = _codec.CODECS[codec_name]
+        headers = [("Content-Type", "application/connect+" + codec_name)]
+        ctx: Context | None = None
+        # Past this point every failure is reported in the end-stream message of a 200.
+        try:
+            deadline = _deadline(environ)
+            ctx = Context(route.method, environ, deadline)
+            _check_protocol_version(environ)
+            encoding = environ.get("HTTP_CONNECT_CONTENT_ENCODING") or _codec.IDENTITY
+            if encoding not in _codec.ENCODINGS:
+                raise _codec.unsupported_encoding(encoding)
+            request = codec.decode(self._read_stream_request(environ, encoding), route.method.input)
+            messages = iter(route.call(request, ctx))
+        except ConnectError as e:
+            return _end_only(start_response, headers, e, ctx)
+        except Exception:
+            log.exception("unhandled error in %s", route.method.path)
+            return _end_only(start_response, headers, ConnectError(Code.INTERNAL, "internal error"), ctx)
+
+        send_encoding = _codec.negotiate(environ.get("HTTP_CONNECT_ACCEPT_ENCODING"))
+        if send_encoding != _codec.IDENTITY:
+            headers.append(("Connect-Content-Encoding", send_encoding))
+        return self._stream_body(route, ctx, messages, codec, send_encoding, start_response, headers)
+
+    def _read_stream_request(self, environ: dict, encoding: str) -> bytes:
+        body = self._read_body(environ, slack=5)
+        pos = 0
+
+        def read(n: int) -> bytes:
+            nonlocal pos
+            chunk = body[pos : pos + n]
+            pos += len(chunk)
+            return chunk
+
+        first = _codec.read_envelope(read, encoding, self.config.read_limit)
+        if first is None or first[0]:
+            raise ConnectError(Code.INVALID_ARGUMENT, "a server-streaming request carries one message")
+        if pos != len(body):
+            raise ConnectError(Code.INVALID_ARGUMENT, "a server-streaming request carries one message")
+        return first[1]
+
+    def _stream_body(
+        self,
+        route: _Route,
+        ctx: Context,
+        messages: Iterator[Message],
+        codec: _codec.Codec,
+        encoding: str,
+        start_response: StartResponse,
+        headers: list[tuple[str, str]],
+    ) -> Iterator[bytes]:
+        # Headers go out with the first message, so a handler may still set them before it.
+        started = False
+        error: ConnectError | None = None
+        try:
+            for message in messages:
+                if ctx.deadline is not None and time.monotonic() > ctx.deadline:
+                    raise ConnectError(Code.DEADLINE_EXCEEDED, "the stream outlived its timeout")
+                data = codec.encode(message)
+                flags = 0
+                if encoding != _codec.IDENTITY and len(data) >= self.config.compress_min_bytes:
+                    data, flags = _codec.compress(encoding, data), _codec.FLAG_COMPRESSED
+                if not started:
+                    start_response("200 OK", headers + to_wire(ctx.response_headers))
+                    started = True
+                yield _codec.envelope(flags, data)
+        except ConnectError as e:
+            error = e
+        except GeneratorExit:
+            raise
+        except Exception:
+            log.exception("unhandled error in %s", route.method.path)
+            error = ConnectError(Code.INTERNAL, "internal error")
+        finally:
+            close = getattr(messages, "close", None)
+            if close is not None:
+                close()
+        if not started:
+            start_response("200 OK", headers + to_wire(ctx.response_headers))
+        yield _end_stream(error, ctx)
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _first(query: Mapping[str, list[str]], key: str) -> str:
+    values = query.get(key)
+    return values[0] if values else ""
+
+
+def _codec_for(content_type: str, table: Mapping[str, str]) -> str:
+    base, _, params = content_type.partition(";")
+    name = table.get(base.strip().lower(), "")
+    if name == "json" and params:
+        # Only UTF-8 JSON exists in Connect; any other charset is unsupported.
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key.lower() == "charset" and value.strip('"').lower() not in ("utf-8", "utf8"):
+                return ""
+    return name
+
+
+def _check_protocol_version(environ: Mapping[str, Any]) -> None:
+    version = environ.get("HTTP_CONNECT_PROTOCOL_VERSION")
+    if version is not None and version != "1":
+        raise ConnectError(Code.INVALID_ARGUMENT, f"unsupported Connect-Protocol-Version {version!r}")
+
+
+def _deadline(environ: Mapping[str, Any]) -> float | None:
+    value = environ.get("HTTP_CONNECT_TIMEOUT_MS")
+    if value is None:
+        return None
+    return time.monotonic() + _codec.parse_timeout_ms(value)
+
+
+def _unsupported_media(start_response: StartResponse, table: Mapping[str, str]) -> list[bytes]:
+    start_response(
+        _status(415), [("Accept-Post", ", ".join(table)), ("Content-Length", "0")]
+    )
+    return [b""]
+
+
+def _error_response(
+    start_response: StartResponse,
+    error: ConnectError,
+    ctx: Context | None = None,
+    status: int | None = None,
+) -> list[bytes]:
+    body = json.dumps(error.to_json(), separators=(",", ":")).encode()
+    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+    if ctx is not None:
+        headers += to_wire(ctx.response_headers)
+        headers += to_wire(ctx.response_trailers, "trailer-")
+    headers += to_wire(error.metadata)
+    start_response(_status(status or error.code.http_status), headers)
+    return [body]
+
+
+def _end_stream(error: ConnectError | None, ctx: Context | None) -> bytes:
+    trailers: dict[str, list[str]] = {}
+    for key, value in to_wire(ctx.response_trailers if ctx else {}) + to_wire(error.metadata if error else {}):
+        trailers.setdefault(key, []).append(value)
+    end: dict[str, Any] = {}
+    if error is not None:
+        end["error"] = error.to_json()
+    if trailers:
+        end["metadata"] = trailers
+    return _codec.envelope(_codec.FLAG_END_STREAM, json.dumps(end, separators=(",", ":")).encode())
+
+
+def _end_only(
+    start_response: StartResponse,
+    headers: list[tuple[str, str]],
+    error: ConnectError,
+    ctx: Context | None,
+) -> list[bytes]:
+    body = _end_stream(error, ctx)
+    start_response("200 OK", headers + [("Content-Length", str(len(body)))] + to_wire(ctx.response_headers if ctx else {}))
+    return [body]
