@@ -14,6 +14,7 @@ import keyword
 import re
 import sys
 import textwrap
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from google.protobuf import descriptor_pb2
@@ -40,7 +41,9 @@ def main() -> int:
     return 0
 
 
-def generate(request: plugin_pb2.CodeGeneratorRequest) -> plugin_pb2.CodeGeneratorResponse:
+def generate(
+    request: plugin_pb2.CodeGeneratorRequest,
+) -> plugin_pb2.CodeGeneratorResponse:
     """Build the response; errors go into ``response.error``, as the plugin protocol asks."""
     response = plugin_pb2.CodeGeneratorResponse(
         # Only services and methods are read, so field presence and editions features don't matter.
@@ -57,7 +60,10 @@ def generate(request: plugin_pb2.CodeGeneratorRequest) -> plugin_pb2.CodeGenerat
             proto = files[name]
             if proto.service:
                 content = _Module(proto, types, prefix).render()
-                response.file.add(name=module_name(name).replace(".", "/") + "_connect.py", content=content)
+                response.file.add(
+                    name=module_name(name).replace(".", "/") + "_connect.py",
+                    content=content,
+                )
     except PluginError as e:
         del response.file[:]
         response.error = str(e)
@@ -82,21 +88,35 @@ def _parse_parameter(parameter: str) -> str:
     for item in filter(None, parameter.split(",")):
         key, _, value = item.partition("=")
         if key != "package":
-            raise PluginError(f"unknown option {item!r}; the only option is package=PREFIX")
+            raise PluginError(
+                f"unknown option {item!r}; the only option is package=PREFIX"
+            )
         if value and not all(part.isidentifier() for part in value.split(".")):
             raise PluginError(f"package={value!r} is not a dotted Python package name")
         prefix = value
     return prefix
 
 
-def _index_types(files: list[descriptor_pb2.FileDescriptorProto]) -> dict[str, tuple[str, str]]:
+def _index_types(
+    files: Iterable[descriptor_pb2.FileDescriptorProto],
+) -> dict[str, tuple[str, str]]:
     """Map each fully qualified message name (``.kv.v1.GetRequest``) to (file, Python name)."""
     index: dict[str, tuple[str, str]] = {}
 
-    def add(scope: str, python: str, messages: list[descriptor_pb2.DescriptorProto], file: str) -> None:
+    def add(
+        scope: str,
+        python: str,
+        messages: Iterable[descriptor_pb2.DescriptorProto],
+        file: str,
+    ) -> None:
         for message in messages:
             index[f"{scope}.{message.name}"] = (file, f"{python}{message.name}")
-            add(f"{scope}.{message.name}", f"{python}{message.name}.", message.nested_type, file)
+            add(
+                f"{scope}.{message.name}",
+                f"{python}{message.name}.",
+                message.nested_type,
+                file,
+            )
 
     for f in files:
         add(f".{f.package}" if f.package else "", "", f.message_type, f.name)
@@ -115,15 +135,30 @@ class _Names:
 
     @classmethod
     def of(cls, service: str) -> _Names:
-        base = service[: -len("Service")] if service.endswith("Service") and service != "Service" else service
+        base = (
+            service[: -len("Service")]
+            if service.endswith("Service") and service != "Service"
+            else service
+        )
         upper = snake_case(base).upper()
-        return cls(f"{upper}_SERVICE", f"{upper}_PLUGIN", snake_case(base), f"{service}Client", f"{service}Handler")
+        return cls(
+            f"{upper}_SERVICE",
+            f"{upper}_PLUGIN",
+            snake_case(base),
+            f"{service}Client",
+            f"{service}Handler",
+        )
 
 
 class _Module:
     """Renders the ``_connect.py`` module for one .proto file."""
 
-    def __init__(self, proto: descriptor_pb2.FileDescriptorProto, types: dict[str, tuple[str, str]], prefix: str):
+    def __init__(
+        self,
+        proto: descriptor_pb2.FileDescriptorProto,
+        types: dict[str, tuple[str, str]],
+        prefix: str,
+    ):
         self.proto = proto
         self.types = types
         self.prefix = prefix
@@ -139,22 +174,35 @@ class _Module:
         seen: set[str] = set()
         for service in self.proto.service:
             names = _Names.of(service.name)
-            for name in (names.constant, names.plugin_constant, names.client, names.handler):
+            for name in (
+                names.constant,
+                names.plugin_constant,
+                names.client,
+                names.handler,
+            ):
                 if name in seen:
-                    raise PluginError(f"{self._qualified(service)}: the Python name {name} is taken by another service in {self.proto.name}")
+                    raise PluginError(
+                        f"{self._qualified(service)}: the Python name {name} is taken by another service in {self.proto.name}"
+                    )
                 seen.add(name)
             attrs: set[str] = set()
             for method in service.method:
                 where = f"{self._qualified(service)}.{method.name}"
                 if method.client_streaming:
-                    kind = "bidirectional streaming" if method.server_streaming else "client streaming"
+                    kind = (
+                        "bidirectional streaming"
+                        if method.server_streaming
+                        else "client streaming"
+                    )
                     raise PluginError(
                         f"{where} is {kind}; Connect over WSGI/HTTP-1.1 carries only unary and "
                         "server-streaming calls"
                     )
                 attr = snake_case(method.name)
                 if keyword.iskeyword(attr) or attr == "service" or attr in attrs:
-                    raise PluginError(f"{where}: its Python name {attr!r} is a keyword, reserved or used twice")
+                    raise PluginError(
+                        f"{where}: its Python name {attr!r} is a keyword, reserved or used twice"
+                    )
                 attrs.add(attr)
 
     def _aliases(self) -> dict[str, str]:
@@ -171,13 +219,19 @@ class _Module:
         aliases = {}
         for module, leaf in zip(modules, leaves):
             if leaves.count(leaf) > 1:
-                unprefixed = module.removeprefix(f"{self.prefix}.") if self.prefix else module
+                unprefixed = (
+                    module.removeprefix(f"{self.prefix}.") if self.prefix else module
+                )
                 leaf = unprefixed.replace(".", "_")
             aliases[module] = leaf
         return aliases
 
     def _qualified(self, service: descriptor_pb2.ServiceDescriptorProto) -> str:
-        return f"{self.proto.package}.{service.name}" if self.proto.package else service.name
+        return (
+            f"{self.proto.package}.{service.name}"
+            if self.proto.package
+            else service.name
+        )
 
     def _type(self, type_name: str) -> str:
         file, python = self.types[type_name]
@@ -186,7 +240,7 @@ class _Module:
     def render(self) -> str:
         lines = [
             f"# Generated by connectplugin.codegen from {self.proto.name}. DO NOT EDIT.",
-            f'"""Connect clients, handler bases and plugins for {self.proto.name}."""',
+            '"""Service descriptions, typed clients, handler base classes and plugin definitions."""',
             "",
             *self._imports(),
         ]
@@ -195,31 +249,77 @@ class _Module:
         return "\n".join(lines) + "\n"
 
     def _imports(self) -> list[str]:
-        streaming = any(m.server_streaming for s in self.proto.service for m in s.method)
-        stdlib = "from collections.abc import Iterator, Mapping" if streaming else "from collections.abc import Mapping"
-        third_party, first_party = [], ["import connectplugin", "from connectplugin._service import Method, Plugin, Service"]
+        streaming = any(
+            m.server_streaming for s in self.proto.service for m in s.method
+        )
+        names = "Iterator, Mapping" if streaming else "Mapping"
+        third_party: list[str] = []
+        first_party = [
+            "import connectplugin",
+            "from connectplugin._service import Method, Plugin, Service",
+        ]
         for module, alias in self.aliases.items():
             parent, _, leaf = module.rpartition(".")
             line = f"from {parent} import {leaf}" if parent else f"import {leaf}"
             if alias != leaf:
                 line += f" as {alias}"
-            (third_party if module.startswith("google.protobuf.") else first_party).append(line)
+            if module.startswith("google.protobuf."):
+                third_party.append(line)
+            else:
+                first_party.append(line)
         # isort's order: plain imports first, then from-imports by module.
-        first_party.sort(key=lambda line: (line.startswith("from "), line.split()[1].lower()))
-        sections = [["from __future__ import annotations"], [stdlib], sorted(third_party), first_party]
+        first_party.sort(
+            key=lambda line: (line.startswith("from "), line.split()[1].lower())
+        )
+        sections = [
+            ["from __future__ import annotations"],
+            [f"from collections.abc import {names}"],
+            sorted(third_party),
+            first_party,
+        ]
         out = []
         for section in sections:
             out += [*section, ""] if section else []
         return out[:-1]
 
-    def _service(self, index: int, service: descriptor_pb2.ServiceDescriptorProto) -> list[str]:
+    def _service(
+        self, index: int, service: descriptor_pb2.ServiceDescriptorProto
+    ) -> list[str]:
         names = _Names.of(service.name)
         qualified = self._qualified(service)
-        version = re.fullmatch(r"v(\d+)", self.proto.package.rpartition(".")[2])
         comment = self.comments.get((_SERVICE_FIELD, index), "")
+        docs = [
+            self.comments.get((_SERVICE_FIELD, index, _METHOD_FIELD, m), "")
+            for m in range(len(service.method))
+        ]
+        # One blank line after the imports, two between top-level blocks (ruff's layout).
+        return [
+            *([""] if index == 0 else ["", ""]),
+            *self._description(names, qualified, service),
+            "",
+            "",
+            *self._client(names, qualified, comment, service, docs),
+            "",
+            "",
+            *self._handler(names, qualified, comment, service, docs),
+            "",
+            "",
+            *self._plugin(names),
+        ]
 
-        lines = ["", "", f"{names.constant} = Service(", f'    name="{qualified}",', "    methods={"]
+    def _description(
+        self,
+        names: _Names,
+        qualified: str,
+        service: descriptor_pb2.ServiceDescriptorProto,
+    ) -> list[str]:
+        lines = [
+            f"{names.constant} = Service(",
+            f'    name="{qualified}",',
+            "    methods={",
+        ]
         for method in service.method:
+            idempotent = method.options.idempotency_level == _NO_SIDE_EFFECTS
             lines += [
                 f'        "{method.name}": Method(',
                 f'            service="{qualified}",',
@@ -227,72 +327,110 @@ class _Module:
                 f"            input={self._type(method.input_type)},",
                 f"            output={self._type(method.output_type)},",
                 f"            server_streaming={method.server_streaming},",
-                f"            idempotent={method.options.idempotency_level == _NO_SIDE_EFFECTS},",
+                f"            idempotent={idempotent},",
                 "        ),",
             ]
-        lines += ["    },", ")", "", ""]
+        return [*lines, "    },", ")"]
 
-        lines += [f"class {names.client}:"]
-        lines += _docstring(f"Typed client for ``{qualified}``.\n\n{comment}".strip(), "    ")
-        lines += ["", "    def __init__(self, client: connectplugin.Client) -> None:", "        self._client = client"]
-        for m_index, method in enumerate(service.method):
-            doc = self.comments.get((_SERVICE_FIELD, index, _METHOD_FIELD, m_index))
+    def _client(
+        self,
+        names: _Names,
+        qualified: str,
+        comment: str,
+        service: descriptor_pb2.ServiceDescriptorProto,
+        docs: list[str],
+    ) -> list[str]:
+        lines = [
+            f"class {names.client}:",
+            *_docstring(
+                _paragraphs(f"Typed client for ``{qualified}``.", comment), "    "
+            ),
+            "",
+            "    def __init__(self, client: connectplugin.Client) -> None:",
+            "        self._client = client",
+        ]
+        for method, doc in zip(service.method, docs):
             output = self._type(method.output_type)
-            returns, call = (
-                (f"connectplugin.ServerStream[{output}]", "call_server_stream")
-                if method.server_streaming
-                else (output, "call_unary")
-            )
-            lines += [""]
-            lines += _layout(
-                "    ",
-                f"def {snake_case(method.name)}(",
-                [
-                    "self",
-                    f"request: {self._type(method.input_type)}",
-                    "*",
-                    "timeout: float | None = None",
-                    "headers: Mapping[str, str] | None = None",
-                ],
-                f") -> {returns}:",
-            )
-            lines += _docstring(doc, "        ") if doc else []
-            lines += _layout(
-                "        ",
-                f"return self._client.{call}(",
-                [f'{names.constant}.methods["{method.name}"]', "request", "timeout=timeout", "headers=headers"],
-                ")",
-            )
-        lines += ["", ""]
+            if method.server_streaming:
+                returns, call = (
+                    f"connectplugin.ServerStream[{output}]",
+                    "call_server_stream",
+                )
+            else:
+                returns, call = output, "call_unary"
+            params = [
+                "self",
+                f"request: {self._type(method.input_type)}",
+                "*",
+                "timeout: float | None = None",
+                "headers: Mapping[str, str] | None = None",
+            ]
+            args = [
+                f'{names.constant}.methods["{method.name}"]',
+                "request",
+                "timeout=timeout",
+                "headers=headers",
+            ]
+            lines += [
+                "",
+                *_layout(
+                    "    ",
+                    f"def {snake_case(method.name)}(",
+                    params,
+                    f") -> {returns}:",
+                ),
+                *(_docstring(doc, "        ") if doc else []),
+                *_layout("        ", f"return self._client.{call}(", args, ")"),
+            ]
+        return lines
 
-        lines += [f"class {names.handler}:"]
-        lines += _docstring(
-            f"Base class for ``{qualified}`` implementations.\n\n{comment}\n\n"
+    def _handler(
+        self,
+        names: _Names,
+        qualified: str,
+        comment: str,
+        service: descriptor_pb2.ServiceDescriptorProto,
+        docs: list[str],
+    ) -> list[str]:
+        doc = _paragraphs(
+            f"Base class for ``{qualified}`` implementations.",
+            comment,
             "Subclass it and override the methods you serve; the others answer UNIMPLEMENTED.",
-            "    ",
         )
-        lines += ["", f"    service = {names.constant}"]
-        for m_index, method in enumerate(service.method):
-            doc = self.comments.get((_SERVICE_FIELD, index, _METHOD_FIELD, m_index))
+        lines = [
+            f"class {names.handler}:",
+            *_docstring(doc, "    "),
+            "",
+            f"    service = {names.constant}",
+        ]
+        for method, doc in zip(service.method, docs):
             output = self._type(method.output_type)
             returns = f"Iterator[{output}]" if method.server_streaming else output
-            lines += [""]
-            lines += _layout(
-                "    ",
-                f"def {snake_case(method.name)}(",
-                ["self", f"request: {self._type(method.input_type)}", "ctx: connectplugin.Context"],
-                f") -> {returns}:",
-            )
-            lines += _docstring(doc, "        ") if doc else []
-            lines += _layout(
-                "        ",
-                "raise connectplugin.ConnectError(",
-                ["connectplugin.Code.UNIMPLEMENTED", f'"{qualified}.{method.name} is not implemented"'],
-                ")",
-            )
-        lines += [
-            "",
-            "",
+            params = [
+                "self",
+                f"request: {self._type(method.input_type)}",
+                "ctx: connectplugin.Context",
+            ]
+            error = [
+                "connectplugin.Code.UNIMPLEMENTED",
+                f'"{qualified}.{method.name} is not implemented"',
+            ]
+            lines += [
+                "",
+                *_layout(
+                    "    ",
+                    f"def {snake_case(method.name)}(",
+                    params,
+                    f") -> {returns}:",
+                ),
+                *(_docstring(doc, "        ") if doc else []),
+                *_layout("        ", "raise connectplugin.ConnectError(", error, ")"),
+            ]
+        return lines
+
+    def _plugin(self, names: _Names) -> list[str]:
+        version = re.fullmatch(r"v(\d+)", self.proto.package.rpartition(".")[2])
+        return [
             f"{names.plugin_constant} = Plugin(",
             f'    name="{names.plugin}",',
             f'    version="{version.group(1) if version else 0}.0.0",',
@@ -301,11 +439,16 @@ class _Module:
             f"    handler={names.handler},",
             ")",
         ]
-        return lines
 
 
 def _clean_comment(text: str) -> str:
-    return textwrap.dedent("\n".join(line.rstrip() for line in text.splitlines())).strip()
+    return textwrap.dedent(
+        "\n".join(line.rstrip() for line in text.splitlines())
+    ).strip()
+
+
+def _paragraphs(*texts: str) -> str:
+    return "\n\n".join(filter(None, texts))
 
 
 def _docstring(text: str, indent: str) -> list[str]:
@@ -315,7 +458,11 @@ def _docstring(text: str, indent: str) -> list[str]:
     first, *rest = text.split("\n")
     if not rest:
         return [f'{indent}"""{first}"""']
-    return [f'{indent}"""{first}', *[f"{indent}{line}" if line else "" for line in rest], f'{indent}"""']
+    return [
+        f'{indent}"""{first}',
+        *[f"{indent}{line}" if line else "" for line in rest],
+        f'{indent}"""',
+    ]
 
 
 def _layout(indent: str, head: str, args: list[str], tail: str) -> list[str]:
