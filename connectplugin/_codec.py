@@ -15,6 +15,7 @@ from typing import Callable, TypeVar
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 
+from . import _json
 from .errors import Code, ConnectError
 
 M = TypeVar("M", bound=Message)
@@ -50,6 +51,10 @@ class ProtoCodec:
         return message
 
 
+_dump = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_load = json.JSONDecoder().decode
+
+
 class JsonCodec:
     """Proto3 JSON: camelCase field names out, either spelling in, unknown fields ignored."""
 
@@ -57,16 +62,14 @@ class JsonCodec:
 
     @staticmethod
     def encode(message: Message) -> bytes:
-        obj = json_format.MessageToDict(message, preserving_proto_field_name=False)
-        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+        return _dump(_json.to_dict(message)).encode()
 
     @staticmethod
     def decode(data: bytes, message_type: type[M]) -> M:
         message = message_type()
         try:
-            obj = json.loads(data) if data else {}
-            json_format.ParseDict(obj, message, ignore_unknown_fields=True)
-        except (ValueError, json_format.ParseError, TypeError, AttributeError) as e:
+            _json.from_dict(_load(data.decode()) if data else {}, message)
+        except (ValueError, json_format.ParseError, TypeError, AttributeError, UnicodeDecodeError) as e:
             raise ConnectError(Code.INVALID_ARGUMENT, f"malformed JSON: {e}") from None
         return message
 

@@ -52,6 +52,7 @@ class HTTPServer:
         self._stopping = threading.Event()
         self._done = threading.Event()
         self._grace = 5.0
+        self._serving = False
 
     @property
     def url(self) -> str:
@@ -59,6 +60,7 @@ class HTTPServer:
         return f"http://{host}:{self.port}"
 
     def start(self) -> HTTPServer:
+        self._serving = True
         self._thread = threading.Thread(target=self.serve_forever, name=f"waitress:{self.port}", daemon=True)
         self._thread.start()
         return self
@@ -67,6 +69,7 @@ class HTTPServer:
         """Serve until ``close()``; then drain in-flight calls and release every socket."""
         srv = self._server
         loop = srv.asyncore.loop
+        self._serving = True
         while not self._stopping.is_set():
             loop(timeout=srv.adj.asyncore_loop_timeout, map=srv._map, use_poll=srv.adj.asyncore_use_poll, count=1)
         # Stop accepting, give running calls the grace period, then drop everything.
@@ -93,6 +96,10 @@ class HTTPServer:
             return
         self._grace = grace
         self._stopping.set()
+        if not self._serving:  # never ran: nothing to drain
+            self._server.close()
+            self._done.set()
+            return
         self._server.pull_trigger()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=grace + 2)

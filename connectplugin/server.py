@@ -12,13 +12,14 @@ import binascii
 import http
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping
 from urllib.parse import parse_qs
 
 from google.protobuf.message import Message
-from werkzeug.exceptions import NotFound
+from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Map, Rule
 
 from . import _codec
@@ -49,10 +50,13 @@ class Context:
     Values set in ``response_headers`` / ``response_trailers`` may be bytes for ``-bin`` keys.
     """
 
-    __slots__ = ("method", "environ", "deadline", "response_headers", "response_trailers", "_headers")
+    __slots__ = ("method", "environ", "deadline", "response_headers", "response_trailers", "_headers", "_stopping")
 
-    def __init__(self, method: Method, environ: dict, deadline: float | None) -> None:
+    def __init__(
+        self, method: Method, environ: dict, deadline: float | None, stopping: threading.Event | None = None
+    ) -> None:
         self.method = method
+        self._stopping = stopping
         self.environ = environ
         self.deadline = deadline
         """Absolute ``time.monotonic()`` by which the call must end, or None."""
@@ -77,10 +81,18 @@ class Context:
         return max(0.0, self.deadline - time.monotonic())
 
     def is_active(self) -> bool:
-        """False once the deadline has passed or the client has gone; long handlers poll this."""
+        """False once the deadline has passed, the client has gone or the server is stopping.
+
+        Long-running handlers (streams above all) poll this to end in time.
+        """
         if self.deadline is not None and time.monotonic() >= self.deadline:
             return False
-        gone = self.environ.get("waitress.client_disconnected")
+        if self._stopping is not None and self._stopping.is_set():
+            return False
+        # waitress reports a vanished client; so does the in-process transport.
+        gone = self.environ.get("waitress.client_disconnected") or self.environ.get(
+            "connectplugin.client_disconnected"
+        )
         return not (gone and gone())
 
 
@@ -120,8 +132,15 @@ class App:
     generated base class) and one Python method per RPC.
     """
 
-    def __init__(self, handlers: Iterable[Any], config: ServerConfig | None = None) -> None:
+    def __init__(
+        self,
+        handlers: Iterable[Any],
+        config: ServerConfig | None = None,
+        routes: Mapping[str, WSGIApp] | None = None,
+    ) -> None:
         self.config = config or ServerConfig()
+        self.stopping = threading.Event()
+        """Set when the server is shutting down; handlers see it through ``Context.is_active``."""
         rules = []
         self.services: dict[str, Service] = {}
         for handler in handlers:
@@ -132,18 +151,32 @@ class App:
             for method in service.methods.values():
                 route = _Route(method, getattr(handler, method.attr))
                 rules.append(Rule(method.path, endpoint=route))
+        # Plain WSGI endpoints beside the procedures (probes, the router); Werkzeug rule
+        # syntax, with the matched arguments in environ["connectplugin.route_args"].
+        for rule, app in (routes or {}).items():
+            rules.append(Rule(rule, endpoint=app))
         # Bound once: matching is then read-only and safe from any thread.
         self._routes = Map(rules, strict_slashes=False, merge_slashes=False).bind("connect")
+        # Procedure paths are static, so the hot path is one dict lookup; the matcher
+        # stays the authority for everything else.
+        self._static = {r.rule: r.endpoint for r in rules if isinstance(r.endpoint, _Route)}
 
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
-        try:
-            route: _Route = self._routes.match(environ.get("PATH_INFO", ""))[0]
-        except NotFound:
-            return _error_response(
-                start_response,
-                ConnectError(Code.UNIMPLEMENTED, f"no procedure at {environ.get('PATH_INFO')}"),
-                status=404,
-            )
+        path = environ.get("PATH_INFO", "")
+        route: _Route | None = self._static.get(path)
+        if route is None:
+            try:
+                endpoint, args = self._routes.match(path)
+            except HTTPException:
+                return _error_response(
+                    start_response,
+                    ConnectError(Code.UNIMPLEMENTED, f"no procedure at {path}"),
+                    status=404,
+                )
+            if not isinstance(endpoint, _Route):
+                environ["connectplugin.route_args"] = args
+                return endpoint(environ, start_response)
+            route = endpoint
         http_method = environ["REQUEST_METHOD"]
         if http_method != "POST" and not (http_method == "GET" and route.allow != "POST"):
             start_response(_status(405), [("Allow", route.allow), ("Content-Length", "0")])
@@ -171,7 +204,7 @@ class App:
         ctx: Context | None = None
         try:
             deadline = _deadline(environ)
-            ctx = Context(route.method, environ, deadline)
+            ctx = Context(route.method, environ, deadline, self.stopping)
             if is_get:
                 if _first(query, "connect") not in ("", "v1"):
                     raise ConnectError(Code.INVALID_ARGUMENT, "connect query parameter must be v1")
@@ -258,7 +291,7 @@ class App:
         # Past this point every failure is reported in the end-stream message of a 200.
         try:
             deadline = _deadline(environ)
-            ctx = Context(route.method, environ, deadline)
+            ctx = Context(route.method, environ, deadline, self.stopping)
             _check_protocol_version(environ)
             encoding = environ.get("HTTP_CONNECT_CONTENT_ENCODING") or _codec.IDENTITY
             if encoding not in _codec.ENCODINGS:
@@ -303,8 +336,12 @@ class App:
         start_response: StartResponse,
         headers: list[tuple[str, str]],
     ) -> Iterator[bytes]:
-        # Headers go out with the first message, so a handler may still set them before it.
-        started = False
+        # Headers go out at once, so a caller waiting for a quiet stream is not left hanging;
+        # what the handler sets while streaming belongs in response_trailers.
+        # (PEP 3333 servers send headers with the first non-empty chunk; write(b"") sends them now.)
+        write = start_response("200 OK", headers + to_wire(ctx.response_headers))
+        write(b"")
+        yield b""  # lets a caller driving the iterator (an in-process transport) return now too
         error: ConnectError | None = None
         try:
             for message in messages:
@@ -314,9 +351,6 @@ class App:
                 flags = 0
                 if encoding != _codec.IDENTITY and len(data) >= self.config.compress_min_bytes:
                     data, flags = _codec.compress(encoding, data), _codec.FLAG_COMPRESSED
-                if not started:
-                    start_response("200 OK", headers + to_wire(ctx.response_headers))
-                    started = True
                 yield _codec.envelope(flags, data)
         except ConnectError as e:
             error = e
@@ -329,8 +363,6 @@ class App:
             close = getattr(messages, "close", None)
             if close is not None:
                 close()
-        if not started:
-            start_response("200 OK", headers + to_wire(ctx.response_headers))
         yield _end_stream(error, ctx)
 
 

@@ -1,0 +1,65 @@
+"""Runtime identities: the id and bearer token a host gives each plugin, and their check."""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import Code, ConnectError
+
+RUNTIME_ID_HEADER = "X-Plugin-Runtime-ID"
+
+
+@dataclass(frozen=True)
+class Identity:
+    runtime_id: str
+    token: str
+    self_id: str
+    self_version: str = ""
+
+
+class Identities:
+    """Issued identities by runtime id. Safe from any thread; tokens compare in constant time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_id: dict[str, Identity] = {}
+
+    def issue(self, self_id: str, self_version: str = "") -> Identity:
+        # Opaque and unique: the plugin's own name plus randomness, never reused.
+        runtime_id = f"{self_id or 'plugin'}-{secrets.token_hex(4)}"
+        identity = Identity(runtime_id, secrets.token_urlsafe(32), self_id, self_version)
+        with self._lock:
+            while identity.runtime_id in self._by_id:
+                identity = Identity(f"{self_id}-{secrets.token_hex(4)}", identity.token, self_id, self_version)
+            self._by_id[identity.runtime_id] = identity
+        return identity
+
+    def revoke(self, runtime_id: str) -> None:
+        with self._lock:
+            self._by_id.pop(runtime_id, None)
+
+    def get(self, runtime_id: str) -> Identity | None:
+        with self._lock:
+            return self._by_id.get(runtime_id)
+
+    def verify(self, headers: Mapping[str, Any]) -> Identity:
+        """The caller's identity from ``X-Plugin-Runtime-ID`` and ``Authorization: Bearer``.
+
+        Missing or wrong pairs are ``unauthenticated``; the message never says which half failed.
+        """
+        runtime_id = headers.get(RUNTIME_ID_HEADER.lower(), "")
+        auth = headers.get("authorization", "")
+        if not isinstance(runtime_id, str) or not isinstance(auth, str) or not runtime_id:
+            raise ConnectError(Code.UNAUTHENTICATED, f"{RUNTIME_ID_HEADER} and a bearer token are required")
+        scheme, _, token = auth.partition(" ")
+        identity = self.get(runtime_id)
+        expected = identity.token if identity is not None else "x" * 43
+        ok = hmac.compare_digest(token.strip().encode(), expected.encode())
+        if identity is None or scheme.lower() != "bearer" or not ok:
+            raise ConnectError(Code.UNAUTHENTICATED, "invalid runtime identity or token")
+        return identity

@@ -1,0 +1,112 @@
+"""Plugin health: one shared state behind HealthService, PluginControl.GetHealth and host reports."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+
+from .gen.connectplugin.health.v1 import health_pb2
+from .gen.connectplugin.health.v1.health_connect import HealthServiceHandler
+from .gen.connectplugin.v1 import lifecycle_pb2
+from .errors import Code, ConnectError
+from .server import Context
+
+HEALTHY = lifecycle_pb2.HEALTH_STATE_HEALTHY
+DEGRADED = lifecycle_pb2.HEALTH_STATE_DEGRADED
+UNHEALTHY = lifecycle_pb2.HEALTH_STATE_UNHEALTHY
+
+SERVING = health_pb2.SERVING_STATUS_SERVING
+NOT_SERVING = health_pb2.SERVING_STATUS_NOT_SERVING
+SERVICE_UNKNOWN = health_pb2.SERVING_STATUS_SERVICE_UNKNOWN
+
+Listener = Callable[[lifecycle_pb2.GetHealthResponse], None]
+
+
+class Health:
+    """The health of one plugin: an overall state plus a serving status per service.
+
+    Safe to call from any thread. Listeners run on the thread that changed the state,
+    after the lock is released, so they may block (the host report does a network call).
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition(threading.Lock())
+        self._state = lifecycle_pb2.GetHealthResponse(state=HEALTHY)
+        self._services: dict[str, int] = {}
+        self._version = 0
+        self._listeners: list[Listener] = []
+
+    def set(self, state: int, reason: str = "", unavailable_dependencies: Sequence[str] = ()) -> None:
+        """Report HEALTHY, DEGRADED or UNHEALTHY, with why and which dependencies are missing."""
+        report = lifecycle_pb2.GetHealthResponse(
+            state=state, reason=reason, unavailable_dependencies=list(unavailable_dependencies)
+        )
+        with self._changed:
+            if report == self._state:
+                return
+            self._state = report
+            self._bump()
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener(report)
+
+    def set_service(self, service: str, status: int) -> None:
+        """Set one service's serving status (SERVING / NOT_SERVING); "" is the whole plugin."""
+        with self._changed:
+            self._services[service] = status
+            self._bump()
+
+    def get(self) -> lifecycle_pb2.GetHealthResponse:
+        with self._changed:
+            report = lifecycle_pb2.GetHealthResponse()
+            report.CopyFrom(self._state)
+            return report
+
+    def status(self, service: str = "") -> int | None:
+        """The serving status of ``service``, or None if it is not known here."""
+        with self._changed:
+            return self._status(service)
+
+    def add_listener(self, listener: Listener) -> None:
+        with self._changed:
+            self._listeners.append(listener)
+
+    def watch(self, service: str, active: Callable[[], bool], poll: float = 0.25) -> Iterator[int]:
+        """Yield the status of ``service`` now and on every change, while ``active()``."""
+        with self._changed:
+            version, last = self._version, self._status(service)
+        yield SERVICE_UNKNOWN if last is None else last
+        while active():
+            with self._changed:
+                self._changed.wait_for(lambda: self._version != version, timeout=poll)
+                version, status = self._version, self._status(service)
+            if status != last:
+                last = status
+                yield SERVICE_UNKNOWN if status is None else status
+
+    def _status(self, service: str) -> int | None:
+        if service == "":
+            overall = self._services.get("", SERVING)
+            return NOT_SERVING if self._state.state == UNHEALTHY else overall
+        return self._services.get(service)
+
+    def _bump(self) -> None:
+        self._version += 1
+        self._changed.notify_all()
+
+
+class HealthService(HealthServiceHandler):
+    """``connectplugin.health.v1.HealthService`` over a :class:`Health`."""
+
+    def __init__(self, health: Health) -> None:
+        self._health = health
+
+    def check(self, request: health_pb2.HealthCheckRequest, ctx: Context) -> health_pb2.HealthCheckResponse:
+        status = self._health.status(request.service)
+        if status is None:
+            raise ConnectError(Code.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)  # type: ignore[arg-type]
+
+    def watch(self, request: health_pb2.HealthCheckRequest, ctx: Context) -> Iterator[health_pb2.HealthCheckResponse]:
+        for status in self._health.watch(request.service, ctx.is_active):
+            yield health_pb2.HealthCheckResponse(status=status)  # type: ignore[arg-type]

@@ -1,0 +1,354 @@
+"""The host side: launching plugins, handing out typed clients, and the host's own services.
+
+A :class:`PluginHost` serves the host half of the protocol (the handshake that gives
+self-started plugins a runtime identity, and ``PluginLifecycle.ReportHealth``), launches
+plugins through a strategy, and returns a :class:`PluginClient` for each.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import signal
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from . import handshake as hs
+from ._service import Plugin
+from .auth import Identities, Identity
+from .client import Call, Client, ClientConfig, ServerStream
+from .errors import Code, ConnectError
+from .gen.connectplugin.health.v1 import health_pb2
+from .gen.connectplugin.health.v1.health_connect import HealthServiceClient
+from .gen.connectplugin.v1 import handshake_pb2, lifecycle_pb2, plugininfo_pb2
+from .gen.connectplugin.v1.handshake_connect import HandshakeServiceClient, HandshakeServiceHandler
+from .gen.connectplugin.v1.lifecycle_connect import PluginControlClient, PluginLifecycleHandler
+from .gen.connectplugin.v1.plugininfo_connect import PluginIdentityClient
+from .httpserver import HTTPConfig, HTTPServer
+from .launcher import LaunchContext, Running, Strategy
+from .server import App, Context
+
+log = logging.getLogger("connectplugin.host")
+
+
+class PluginClient:
+    """A connection to one plugin endpoint. Safe to share between threads.
+
+    The handshake runs on first use (``dispense`` or ``handshake``); ``dispense(name)``
+    returns the generated typed client for that plugin.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        plugins: Mapping[str, Plugin],
+        handshake: hs.HandshakeConfig,
+        *,
+        config: ClientConfig | None = None,
+        session: Any = None,
+        running: Running | None = None,
+        name: str = "",
+    ) -> None:
+        self.url = url
+        self.name = name or next(iter(plugins), "plugin")
+        self.running = running
+        self._plugins = dict(plugins)
+        self._config = handshake
+        self._exit_code: int | None = None
+        base = config or ClientConfig()
+        interceptors = (self._check_alive, *base.interceptors)
+        self.client = Client(url, _replace(base, interceptors=interceptors), session=session)
+        self._lock = threading.Lock()
+        self._handshake: handshake_pb2.HandshakeResponse | None = None
+        self._dispensed: dict[str, Any] = {}
+
+    def handshake(self) -> handshake_pb2.HandshakeResponse:
+        """Handshake once (later calls return the first answer): cookie, versions, plugins."""
+        with self._lock:
+            if self._handshake is None:
+                request = hs.request_for(self._config, self._plugins)
+                response = HandshakeServiceClient(self.client).handshake(request, timeout=10)
+                hs.check_response(self._config, response, them=f"plugin {self.name!r}")
+                served = {p.name for p in response.plugins}
+                missing = sorted(set(self._plugins) - served)
+                if missing:
+                    raise ConnectError(Code.NOT_FOUND, f"plugin {self.name!r} does not serve {', '.join(missing)}")
+                self._handshake = response
+            return self._handshake
+
+    @property
+    def app_protocol_version(self) -> int:
+        return self.handshake().app_protocol_version
+
+    def dispense(self, name: str) -> Any:
+        """The typed client of plugin ``name`` (the generated ``<Service>Client``)."""
+        if name not in self._plugins:
+            raise KeyError(f"unknown plugin {name!r}; known: {', '.join(sorted(self._plugins))}")
+        self.handshake()
+        with self._lock:
+            if name not in self._dispensed:
+                self._dispensed[name] = self._plugins[name].client(self.client)
+            return self._dispensed[name]
+
+    def check_health(self, service: str = "") -> int:
+        """The serving status (``connectplugin.health.v1.ServingStatus``) of a service or the plugin."""
+        return HealthServiceClient(self.client).check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+    def watch_health(self, service: str = "") -> ServerStream[health_pb2.HealthCheckResponse]:
+        return HealthServiceClient(self.client).watch(health_pb2.HealthCheckRequest(service=service))
+
+    def get_health(self) -> lifecycle_pb2.GetHealthResponse:
+        return PluginControlClient(self.client).get_health(lifecycle_pb2.GetHealthRequest(), timeout=5)
+
+    def plugin_info(self) -> plugininfo_pb2.GetPluginInfoResponse:
+        return PluginIdentityClient(self.client).get_plugin_info(plugininfo_pb2.GetPluginInfoRequest(), timeout=5)
+
+    @property
+    def exit_code(self) -> int | None:
+        return self._exit_code
+
+    def _exited(self, code: int | None) -> None:
+        self._exit_code = code
+
+    def _check_alive(self, call: Call, proceed: Callable[[Call], Any]) -> Any:
+        if self.running is not None and not self.running.alive():
+            raise ConnectError(
+                Code.UNAVAILABLE, f"plugin {self.name!r} is not running (exit status {self._exit_code})"
+            )
+        return proceed(call)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _replace(config: ClientConfig, **changes: Any) -> ClientConfig:
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """How the host listens and stops its plugins."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    threads: int = 16
+    stop_grace: float = 5.0
+    """Seconds a plugin gets to finish in-flight calls when it is stopped."""
+    handle_signals: bool = True
+    """Stop every plugin on SIGTERM/SIGINT (main thread only; earlier handlers still run)."""
+
+
+class _HostHandshake(HandshakeServiceHandler):
+    """Phase 2 handshake: a plugin that names itself gets a runtime id and token."""
+
+    def __init__(self, host: PluginHost) -> None:
+        self._host = host
+
+    def handshake(self, request: handshake_pb2.HandshakeRequest, ctx: Context) -> handshake_pb2.HandshakeResponse:
+        version = hs.check_request(self._host.handshake_config, request, "host")
+        response = handshake_pb2.HandshakeResponse(
+            core_protocol_version=hs.CORE_PROTOCOL_VERSION,
+            app_protocol_version=version,
+            server_metadata={hs.VERSIONS_KEY: hs.format_versions(self._host.handshake_config.app_protocol_versions)},
+        )
+        if request.self_id:
+            identity = self._host.identities.issue(request.self_id, request.self_version)
+            log.info("handshake from %s %s: runtime id %s", request.self_id, request.self_version, identity.runtime_id)
+            response.runtime_id = identity.runtime_id
+            response.runtime_token = identity.token
+        return response
+
+
+class _Lifecycle(PluginLifecycleHandler):
+    def __init__(self, host: PluginHost) -> None:
+        self._host = host
+
+    def report_health(
+        self, request: lifecycle_pb2.ReportHealthRequest, ctx: Context
+    ) -> lifecycle_pb2.ReportHealthResponse:
+        identity = self._host.identities.verify(ctx.request_headers)
+        self._host._record_health(identity, request)
+        return lifecycle_pb2.ReportHealthResponse()
+
+
+class PluginHost:
+    """Launches plugins and serves the host's side of the protocol; a context manager.
+
+    Closing it (explicitly, at interpreter exit, or on SIGTERM/SIGINT) stops every plugin
+    it started. Safe to use from any thread.
+    """
+
+    def __init__(
+        self,
+        handshake: hs.HandshakeConfig,
+        plugins: Mapping[str, Plugin],
+        config: HostConfig | None = None,
+    ) -> None:
+        self.handshake_config = handshake
+        self.plugins = dict(plugins)
+        self.config = config = config or HostConfig()
+        self.identities = Identities()
+        self._lock = threading.Lock()
+        self._launched: list[tuple[PluginClient, Identity]] = []
+        self._health: dict[str, lifecycle_pb2.ReportHealthRequest] = {}
+        self._health_listeners: list[Callable[[str, lifecycle_pb2.ReportHealthRequest], None]] = []
+        self.app = App(
+            [_HostHandshake(self), _Lifecycle(self)],
+            routes={"/healthz": _ok, "/readyz": _ok},
+        )
+        self._http = HTTPServer(self.app, HTTPConfig(host=config.host, port=config.port, threads=config.threads))
+        self._http.start()
+        self._closed = False
+        _register_for_exit(self, config.handle_signals)
+
+    @property
+    def url(self) -> str:
+        return self._http.url
+
+    def launch(self, strategy: Strategy, name: str = "") -> PluginClient:
+        """Start a plugin, give it a runtime identity, and return its client."""
+        name = name or next(iter(self.plugins))
+        holder: list[PluginClient] = []
+
+        def on_exit(code: int | None) -> None:
+            if holder:
+                holder[0]._exited(code)
+                identity = self._identity_of(holder[0])
+                if identity is not None:
+                    self._record_health(
+                        identity,
+                        lifecycle_pb2.ReportHealthRequest(
+                            state=lifecycle_pb2.HEALTH_STATE_UNHEALTHY, reason=f"exited with status {code}"
+                        ),
+                    )
+
+        running = strategy.start(LaunchContext(name, self.handshake_config, self.plugins, self.url, on_exit))
+        client = PluginClient(
+            running.url, self.plugins, self.handshake_config, session=running.session, running=running, name=name
+        )
+        holder.append(client)
+        info = client.plugin_info()
+        identity = self.identities.issue(info.self_id or name, info.self_version)
+        PluginIdentityClient(client.client).set_runtime_identity(
+            plugininfo_pb2.SetRuntimeIdentityRequest(
+                runtime_id=identity.runtime_id, runtime_token=identity.token, host_url=self.url
+            ),
+            timeout=5,
+        )
+        with self._lock:
+            self._launched.append((client, identity))
+        log.info("launched %s (pid %s) at %s as %s", name, running.pid, running.url, identity.runtime_id)
+        return client
+
+    def runtime_id(self, client: PluginClient) -> str:
+        identity = self._identity_of(client)
+        return identity.runtime_id if identity else ""
+
+    def reported_health(self, runtime_id: str) -> lifecycle_pb2.ReportHealthRequest | None:
+        """The last health a plugin reported (or its crash), by runtime id."""
+        with self._lock:
+            return self._health.get(runtime_id)
+
+    def on_health(self, listener: Callable[[str, lifecycle_pb2.ReportHealthRequest], None]) -> None:
+        with self._lock:
+            self._health_listeners.append(listener)
+
+    def stop(self, client: PluginClient, grace: float | None = None) -> None:
+        """Stop one launched plugin: Shutdown, then SIGTERM, then SIGKILL after the grace period."""
+        grace = self.config.stop_grace if grace is None else grace
+        running = client.running
+        with self._lock:
+            self._launched = [(c, i) for c, i in self._launched if c is not client]
+        if running is None:
+            return
+        if hasattr(running, "mark_stopping"):
+            running.mark_stopping()
+        if running.alive():
+            try:
+                PluginControlClient(client.client).shutdown(
+                    lifecycle_pb2.ShutdownRequest(grace_period_seconds=int(grace), reason="host stopping it"),
+                    timeout=2,
+                )
+            except ConnectError as e:
+                log.warning("shutdown request to %s failed: %s", client.name, e)
+            wait = getattr(running, "wait", None)
+            if wait is not None:
+                wait(grace + 1)
+        running.stop(grace)
+        client.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            launched = list(self._launched)
+        threads = [threading.Thread(target=self.stop, args=(c,)) for c, _ in launched]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self._http.close(grace=1)
+
+    def __enter__(self) -> PluginHost:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _identity_of(self, client: PluginClient) -> Identity | None:
+        with self._lock:
+            for c, identity in self._launched:
+                if c is client:
+                    return identity
+        return None
+
+    def _record_health(self, identity: Identity, report: lifecycle_pb2.ReportHealthRequest) -> None:
+        with self._lock:
+            self._health[identity.runtime_id] = report
+            listeners = list(self._health_listeners)
+        for listener in listeners:
+            listener(identity.runtime_id, report)
+
+
+def _ok(environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "3")])
+    return [b"ok\n"]
+
+
+_hosts: weakref.WeakSet[PluginHost] = weakref.WeakSet()
+_hooks_installed = False
+
+
+def _close_all() -> None:
+    for host in list(_hosts):
+        host.close()
+
+
+def _register_for_exit(host: PluginHost, handle_signals: bool) -> None:
+    """Stop plugins at interpreter exit and on SIGTERM/SIGINT, chaining earlier handlers."""
+    global _hooks_installed
+    _hosts.add(host)
+    if _hooks_installed:
+        return
+    _hooks_installed = True
+    atexit.register(_close_all)
+    if not handle_signals or threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(signum)
+
+        def handler(num: int, frame: Any, previous: Any = previous) -> None:
+            _close_all()
+            if callable(previous):
+                previous(num, frame)
+            elif previous == signal.SIG_DFL:
+                signal.signal(num, signal.SIG_DFL)
+                signal.raise_signal(num)
+
+        signal.signal(signum, handler)

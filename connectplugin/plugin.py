@@ -1,0 +1,295 @@
+"""The plugin side: ``serve()`` turns a blocking script into a plugin a host can launch.
+
+A launched plugin listens on an ephemeral port, tells the host where with one line on
+stdout (``<core version>|<app version>|<url>``), and from then on everything it prints is
+just log output. It stops on SIGTERM, SIGINT or ``PluginControl.Shutdown`` (in-flight calls
+get a grace period), and by itself when its host goes away, however the host died.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import handshake as hs
+from ._service import Plugin
+from .client import Client, ClientConfig
+from .errors import Code, ConnectError
+from .gen.connectplugin.v1 import handshake_pb2, lifecycle_pb2, plugininfo_pb2
+from .gen.connectplugin.v1.lifecycle_connect import PluginControlHandler, PluginLifecycleClient
+from .gen.connectplugin.v1.plugininfo_connect import PluginIdentityHandler
+from .health import NOT_SERVING, SERVING, Health, HealthService
+from .httpserver import HTTPConfig, HTTPServer
+from .server import App, Context, ServerConfig
+
+log = logging.getLogger("connectplugin.plugin")
+
+# The environment a host gives a plugin it launches.
+ENV_APP_VERSIONS = "CONNECTPLUGIN_APP_PROTOCOL_VERSIONS"
+ENV_HOST_URL = "CONNECTPLUGIN_HOST_URL"
+ENV_WATCH_STDIN = "CONNECTPLUGIN_WATCH_STDIN"
+"""Set to 1 when stdin is a pipe from the host: its end of file means the host is gone."""
+
+from .auth import RUNTIME_ID_HEADER
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How a plugin serves. Identity fields default to the first plugin's name and version."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    threads: int = 8
+    grace_period: float = 10.0
+    """Seconds in-flight calls get to finish on SIGTERM/SIGINT (Shutdown names its own)."""
+    self_id: str = ""
+    self_version: str = ""
+    provides: Sequence[handshake_pb2.ServiceDeclaration] = ()
+    requires: Sequence[handshake_pb2.ServiceDependency] = ()
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+class _Identity:
+    """The runtime identity the host assigned, and the channel health reports go out on."""
+
+    def __init__(self, health: Health) -> None:
+        self._lock = threading.Lock()
+        self.runtime_id = ""
+        self.token = ""
+        self.host_url = os.environ.get(ENV_HOST_URL, "")
+        self._reports: queue.SimpleQueue[lifecycle_pb2.GetHealthResponse | None] = queue.SimpleQueue()
+        health.add_listener(self._reports.put)
+        threading.Thread(target=self._report_loop, name="health-reporter", daemon=True).start()
+
+    def assign(self, runtime_id: str, token: str, host_url: str) -> None:
+        with self._lock:
+            self.runtime_id, self.token = runtime_id, token
+            self.host_url = host_url or self.host_url
+
+    def headers(self) -> dict[str, str]:
+        with self._lock:
+            return {RUNTIME_ID_HEADER: self.runtime_id, "authorization": f"Bearer {self.token}"}
+
+    def _report_loop(self) -> None:
+        while True:
+            report = self._reports.get()
+            while not self._reports.empty():  # only the latest state matters
+                report = self._reports.get()
+            if report is None:
+                return
+            with self._lock:
+                url, known = self.host_url, bool(self.token)
+            if not (url and known):
+                continue
+            try:
+                with Client(url, ClientConfig(timeout=5)) as client:
+                    PluginLifecycleClient(client).report_health(
+                        lifecycle_pb2.ReportHealthRequest(
+                            state=report.state,
+                            reason=report.reason,
+                            unavailable_dependencies=report.unavailable_dependencies,
+                        ),
+                        headers=self.headers(),
+                    )
+            except ConnectError as e:
+                log.warning("could not report health to the host at %s: %s", url, e)
+
+    def close(self) -> None:
+        self._reports.put(None)
+
+
+class _Control(PluginControlHandler):
+    def __init__(self, health: Health, shutdown: Callable[[float, str], None]) -> None:
+        self._health = health
+        self._shutdown = shutdown
+
+    def get_health(self, request: lifecycle_pb2.GetHealthRequest, ctx: Context) -> lifecycle_pb2.GetHealthResponse:
+        return self._health.get()
+
+    def shutdown(self, request: lifecycle_pb2.ShutdownRequest, ctx: Context) -> lifecycle_pb2.ShutdownResponse:
+        if request.grace_period_seconds < 0:
+            raise ConnectError(Code.INVALID_ARGUMENT, "grace_period_seconds must not be negative")
+        self._shutdown(float(request.grace_period_seconds), request.reason or "host asked")
+        return lifecycle_pb2.ShutdownResponse(acknowledged=True)
+
+
+class _IdentityService(PluginIdentityHandler):
+    def __init__(self, info: plugininfo_pb2.GetPluginInfoResponse, identity: _Identity) -> None:
+        self._info = info
+        self._identity = identity
+
+    def get_plugin_info(
+        self, request: plugininfo_pb2.GetPluginInfoRequest, ctx: Context
+    ) -> plugininfo_pb2.GetPluginInfoResponse:
+        return self._info
+
+    def set_runtime_identity(
+        self, request: plugininfo_pb2.SetRuntimeIdentityRequest, ctx: Context
+    ) -> plugininfo_pb2.SetRuntimeIdentityResponse:
+        if not request.runtime_id or not request.runtime_token:
+            raise ConnectError(Code.INVALID_ARGUMENT, "runtime_id and runtime_token are required")
+        self._identity.assign(request.runtime_id, request.runtime_token, request.host_url)
+        log.info("runtime identity assigned: %s", request.runtime_id)
+        return plugininfo_pb2.SetRuntimeIdentityResponse(acknowledged=True)
+
+
+class PluginServer:
+    """A plugin's server, built but not yet running: ``serve()`` is the usual way in.
+
+    Exposed so tests and in-process launches can run a plugin on a thread and call
+    its WSGI ``app`` directly. ``stop()`` is safe from any thread.
+    """
+
+    def __init__(
+        self,
+        plugins: Mapping[str, Plugin],
+        impls: Mapping[str, Any],
+        handshake: hs.HandshakeConfig,
+        config: ServeConfig | None = None,
+        health: Health | None = None,
+    ) -> None:
+        self.config = config = config or ServeConfig()
+        self.health = health or Health()
+        self.handshake = handshake
+        _check_plugins(plugins, impls)
+        first = next(iter(plugins.values()))
+        info = plugininfo_pb2.GetPluginInfoResponse(
+            self_id=config.self_id or next(iter(plugins)),
+            self_version=config.self_version or first.version,
+            provides=list(config.provides),
+            requires=list(config.requires),
+            metadata=dict(config.metadata),
+        )
+        self.identity = _Identity(self.health)
+        handlers: list[Any] = [impls[name] for name in plugins]
+        handlers += [
+            hs.PluginHandshake(handshake, plugins),
+            HealthService(self.health),
+            _Control(self.health, self.stop),
+            _IdentityService(info, self.identity),
+        ]
+        for plugin in plugins.values():
+            self.health.set_service(plugin.service.name, SERVING)
+        self.app = App(handlers, config.server, routes={"/healthz": self._live, "/readyz": self._ready})
+        self._http: HTTPServer | None = None
+        self._stopped = threading.Event()
+        self._grace = config.grace_period
+
+    def listen(self) -> str:
+        """Bind the port (without serving yet) and return the base URL."""
+        if self._http is None:
+            cfg = self.config
+            self._http = HTTPServer(self.app, HTTPConfig(host=cfg.host, port=cfg.port, threads=cfg.threads))
+        return self._http.url
+
+    def run(self) -> None:
+        """Serve on this thread until stopped, then drain in-flight calls."""
+        self.listen()
+        assert self._http is not None
+        self._http.serve_forever()
+        self.identity.close()
+
+    def stop(self, grace: float | None = None, reason: str = "") -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        log.info("shutting down%s", f" ({reason})" if reason else "")
+        self.health.set_service("", NOT_SERVING)
+        self.app.stopping.set()
+        grace = self._grace if grace is None else grace
+        if self._http is not None:
+            http = self._http
+            # From a handler thread: let the reply go out, then drain without blocking it.
+            threading.Thread(target=http.close, args=(grace,), daemon=True).start()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped.is_set()
+
+    def _live(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        return _text(start_response, 200, "ok")
+
+    def _ready(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if self.stopped or self.health.status("") != SERVING:
+            return _text(start_response, 503, "not ready")
+        return _text(start_response, 200, "ready")
+
+
+def serve(
+    plugins: Mapping[str, Plugin],
+    impls: Mapping[str, Any],
+    *,
+    handshake: hs.HandshakeConfig,
+    config: ServeConfig | None = None,
+    health: Health | None = None,
+) -> None:
+    """Serve ``impls`` (name -> handler object) as the plugins ``plugins`` describe; blocks.
+
+    Must be started by a host: without the magic cookie in the environment it explains
+    that it is a plugin and exits with status 1. Returns after a graceful shutdown.
+    """
+    if os.environ.get(handshake.magic_cookie_key) != handshake.magic_cookie_value:
+        sys.stderr.write(
+            "This program is a connectplugin plugin: a host application starts it and talks to it.\n"
+            "Run the host instead, or, to try the plugin by hand, set the environment variable\n"
+            f"{handshake.magic_cookie_key} to the host's magic cookie value.\n"
+        )
+        sys.exit(1)
+    offered = os.environ.get(ENV_APP_VERSIONS)
+    try:
+        host_versions = hs.parse_versions(offered) if offered else list(handshake.app_protocol_versions)
+        version = hs.negotiate(handshake.app_protocol_versions, host_versions, us="plugin", them="host")
+    except ConnectError as e:
+        sys.stderr.write(f"connectplugin: {e.message}\n")
+        sys.exit(1)
+
+    server = PluginServer(plugins, impls, handshake, config, health)
+    url = server.listen()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: server.stop(reason="signal"))
+    if os.environ.get(ENV_WATCH_STDIN) == "1":
+        threading.Thread(target=_watch_host, args=(server,), name="host-watch", daemon=True).start()
+    sys.stdout.write(f"{hs.CORE_PROTOCOL_VERSION}|{version}|{url}\n")
+    sys.stdout.flush()
+    server.run()
+
+
+def _watch_host(server: PluginServer) -> None:
+    """Stop when stdin, a pipe whose other end only the host holds, reaches end of file."""
+    try:
+        # The raw descriptor, not sys.stdin: a buffered reader's lock would abort
+        # interpreter shutdown while this daemon thread sits in read().
+        while os.read(0, 4096):
+            pass
+    except OSError:
+        pass
+    if not server.stopped:
+        log.warning("host went away; shutting down")
+        server.stop(grace=1.0, reason="host gone")
+
+
+def _check_plugins(plugins: Mapping[str, Plugin], impls: Mapping[str, Any]) -> None:
+    if not plugins:
+        raise ValueError("serve() needs at least one plugin")
+    if set(plugins) != set(impls):
+        raise ValueError(
+            f"plugins and impls must name the same plugins: {sorted(plugins)} vs {sorted(impls)}"
+        )
+    for name, plugin in plugins.items():
+        if not isinstance(impls[name], plugin.handler):
+            raise TypeError(f"impls[{name!r}] must subclass {plugin.handler.__qualname__}")
+
+
+def _text(start_response: Callable[..., Any], status: int, text: str) -> list[bytes]:
+    body = (text + "\n").encode()
+    reason = {200: "OK", 503: "Service Unavailable"}[status]
+    start_response(f"{status} {reason}", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
