@@ -69,7 +69,7 @@ class JsonCodec:
         message = message_type()
         try:
             _json.from_dict(_load(data.decode()) if data else {}, message)
-        except (ValueError, json_format.ParseError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        except (ValueError, TypeError, AttributeError, OverflowError, RecursionError, json_format.ParseError) as e:
             raise ConnectError(Code.INVALID_ARGUMENT, f"malformed JSON: {e}") from None
         return message
 

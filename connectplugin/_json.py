@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import re
 from typing import Any
 
 from google.protobuf import json_format
@@ -40,24 +41,27 @@ class _Invalid(Exception):
     pass
 
 
-def is_simple(descriptor: Descriptor, _seen: frozenset[str] = frozenset()) -> bool:
-    """True when every field, recursively, has a plain JSON form handled here."""
+def is_simple(descriptor: Descriptor) -> bool:
+    """True when every message type reachable from ``descriptor`` has a plain JSON form."""
     name = descriptor.full_name
     cached = _simple_cache.get(name)
-    if cached is not None:
-        return cached
-    if name in _seen:
-        return True  # recursion: decided by the outer call
-    simple = not name.startswith("google.protobuf.")
+    if cached is None:
+        cached = _simple_cache[name] = _all_plain(descriptor, set())
+    return cached
+
+
+def _all_plain(descriptor: Descriptor, seen: set[str]) -> bool:
+    if descriptor.full_name in seen:
+        return True  # already being checked further up
+    seen.add(descriptor.full_name)
+    if descriptor.full_name.startswith("google.protobuf.") or descriptor.extension_ranges:
+        return False
     for field in descriptor.fields:
-        if not simple:
-            break
         if field.type == _F.TYPE_FLOAT or field.type == _F.TYPE_GROUP:
-            simple = False
-        elif field.type == _F.TYPE_MESSAGE:
-            simple = is_simple(field.message_type, _seen | {name})
-    _simple_cache[name] = simple
-    return simple
+            return False
+        if field.type == _F.TYPE_MESSAGE and not _all_plain(field.message_type, seen):
+            return False
+    return True
 
 
 # --- encoding -------------------------------------------------------------------------------
@@ -130,25 +134,42 @@ def _encode_value(field: FieldDescriptor, value: Any) -> Any:
 def from_dict(obj: Any, message: Message) -> None:
     """Fill ``message`` from parsed JSON; raises ValueError with a readable reason."""
     if not is_simple(message.DESCRIPTOR):
-        json_format.ParseDict(obj, message, ignore_unknown_fields=True)
+        try:
+            json_format.ParseDict(obj, message, ignore_unknown_fields=True)
+        except json_format.ParseError as e:
+            raise ValueError(str(e)) from None
         return
     try:
-        _decode_message(obj, message)
+        _decode_message(obj, message, 0)
     except _Invalid as e:
         raise ValueError(str(e)) from None
 
 
-def _decode_message(obj: Any, message: Message) -> None:
+_MAX_DEPTH = 100
+"""Nesting limit for messages, as json_format's default."""
+
+
+def _decode_message(obj: Any, message: Message, depth: int) -> None:
     if not isinstance(obj, dict):
         raise _Invalid(f"{message.DESCRIPTOR.full_name} must be a JSON object")
+    if depth >= _MAX_DEPTH:
+        raise _Invalid(f"message nesting is deeper than {_MAX_DEPTH}")
     descriptor = message.DESCRIPTOR
     by_json = descriptor.fields_by_camelcase_name
     by_name = descriptor.fields_by_name
+    oneofs: set[str] = set()
     for key, value in obj.items():
         field = by_json.get(key) or by_name.get(key)
         if field is None or value is None:
             continue  # unknown fields are ignored; null means the default
         name = field.name
+        oneof = field.containing_oneof
+        if oneof is not None:
+            if oneof.name in oneofs:
+                raise _Invalid(f"more than one field of oneof {oneof.name!r} is set")
+            oneofs.add(oneof.name)
+        if field.is_repeated:
+            message.ClearField(name)  # named twice (both spellings): the last one wins
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             if not isinstance(value, dict):
                 raise _Invalid(f"field {key!r} must be a JSON object")
@@ -158,7 +179,7 @@ def _decode_message(obj: Any, message: Message) -> None:
             for k, v in value.items():
                 map_key = _decode_map_key(key_field, k)
                 if value_field.type == _F.TYPE_MESSAGE:
-                    _decode_message(v, target[map_key])
+                    _decode_message(v, target[map_key], depth + 1)
                 else:
                     decoded = _decode_scalar(value_field, v, key)
                     if decoded is not _SKIP:
@@ -169,14 +190,14 @@ def _decode_message(obj: Any, message: Message) -> None:
             target = getattr(message, name)
             if field.type == _F.TYPE_MESSAGE:
                 for item in value:
-                    _decode_message(item, target.add())
+                    _decode_message(item, target.add(), depth + 1)
             else:
                 decoded_items = (_decode_scalar(field, item, key) for item in value)
                 target.extend(d for d in decoded_items if d is not _SKIP)
         elif field.type == _F.TYPE_MESSAGE:
             sub = getattr(message, name)
             sub.SetInParent()
-            _decode_message(value, sub)
+            _decode_message(value, sub, depth + 1)
         else:
             decoded = _decode_scalar(field, value, key)
             if decoded is not _SKIP:
@@ -218,17 +239,22 @@ def _decode_scalar(field: FieldDescriptor, value: Any, key: str) -> Any:
     elif t == _F.TYPE_ENUM:
         if isinstance(value, str):
             enum_value = field.enum_type.values_by_name.get(value)
-            return _SKIP if enum_value is None else enum_value.number
-        elif isinstance(value, int) and not isinstance(value, bool):
-            return value
+            if enum_value is not None:
+                return enum_value.number
+            return int(value) if _INT_TEXT.match(value) else _SKIP
+        number = _integer(value)
+        if number is not None and -(2**31) <= number < 2**31:
+            return number
     elif t == _F.TYPE_DOUBLE:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
         if isinstance(value, str):
-            try:
+            if value in _SPECIAL_DOUBLES:
                 return float(value)
-            except ValueError:
-                pass
+            value = float(value) if _FLOAT_TEXT.match(value) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+            # Bare NaN/Infinity tokens, or numbers beyond a double, are not JSON numbers.
+            if math.isfinite(number):
+                return number
     raise _Invalid(f"invalid value {value!r} for field {key!r}")
 
 
@@ -240,11 +266,14 @@ def _integer(value: Any) -> int | None:
     if isinstance(value, float):
         return int(value) if value.is_integer() else None
     if isinstance(value, str):
-        try:
-            number = float(value) if any(c in value for c in ".eE") else int(value)
-        except ValueError:
-            return None
-        if isinstance(number, float):
+        if _INT_TEXT.match(value):
+            return int(value)
+        if _FLOAT_TEXT.match(value):
+            number = float(value)
             return int(number) if number.is_integer() else None
-        return number
     return None
+
+
+_INT_TEXT = re.compile(r"-?\d+\Z")
+_FLOAT_TEXT = re.compile(r"-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\Z")
+_SPECIAL_DOUBLES = ("NaN", "Infinity", "-Infinity")
