@@ -173,7 +173,7 @@ def _read_exact(read: Callable[[int], bytes], n: int, allow_eof: bool) -> bytes 
 
 def parse_timeout_ms(value: str) -> float:
     """Seconds from a ``Connect-Timeout-Ms`` value."""
-    if not value.isdigit() or len(value) > 10:
+    if not (value.isascii() and value.isdigit()) or len(value) > 10:
         raise ConnectError(Code.INVALID_ARGUMENT, f"invalid Connect-Timeout-Ms {value!r}")
     return int(value) / 1000.0
 

@@ -53,6 +53,7 @@ class HTTPServer:
         self._done = threading.Event()
         self._grace = 5.0
         self._serving = False
+        self._lock = threading.Lock()
 
     @property
     def url(self) -> str:
@@ -78,10 +79,11 @@ class HTTPServer:
         deadline = time.monotonic() + self._grace
         while time.monotonic() < deadline and self._busy():
             loop(timeout=0.05, map=srv._map, use_poll=srv.adj.asyncore_use_poll, count=1)
-        for channel in list(srv._map.values()):
-            channel.close()
+        with self._lock:  # close() must not pull the trigger once its pipe is closed
+            for channel in list(srv._map.values()):
+                channel.close()
+            self._done.set()
         srv.task_dispatcher.shutdown(cancel_pending=True, timeout=1)
-        self._done.set()
 
     def _busy(self) -> bool:
         dispatcher = self._server.task_dispatcher
@@ -91,17 +93,19 @@ class HTTPServer:
 
     def close(self, grace: float = 5.0) -> None:
         """Stop serving: calls in flight get ``grace`` seconds to finish. Safe from any thread."""
-        if self._stopping.is_set():
+        with self._lock:
+            first = not self._stopping.is_set()
+            if first:
+                self._grace = grace
+                self._stopping.set()
+                if self._serving and not self._done.is_set():
+                    self._server.pull_trigger()
+        if not first:
             self._done.wait(grace + 2)
-            return
-        self._grace = grace
-        self._stopping.set()
-        if not self._serving:  # never ran: nothing to drain
+        elif not self._serving:  # never ran: nothing to drain
             self._server.close()
             self._done.set()
-            return
-        self._server.pull_trigger()
-        if self._thread is not None and self._thread is not threading.current_thread():
+        elif self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=grace + 2)
 
     def __enter__(self) -> HTTPServer:
