@@ -89,7 +89,7 @@ def _pinned(cpu: int | None) -> Iterator[None]:
 
 def run(settings: Settings) -> bool:
     report.title("Client latency: sequential unary Get (proto), one keep-alive connection")
-    blocks = 3
+    blocks = 10
     server_cpu, client_cpu = placement(settings.pin_cpus)
     pinning = (
         f"server process on CPU {server_cpu}, this process on CPU {client_cpu} while measuring"
@@ -106,6 +106,7 @@ def run(settings: Settings) -> bool:
         f" {per_block} calls per client ({blocks * per_block} measured); wall time per call\n"
         f"pinning : {pinning}"
     )
+    report.load_warning()
     with ServerProcess("ours", settings.server_threads, server_cpu) as server, _pinned(client_cpu):
         print(f"started : ours pid {server.pid} port {server.port}", flush=True)
         clients: dict[str, tuple[Call, Callable[[], None]]] = {}

@@ -7,6 +7,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from importlib import metadata
@@ -53,14 +54,29 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def load_warning() -> None:
-    """Say so when other processes keep the machine busy: every figure is then noisier."""
-    if not hasattr(os, "getloadavg"):
+def load_warning(window: float = 1.0) -> None:
+    """Say how busy other processes keep the machine right now: busy neighbours make noise."""
+    before = _cpu_times()
+    if before is None:
         return
-    load = os.getloadavg()[0]
-    cores = os.cpu_count() or 1
-    note = "quiet enough" if load < 0.5 else "OTHER PROCESSES ARE BUSY: expect noisy figures"
-    print(f"machine : 1-minute load average {load:.2f} on {cores} cores before loading ({note})")
+    time.sleep(window)
+    after = _cpu_times()
+    if after is None:
+        return
+    total = after[0] - before[0]
+    busy = 1 - (after[1] - before[1]) / total if total else 0.0
+    note = "quiet" if busy < 0.10 else "OTHER PROCESSES ARE BUSY: expect noisy figures"
+    print(f"machine : {busy:.0%} of all CPU time busy in the {window:.0f}s before loading ({note})")
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(total, idle incl. iowait) jiffies over all CPUs, from /proc/stat; None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(fields[:8]), fields[3] + fields[4]
 
 
 def title(text: str) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 class Settings:
     server_threads: int = 4
     """Waitress worker threads, the same for every server under test."""
-    rounds: int = 5
+    rounds: int = 6
     """Load runs per (server, codec), interleaved across servers so drift hits all alike."""
     seconds: int = 2
     """Length of one wrk run."""

@@ -3,7 +3,12 @@
 from ._service import Method, Plugin, Service
 from .client import Call, Client, ClientConfig, Interceptor, ResponseMetadata, ServerStream
 from .errors import Code, ConnectError, ErrorDetail
+from .handshake import HandshakeConfig
+from .health import Health
+from .host import HostConfig, PluginClient, PluginHost
 from .httpserver import HTTPConfig, HTTPServer
+from .launcher import InProcessStrategy, LaunchError, ProcessStrategy, Strategy
+from .plugin import PluginServer, ServeConfig, serve
 from .server import App, Context, ServerConfig
 
 __all__ = [
@@ -17,6 +22,18 @@ __all__ = [
     "ErrorDetail",
     "HTTPConfig",
     "HTTPServer",
+    "HandshakeConfig",
+    "Health",
+    "HostConfig",
+    "InProcessStrategy",
+    "LaunchError",
+    "PluginClient",
+    "PluginHost",
+    "PluginServer",
+    "ProcessStrategy",
+    "ServeConfig",
+    "Strategy",
+    "serve",
     "Interceptor",
     "Method",
     "Plugin",

@@ -156,10 +156,12 @@ class Client:
         headers: Mapping[str, Value] | None = None,
     ) -> Res:
         call = Call(method, request, dict(headers or {}), timeout if timeout is not None else self.config.timeout)
-        result: Res = self._chain(call)
-        for md in _capture.stack:
-            md.headers.update(call.response_headers)
-            md.trailers.update(call.response_trailers)
+        try:
+            result: Res = self._chain(call)
+        finally:
+            for md in _capture.stack:
+                md.headers.update(call.response_headers)
+                md.trailers.update(call.response_trailers)
         return result
 
     def call_server_stream(
@@ -246,19 +248,23 @@ class Client:
             body = self._read_all(response, deadline)
         finally:
             response.close()
-        meta = from_pairs(response.headers.items())
-        call.response_headers = {k: v for k, v in meta.items() if not k.startswith("trailer-")}
-        call.response_trailers = {k[8:]: v for k, v in meta.items() if k.startswith("trailer-")}
+        wire = from_pairs(response.headers.items())
+        call.response_headers = {k: v for k, v in wire.items() if not k.startswith("trailer-")}
+        call.response_trailers = {k[8:]: v for k, v in wire.items() if k.startswith("trailer-")}
+        meta = {**call.response_headers, **call.response_trailers}
         if response.status_code != 200:
             raise _unary_error(response, body, meta)
         content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if content_type != self._unary_type:
-            raise ConnectError(Code.INTERNAL, f"unexpected response content type {content_type!r}", metadata=meta)
+            # Another Connect codec is a protocol error; anything else is not Connect at all.
+            code = Code.INTERNAL if content_type in ("application/proto", "application/json") else Code.UNKNOWN
+            raise ConnectError(code, f"unexpected response content type {content_type!r}", metadata=meta)
         encoding = response.headers.get("Content-Encoding", _codec.IDENTITY)
         try:
             payload = _codec.decompress(encoding, body, self.config.read_limit)
         except ConnectError as e:
-            raise ConnectError(Code.INTERNAL if e.code is Code.INVALID_ARGUMENT else e.code, e.message, metadata=meta) from None
+            code = Code.RESOURCE_EXHAUSTED if e.code is Code.RESOURCE_EXHAUSTED else Code.INTERNAL
+            raise ConnectError(code, e.message, metadata=meta) from None
         return self._decode(payload, method.output)
 
     def _read_all(self, response: requests.Response, deadline: float | None) -> bytes:

@@ -6,6 +6,7 @@ See the Connect protocol specification, "Error Codes" and "HTTP to Error Code".
 from __future__ import annotations
 
 import base64
+import binascii
 import enum
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, TypeVar
@@ -91,6 +92,9 @@ _CODE_FOR_HTTP = {
 }
 
 
+_NAMES = frozenset(c.value for c in Code)
+
+
 @dataclass(frozen=True)
 class ErrorDetail:
     """A protobuf message attached to an error: its full type name and serialized bytes."""
@@ -164,9 +168,17 @@ class ConnectError(Exception):
         """Build from a wire error object; ``fallback`` is used when it names no code."""
         if not isinstance(obj, dict):
             return cls(fallback, "malformed error body", metadata=metadata)
-        code = Code.parse(obj["code"]) if "code" in obj else fallback
-        details = [ErrorDetail.from_json(d) for d in obj.get("details") or () if isinstance(d, dict)]
-        return cls(code, str(obj.get("message", "")), details, metadata)
+        # A missing, null or unrecognised code falls back to what the HTTP status implies.
+        name = obj.get("code")
+        code = Code(name) if name in _NAMES else fallback
+        details = []
+        for d in obj.get("details") or ():
+            if isinstance(d, dict):
+                try:
+                    details.append(ErrorDetail.from_json(d))
+                except (binascii.Error, ValueError):
+                    pass  # an undecodable detail is dropped; the error itself still stands
+        return cls(code, str(obj.get("message") or ""), details, metadata)
 
     def __repr__(self) -> str:
         return f"ConnectError({self.code.value!r}, {self.message!r})"

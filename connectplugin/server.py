@@ -363,6 +363,9 @@ class App:
             close = getattr(messages, "close", None)
             if close is not None:
                 close()
+        if error is None and ctx.deadline is not None and time.monotonic() > ctx.deadline:
+            # A handler that stopped because its time was up still failed to finish in time.
+            error = ConnectError(Code.DEADLINE_EXCEEDED, "the stream outlived its timeout")
         yield _end_stream(error, ctx)
 
 

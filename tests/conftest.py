@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import pytest
 
@@ -41,12 +42,7 @@ def serve():
 
     yield start
     for server in servers:
-        try:
-            server.close(grace=2.0)
-        except OSError:
-            # BUG pinned by test_close_never_pokes_a_trigger_the_loop_already_closed: close()
-            # can race the serving thread's own shutdown. The server is down either way.
-            pass
+        server.close(grace=2.0)
 
 
 @pytest.fixture

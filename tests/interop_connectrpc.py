@@ -22,7 +22,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
+from typing import Any
 
 from connectrpc.client import ConnectClientSync
 from connectrpc.code import Code
@@ -69,7 +70,12 @@ def method_info(method: Method) -> MethodInfo:
 KV_METHODS: dict[str, MethodInfo] = {name: method_info(m) for name, m in KV_SERVICE.methods.items()}
 
 
-def echo_metadata(request_headers: Mapping[str, object], response_headers, response_trailers, timeout_ms) -> None:
+def echo_metadata(
+    request_headers: Mapping[str, Any],
+    response_headers: MutableMapping[str, Any],
+    response_trailers: MutableMapping[str, Any],
+    timeout_ms: float | None,
+) -> None:
     """The header echo both stores perform (see the module docstring)."""
     if "x-echo" in request_headers:
         response_headers["x-echo"] = request_headers["x-echo"]
@@ -113,7 +119,9 @@ class ConnectrpcKVStore:
         _require_key(request.key)
         with self._lock:
             self._data[request.key] = request.value
-            self._notify(kv_pb2.WatchEvent(type=kv_pb2.EVENT_TYPE_PUT, key=request.key, value=request.value))
+            self._notify(
+                kv_pb2.WatchEvent(type=kv_pb2.EVENT_TYPE_PUT, key=request.key, value=request.value)
+            )
         return kv_pb2.PutResponse()
 
     def delete(self, request: kv_pb2.DeleteRequest, ctx: RequestContext) -> kv_pb2.DeleteResponse:
@@ -125,20 +133,20 @@ class ConnectrpcKVStore:
                 self._notify(kv_pb2.WatchEvent(type=kv_pb2.EVENT_TYPE_DELETE, key=request.key))
         return kv_pb2.DeleteResponse(found=found)
 
-    def watch(self, request: kv_pb2.WatchRequest, ctx: RequestContext) -> Iterator[kv_pb2.WatchEvent]:
+    def watch(
+        self, request: kv_pb2.WatchRequest, ctx: RequestContext
+    ) -> Iterator[kv_pb2.WatchEvent]:
         # Not a generator itself: headers and a refusal happen before the stream starts.
         _echo(ctx)
         if request.prefix.startswith(DENIED_PREFIX):
             raise ConnectError(Code.PERMISSION_DENIED, DENIED_MESSAGE)
+        return self._stream(request.prefix, ctx)
+
+    def _stream(self, prefix: str, ctx: RequestContext) -> Iterator[kv_pb2.WatchEvent]:
         events: queue.SimpleQueue[kv_pb2.WatchEvent] = queue.SimpleQueue()
-        watcher = (request.prefix, events)
+        watcher = (prefix, events)
         with self._lock:
             self._watchers.append(watcher)
-        return self._stream(watcher, ctx)
-
-    def _stream(
-        self, watcher: tuple[str, queue.SimpleQueue[kv_pb2.WatchEvent]], ctx: RequestContext
-    ) -> Iterator[kv_pb2.WatchEvent]:
         try:
             while not self._closed.is_set():
                 # connectrpc's sync server leaves deadlines to the handler.
@@ -147,7 +155,7 @@ class ConnectrpcKVStore:
                     raise ConnectError(Code.DEADLINE_EXCEEDED, "watch outlived its timeout")
                 wait = _POLL if remaining is None else min(_POLL, remaining / 1000)
                 try:
-                    event = watcher[1].get(timeout=wait)
+                    event = events.get(timeout=wait)
                 except queue.Empty:
                     continue
                 if event.key.endswith(ABORT_SUFFIX):
@@ -178,7 +186,7 @@ class KVServiceWSGIApplication(ConnectWSGIApplication):
     """connectrpc's WSGI server for kv.v1.KVService, speaking google.protobuf messages."""
 
     def __init__(self, store: ConnectrpcKVStore) -> None:
-        endpoints: dict[str, EndpointSync] = {}
+        endpoints: dict[str, Any] = {}
         for method in KV_SERVICE.methods.values():
             info, function = KV_METHODS[method.name], getattr(store, method.attr)
             if method.server_streaming:
@@ -204,7 +212,11 @@ class ConnectrpcKVClient(ConnectClientSync):
         use_get: bool = False,
     ) -> kv_pb2.GetResponse:
         return self.execute_unary(
-            request=request, method=KV_METHODS["Get"], headers=headers, timeout_ms=timeout_ms, use_get=use_get
+            request=request,
+            method=KV_METHODS["Get"],
+            headers=headers,
+            timeout_ms=timeout_ms,
+            use_get=use_get,
         )
 
     def put(

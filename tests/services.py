@@ -13,9 +13,10 @@ import http.client
 import json
 import struct
 import threading
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from email.message import Message as HTTPHeaders
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from google.protobuf.message import Message
@@ -86,7 +87,13 @@ class ScriptedKV(KVStore):
 
     def _dispatch(self, name: str, request: Message, ctx: Context) -> Any:
         self.calls.append(
-            Seen(name, request, dict(ctx.request_headers), ctx.timeout_remaining(), ctx.environ["REQUEST_METHOD"])
+            Seen(
+                name,
+                request,
+                dict(ctx.request_headers),
+                ctx.timeout_remaining(),
+                ctx.environ["REQUEST_METHOD"],
+            )
         )
         fn = self.scripts.get(name)
         if fn is None:
@@ -109,7 +116,9 @@ class IdentityRecorder(PluginIdentityHandler):
 
 
 def events(n: int, value: bytes = b"") -> list[kv_pb2.WatchEvent]:
-    return [kv_pb2.WatchEvent(type=kv_pb2.EVENT_TYPE_PUT, key=f"k{i}", value=value) for i in range(n)]
+    return [
+        kv_pb2.WatchEvent(type=kv_pb2.EVENT_TYPE_PUT, key=f"k{i}", value=value) for i in range(n)
+    ]
 
 
 def sized(make: Callable[[int], Message], size: int) -> Message:
@@ -205,4 +214,6 @@ def post_unary(url: str, path: str, message: Message, **headers: str) -> Reply:
 
 
 def post_stream(url: str, path: str, message: Message, **headers: str) -> Reply:
-    return post(url, path, envelope(message.SerializeToString()), "application/connect+proto", **headers)
+    return post(
+        url, path, envelope(message.SerializeToString()), "application/connect+proto", **headers
+    )

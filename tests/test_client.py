@@ -11,7 +11,8 @@ import threading
 import time
 import tracemalloc
 import zlib
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import pytest
 
@@ -95,7 +96,9 @@ JSON_ERROR = [("Content-Type", "application/json")]
 def canned_client(serve, connect) -> Callable[..., KVServiceClient]:
     """``canned_client(status, headers, body, **config)``: a client of a canned-response server."""
 
-    def make(status: int, headers: list[tuple[str, str]], body: Any = b"", **config: Any) -> KVServiceClient:
+    def make(
+        status: int, headers: list[tuple[str, str]], body: Any = b"", **config: Any
+    ) -> KVServiceClient:
         server = serve(canned(status, headers, body))
         return connect(server.url, **config)
 
@@ -316,7 +319,9 @@ def test_connection_refused_on_a_stream_is_unavailable(connect):
 
 @pytest.mark.parametrize("status, code", SPEC_CODE_FOR_HTTP)
 def test_non_connect_unary_response_maps_by_http_status(canned_client, status, code):
-    client = canned_client(status, [("Content-Type", "text/html")], b"<html><h1>Bad Gateway</h1></html>")
+    client = canned_client(
+        status, [("Content-Type", "text/html")], b"<html><h1>Bad Gateway</h1></html>"
+    )
 
     with pytest.raises(ConnectError) as info:
         client.get(kv_pb2.GetRequest(key="a"))
@@ -351,22 +356,31 @@ def test_error_status_with_a_non_json_body_ignores_the_body(canned_client):
         (401, b'{"message": "oops"}', Code.UNAUTHENTICATED, "oops"),
         (502, b'{"error": "upstream timed out"}', Code.UNAVAILABLE, None),
         (401, b"{not json", Code.UNAUTHENTICATED, None),
-        (422, b'{"code": "out_of_range", "message": "oops", "foobar": "baz"}', Code.OUT_OF_RANGE, "oops"),
+        (
+            422,
+            b'{"code": "out_of_range", "message": "oops", "foobar": "baz"}',
+            Code.OUT_OF_RANGE,
+            "oops",
+        ),
         pytest.param(
-            401, b'{"code": null, "message": "oops"}', Code.UNAUTHENTICATED, "oops",
-            marks=pytest.mark.xfail(strict=True, reason="BUG: ConnectError.from_json turns a null code into "
-                                    "unknown instead of falling back to the HTTP status (errors.py)"),
+            401,
+            b'{"code": null, "message": "oops"}',
+            Code.UNAUTHENTICATED,
+            "oops",
             id="null-code",
         ),
         pytest.param(
-            429, b'{"code": "foobar", "message": "oops"}', Code.UNAVAILABLE, "oops",
-            marks=pytest.mark.xfail(strict=True, reason="BUG: ConnectError.from_json turns an unrecognised "
-                                    "code into unknown instead of falling back to the HTTP status (errors.py)"),
+            429,
+            b'{"code": "foobar", "message": "oops"}',
+            Code.UNAVAILABLE,
+            "oops",
             id="unrecognised-code",
         ),
     ],
 )
-def test_json_error_body_without_a_usable_code_falls_back_to_http_status(canned_client, status, body, code, message):
+def test_json_error_body_without_a_usable_code_falls_back_to_http_status(
+    canned_client, status, body, code, message
+):
     # Spec: infer the code from the HTTP status "if Bare-Message is missing or malformed";
     # the conformance suite (connect_client_error_endstream.yaml) pins each case here.
     client = canned_client(status, JSON_ERROR, body)
@@ -380,8 +394,13 @@ def test_json_error_body_without_a_usable_code_falls_back_to_http_status(canned_
 
 
 def test_gzipped_error_body_is_inflated(canned_client):
-    body = json.dumps({"code": "out_of_range", "message": "oops",
-                       "details": [{"type": "kv.v1.GetRequest", "value": "CgJoaQ"}]}).encode()
+    body = json.dumps(
+        {
+            "code": "out_of_range",
+            "message": "oops",
+            "details": [{"type": "kv.v1.GetRequest", "value": "CgJoaQ"}],
+        }
+    ).encode()
     client = canned_client(422, JSON_ERROR + [("Content-Encoding", "gzip")], gzip.compress(body))
 
     with pytest.raises(ConnectError) as info:
@@ -391,9 +410,6 @@ def test_gzipped_error_body_is_inflated(canned_client):
     assert info.value.details[0].unpack(kv_pb2.GetRequest) == kv_pb2.GetRequest(key="hi")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a 200 whose Content-Type is not application/* at all is "
-                   "reported as internal; the conformance suite (unexpected-content-type) expects unknown, "
-                   "as connect-go does (client.py _unary)")
 def test_200_with_a_non_connect_content_type_is_unknown(canned_client):
     client = canned_client(200, [("Content-Type", "image/jpeg")], b"\xff\xd8\xff")
 
@@ -412,9 +428,6 @@ def test_200_in_the_other_codec_is_internal(canned_client):
     assert info.value.code is Code.INTERNAL
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a unary response in an unknown Content-Encoding raises "
-                   "unimplemented (the server-side code) instead of internal; the conformance suite "
-                   "(unexpected-compression) and the client's own streaming path say internal (client.py _unary)")
 def test_unary_response_in_an_unknown_encoding_is_internal(canned_client):
     client = canned_client(200, PROTO + [("Content-Encoding", "foo")], b"\x28\xb5\x2f\xfd")
 
@@ -474,7 +487,9 @@ def test_malformed_end_stream_is_internal(canned_client, payload):
 
 
 def test_compressed_message_without_a_stream_encoding_is_internal(canned_client):
-    frames = stream_body((0x01, gzip.compress(kv_pb2.WatchEvent(key="a").SerializeToString())), end({}))
+    frames = stream_body(
+        (0x01, gzip.compress(kv_pb2.WatchEvent(key="a").SerializeToString())), end({})
+    )
     client = canned_client(200, STREAM + [("Connect-Content-Encoding", "identity")], frames)
 
     with pytest.raises(ConnectError) as info:
@@ -484,7 +499,9 @@ def test_compressed_message_without_a_stream_encoding_is_internal(canned_client)
 
 
 def test_stream_in_the_other_codec_is_internal(canned_client):
-    client = canned_client(200, [("Content-Type", "application/connect+json")], stream_body(end({})))
+    client = canned_client(
+        200, [("Content-Type", "application/connect+json")], stream_body(end({}))
+    )
 
     with pytest.raises(ConnectError) as info:
         drain(client.watch(kv_pb2.WatchRequest()))
@@ -500,7 +517,11 @@ def test_stream_in_the_other_codec_is_internal(canned_client):
         ({"error": {"code": None, "message": "oops"}}, Code.UNKNOWN, "oops"),
         ({"error": {"message": "oops"}}, Code.UNKNOWN, "oops"),
         ({"error": {"code": "foobar", "message": "oops"}}, Code.UNKNOWN, "oops"),
-        ({"error": {"code": "out_of_range", "message": "oops", "foobar": "baz"}}, Code.OUT_OF_RANGE, "oops"),
+        (
+            {"error": {"code": "out_of_range", "message": "oops", "foobar": "baz"}},
+            Code.OUT_OF_RANGE,
+            "oops",
+        ),
     ],
     ids=["null-error", "empty", "null-code", "missing-code", "unrecognised-code", "unknown-fields"],
 )
@@ -519,8 +540,12 @@ def test_end_stream_error_decoding(canned_client, end_stream, code, message):
 
 
 def test_compressed_end_stream_is_inflated(canned_client):
-    payload = gzip.compress(json.dumps({"error": {"code": "out_of_range", "message": "oops"}}).encode())
-    client = canned_client(200, STREAM + [("Connect-Content-Encoding", "gzip")], stream_body((0x03, payload)))
+    payload = gzip.compress(
+        json.dumps({"error": {"code": "out_of_range", "message": "oops"}}).encode()
+    )
+    client = canned_client(
+        200, STREAM + [("Connect-Content-Encoding", "gzip")], stream_body((0x03, payload))
+    )
 
     with pytest.raises(ConnectError) as info:
         drain(client.watch(kv_pb2.WatchRequest()))
@@ -528,11 +553,14 @@ def test_compressed_end_stream_is_inflated(canned_client):
     assert info.value.code is Code.OUT_OF_RANGE
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a detail whose value is not valid base64 makes ServerStream._finish "
-                   "raise a bare binascii.Error (from ErrorDetail.from_json) instead of a ConnectError "
-                   "(client.py _finish, errors.py ErrorDetail.from_json)")
 def test_end_stream_with_an_undecodable_detail_is_still_a_connect_error(canned_client):
-    bad = {"error": {"code": "not_found", "message": "gone", "details": [{"type": "x.Y", "value": "abcde"}]}}
+    bad = {
+        "error": {
+            "code": "not_found",
+            "message": "gone",
+            "details": [{"type": "x.Y", "value": "abcde"}],
+        }
+    }
     client = canned_client(200, STREAM, stream_body(end(bad)))
 
     with pytest.raises(ConnectError):
@@ -627,9 +655,6 @@ def test_unary_error_metadata_holds_headers(kv_client, kv):
     assert info.value.metadata["x-served-by"] == "kv"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: on a unary error the client keeps trailers under their wire "
-                   "name 'trailer-x-cost' in ConnectError.metadata; the spec says the prefix is stripped when "
-                   "reading, and streaming errors do strip it (client.py _unary passes the raw header map)")
 def test_unary_error_metadata_holds_trailers_without_their_prefix(kv_client, kv):
     def get(request, ctx):
         ctx.response_trailers["x-cost"] = "7"

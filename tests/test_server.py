@@ -7,11 +7,12 @@ at a time; section names follow the Connect protocol specification.
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import gzip
 import logging
 import socket
-import threading
+import time
 import tracemalloc
 import zlib
 from urllib.parse import urlencode
@@ -87,7 +88,7 @@ def unb64(value: str) -> bytes:
     return base64.b64decode(value + "=" * (-len(value) % 4))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gzip_bomb(inflated: int) -> bytes:
     """``inflated`` zero bytes, gzipped (about 1000:1), built without holding them in memory."""
     deflate = zlib.compressobj(9, zlib.DEFLATED, 31)
@@ -162,10 +163,19 @@ def test_wrong_http_method_is_405_with_allow(url, http_method, path, allowed):
 
 @pytest.mark.parametrize(
     "content_type",
-    ["application/proto", "application/json", "application/json; charset=utf-8", "application/JSON;charset=UTF-8"],
+    [
+        "application/proto",
+        "application/json",
+        "application/json; charset=utf-8",
+        "application/JSON;charset=UTF-8",
+    ],
 )
 def test_unary_accepts_proto_and_json_content_types(url, kv, content_type):
-    body = b'{"key":"a"}' if "json" in content_type.lower() else kv_pb2.GetRequest(key="a").SerializeToString()
+    body = (
+        b'{"key":"a"}'
+        if "json" in content_type.lower()
+        else kv_pb2.GetRequest(key="a").SerializeToString()
+    )
 
     reply = post(url, GET, body, content_type)
 
@@ -205,7 +215,11 @@ def test_unsupported_unary_content_type_is_415_with_accept_post(url, content_typ
 @pytest.mark.parametrize("content_type", ["application/connect+proto", "application/connect+json"])
 def test_streaming_accepts_connect_proto_and_json(url, kv, content_type):
     kv.script("watch", streams(*events(1)))
-    payload = b'{"prefix":"p"}' if content_type.endswith("json") else kv_pb2.WatchRequest(prefix="p").SerializeToString()
+    payload = (
+        b'{"prefix":"p"}'
+        if content_type.endswith("json")
+        else kv_pb2.WatchRequest(prefix="p").SerializeToString()
+    )
 
     reply = post(url, WATCH, envelope(payload), content_type)
 
@@ -215,7 +229,8 @@ def test_streaming_accepts_connect_proto_and_json(url, kv, content_type):
 
 
 @pytest.mark.parametrize(
-    "content_type", ["application/proto", "application/json", "application/grpc+proto", "text/plain"]
+    "content_type",
+    ["application/proto", "application/json", "application/grpc+proto", "text/plain"],
 )
 def test_unsupported_streaming_content_type_is_415_with_accept_post(url, content_type):
     reply = post(url, WATCH, envelope(b""), content_type)
@@ -225,32 +240,23 @@ def test_unsupported_streaming_content_type_is_415_with_accept_post(url, content
     assert {"application/connect+proto", "application/connect+json"} <= accepted
 
 
-class _SetThenWaitForShutdown(threading.Event):
-    """A stop flag whose ``set()`` returns only once the serving thread has shut down.
-
-    It widens to certainty a window that otherwise opens about once per thousand closes.
-    """
-
-    def __init__(self, server: HTTPServer) -> None:
-        super().__init__()
-        self.server = server
-
-    def set(self) -> None:
-        super().set()
-        socket.create_connection((self.server.host, self.server.port)).close()  # wake the loop
-        self.server._done.wait(5)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=OSError,
-    reason="BUG: HTTPServer.close() sets _stopping and only then pulls the waitress trigger; "
-    "the serving thread may already have left its loop and closed the trigger's pipe, so "
-    "os.write() on it fails with EBADF (or writes into whatever fd reused that number)",
-)
 def test_close_never_pokes_a_trigger_the_loop_already_closed(kv):
+    # Regression: close() set the stop flag and only then pulled waitress's trigger, which the
+    # serving thread might already have closed (EBADF, or a write into a reused fd). White-box:
+    # the pull is delayed until the serving thread has left its loop, making the race certain.
     server = HTTPServer(App([kv]))
-    server._stopping = _SetThenWaitForShutdown(server)  # white-box: see the class docstring
+    real_pull = server._server.pull_trigger
+
+    def late_pull(*args):
+        with contextlib.suppress(OSError):
+            socket.create_connection((server.host, server.port), timeout=1).close()  # wake the loop
+        deadline = time.monotonic() + 2
+        while server._server.socket.fileno() != -1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.1)  # time enough for the serving thread to close every channel
+        real_pull(*args)
+
+    server._server.pull_trigger = late_pull
     server.start()
 
     server.close(grace=1.0)
@@ -261,8 +267,11 @@ def test_close_never_pokes_a_trigger_the_loop_already_closed(kv):
 def test_app_is_plain_wsgi_and_needs_no_socket(kv):
     client = WSGITestClient(App([kv]))
 
-    response = client.post(PUT, data=kv_pb2.PutRequest(key="w", value=b"1").SerializeToString(),
-                           content_type="application/proto")
+    response = client.post(
+        PUT,
+        data=kv_pb2.PutRequest(key="w", value=b"1").SerializeToString(),
+        content_type="application/proto",
+    )
 
     assert response.status_code == 200
     assert kv.last.request.key == "w"
@@ -704,14 +713,7 @@ def test_stream_messages_before_the_deadline_arrive_then_deadline_exceeded(url, 
         "1e3",
         "12345678901",  # 11 digits: the spec allows at most 10
         "0x10",
-        pytest.param(
-            "\u00b2",  # SUPERSCRIPT TWO: str.isdigit() says yes, int() says no
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: _codec.parse_timeout_ms trusts str.isdigit(); int() then raises "
-                "ValueError, which the server reports as internal (500) instead of invalid_argument",
-            ),
-        ),
+        "\u00b2",  # SUPERSCRIPT TWO: str.isdigit() says yes, int() says no
     ],
 )
 def test_malformed_unary_timeout_is_invalid_argument(url, kv, value):
@@ -787,11 +789,21 @@ def test_get_with_base64_proto_message(url, kv, padded):
 
 
 def test_get_with_gzip_compressed_message(url, kv):
-    packed = base64.urlsafe_b64encode(gzip.compress(kv_pb2.GetRequest(key="gz").SerializeToString()))
+    packed = base64.urlsafe_b64encode(
+        gzip.compress(kv_pb2.GetRequest(key="gz").SerializeToString())
+    )
 
-    reply = send(url, "GET", get_query(
-        connect="v1", encoding="proto", base64="1", compression="gzip", message=packed.decode().rstrip("=")
-    ))
+    reply = send(
+        url,
+        "GET",
+        get_query(
+            connect="v1",
+            encoding="proto",
+            base64="1",
+            compression="gzip",
+            message=packed.decode().rstrip("="),
+        ),
+    )
 
     assert reply.status == 200
     assert kv.last.request == kv_pb2.GetRequest(key="gz")
@@ -807,7 +819,9 @@ def test_get_query_params_in_any_order_with_unknown_ones(url, kv):
 
 
 def test_get_with_unknown_compression_is_unimplemented(url):
-    reply = send(url, "GET", get_query(connect="v1", encoding="json", compression="br", message="{}"))
+    reply = send(
+        url, "GET", get_query(connect="v1", encoding="json", compression="br", message="{}")
+    )
 
     assert reply.status == 501
     assert reply.json()["code"] == "unimplemented"
@@ -842,7 +856,12 @@ def test_get_response_is_gzipped_when_accepted(url, kv):
     expected = get_response(b"a" * 4000)
     kv.script("get", returns(expected))
 
-    reply = send(url, "GET", get_query(connect="v1", encoding="json", message="{}"), headers={"Accept-Encoding": "gzip"})
+    reply = send(
+        url,
+        "GET",
+        get_query(connect="v1", encoding="json", message="{}"),
+        headers={"Accept-Encoding": "gzip"},
+    )
 
     assert reply.headers["Content-Encoding"] == "gzip"
     assert reply.status == 200
@@ -851,7 +870,11 @@ def test_get_response_is_gzipped_when_accepted(url, kv):
 def test_get_gzip_bomb_is_resource_exhausted(url, kv):
     bomb = base64.urlsafe_b64encode(gzip_bomb(10 * MiB)).decode().rstrip("=")
 
-    reply = send(url, "GET", get_query(connect="v1", encoding="proto", base64="1", compression="gzip", message=bomb))
+    reply = send(
+        url,
+        "GET",
+        get_query(connect="v1", encoding="proto", base64="1", compression="gzip", message=bomb),
+    )
 
     assert reply.status == 429
     assert reply.json()["code"] == "resource_exhausted"
@@ -871,7 +894,9 @@ def test_request_headers_reach_the_handler_with_lower_case_keys(url, kv):
 BLOB = b"\xfb\xff\xbf\x00"  # base64 "+/+/AA==": exercises both alphabets and the padding
 
 
-@pytest.mark.parametrize("wire", ["+/+/AA", "+/+/AA==", "-_-_AA"], ids=["unpadded", "padded", "urlsafe"])
+@pytest.mark.parametrize(
+    "wire", ["+/+/AA", "+/+/AA==", "-_-_AA"], ids=["unpadded", "padded", "urlsafe"]
+)
 def test_binary_request_header_reaches_the_handler_decoded(url, kv, wire):
     post_unary(url, GET, kv_pb2.GetRequest(key="a"), X_Blob_Bin=wire)
 
@@ -1054,21 +1079,29 @@ def call_wsgi(app: App, path: str, stream, content_type: str, content_length: in
     return int(status.split()[0]), b"".join(app_iter)
 
 
-@pytest.mark.parametrize("path, content_type", [(PUT, "application/proto"), (WATCH, "application/connect+proto")])
+@pytest.mark.parametrize(
+    "path, content_type", [(PUT, "application/proto"), (WATCH, "application/connect+proto")]
+)
 def test_declared_length_over_the_limit_is_refused_without_reading(kv, path, content_type):
     stream = EndlessInput()
 
-    status, body = call_wsgi(App([kv], ServerConfig(read_limit=1024)), path, stream, content_type, 10 * MiB)
+    status, body = call_wsgi(
+        App([kv], ServerConfig(read_limit=1024)), path, stream, content_type, 10 * MiB
+    )
 
     assert b"resource_exhausted" in body
     assert stream.consumed == 0
 
 
-@pytest.mark.parametrize("path, content_type", [(PUT, "application/proto"), (WATCH, "application/connect+proto")])
+@pytest.mark.parametrize(
+    "path, content_type", [(PUT, "application/proto"), (WATCH, "application/connect+proto")]
+)
 def test_body_without_a_length_is_read_no_further_than_the_limit(kv, path, content_type):
     stream = EndlessInput()
 
-    status, body = call_wsgi(App([kv], ServerConfig(read_limit=1024)), path, stream, content_type, None)
+    status, body = call_wsgi(
+        App([kv], ServerConfig(read_limit=1024)), path, stream, content_type, None
+    )
 
     assert b"resource_exhausted" in body
     assert stream.consumed <= 1024 + 64
@@ -1105,7 +1138,9 @@ def test_stream_gzip_bomb_is_resource_exhausted_without_inflating_it(url, kv):
 def test_gzip_bomb_against_a_small_limit_inflates_only_that_much(small_limit, kv):
     tracemalloc.start()
     try:
-        reply = post(small_limit, PUT, gzip_bomb(10 * MiB), "application/proto", Content_Encoding="gzip")
+        reply = post(
+            small_limit, PUT, gzip_bomb(10 * MiB), "application/proto", Content_Encoding="gzip"
+        )
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -1175,7 +1210,9 @@ def test_json_in_accepts_snake_and_camel_case(url, identity, body):
 
 
 def test_json_in_ignores_unknown_fields(url, identity):
-    reply = post(url, SET_IDENTITY, b'{"runtimeId": "r1", "addedInV2": {"x": [1]}}', "application/json")
+    reply = post(
+        url, SET_IDENTITY, b'{"runtimeId": "r1", "addedInV2": {"x": [1]}}', "application/json"
+    )
 
     assert reply.status == 200
     assert identity.requests[-1].runtime_id == "r1"

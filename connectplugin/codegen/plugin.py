@@ -363,7 +363,7 @@ class _Module:
                 f"request: {self._type(method.input_type)}",
                 "*",
                 "timeout: float | None = None",
-                "headers: Mapping[str, str] | None = None",
+                "headers: Mapping[str, str | bytes] | None = None",
             ]
             args = [
                 f'{names.constant}.methods["{method.name}"]',

@@ -38,7 +38,7 @@ class CapabilityBrokerClient:
         request: broker_pb2.RequestCapabilityRequest,
         *,
         timeout: float | None = None,
-        headers: Mapping[str, str] | None = None,
+        headers: Mapping[str, str | bytes] | None = None,
     ) -> broker_pb2.RequestCapabilityResponse:
         return self._client.call_unary(
             CAPABILITY_BROKER_SERVICE.methods["RequestCapability"],

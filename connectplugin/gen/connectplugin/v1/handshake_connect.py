@@ -38,7 +38,7 @@ class HandshakeServiceClient:
         request: handshake_pb2.HandshakeRequest,
         *,
         timeout: float | None = None,
-        headers: Mapping[str, str] | None = None,
+        headers: Mapping[str, str | bytes] | None = None,
     ) -> handshake_pb2.HandshakeResponse:
         """Safe to repeat: the same request yields the same answer."""
         return self._client.call_unary(

@@ -38,7 +38,7 @@ class PluginLifecycleClient:
         request: lifecycle_pb2.ReportHealthRequest,
         *,
         timeout: float | None = None,
-        headers: Mapping[str, str] | None = None,
+        headers: Mapping[str, str | bytes] | None = None,
     ) -> lifecycle_pb2.ReportHealthResponse:
         return self._client.call_unary(
             PLUGIN_LIFECYCLE_SERVICE.methods["ReportHealth"],
@@ -113,7 +113,7 @@ class PluginControlClient:
         request: lifecycle_pb2.GetHealthRequest,
         *,
         timeout: float | None = None,
-        headers: Mapping[str, str] | None = None,
+        headers: Mapping[str, str | bytes] | None = None,
     ) -> lifecycle_pb2.GetHealthResponse:
         return self._client.call_unary(
             PLUGIN_CONTROL_SERVICE.methods["GetHealth"],
@@ -127,7 +127,7 @@ class PluginControlClient:
         request: lifecycle_pb2.ShutdownRequest,
         *,
         timeout: float | None = None,
-        headers: Mapping[str, str] | None = None,
+        headers: Mapping[str, str | bytes] | None = None,
     ) -> lifecycle_pb2.ShutdownResponse:
         """Stop taking calls, finish the ones in flight, exit."""
         return self._client.call_unary(

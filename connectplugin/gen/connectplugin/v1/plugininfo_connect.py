@@ -47,7 +47,7 @@ class PluginIdentityClient:
         request: plugininfo_pb2.GetPluginInfoRequest,
         *,
         timeout: float | None = None,
-        headers: Mapping[str, str] | None = None,
+        headers: Mapping[str, str | bytes] | None = None,
     ) -> plugininfo_pb2.GetPluginInfoResponse:
         return self._client.call_unary(
             PLUGIN_IDENTITY_SERVICE.methods["GetPluginInfo"],
@@ -61,7 +61,7 @@ class PluginIdentityClient:
         request: plugininfo_pb2.SetRuntimeIdentityRequest,
         *,
         timeout: float | None = None,
-        headers: Mapping[str, str] | None = None,
+        headers: Mapping[str, str | bytes] | None = None,
     ) -> plugininfo_pb2.SetRuntimeIdentityResponse:
         return self._client.call_unary(
             PLUGIN_IDENTITY_SERVICE.methods["SetRuntimeIdentity"],

@@ -62,7 +62,7 @@ class ServiceRegistryClient:
         request: registry_pb2.RegisterServiceRequest,
         *,
         timeout: float | None = None,
-        headers: Mapping[str, str] | None = None,
+        headers: Mapping[str, str | bytes] | None = None,
     ) -> registry_pb2.RegisterServiceResponse:
         return self._client.call_unary(
             SERVICE_REGISTRY_SERVICE.methods["RegisterService"],
@@ -76,7 +76,7 @@ class ServiceRegistryClient:
         request: registry_pb2.UnregisterServiceRequest,
         *,
         timeout: float | None = None,
-        headers: Mapping[str, str] | None = None,
+        headers: Mapping[str, str | bytes] | None = None,
     ) -> registry_pb2.UnregisterServiceResponse:
         return self._client.call_unary(
             SERVICE_REGISTRY_SERVICE.methods["UnregisterService"],
@@ -90,7 +90,7 @@ class ServiceRegistryClient:
         request: registry_pb2.DiscoverServiceRequest,
         *,
         timeout: float | None = None,
-        headers: Mapping[str, str] | None = None,
+        headers: Mapping[str, str | bytes] | None = None,
     ) -> registry_pb2.DiscoverServiceResponse:
         """The host picks one provider."""
         return self._client.call_unary(
@@ -105,7 +105,7 @@ class ServiceRegistryClient:
         request: registry_pb2.WatchServiceRequest,
         *,
         timeout: float | None = None,
-        headers: Mapping[str, str] | None = None,
+        headers: Mapping[str, str | bytes] | None = None,
     ) -> connectplugin.ServerStream[registry_pb2.WatchServiceEvent]:
         """The current state first, then every change."""
         return self._client.call_server_stream(

@@ -35,7 +35,7 @@ class LoggerClient:
         request: logger_pb2.LogRequest,
         *,
         timeout: float | None = None,
-        headers: Mapping[str, str] | None = None,
+        headers: Mapping[str, str | bytes] | None = None,
     ) -> logger_pb2.LogResponse:
         return self._client.call_unary(
             LOGGER_SERVICE.methods["Log"], request, timeout=timeout, headers=headers

@@ -43,7 +43,7 @@ class HealthServiceClient:
         request: health_pb2.HealthCheckRequest,
         *,
         timeout: float | None = None,
-        headers: Mapping[str, str] | None = None,
+        headers: Mapping[str, str | bytes] | None = None,
     ) -> health_pb2.HealthCheckResponse:
         """An empty service name asks about the server as a whole."""
         return self._client.call_unary(
@@ -55,7 +55,7 @@ class HealthServiceClient:
         request: health_pb2.HealthCheckRequest,
         *,
         timeout: float | None = None,
-        headers: Mapping[str, str] | None = None,
+        headers: Mapping[str, str | bytes] | None = None,
     ) -> connectplugin.ServerStream[health_pb2.HealthCheckResponse]:
         """Sends the current status, then every change."""
         return self._client.call_server_stream(

@@ -59,7 +59,7 @@ class KVServiceClient:
         request: kv_pb2.GetRequest,
         *,
         timeout: float | None = None,
-        headers: Mapping[str, str] | None = None,
+        headers: Mapping[str, str | bytes] | None = None,
     ) -> kv_pb2.GetResponse:
         return self._client.call_unary(
             KV_SERVICE.methods["Get"], request, timeout=timeout, headers=headers
@@ -70,7 +70,7 @@ class KVServiceClient:
         request: kv_pb2.PutRequest,
         *,
         timeout: float | None = None,
-        headers: Mapping[str, str] | None = None,
+        headers: Mapping[str, str | bytes] | None = None,
     ) -> kv_pb2.PutResponse:
         return self._client.call_unary(
             KV_SERVICE.methods["Put"], request, timeout=timeout, headers=headers
@@ -81,7 +81,7 @@ class KVServiceClient:
         request: kv_pb2.DeleteRequest,
         *,
         timeout: float | None = None,
-        headers: Mapping[str, str] | None = None,
+        headers: Mapping[str, str | bytes] | None = None,
     ) -> kv_pb2.DeleteResponse:
         return self._client.call_unary(
             KV_SERVICE.methods["Delete"], request, timeout=timeout, headers=headers
@@ -92,7 +92,7 @@ class KVServiceClient:
         request: kv_pb2.WatchRequest,
         *,
         timeout: float | None = None,
-        headers: Mapping[str, str] | None = None,
+        headers: Mapping[str, str | bytes] | None = None,
     ) -> connectplugin.ServerStream[kv_pb2.WatchEvent]:
         """Changes to keys under a prefix, in the order they happen."""
         return self._client.call_server_stream(

@@ -1,0 +1,74 @@
+"""``make demo``: a host launches the KV plugin, uses it, watches it, and stops it."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+
+from connectplugin import PluginHost, ProcessStrategy
+from connectplugin.gen.connectplugin.health.v1 import health_pb2
+from connectplugin.gen.connectplugin.v1 import lifecycle_pb2
+from samples.kv.gen.kv.v1 import kv_pb2
+from samples.kv.plugin import HANDSHAKE, PLUGINS
+
+_start = time.monotonic()
+
+
+def say(what: str) -> None:
+    print(f"[{time.monotonic() - _start:6.3f}s] {what}", flush=True)
+
+
+def main() -> int:
+    # The plugin's own log lines arrive through the host's logging, tagged with its name.
+    logging.basicConfig(level=logging.WARNING, format="           %(name)s: %(message)s")
+    with PluginHost(HANDSHAKE, PLUGINS) as host:
+        say(f"host listening on {host.url}")
+        client = host.launch(ProcessStrategy([sys.executable, "-m", "samples.kv"]), name="kv")
+        say(f"launched kv plugin: pid {client.running.pid}, serving at {client.url}")
+
+        hello = client.handshake()
+        say(
+            f"handshake: core protocol {hello.core_protocol_version}, app protocol "
+            f"{hello.app_protocol_version} (host offers {list(HANDSHAKE.app_protocol_versions)}), "
+            f"plugins {[f'{p.name} {p.version} at {p.service_path}' for p in hello.plugins]}"
+        )
+        say(f"runtime identity assigned by the host: {host.runtime_id(client)}")
+
+        kv = client.dispense("kv")
+        events: list[kv_pb2.WatchEvent] = []
+        watch = kv.watch(kv_pb2.WatchRequest(prefix="fruit/"))
+        watcher = threading.Thread(target=lambda: events.extend(e for _, e in zip(range(3), watch)))
+        watcher.start()
+        say('watching keys under "fruit/"')
+
+        for key, value in [("fruit/apple", b"red"), ("veg/leek", b"green"), ("fruit/plum", b"purple")]:
+            kv.put(kv_pb2.PutRequest(key=key, value=value))
+            say(f"put {key} = {value.decode()}")
+        got = kv.get(kv_pb2.GetRequest(key="fruit/apple"))
+        say(f"get fruit/apple -> found={got.found} value={got.value.decode()!r}")
+        gone = kv.delete(kv_pb2.DeleteRequest(key="fruit/apple"))
+        say(f"delete fruit/apple -> found={gone.found}")
+        missing = kv.get(kv_pb2.GetRequest(key="fruit/apple"))
+        say(f"get fruit/apple -> found={missing.found}")
+
+        watcher.join(timeout=5)
+        watch.close()
+        for event in events:
+            say(f"watch event: {kv_pb2.EventType.Name(event.type)} {event.key}")
+
+        status = health_pb2.ServingStatus.Name(client.check_health())
+        state = lifecycle_pb2.HealthState.Name(client.get_health().state)
+        say(f"health: HealthService.Check -> {status}, PluginControl.GetHealth -> {state}")
+
+        pid = client.running.pid
+        host.stop(client)
+        say(f"stopped kv plugin (pid {pid}): exit status {client.exit_code}")
+    say("host closed")
+    ok = len(events) == 3 and client.exit_code == 0
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
