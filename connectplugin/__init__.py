@@ -6,9 +6,12 @@ from .errors import Code, ConnectError, ErrorDetail
 from .handshake import HandshakeConfig
 from .health import Health
 from .host import HostConfig, PluginClient, PluginHost
+from .hostlink import HostLink
 from .httpserver import HTTPConfig, HTTPServer
 from .launcher import InProcessStrategy, LaunchError, ProcessStrategy, Strategy
+from .platform import DependencyError, Platform, PluginSpec, Requirement
 from .plugin import PluginServer, ServeConfig, serve
+from .registry import RegistryConfig
 from .server import App, Context, ServerConfig
 
 __all__ = [
@@ -19,26 +22,32 @@ __all__ = [
     "Code",
     "ConnectError",
     "Context",
+    "DependencyError",
     "ErrorDetail",
     "HTTPConfig",
     "HTTPServer",
     "HandshakeConfig",
     "Health",
     "HostConfig",
+    "HostLink",
     "InProcessStrategy",
+    "Interceptor",
     "LaunchError",
+    "Method",
+    "Platform",
+    "Plugin",
     "PluginClient",
     "PluginHost",
     "PluginServer",
+    "PluginSpec",
     "ProcessStrategy",
-    "ServeConfig",
-    "Strategy",
-    "serve",
-    "Interceptor",
-    "Method",
-    "Plugin",
+    "RegistryConfig",
+    "Requirement",
     "ResponseMetadata",
+    "ServeConfig",
     "ServerConfig",
     "ServerStream",
     "Service",
+    "Strategy",
+    "serve",
 ]

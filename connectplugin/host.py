@@ -11,14 +11,17 @@ import atexit
 import logging
 import signal
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import handshake as hs
 from ._service import Plugin
 from .auth import Identities, Identity
+from .broker import DEFAULT_TTL, Broker, BrokerService
+from .broker import ROUTE as BROKER_ROUTE
 from .client import Call, Client, ClientConfig, ServerStream
 from .errors import Code, ConnectError
 from .gen.connectplugin.health.v1 import health_pb2
@@ -29,6 +32,9 @@ from .gen.connectplugin.v1.lifecycle_connect import PluginControlClient, PluginL
 from .gen.connectplugin.v1.plugininfo_connect import PluginIdentityClient
 from .httpserver import HTTPConfig, HTTPServer
 from .launcher import LaunchContext, Running, Strategy
+from .registry import Registry, RegistryConfig, RegistryService
+from .router import ROUTE as ROUTER_ROUTE
+from .router import Router
 from .server import App, Context
 
 log = logging.getLogger("connectplugin.host")
@@ -132,15 +138,21 @@ def _replace(config: ClientConfig, **changes: Any) -> ClientConfig:
 
 @dataclass(frozen=True)
 class HostConfig:
-    """How the host listens and stops its plugins."""
+    """How the host listens, picks providers, and stops its plugins."""
 
     host: str = "127.0.0.1"
     port: int = 0
     threads: int = 16
+    """Threads for unary calls; watchers get ``registry.max_watchers`` more on top."""
     stop_grace: float = 5.0
     """Seconds a plugin gets to finish in-flight calls when it is stopped."""
     handle_signals: bool = True
     """Stop every plugin on SIGTERM/SIGINT (main thread only; earlier handlers still run)."""
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    grant_ttl: float = DEFAULT_TTL
+    """Lifetime of capability grants, in seconds."""
+    register_timeout: float = 10.0
+    """How long a launch waits for the plugin to register the services it declared."""
 
 
 class _HostHandshake(HandshakeServiceHandler):
@@ -155,6 +167,7 @@ class _HostHandshake(HandshakeServiceHandler):
             core_protocol_version=hs.CORE_PROTOCOL_VERSION,
             app_protocol_version=version,
             server_metadata={hs.VERSIONS_KEY: hs.format_versions(self._host.handshake_config.app_protocol_versions)},
+            host_capabilities=self._host.broker.advertised(),
         )
         if request.self_id:
             identity = self._host.identities.issue(request.self_id, request.self_version)
@@ -193,15 +206,27 @@ class PluginHost:
         self.plugins = dict(plugins)
         self.config = config = config or HostConfig()
         self.identities = Identities()
+        self.registry = Registry(config.registry)
+        self.broker = Broker(lambda: self.url, config.grant_ttl)
+        self.router = Router(self.registry, self.identities)
         self._lock = threading.Lock()
         self._launched: list[tuple[PluginClient, Identity]] = []
+        self._urls: dict[str, str] = {}  # runtime id -> base URL, for plugins this host launched
         self._health: dict[str, lifecycle_pb2.ReportHealthRequest] = {}
         self._health_listeners: list[Callable[[str, lifecycle_pb2.ReportHealthRequest], None]] = []
         self.app = App(
-            [_HostHandshake(self), _Lifecycle(self)],
-            routes={"/healthz": _ok, "/readyz": _ok},
+            [
+                _HostHandshake(self),
+                _Lifecycle(self),
+                RegistryService(self.registry, self.identities, self._url_of, self._declare_from_info),
+                BrokerService(self.broker, self.identities, lambda: self.url),
+            ],
+            routes={ROUTER_ROUTE: self.router, BROKER_ROUTE: self.broker.endpoint, "/healthz": _ok, "/readyz": _ok},
         )
-        self._http = HTTPServer(self.app, HTTPConfig(host=config.host, port=config.port, threads=config.threads))
+        # Each open watch holds a thread for its whole life: size the pool so that
+        # the capped number of watchers can never starve unary calls.
+        threads = config.threads + config.registry.max_watchers
+        self._http = HTTPServer(self.app, HTTPConfig(host=config.host, port=config.port, threads=threads))
         self._http.start()
         self._closed = False
         _register_for_exit(self, config.handle_signals)
@@ -220,6 +245,7 @@ class PluginHost:
                 holder[0]._exited(code)
                 identity = self._identity_of(holder[0])
                 if identity is not None:
+                    self.registry.remove_provider(identity.runtime_id)
                     self._record_health(
                         identity,
                         lifecycle_pb2.ReportHealthRequest(
@@ -232,18 +258,43 @@ class PluginHost:
             running.url, self.plugins, self.handshake_config, session=running.session, running=running, name=name
         )
         holder.append(client)
-        info = client.plugin_info()
-        identity = self.identities.issue(info.self_id or name, info.self_version)
-        PluginIdentityClient(client.client).set_runtime_identity(
-            plugininfo_pb2.SetRuntimeIdentityRequest(
-                runtime_id=identity.runtime_id, runtime_token=identity.token, host_url=self.url
-            ),
-            timeout=5,
-        )
-        with self._lock:
-            self._launched.append((client, identity))
+        try:
+            info = client.plugin_info()
+            identity = self.identities.issue(info.self_id or name, info.self_version)
+            self.registry.declare(identity.runtime_id, [d.type for d in info.provides])
+            with self._lock:
+                self._launched.append((client, identity))
+                self._urls[identity.runtime_id] = running.url
+            local_app = getattr(running, "app", None)
+            if local_app is not None:
+                self.router.attach_local(identity.runtime_id, local_app)
+            PluginIdentityClient(client.client).set_runtime_identity(
+                plugininfo_pb2.SetRuntimeIdentityRequest(
+                    runtime_id=identity.runtime_id, runtime_token=identity.token, host_url=self.url
+                ),
+                timeout=5,
+            )
+            self._await_registration(identity.runtime_id, [d.type for d in info.provides])
+        except BaseException:
+            self.stop(client, grace=1)
+            raise
         log.info("launched %s (pid %s) at %s as %s", name, running.pid, running.url, identity.runtime_id)
         return client
+
+    def _await_registration(self, runtime_id: str, service_types: list[str]) -> None:
+        """Wait until the plugin has registered what it declared (so dependents can start)."""
+        deadline = time.monotonic() + self.config.register_timeout
+        while True:
+            registered = {p.service_type for p in self.registry.providers() if p.provider_id == runtime_id}
+            missing = sorted(set(service_types) - registered)
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise ConnectError(
+                    Code.DEADLINE_EXCEEDED,
+                    f"{runtime_id} did not register {', '.join(missing)} within {self.config.register_timeout:g} s",
+                )
+            time.sleep(0.01)
 
     def runtime_id(self, client: PluginClient) -> str:
         identity = self._identity_of(client)
@@ -262,8 +313,13 @@ class PluginHost:
         """Stop one launched plugin: Shutdown, then SIGTERM, then SIGKILL after the grace period."""
         grace = self.config.stop_grace if grace is None else grace
         running = client.running
+        identity = self._identity_of(client)
         with self._lock:
             self._launched = [(c, i) for c, i in self._launched if c is not client]
+        if identity is not None:
+            # New calls stop reaching it now; calls already routed to it may finish.
+            self.registry.remove_provider(identity.runtime_id)
+            self.broker.revoke_all(identity.runtime_id)
         if running is None:
             return
         if hasattr(running, "mark_stopping"):
@@ -281,6 +337,11 @@ class PluginHost:
                 wait(grace + 1)
         running.stop(grace)
         client.close()
+        if identity is not None:
+            self.router.detach_local(identity.runtime_id)
+            self.identities.revoke(identity.runtime_id)
+            with self._lock:
+                self._urls.pop(identity.runtime_id, None)
 
     def close(self) -> None:
         with self._lock:
@@ -293,7 +354,9 @@ class PluginHost:
             t.start()
         for t in threads:
             t.join()
+        self.registry.close_watchers()
         self._http.close(grace=1)
+        self.router.close()
 
     def __enter__(self) -> PluginHost:
         return self
@@ -308,7 +371,18 @@ class PluginHost:
                     return identity
         return None
 
+    def _url_of(self, identity: Identity) -> str:
+        with self._lock:
+            return self._urls.get(identity.runtime_id, "")
+
+    def _declare_from_info(self, identity: Identity, base_url: str) -> None:
+        """A self-registered plugin's declarations come from its own GetPluginInfo."""
+        with Client(base_url, ClientConfig(timeout=5)) as client:
+            info = PluginIdentityClient(client).get_plugin_info(plugininfo_pb2.GetPluginInfoRequest())
+        self.registry.declare(identity.runtime_id, [d.type for d in info.provides])
+
     def _record_health(self, identity: Identity, report: lifecycle_pb2.ReportHealthRequest) -> None:
+        self.registry.set_health(identity.runtime_id, report.state)
         with self._lock:
             self._health[identity.runtime_id] = report
             listeners = list(self._health_listeners)

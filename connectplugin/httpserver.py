@@ -42,8 +42,8 @@ class HTTPServer:
             threads=self.config.threads,
             connection_limit=self.config.connection_limit,
             max_request_body_size=self.config.max_request_body_size,
-            # Flush each write at once: stream messages must not wait in a buffer.
-            send_bytes=1,
+            # Lets a handler see a vanished client (Context.is_active) without writing to it.
+            channel_request_lookahead=1,
             clear_untrusted_proxy_headers=True,
             ident="connectplugin",
         )

@@ -29,6 +29,8 @@ from requests.structures import CaseInsensitiveDict
 
 from . import handshake as hs
 from ._service import Plugin
+from .health import Health
+from .hostlink import HostLink
 from .plugin import ENV_APP_VERSIONS, ENV_HOST_URL, ENV_WATCH_STDIN, PluginServer, ServeConfig
 
 log = logging.getLogger("connectplugin.launcher")
@@ -253,11 +255,11 @@ class InProcessStrategy:
 
     impls: Mapping[str, Any]
     config: ServeConfig = field(default_factory=ServeConfig)
+    health: Health | None = None
+    link: HostLink | None = None
 
     def start(self, ctx: LaunchContext) -> Running:
-        server = PluginServer(ctx.plugins, self.impls, ctx.handshake, self.config)
-        if ctx.host_url:
-            server.identity.host_url = ctx.host_url
+        server = PluginServer(ctx.plugins, self.impls, ctx.handshake, self.config, self.health, self.link)
         return _InProcess(ctx, server)
 
 
@@ -269,6 +271,7 @@ class _InProcess:
         self._server = server
         self.url = f"http://{ctx.name}.inprocess.invalid"
         self.app_protocol_version = max(ctx.handshake.app_protocol_versions)
+        self.app = server.app
         self.session: requests.Session | None = requests.Session()
         self.session.mount(self.url, WSGIAdapter(server.app))
 
@@ -277,7 +280,7 @@ class _InProcess:
 
     def stop(self, grace: float) -> None:
         self._server.stop(grace, reason="host stopped it")
-        self._server.identity.close()
+        self._server.link.close()
         if self.session is not None:
             self.session.close()
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import signal
 import sys
 import threading
@@ -20,12 +19,12 @@ from typing import Any
 
 from . import handshake as hs
 from ._service import Plugin
-from .client import Client, ClientConfig
 from .errors import Code, ConnectError
 from .gen.connectplugin.v1 import handshake_pb2, lifecycle_pb2, plugininfo_pb2
-from .gen.connectplugin.v1.lifecycle_connect import PluginControlHandler, PluginLifecycleClient
+from .gen.connectplugin.v1.lifecycle_connect import PluginControlHandler
 from .gen.connectplugin.v1.plugininfo_connect import PluginIdentityHandler
 from .health import NOT_SERVING, SERVING, Health, HealthService
+from .hostlink import HostLink, keep_registered
 from .httpserver import HTTPConfig, HTTPServer
 from .server import App, Context, ServerConfig
 
@@ -37,7 +36,6 @@ ENV_HOST_URL = "CONNECTPLUGIN_HOST_URL"
 ENV_WATCH_STDIN = "CONNECTPLUGIN_WATCH_STDIN"
 """Set to 1 when stdin is a pipe from the host: its end of file means the host is gone."""
 
-from .auth import RUNTIME_ID_HEADER
 
 
 @dataclass(frozen=True)
@@ -51,59 +49,14 @@ class ServeConfig:
     """Seconds in-flight calls get to finish on SIGTERM/SIGINT (Shutdown names its own)."""
     self_id: str = ""
     self_version: str = ""
+    host_url: str = ""
+    """Self-registering mode: join the host at this URL on our own (no launch, no cookie check)."""
+    advertise_url: str = ""
+    """The URL the host should call us at, when it differs from where we listen."""
     provides: Sequence[handshake_pb2.ServiceDeclaration] = ()
     requires: Sequence[handshake_pb2.ServiceDependency] = ()
     metadata: Mapping[str, str] = field(default_factory=dict)
     server: ServerConfig = field(default_factory=ServerConfig)
-
-
-class _Identity:
-    """The runtime identity the host assigned, and the channel health reports go out on."""
-
-    def __init__(self, health: Health) -> None:
-        self._lock = threading.Lock()
-        self.runtime_id = ""
-        self.token = ""
-        self.host_url = os.environ.get(ENV_HOST_URL, "")
-        self._reports: queue.SimpleQueue[lifecycle_pb2.GetHealthResponse | None] = queue.SimpleQueue()
-        health.add_listener(self._reports.put)
-        threading.Thread(target=self._report_loop, name="health-reporter", daemon=True).start()
-
-    def assign(self, runtime_id: str, token: str, host_url: str) -> None:
-        with self._lock:
-            self.runtime_id, self.token = runtime_id, token
-            self.host_url = host_url or self.host_url
-
-    def headers(self) -> dict[str, str]:
-        with self._lock:
-            return {RUNTIME_ID_HEADER: self.runtime_id, "authorization": f"Bearer {self.token}"}
-
-    def _report_loop(self) -> None:
-        while True:
-            report = self._reports.get()
-            while not self._reports.empty():  # only the latest state matters
-                report = self._reports.get()
-            if report is None:
-                return
-            with self._lock:
-                url, known = self.host_url, bool(self.token)
-            if not (url and known):
-                continue
-            try:
-                with Client(url, ClientConfig(timeout=5)) as client:
-                    PluginLifecycleClient(client).report_health(
-                        lifecycle_pb2.ReportHealthRequest(
-                            state=report.state,
-                            reason=report.reason,
-                            unavailable_dependencies=report.unavailable_dependencies,
-                        ),
-                        headers=self.headers(),
-                    )
-            except ConnectError as e:
-                log.warning("could not report health to the host at %s: %s", url, e)
-
-    def close(self) -> None:
-        self._reports.put(None)
 
 
 class _Control(PluginControlHandler):
@@ -122,9 +75,9 @@ class _Control(PluginControlHandler):
 
 
 class _IdentityService(PluginIdentityHandler):
-    def __init__(self, info: plugininfo_pb2.GetPluginInfoResponse, identity: _Identity) -> None:
+    def __init__(self, info: plugininfo_pb2.GetPluginInfoResponse, link: HostLink) -> None:
         self._info = info
-        self._identity = identity
+        self._link = link
 
     def get_plugin_info(
         self, request: plugininfo_pb2.GetPluginInfoRequest, ctx: Context
@@ -136,9 +89,18 @@ class _IdentityService(PluginIdentityHandler):
     ) -> plugininfo_pb2.SetRuntimeIdentityResponse:
         if not request.runtime_id or not request.runtime_token:
             raise ConnectError(Code.INVALID_ARGUMENT, "runtime_id and runtime_token are required")
-        self._identity.assign(request.runtime_id, request.runtime_token, request.host_url)
         log.info("runtime identity assigned: %s", request.runtime_id)
+        # Registering calls back into the host, which may be waiting on this reply.
+        threading.Thread(
+            target=self._assign, args=(request.runtime_id, request.runtime_token, request.host_url), daemon=True
+        ).start()
         return plugininfo_pb2.SetRuntimeIdentityResponse(acknowledged=True)
+
+    def _assign(self, runtime_id: str, token: str, host_url: str) -> None:
+        try:
+            self._link.assign(runtime_id, token, host_url)
+        except ConnectError as e:
+            log.error("could not register with the host at %s: %s", host_url, e)
 
 
 class PluginServer:
@@ -155,6 +117,7 @@ class PluginServer:
         handshake: hs.HandshakeConfig,
         config: ServeConfig | None = None,
         health: Health | None = None,
+        link: HostLink | None = None,
     ) -> None:
         self.config = config = config or ServeConfig()
         self.health = health or Health()
@@ -168,13 +131,15 @@ class PluginServer:
             requires=list(config.requires),
             metadata=dict(config.metadata),
         )
-        self.identity = _Identity(self.health)
+        self.link = link or HostLink()
+        self.link.attach(self.health, config.provides, config.host_url or os.environ.get(ENV_HOST_URL, ""))
+        self.info = info
         handlers: list[Any] = [impls[name] for name in plugins]
         handlers += [
             hs.PluginHandshake(handshake, plugins),
             HealthService(self.health),
             _Control(self.health, self.stop),
-            _IdentityService(info, self.identity),
+            _IdentityService(info, self.link),
         ]
         for plugin in plugins.values():
             self.health.set_service(plugin.service.name, SERVING)
@@ -195,7 +160,7 @@ class PluginServer:
         self.listen()
         assert self._http is not None
         self._http.serve_forever()
-        self.identity.close()
+        self.link.close()
 
     def stop(self, grace: float | None = None, reason: str = "") -> None:
         if self._stopped.is_set():
@@ -205,6 +170,7 @@ class PluginServer:
         self.health.set_service("", NOT_SERVING)
         self.app.stopping.set()
         grace = self._grace if grace is None else grace
+        threading.Thread(target=self.link.unregister, daemon=True).start()
         if self._http is not None:
             http = self._http
             # From a handler thread: let the reply go out, then drain without blocking it.
@@ -230,12 +196,19 @@ def serve(
     handshake: hs.HandshakeConfig,
     config: ServeConfig | None = None,
     health: Health | None = None,
+    link: HostLink | None = None,
 ) -> None:
     """Serve ``impls`` (name -> handler object) as the plugins ``plugins`` describe; blocks.
 
     Must be started by a host: without the magic cookie in the environment it explains
-    that it is a plugin and exits with status 1. Returns after a graceful shutdown.
+    that it is a plugin and exits with status 1; with ``config.host_url`` it joins that
+    host on its own instead. Returns after a graceful shutdown. Pass ``health`` to set
+    this plugin's health from your code, and ``link`` to call other plugins through the host.
     """
+    config = config or ServeConfig()
+    if config.host_url:
+        _serve_self_registered(plugins, impls, handshake, config, health, link)
+        return
     if os.environ.get(handshake.magic_cookie_key) != handshake.magic_cookie_value:
         sys.stderr.write(
             "This program is a connectplugin plugin: a host application starts it and talks to it.\n"
@@ -251,7 +224,7 @@ def serve(
         sys.stderr.write(f"connectplugin: {e.message}\n")
         sys.exit(1)
 
-    server = PluginServer(plugins, impls, handshake, config, health)
+    server = PluginServer(plugins, impls, handshake, config, health, link)
     url = server.listen()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: server.stop(reason="signal"))
@@ -260,6 +233,30 @@ def serve(
     sys.stdout.write(f"{hs.CORE_PROTOCOL_VERSION}|{version}|{url}\n")
     sys.stdout.flush()
     server.run()
+
+
+def _serve_self_registered(
+    plugins: Mapping[str, Plugin], impls: Mapping[str, Any], handshake: hs.HandshakeConfig,
+    config: ServeConfig, health: Health | None, link: HostLink | None,
+) -> None:
+    """Model B: listen, then join the host (and rejoin it after a restart) until stopped."""
+    server = PluginServer(plugins, impls, handshake, config, health, link)
+    url = server.listen()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: server.stop(reason="signal"))
+    log.info("serving at %s; joining host %s", url, config.host_url)
+    stopped = threading.Event()
+    joiner = threading.Thread(
+        target=keep_registered,
+        args=(server.link, handshake, server.info.self_id, server.info.self_version, config.advertise_url or url, stopped),
+        name="host-join",
+        daemon=True,
+    )
+    joiner.start()
+    try:
+        server.run()
+    finally:
+        stopped.set()
 
 
 def _watch_host(server: PluginServer) -> None:

@@ -168,7 +168,7 @@ class App:
             try:
                 endpoint, args = self._routes.match(path)
             except HTTPException:
-                return _error_response(
+                return error_response(
                     start_response,
                     ConnectError(Code.UNIMPLEMENTED, f"no procedure at {path}"),
                     status=404,
@@ -229,10 +229,10 @@ class App:
                 raise ConnectError(Code.INTERNAL, "internal error")
             body = codec.encode(response)
         except ConnectError as e:
-            return _error_response(start_response, e, ctx=ctx)
+            return error_response(start_response, e, ctx=ctx)
         except Exception:
             log.exception("unhandled error in %s", route.method.path)
-            return _error_response(start_response, ConnectError(Code.INTERNAL, "internal error"), ctx=ctx)
+            return error_response(start_response, ConnectError(Code.INTERNAL, "internal error"), ctx=ctx)
 
         headers = [("Content-Type", "application/" + codec_name)]
         if len(body) >= self.config.compress_min_bytes:
@@ -409,7 +409,7 @@ def _unsupported_media(start_response: StartResponse, table: Mapping[str, str]) 
     return [b""]
 
 
-def _error_response(
+def error_response(
     start_response: StartResponse,
     error: ConnectError,
     ctx: Context | None = None,

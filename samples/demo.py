@@ -11,6 +11,7 @@ from connectplugin import PluginHost, ProcessStrategy
 from connectplugin.gen.connectplugin.health.v1 import health_pb2
 from connectplugin.gen.connectplugin.v1 import lifecycle_pb2
 from samples.kv.gen.kv.v1 import kv_pb2
+from samples import platform_demo
 from samples.kv.plugin import HANDSHAKE, PLUGINS
 
 _start = time.monotonic()
@@ -67,6 +68,8 @@ def main() -> int:
         say(f"stopped kv plugin (pid {pid}): exit status {client.exit_code}")
     say("host closed")
     ok = len(events) == 3 and client.exit_code == 0
+    print()
+    ok = platform_demo.run(say) and ok
     return 0 if ok else 1
 
 

@@ -1,0 +1,247 @@
+"""A plugin's link to its host: identity, health reports, registration, and calls to peers.
+
+Plugin code reaches other plugins only through the host: ``link.client("logger", LoggerClient)``
+discovers a provider and returns a typed client whose calls go through the host's router
+with this plugin's credentials. Safe to use from any thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import TypeVar
+
+from .auth import RUNTIME_ID_HEADER
+from .client import Client, ClientConfig, ServerStream
+from .errors import Code, ConnectError
+from .gen.connectplugin.v1 import broker_pb2, handshake_pb2, lifecycle_pb2, registry_pb2
+from .gen.connectplugin.v1.broker_connect import CapabilityBrokerClient
+from .gen.connectplugin.v1.handshake_connect import HandshakeServiceClient
+from .gen.connectplugin.v1.lifecycle_connect import PluginLifecycleClient
+from .gen.connectplugin.v1.registry_connect import ServiceRegistryClient
+from .handshake import HandshakeConfig, check_response, request_for
+from .health import Health
+
+log = logging.getLogger("connectplugin.hostlink")
+
+C = TypeVar("C")
+
+
+class HostLink:
+    """The plugin side of the host relationship; pass one to ``serve(link=...)`` to keep a handle.
+
+    Identity arrives either from the host (``SetRuntimeIdentity``, platform-managed) or
+    from this plugin's own handshake (``connect()``, self-registering). Once known, the
+    plugin's declared services are registered and every health change is reported.
+    """
+
+    def __init__(self) -> None:
+        self.health = Health()
+        self._provides: list[handshake_pb2.ServiceDeclaration] = []
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self.host_url = ""
+        self.runtime_id = ""
+        self._token = ""
+        self._base_url = ""
+        self._registrations: list[str] = []
+        self._host: Client | None = None
+        self._pending: lifecycle_pb2.GetHealthResponse | None = None
+        self._closed = False
+        self._reporter: threading.Thread | None = None
+        self._peers: dict[tuple[str, float | None], Client] = {}
+
+    def attach(self, health: Health, provides: Sequence[handshake_pb2.ServiceDeclaration], host_url: str) -> None:
+        """Called by the plugin server: the health to report and the services to register."""
+        self.health = health
+        self._provides = list(provides)
+        self.host_url = host_url.rstrip("/")
+        health.add_listener(self._health_changed)
+        self._reporter = threading.Thread(target=self._report_loop, name="host-link", daemon=True)
+        self._reporter.start()
+
+    # --- identity -----------------------------------------------------------------------------
+
+    def assign(self, runtime_id: str, token: str, host_url: str, base_url: str = "") -> None:
+        """Take a runtime identity, then register this plugin's services with the host."""
+        with self._lock:
+            self.runtime_id, self._token = runtime_id, token
+            self.host_url = (host_url or self.host_url).rstrip("/")
+            self._base_url = base_url or self._base_url
+            if self._host is not None:
+                self._host.close()
+            for peer in self._peers.values():
+                peer.close()
+            self._peers.clear()
+            self._host = Client(self.host_url, ClientConfig(timeout=10, headers=self._auth()))
+            self._changed.notify_all()
+        self._register()
+        self._health_changed(self.health.get())
+
+    def connect(self, handshake: HandshakeConfig, self_id: str, self_version: str, base_url: str) -> None:
+        """Self-registration: handshake with the host as ``self_id`` and take the identity it gives."""
+        with Client(self.host_url, ClientConfig(timeout=10)) as client:
+            request = request_for(handshake, (), self_id=self_id, self_version=self_version)
+            response = HandshakeServiceClient(client).handshake(request)
+        check_response(handshake, response, them="host")
+        if not response.runtime_token:
+            raise ConnectError(Code.FAILED_PRECONDITION, "the host gave no runtime identity")
+        self.assign(response.runtime_id, response.runtime_token, self.host_url, base_url)
+
+    @property
+    def connected(self) -> bool:
+        with self._lock:
+            return bool(self._token)
+
+    def wait_connected(self, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: bool(self._token), timeout)
+
+    def headers(self) -> dict[str, str]:
+        """The credentials host API calls carry."""
+        with self._lock:
+            return self._auth()
+
+    def _auth(self) -> dict[str, str]:
+        return {RUNTIME_ID_HEADER: self.runtime_id, "Authorization": f"Bearer {self._token}"}
+
+    def _client(self) -> Client:
+        with self._lock:
+            if self._host is None:
+                raise ConnectError(Code.FAILED_PRECONDITION, "this plugin has no runtime identity yet")
+            return self._host
+
+    # --- peers and capabilities ---------------------------------------------------------------
+
+    def discover(self, service_type: str, min_version: str = "") -> registry_pb2.DiscoverServiceResponse:
+        return ServiceRegistryClient(self._client()).discover_service(
+            registry_pb2.DiscoverServiceRequest(service_type=service_type, min_version=min_version)
+        )
+
+    def client(self, service_type: str, client_class: type[C], min_version: str = "", timeout: float | None = None) -> C:
+        """A typed client for a provider of ``service_type``, called through the host's router."""
+        endpoint = self.discover(service_type, min_version).endpoint
+        base = self.host_url + endpoint.endpoint_url
+        with self._lock:
+            # One pooled client per provider endpoint, so repeated lookups reuse connections.
+            peer = self._peers.get((base, timeout))
+            if peer is None:
+                peer = self._peers[(base, timeout)] = Client(
+                    base, ClientConfig(timeout=timeout, headers=self._auth())
+                )
+        return client_class(peer)  # type: ignore[call-arg]
+
+    def watch(self, service_type: str) -> ServerStream[registry_pb2.WatchServiceEvent]:
+        return ServiceRegistryClient(self._client()).watch_service(
+            registry_pb2.WatchServiceRequest(service_type=service_type), timeout=None
+        )
+
+    def capability(self, capability_type: str, client_class: type[C], min_version: str = "", reason: str = "") -> C:
+        """A typed client for a host capability, opened with a fresh grant."""
+        grant = CapabilityBrokerClient(self._client()).request_capability(
+            broker_pb2.RequestCapabilityRequest(capability_type=capability_type, min_version=min_version, reason=reason)
+        ).grant
+        auth = {"Authorization": f"Bearer {grant.bearer_token}"}
+        return client_class(Client(grant.endpoint_url, ClientConfig(timeout=10, headers=auth)))  # type: ignore[call-arg]
+
+    # --- registration and health --------------------------------------------------------------
+
+    def _register(self) -> None:
+        host = self._client()
+        registry = ServiceRegistryClient(host)
+        ids = []
+        for decl in self._provides:
+            metadata = {"base_url": self._base_url} if self._base_url else {}
+            response = registry.register_service(
+                registry_pb2.RegisterServiceRequest(
+                    service_type=decl.type, version=decl.version, endpoint_path=decl.path, metadata=metadata
+                )
+            )
+            ids.append(response.registration_id)
+        with self._lock:
+            self._registrations = ids
+        if ids:
+            log.info("registered %s with the host", ", ".join(d.type for d in self._provides))
+
+    def unregister(self) -> None:
+        with self._lock:
+            ids, self._registrations = self._registrations, []
+            host = self._host
+        if host is None:
+            return
+        for reg_id in ids:
+            try:
+                ServiceRegistryClient(host).unregister_service(
+                    registry_pb2.UnregisterServiceRequest(registration_id=reg_id), timeout=2
+                )
+            except ConnectError as e:
+                log.debug("unregister %s: %s", reg_id, e)
+
+    def _health_changed(self, report: lifecycle_pb2.GetHealthResponse) -> None:
+        with self._lock:
+            self._pending = report
+            self._changed.notify_all()
+
+    def _report_loop(self) -> None:
+        """Send the latest health state, in order, off the caller's thread."""
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._closed or (self._pending is not None and self._host is not None))
+                if self._closed:
+                    return
+                report, self._pending = self._pending, None
+                host = self._host
+            assert report is not None and host is not None
+            try:
+                PluginLifecycleClient(host).report_health(
+                    lifecycle_pb2.ReportHealthRequest(
+                        state=report.state, reason=report.reason,
+                        unavailable_dependencies=report.unavailable_dependencies,
+                    ),
+                    timeout=5,
+                )
+            except ConnectError as e:
+                log.warning("could not report health to %s: %s", self.host_url, e)
+
+    def heartbeat(self) -> None:
+        """Report current health now; raises if the host no longer knows this plugin."""
+        report = self.health.get()
+        PluginLifecycleClient(self._client()).report_health(
+            lifecycle_pb2.ReportHealthRequest(
+                state=report.state, reason=report.reason, unavailable_dependencies=report.unavailable_dependencies
+            ),
+            timeout=5,
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._changed.notify_all()
+            clients = [self._host, *self._peers.values()]
+            self._peers.clear()
+        for client in clients:
+            if client is not None:
+                client.close()
+
+
+def keep_registered(
+    link: HostLink, handshake: HandshakeConfig, self_id: str, self_version: str, base_url: str,
+    stopped: threading.Event, interval: float = 1.0,
+) -> None:
+    """Self-registering plugins: (re)connect whenever the host is new or back, until stopped."""
+    while not stopped.is_set():
+        try:
+            if not link.connected:
+                link.connect(handshake, self_id, self_version, base_url)
+                log.info("connected to host %s as %s", link.host_url, link.runtime_id)
+            else:
+                link.heartbeat()
+        except ConnectError as e:
+            if link.connected and e.code in (Code.UNAUTHENTICATED, Code.UNAVAILABLE):
+                log.warning("lost the host at %s (%s); reconnecting", link.host_url, e.code.value)
+                with link._lock:
+                    link._token = ""
+            elif not link.connected:
+                log.debug("host at %s not reachable yet: %s", link.host_url, e)
+        stopped.wait(interval)

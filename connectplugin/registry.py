@@ -1,0 +1,335 @@
+"""The service registry: which plugin provides which service type, and in what health.
+
+Several providers may offer one service type; the host picks one per discovery with a
+selection strategy, healthy providers before degraded ones, unhealthy never. Watchers get
+the current state of a type first, then every change, in order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import random
+import re
+import secrets
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from .auth import Identities, Identity
+from .errors import Code, ConnectError
+from .gen.connectplugin.v1 import lifecycle_pb2, registry_pb2
+from .gen.connectplugin.v1.registry_connect import ServiceRegistryHandler
+from .server import Context
+
+HEALTHY = lifecycle_pb2.HEALTH_STATE_HEALTHY
+DEGRADED = lifecycle_pb2.HEALTH_STATE_DEGRADED
+UNHEALTHY = lifecycle_pb2.HEALTH_STATE_UNHEALTHY
+
+AVAILABLE = registry_pb2.SERVICE_STATE_AVAILABLE
+UNAVAILABLE = registry_pb2.SERVICE_STATE_UNAVAILABLE
+SERVICE_DEGRADED = registry_pb2.SERVICE_STATE_DEGRADED
+
+STRATEGIES = ("first", "round_robin", "random", "weighted")
+
+
+@dataclass(frozen=True)
+class Provider:
+    """One registration: a plugin offering a service type at a path under its base URL."""
+
+    registration_id: str
+    provider_id: str
+    """The providing plugin's runtime id."""
+    service_type: str
+    version: str
+    endpoint_path: str
+    base_url: str
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    health: int = HEALTHY
+
+    @property
+    def weight(self) -> int:
+        try:
+            return max(0, int(self.metadata.get("weight", "1")))
+        except ValueError:
+            return 1
+
+
+def version_key(version: str) -> tuple:
+    """Semantic-version ordering: 1.10.0 > 1.9.0, and 1.0.0-rc.1 < 1.0.0."""
+    core, _, pre = version.strip().lstrip("vV").partition("-")
+    core = core.split("+", 1)[0]
+    numbers = [int(n) if n.isdigit() else 0 for n in (core.split(".") + ["0", "0"])[:3]]
+    if not pre:
+        return (*numbers, 1, ())
+    # Pre-release identifiers: numeric ones compare as numbers and sort before text ones.
+    ids = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.]", pre.split("+", 1)[0]))
+    return (*numbers, 0, ids)
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    strategy: str = "first"
+    """How to pick among usable providers: first, round_robin, random or weighted."""
+    max_watchers: int = 32
+    """Open WatchService streams allowed at once; each holds a server thread."""
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, not {self.strategy!r}")
+
+
+class Registry:
+    """Providers by service type. Safe from any thread; watchers are fed under the lock,
+    so every watcher sees events in the order the changes happened."""
+
+    def __init__(self, config: RegistryConfig | None = None, route_prefix: str = "/services") -> None:
+        self.config = config or RegistryConfig()
+        self._prefix = route_prefix
+        self._lock = threading.Lock()
+        self._providers: dict[str, Provider] = {}  # by registration id
+        self._known_types: set[str] = set()
+        self._declared: dict[str, set[str]] = {}  # runtime id -> service types it may register
+        self._watchers: dict[str, list[queue.SimpleQueue[registry_pb2.WatchServiceEvent | None]]] = {}
+        self._last_event: dict[str, tuple[int, str]] = {}
+        self._round_robin = itertools.count()
+        self._random = random.Random()
+
+    # --- who may provide what -----------------------------------------------------------------
+
+    def has_declared(self, runtime_id: str) -> bool:
+        with self._lock:
+            return runtime_id in self._declared
+
+    def declare(self, runtime_id: str, service_types: Sequence[str]) -> None:
+        """Record the service types a plugin said it provides (handshake or plugin info)."""
+        with self._lock:
+            self._declared[runtime_id] = set(service_types)
+
+    # --- registration -------------------------------------------------------------------------
+
+    def register(
+        self, provider_id: str, service_type: str, version: str, endpoint_path: str, base_url: str,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Provider:
+        if not service_type:
+            raise ConnectError(Code.INVALID_ARGUMENT, "service_type is required")
+        with self._lock:
+            declared = self._declared.get(provider_id)
+            if declared is None or service_type not in declared:
+                raise ConnectError(
+                    Code.PERMISSION_DENIED,
+                    f"{provider_id} did not declare that it provides {service_type!r}",
+                )
+            provider = Provider(
+                registration_id=f"reg-{secrets.token_hex(6)}",
+                provider_id=provider_id,
+                service_type=service_type,
+                version=version,
+                endpoint_path=endpoint_path if endpoint_path.endswith("/") else endpoint_path + "/",
+                base_url=base_url.rstrip("/"),
+                metadata=dict(metadata or {}),
+                health=self._health_of(provider_id),
+            )
+            self._providers[provider.registration_id] = provider
+            self._known_types.add(service_type)
+            self._publish(service_type)
+        return provider
+
+    def unregister(self, registration_id: str, provider_id: str | None = None) -> None:
+        """Remove a registration; with ``provider_id``, only that plugin's own."""
+        with self._lock:
+            provider = self._providers.get(registration_id)
+            if provider is None or (provider_id is not None and provider.provider_id != provider_id):
+                raise ConnectError(Code.NOT_FOUND, f"no registration {registration_id!r} of yours")
+            del self._providers[registration_id]
+            self._publish(provider.service_type)
+
+    def remove_provider(self, provider_id: str) -> None:
+        """Drop every registration of a plugin (it stopped or crashed)."""
+        with self._lock:
+            gone = [p for p in self._providers.values() if p.provider_id == provider_id]
+            for p in gone:
+                del self._providers[p.registration_id]
+            self._declared.pop(provider_id, None)
+            for service_type in {p.service_type for p in gone}:
+                self._publish(service_type)
+
+    def set_health(self, provider_id: str, state: int) -> None:
+        with self._lock:
+            changed = set()
+            for reg_id, p in list(self._providers.items()):
+                if p.provider_id == provider_id and p.health != state:
+                    self._providers[reg_id] = replace(p, health=state)
+                    changed.add(p.service_type)
+            for service_type in changed:
+                self._publish(service_type)
+
+    # --- lookup -------------------------------------------------------------------------------
+
+    def provider(self, provider_id: str, service_type: str) -> Provider | None:
+        with self._lock:
+            for p in self._providers.values():
+                if p.provider_id == provider_id and p.service_type == service_type:
+                    return p
+        return None
+
+    def providers(self, service_type: str | None = None) -> list[Provider]:
+        with self._lock:
+            return [p for p in self._providers.values() if service_type in (None, p.service_type)]
+
+    def discover(self, service_type: str, min_version: str = "") -> tuple[Provider, int]:
+        """Pick a provider; returns it and how many were usable.
+
+        An unknown service type is ``not_found``; a known one with no usable provider
+        (all gone, unhealthy, or too old) is ``unavailable``, since that may pass.
+        """
+        with self._lock:
+            if service_type not in self._known_types:
+                raise ConnectError(Code.NOT_FOUND, f"no plugin has ever provided {service_type!r}")
+            usable = self._usable(service_type, min_version)
+            if not usable:
+                what = f" at version {min_version} or later" if min_version else ""
+                raise ConnectError(Code.UNAVAILABLE, f"no healthy provider of {service_type!r}{what}")
+            return self._select(usable), len(usable)
+
+    def endpoint(self, provider: Provider) -> registry_pb2.ServiceEndpoint:
+        return registry_pb2.ServiceEndpoint(
+            provider_id=provider.provider_id,
+            version=provider.version,
+            endpoint_url=f"{self._prefix}/{provider.service_type}/{provider.provider_id}",
+            metadata=dict(provider.metadata),
+        )
+
+    # --- watching -----------------------------------------------------------------------------
+
+    def watch(self, service_type: str, active: Callable[[], bool], poll: float = 0.25) -> Iterator[registry_pb2.WatchServiceEvent]:
+        """The current state of ``service_type``, then each change, while ``active()``."""
+        events: queue.SimpleQueue[registry_pb2.WatchServiceEvent | None] = queue.SimpleQueue()
+        with self._lock:
+            open_watchers = sum(len(w) for w in self._watchers.values())
+            if open_watchers >= self.config.max_watchers:
+                raise ConnectError(
+                    Code.RESOURCE_EXHAUSTED,
+                    f"too many service watchers ({self.config.max_watchers}); try again later",
+                )
+            self._watchers.setdefault(service_type, []).append(events)
+            events.put(self._event(service_type))
+        try:
+            while active():
+                try:
+                    event = events.get(timeout=poll)
+                except queue.Empty:
+                    continue
+                if event is None:
+                    return
+                yield event
+        finally:
+            with self._lock:
+                watchers = self._watchers.get(service_type, [])
+                if events in watchers:
+                    watchers.remove(events)
+
+    def close_watchers(self) -> None:
+        with self._lock:
+            for watchers in self._watchers.values():
+                for events in watchers:
+                    events.put(None)
+
+    # --- internals (lock held) ----------------------------------------------------------------
+
+    def _health_of(self, provider_id: str) -> int:
+        for p in self._providers.values():
+            if p.provider_id == provider_id:
+                return p.health
+        return HEALTHY
+
+    def _usable(self, service_type: str, min_version: str) -> list[Provider]:
+        floor = version_key(min_version) if min_version else None
+        candidates = [
+            p for p in self._providers.values()
+            if p.service_type == service_type and p.health != UNHEALTHY
+            and (floor is None or version_key(p.version) >= floor)
+        ]
+        healthy = [p for p in candidates if p.health != DEGRADED]
+        return healthy or candidates
+
+    def _select(self, usable: list[Provider]) -> Provider:
+        strategy = self.config.strategy
+        if strategy == "round_robin":
+            return usable[next(self._round_robin) % len(usable)]
+        if strategy == "random":
+            return self._random.choice(usable)
+        if strategy == "weighted":
+            weights = [p.weight for p in usable]
+            if sum(weights) > 0:
+                return self._random.choices(usable, weights=weights)[0]
+        return usable[0]
+
+    def _event(self, service_type: str) -> registry_pb2.WatchServiceEvent:
+        usable = self._usable(service_type, "")
+        if not usable:
+            return registry_pb2.WatchServiceEvent(service_type=service_type, state=UNAVAILABLE)
+        state = SERVICE_DEGRADED if all(p.health == DEGRADED for p in usable) else AVAILABLE
+        return registry_pb2.WatchServiceEvent(
+            service_type=service_type, state=state, endpoint=self.endpoint(usable[0])
+        )
+
+    def _publish(self, service_type: str) -> None:
+        event = self._event(service_type)
+        key = (event.state, event.endpoint.provider_id)
+        if self._last_event.get(service_type) == key:
+            return
+        self._last_event[service_type] = key
+        for events in self._watchers.get(service_type, ()):
+            events.put(event)
+
+
+class RegistryService(ServiceRegistryHandler):
+    """``connectplugin.v1.ServiceRegistry`` for plugins: every call is authenticated."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        identities: Identities,
+        base_url_of: Callable[[Identity], str],
+        declare_from: Callable[[Identity, str], None],
+    ) -> None:
+        self._registry = registry
+        self._identities = identities
+        self._base_url_of = base_url_of
+        self._declare_from = declare_from
+
+    def register_service(self, request: registry_pb2.RegisterServiceRequest, ctx: Context) -> registry_pb2.RegisterServiceResponse:
+        identity = self._identities.verify(ctx.request_headers)
+        # Self-registering plugins (model B) say where they listen in metadata["base_url"].
+        base_url = self._base_url_of(identity) or request.metadata.get("base_url", "")
+        if not base_url:
+            raise ConnectError(
+                Code.INVALID_ARGUMENT, 'metadata["base_url"] is required for a plugin the host did not launch'
+            )
+        if not self._registry.has_declared(identity.runtime_id):
+            try:
+                self._declare_from(identity, base_url)
+            except ConnectError as e:
+                raise ConnectError(
+                    Code.FAILED_PRECONDITION, f"cannot read plugin info at {base_url}: {e.message}"
+                ) from None
+        provider = self._registry.register(
+            identity.runtime_id, request.service_type, request.version, request.endpoint_path, base_url, request.metadata
+        )
+        return registry_pb2.RegisterServiceResponse(registration_id=provider.registration_id)
+
+    def unregister_service(self, request: registry_pb2.UnregisterServiceRequest, ctx: Context) -> registry_pb2.UnregisterServiceResponse:
+        identity = self._identities.verify(ctx.request_headers)
+        self._registry.unregister(request.registration_id, identity.runtime_id)
+        return registry_pb2.UnregisterServiceResponse()
+
+    def discover_service(self, request: registry_pb2.DiscoverServiceRequest, ctx: Context) -> registry_pb2.DiscoverServiceResponse:
+        self._identities.verify(ctx.request_headers)
+        provider, count = self._registry.discover(request.service_type, request.min_version)
+        return registry_pb2.DiscoverServiceResponse(endpoint=self._registry.endpoint(provider), single_provider=count == 1)
+
+    def watch_service(self, request: registry_pb2.WatchServiceRequest, ctx: Context) -> Iterator[registry_pb2.WatchServiceEvent]:
+        self._identities.verify(ctx.request_headers)
+        return self._registry.watch(request.service_type, ctx.is_active)

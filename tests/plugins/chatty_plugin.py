@@ -1,0 +1,12 @@
+"""A KV plugin that talks on stdout and stderr before it serves."""
+
+import sys
+
+from connectplugin import Health, serve
+from instrumented import HANDSHAKE, PLUGINS, InstrumentedStore
+
+if __name__ == "__main__":
+    print("chatty: hello on stdout", flush=True)
+    print("chatty: hello on stderr", file=sys.stderr, flush=True)
+    health = Health()
+    serve(PLUGINS, {"kv": InstrumentedStore(health)}, handshake=HANDSHAKE, health=health)

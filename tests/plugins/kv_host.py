@@ -1,0 +1,15 @@
+"""A host that launches the KV plugin, prints the plugin's pid, and waits to be killed."""
+
+import os
+import sys
+import time
+
+from connectplugin import HostConfig, PluginHost, ProcessStrategy
+from instrumented import HANDSHAKE, PLUGINS
+
+if __name__ == "__main__":
+    plugin = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kv_plugin.py")
+    host = PluginHost(HANDSHAKE, PLUGINS, HostConfig(handle_signals=False))
+    client = host.launch(ProcessStrategy([sys.executable, plugin]), name="kv")
+    print(client.running.pid, flush=True)
+    time.sleep(60)
