@@ -6,10 +6,12 @@ See the Connect protocol specification, "Error Codes" and "HTTP to Error Code".
 from __future__ import annotations
 
 import base64
+import builtins
 import binascii
 import enum
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
@@ -107,7 +109,7 @@ class ErrorDetail:
     def pack(cls, message: Message) -> ErrorDetail:
         return cls(message.DESCRIPTOR.full_name, message.SerializeToString())
 
-    def unpack(self, message_type: type[M]) -> M | None:
+    def unpack(self, message_type: builtins.type[M]) -> M | None:
         """The detail as ``message_type``, or None if it holds another type."""
         if message_type.DESCRIPTOR.full_name != self.type:
             return None

@@ -5,10 +5,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
+from .errors import Code, ConnectError
 from .gen.connectplugin.health.v1 import health_pb2
 from .gen.connectplugin.health.v1.health_connect import HealthServiceHandler
 from .gen.connectplugin.v1 import lifecycle_pb2
-from .errors import Code, ConnectError
 from .server import Context
 
 HEALTHY = lifecycle_pb2.HEALTH_STATE_HEALTHY
@@ -39,7 +39,8 @@ class Health:
     def set(self, state: int, reason: str = "", unavailable_dependencies: Sequence[str] = ()) -> None:
         """Report HEALTHY, DEGRADED or UNHEALTHY, with why and which dependencies are missing."""
         report = lifecycle_pb2.GetHealthResponse(
-            state=state, reason=reason, unavailable_dependencies=list(unavailable_dependencies)
+            state=state,  # type: ignore[arg-type]
+            reason=reason, unavailable_dependencies=list(unavailable_dependencies)
         )
         with self._changed:
             if report == self._state:
@@ -78,7 +79,8 @@ class Health:
         yield SERVICE_UNKNOWN if last is None else last
         while active():
             with self._changed:
-                self._changed.wait_for(lambda: self._version != version, timeout=poll)
+                seen = version
+                self._changed.wait_for(lambda: self._version != seen, timeout=poll)  # noqa: B023
                 version, status = self._version, self._status(service)
             if status != last:
                 last = status

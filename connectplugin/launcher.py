@@ -121,9 +121,11 @@ class ProcessStrategy:
 
 
 class _Process:
+    session: requests.Session | None = None
+    pid: int | None
+
     def __init__(self, ctx: LaunchContext, proc: subprocess.Popen[bytes], start_timeout: float) -> None:
-        self.session = None
-        self.pid: int | None = proc.pid
+        self.pid = proc.pid
         self._ctx = ctx
         self._proc = proc
         self._logger = logging.getLogger(f"connectplugin.plugin.{ctx.name}")
@@ -264,7 +266,7 @@ class InProcessStrategy:
 
 
 class _InProcess:
-    pid = None
+    pid: int | None = None
 
     def __init__(self, ctx: LaunchContext, server: PluginServer) -> None:
         self._ctx = ctx
@@ -273,7 +275,7 @@ class _InProcess:
         self.app_protocol_version = max(ctx.handshake.app_protocol_versions)
         self.app = server.app
         self.session: requests.Session | None = requests.Session()
-        self.session.mount(self.url, WSGIAdapter(server.app))
+        self.session.mount(self.url, WSGIAdapter(server.app))  # type: ignore[arg-type]
 
     def alive(self) -> bool:
         return not self._server.stopped
@@ -295,9 +297,8 @@ class WSGIAdapter(BaseAdapter):
     def send(self, request: requests.PreparedRequest, stream: bool = False, timeout: Any = None,
              verify: Any = True, cert: Any = None, proxies: Any = None) -> requests.Response:
         url = urlsplit(request.url or "")
-        body = request.body or b""
-        if isinstance(body, str):
-            body = body.encode()
+        raw_body = request.body or b""
+        body = raw_body.encode() if isinstance(raw_body, str) else bytes(raw_body)
         environ: dict[str, Any] = {
             "REQUEST_METHOD": request.method or "GET",
             "SCRIPT_NAME": "",
@@ -346,7 +347,7 @@ class WSGIAdapter(BaseAdapter):
         response.raw = raw
         response.url = request.url or ""
         response.request = request
-        response.connection = self
+        response.connection = self  # type: ignore[assignment]
         return response
 
     def close(self) -> None:
@@ -373,10 +374,10 @@ class _BodyReader(io.RawIOBase):
             self._buffer.clear()
             return data
         while len(self._buffer) < n:
-            chunk = next(self._rest, None)
-            if chunk is None:
+            more = next(self._rest, None)
+            if more is None:
                 break
-            self._buffer += chunk
+            self._buffer += more
         data = bytes(self._buffer[:n])
         del self._buffer[:n]
         return data

@@ -10,8 +10,8 @@ import time
 from connectplugin import PluginHost, ProcessStrategy
 from connectplugin.gen.connectplugin.health.v1 import health_pb2
 from connectplugin.gen.connectplugin.v1 import lifecycle_pb2
-from samples.kv.gen.kv.v1 import kv_pb2
 from samples import platform_demo
+from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.plugin import HANDSHAKE, PLUGINS
 
 _start = time.monotonic()

@@ -9,8 +9,8 @@ from connectplugin.gen.capability.logger.v1 import logger_pb2
 from connectplugin.gen.capability.logger.v1.logger_connect import LOGGER_PLUGIN, LoggerHandler
 from connectplugin.gen.connectplugin.v1.handshake_pb2 import ServiceDeclaration
 from samples.platform import HANDSHAKE
-
 from samples.platform.capabilities import LEVELS
+
 log = logging.getLogger("logger-plugin")
 
 
