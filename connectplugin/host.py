@@ -8,6 +8,7 @@ plugins through a strategy, and returns a :class:`PluginClient` for each.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import signal
 import threading
@@ -66,7 +67,7 @@ class PluginClient:
         self._exit_code: int | None = None
         base = config or ClientConfig()
         interceptors = (self._check_alive, *base.interceptors)
-        self.client = Client(url, _replace(base, interceptors=interceptors), session=session)
+        self.client = Client(url, dataclasses.replace(base, interceptors=interceptors), session=session)
         self._lock = threading.Lock()
         self._handshake: handshake_pb2.HandshakeResponse | None = None
         self._dispensed: dict[str, Any] = {}
@@ -128,12 +129,6 @@ class PluginClient:
 
     def close(self) -> None:
         self.client.close()
-
-
-def _replace(config: ClientConfig, **changes: Any) -> ClientConfig:
-    import dataclasses
-
-    return dataclasses.replace(config, **changes)
 
 
 @dataclass(frozen=True)

@@ -259,9 +259,12 @@ class InProcessStrategy:
     config: ServeConfig = field(default_factory=ServeConfig)
     health: Health | None = None
     link: HostLink | None = None
+    plugins: Mapping[str, Plugin] | None = None
+    """The plugin definitions to serve; by default the host's own map."""
 
     def start(self, ctx: LaunchContext) -> Running:
-        server = PluginServer(ctx.plugins, self.impls, ctx.handshake, self.config, self.health, self.link)
+        plugins = self.plugins if self.plugins is not None else ctx.plugins
+        server = PluginServer(plugins, self.impls, ctx.handshake, self.config, self.health, self.link)
         return _InProcess(ctx, server)
 
 
