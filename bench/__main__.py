@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from bench import client, codec, report
+from bench import client, codec, launch, report, router
 from bench.settings import Settings
 
 SECTIONS: dict[str, tuple[Callable[[Settings], bool], str]] = {
@@ -20,6 +20,8 @@ SECTIONS: dict[str, tuple[Callable[[Settings], bool], str]] = {
         "server throughput under wrk: bare WSGI vs ours vs connectrpc, proto and JSON",
     ),
     "client": (client.run, "sequential client latency: raw http.client vs requests vs ours"),
+    "launch": (launch.run, "plugin launch time vs a bare interpreter; 10 plugins at once"),
+    "router": (router.run, "plugin-to-plugin Get through the host's router vs direct"),
 }
 
 

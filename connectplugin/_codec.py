@@ -10,7 +10,8 @@ import gzip
 import json
 import struct
 import zlib
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
@@ -51,8 +52,24 @@ class ProtoCodec:
         return message
 
 
-_dump = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-_load = json.JSONDecoder().decode
+_decoder = json.JSONDecoder()
+_scan = _decoder.scan_once
+
+
+def _load(text: str) -> Any:
+    """``json.loads``, with a shortcut for text that is one value and nothing else.
+
+    ``JSONDecoder.decode`` runs a whitespace regex before and after its scanner; text from
+    any JSON encoder has no surrounding whitespace, so try the scanner alone first. All
+    other text, and every error message, is the full decoder's.
+    """
+    try:
+        obj, end = _scan(text, 0)
+    except StopIteration:
+        return _decoder.decode(text)
+    if end != len(text):
+        return _decoder.decode(text)
+    return obj
 
 
 class JsonCodec:
@@ -62,7 +79,7 @@ class JsonCodec:
 
     @staticmethod
     def encode(message: Message) -> bytes:
-        return _dump(_json.to_dict(message)).encode()
+        return _json.to_json(message).encode()
 
     @staticmethod
     def decode(data: bytes, message_type: type[M]) -> M:

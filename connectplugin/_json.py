@@ -5,14 +5,24 @@ the same kind are converted by a walk over ``ListFields()``; anything else (well
 types, 32-bit floats, extensions) goes through ``json_format`` unchanged. Output and
 accepted input follow the proto3 JSON mapping: lowerCamel names out, either name in,
 unknown fields ignored, int64 as strings, bytes as base64, enums by name.
+
+How each field is written and read is worked out once per message type (a :class:`_Plan`),
+so a call does no descriptor lookups. Plans are built on first use; two threads may both
+build one, and either result is the same.
+
+Messages are written straight to JSON text (:func:`to_json`): for the small messages of a
+typical call, building a dict and then encoding it costs twice as much.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
 import re
+from collections.abc import Callable
+from json.encoder import encode_basestring as _quote  # type: ignore[attr-defined]
 from typing import Any
 
 from google.protobuf import json_format
@@ -64,68 +74,168 @@ def _all_plain(descriptor: Descriptor, seen: set[str]) -> bool:
     return True
 
 
+# --- per-type plans -------------------------------------------------------------------------
+
+Writer = Callable[[Any], str]
+"""``write(value)``: the JSON text of one field value."""
+Reader = Callable[[Any, str], Any]
+"""``read(value, key)``: the field value for JSON ``value`` (``key`` names it in errors)."""
+
+_SCALAR, _MESSAGE, _LIST, _MESSAGE_LIST, _MAP = range(5)
+
+
+class _In:
+    """How one JSON member is read into its field."""
+
+    __slots__ = ("name", "oneof", "kind", "read", "key_read", "value_is_message")
+
+    def __init__(self, field: FieldDescriptor) -> None:
+        self.name = field.name
+        self.oneof = field.containing_oneof.name if field.containing_oneof is not None else None
+        self.key_read: Reader | None = None
+        self.value_is_message = False
+        entry = field.message_type
+        if entry is not None and entry.GetOptions().map_entry:
+            self.kind = _MAP
+            key_field, value_field = entry.fields_by_name["key"], entry.fields_by_name["value"]
+            self.key_read = _map_key_reader(key_field)
+            self.value_is_message = value_field.type == _F.TYPE_MESSAGE
+            self.read = _reader(value_field)
+        elif field.type == _F.TYPE_MESSAGE:
+            self.kind = _MESSAGE_LIST if field.is_repeated else _MESSAGE
+            self.read = _reader(field)
+        else:
+            self.kind = _LIST if field.is_repeated else _SCALAR
+            self.read = _reader(field)
+
+
+class _Plan:
+    """One message type: whether it is simple, and how each of its fields is written and read."""
+
+    __slots__ = ("simple", "out", "into")
+
+    def __init__(self, descriptor: Descriptor) -> None:
+        self.simple = is_simple(descriptor)
+        self.out: dict[FieldDescriptor, tuple[str, Writer]] = {}
+        """Field -> (its quoted JSON name and a colon, writer)."""
+        self.into: dict[str, _In] = {}
+        """Either spelling of a field's name -> how to read it."""
+        if not self.simple:
+            return
+        for field in descriptor.fields:
+            self.out[field] = (_quote(field.json_name) + ":", _writer(field))
+        for field in descriptor.fields:
+            self.into[field.name] = _In(field)
+        # The camelCase spelling wins where the two collide, as it always has.
+        for name, field in descriptor.fields_by_camelcase_name.items():
+            self.into[name] = _In(field)
+
+
+_plans: dict[type, _Plan] = {}
+
+
+def _plan_for(message_type: type) -> _Plan:
+    plan = _plans.get(message_type)
+    if plan is None:
+        plan = _plans[message_type] = _Plan(message_type.DESCRIPTOR)
+    return plan
+
+
 # --- encoding -------------------------------------------------------------------------------
 
 
+def to_json(message: Message) -> str:
+    """Compact JSON text of ``message``, non-ASCII characters as they are (no ``\\u`` escapes)."""
+    plan = _plan_for(type(message))
+    if not plan.simple:
+        return _dumps(json_format.MessageToDict(message))
+    return _write_fields(message, plan.out)
+
+
 def to_dict(message: Message) -> dict[str, Any]:
-    if not is_simple(message.DESCRIPTOR):
+    """``message`` as ``json_format.MessageToDict`` gives it; for tests and tools (slower)."""
+    if not _plan_for(type(message)).simple:
         return json_format.MessageToDict(message)
-    return _encode_message(message)
+    result: dict[str, Any] = json.loads(to_json(message))
+    return result
 
 
-def _encode_message(message: Message) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def _write_message(message: Message) -> str:
+    return _write_fields(message, _plan_for(type(message)).out)
+
+
+def _write_fields(message: Message, fields: dict[FieldDescriptor, tuple[str, Writer]]) -> str:
+    parts = []
     for field, value in message.ListFields():
-        plan = _plans.get(field)
-        if plan is None:
-            if field.is_extension:
-                return json_format.MessageToDict(message)
-            plan = _plans[field] = _plan(field)
-        name, kind, key_field, value_field = plan
-        if kind == _MAP:
-            out[name] = {_map_key(key_field, k): _encode_value(value_field, v) for k, v in value.items()}
-        elif kind == _LIST:
-            out[name] = [_encode_value(field, v) for v in value]
-        else:
-            out[name] = _encode_value(field, value)
-    return out
+        plan = fields.get(field)
+        if plan is None:  # an extension
+            return _dumps(json_format.MessageToDict(message))
+        key, write = plan
+        parts.append(key + write(value))
+    return "{" + ",".join(parts) + "}"
 
 
-_SINGLE, _LIST, _MAP = 0, 1, 2
-_plans: dict[FieldDescriptor, tuple[str, int, Any, Any]] = {}
-
-
-def _plan(field: FieldDescriptor) -> tuple[str, int, Any, Any]:
-    """How a field is written, worked out once per field instead of on every message."""
+def _writer(field: FieldDescriptor) -> Writer:
     entry = field.message_type
     if entry is not None and entry.GetOptions().map_entry:
-        return field.json_name, _MAP, entry.fields_by_name["key"], entry.fields_by_name["value"]
-    return field.json_name, _LIST if field.is_repeated else _SINGLE, None, None
+        write_key = _map_key_writer(entry.fields_by_name["key"])
+        write_value = _value_writer(entry.fields_by_name["value"])
+        return lambda items: "{" + ",".join([write_key(k) + ":" + write_value(v) for k, v in items.items()]) + "}"
+    write = _value_writer(field)
+    if field.is_repeated:
+        return lambda values: "[" + ",".join([write(v) for v in values]) + "]"
+    return write
 
 
-def _map_key(field: FieldDescriptor, key: Any) -> str:
-    if field.type == _F.TYPE_BOOL:
-        return "true" if key else "false"
-    return str(key)
-
-
-def _encode_value(field: FieldDescriptor, value: Any) -> Any:
+def _value_writer(field: FieldDescriptor) -> Writer:
+    # The forms json.dumps gives the values json_format.MessageToDict makes: int64 as strings,
+    # bytes as base64, enums by name (numbers this schema does not know as they are).
     t = field.type
-    if t == _F.TYPE_STRING or t == _F.TYPE_BOOL or t in _INT32 or t in _UINT32:
-        return value
-    if t == _F.TYPE_MESSAGE:
-        return _encode_message(value)
-    if t == _F.TYPE_BYTES:
-        return base64.b64encode(value).decode()
-    if t == _F.TYPE_ENUM:
-        enum_value = field.enum_type.values_by_number.get(value)
-        return enum_value.name if enum_value is not None else value
+    if t == _F.TYPE_STRING:
+        return _quote
+    if t == _F.TYPE_BOOL:
+        return _write_bool
+    if t in _INT32 or t in _UINT32:
+        return str
     if t in _INT64 or t in _UINT64:
-        return str(value)
-    # double
+        return _write_quoted
+    if t == _F.TYPE_MESSAGE:
+        return _write_message
+    if t == _F.TYPE_BYTES:
+        return _write_bytes
+    if t == _F.TYPE_ENUM:
+        names = {number: _quote(value.name) for number, value in field.enum_type.values_by_number.items()}
+        return lambda number: names.get(number) or str(number)
+    return _write_double
+
+
+def _map_key_writer(field: FieldDescriptor) -> Writer:
+    if field.type == _F.TYPE_BOOL:
+        return lambda key: '"true"' if key else '"false"'
+    return lambda key: _quote(str(key))
+
+
+def _write_bool(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def _write_quoted(value: int) -> str:
+    return f'"{value}"'
+
+
+def _write_bytes(value: bytes) -> str:
+    # The base64 alphabet needs no escaping in a JSON string.
+    return '"' + binascii.b2a_base64(value, newline=False).decode("ascii") + '"'
+
+
+def _write_double(value: float) -> str:
     if math.isfinite(value):
-        return value
-    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+        return repr(value)  # what json.dumps writes: the shortest text that reads back the same
+    return '"NaN"' if math.isnan(value) else ('"Infinity"' if value > 0 else '"-Infinity"')
 
 
 # --- decoding -------------------------------------------------------------------------------
@@ -133,7 +243,7 @@ def _encode_value(field: FieldDescriptor, value: Any) -> Any:
 
 def from_dict(obj: Any, message: Message) -> None:
     """Fill ``message`` from parsed JSON; raises ValueError with a readable reason."""
-    if not is_simple(message.DESCRIPTOR):
+    if not _plan_for(type(message)).simple:
         try:
             json_format.ParseDict(obj, message, ignore_unknown_fields=True)
         except json_format.ParseError as e:
@@ -154,108 +264,159 @@ def _decode_message(obj: Any, message: Message, depth: int) -> None:
         raise _Invalid(f"{message.DESCRIPTOR.full_name} must be a JSON object")
     if depth >= _MAX_DEPTH:
         raise _Invalid(f"message nesting is deeper than {_MAX_DEPTH}")
-    descriptor = message.DESCRIPTOR
-    by_json = descriptor.fields_by_camelcase_name
-    by_name = descriptor.fields_by_name
-    oneofs: set[str] = set()
+    fields = _plan_for(type(message)).into
+    oneofs: set[str] | None = None
     for key, value in obj.items():
-        field = by_json.get(key) or by_name.get(key)
+        field = fields.get(key)
         if field is None or value is None:
             continue  # unknown fields are ignored; null means the default
         name = field.name
-        oneof = field.containing_oneof
-        if oneof is not None:
-            if oneof.name in oneofs:
-                raise _Invalid(f"more than one field of oneof {oneof.name!r} is set")
-            oneofs.add(oneof.name)
-        if field.is_repeated:
-            message.ClearField(name)  # named twice (both spellings): the last one wins
-        if field.message_type is not None and field.message_type.GetOptions().map_entry:
-            if not isinstance(value, dict):
-                raise _Invalid(f"field {key!r} must be a JSON object")
-            target = getattr(message, name)
-            key_field = field.message_type.fields_by_name["key"]
-            value_field = field.message_type.fields_by_name["value"]
-            for k, v in value.items():
-                map_key = _decode_map_key(key_field, k)
-                if value_field.type == _F.TYPE_MESSAGE:
-                    _decode_message(v, target[map_key], depth + 1)
-                else:
-                    decoded = _decode_scalar(value_field, v, key)
-                    if decoded is not _SKIP:
-                        target[map_key] = decoded
-        elif field.is_repeated:
-            if not isinstance(value, list):
-                raise _Invalid(f"field {key!r} must be a JSON array")
-            target = getattr(message, name)
-            if field.type == _F.TYPE_MESSAGE:
-                for item in value:
-                    _decode_message(item, target.add(), depth + 1)
-            else:
-                decoded_items = (_decode_scalar(field, item, key) for item in value)
-                target.extend(d for d in decoded_items if d is not _SKIP)
-        elif field.type == _F.TYPE_MESSAGE:
+        if field.oneof is not None:
+            if oneofs is None:
+                oneofs = set()
+            elif field.oneof in oneofs:
+                raise _Invalid(f"more than one field of oneof {field.oneof!r} is set")
+            oneofs.add(field.oneof)
+        kind = field.kind
+        if kind == _SCALAR:
+            decoded = field.read(value, key)
+            if decoded is not _SKIP:
+                setattr(message, name, decoded)
+        elif kind == _MESSAGE:
             sub = getattr(message, name)
             sub.SetInParent()
             _decode_message(value, sub, depth + 1)
+        elif kind == _MAP:
+            message.ClearField(name)  # named twice (both spellings): the last one wins
+            if not isinstance(value, dict):
+                raise _Invalid(f"field {key!r} must be a JSON object")
+            target = getattr(message, name)
+            read_key = field.key_read
+            assert read_key is not None
+            for k, v in value.items():
+                map_key = read_key(k, "map key")
+                if field.value_is_message:
+                    _decode_message(v, target[map_key], depth + 1)
+                else:
+                    decoded = field.read(v, key)
+                    if decoded is not _SKIP:
+                        target[map_key] = decoded
         else:
-            decoded = _decode_scalar(field, value, key)
-            if decoded is not _SKIP:
-                setattr(message, name, decoded)
+            message.ClearField(name)  # named twice (both spellings): the last one wins
+            if not isinstance(value, list):
+                raise _Invalid(f"field {key!r} must be a JSON array")
+            target = getattr(message, name)
+            if kind == _MESSAGE_LIST:
+                for item in value:
+                    _decode_message(item, target.add(), depth + 1)
+            else:
+                read = field.read
+                decoded_items = (read(item, key) for item in value)
+                target.extend(d for d in decoded_items if d is not _SKIP)
 
 
-def _decode_map_key(field: FieldDescriptor, key: str) -> Any:
+def _map_key_reader(field: FieldDescriptor) -> Reader:
     if field.type == _F.TYPE_STRING:
-        return key
+        return lambda key, _: key
     if field.type == _F.TYPE_BOOL:
-        if key not in ("true", "false"):
-            raise _Invalid(f"map key {key!r} is not a bool")
-        return key == "true"
-    return _decode_scalar(field, key, "map key")
+        return _read_bool_key
+    return _reader(field)
 
 
-def _decode_scalar(field: FieldDescriptor, value: Any, key: str) -> Any:
+def _read_bool_key(key: str, _: str) -> bool:
+    if key not in ("true", "false"):
+        raise _Invalid(f"map key {key!r} is not a bool")
+    return key == "true"
+
+
+def _reader(field: FieldDescriptor) -> Reader:
+    """The reader of one value of ``field``: checks its JSON type and range."""
     t = field.type
     if t == _F.TYPE_STRING:
-        if isinstance(value, str):
-            return value
-    elif t == _F.TYPE_BOOL:
-        if isinstance(value, bool):
-            return value
-    elif t in _RANGES:
+        return _read_string
+    if t == _F.TYPE_BOOL:
+        return _read_bool
+    if t in _RANGES:
+        return _int_reader(*_RANGES[t])
+    if t == _F.TYPE_BYTES:
+        return _read_bytes
+    if t == _F.TYPE_ENUM:
+        return _enum_reader(field)
+    if t == _F.TYPE_DOUBLE:
+        return _read_double
+    return _read_nothing  # messages are read by _decode_message
+
+
+def _invalid(value: Any, key: str) -> _Invalid:
+    return _Invalid(f"invalid value {value!r} for field {key!r}")
+
+
+def _read_nothing(value: Any, key: str) -> Any:
+    raise _invalid(value, key)
+
+
+def _read_string(value: Any, key: str) -> str:
+    if isinstance(value, str):
+        return value
+    raise _invalid(value, key)
+
+
+def _read_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise _invalid(value, key)
+
+
+def _int_reader(low: int, high: int) -> Reader:
+    def read(value: Any, key: str) -> int:
         number = _integer(value)
-        low, high = _RANGES[t]
         if number is not None and low <= number <= high:
             return number
-    elif t == _F.TYPE_BYTES:
+        raise _invalid(value, key)
+
+    return read
+
+
+def _read_bytes(value: Any, key: str) -> bytes:
+    if isinstance(value, str):
+        try:
+            padded = value + "=" * (-len(value) % 4)
+            if "-" in value or "_" in value:
+                return base64.urlsafe_b64decode(padded)
+            return base64.b64decode(padded, validate=True)
+        except (binascii.Error, ValueError):
+            pass
+    raise _invalid(value, key)
+
+
+def _enum_reader(field: FieldDescriptor) -> Reader:
+    numbers = {name: value.number for name, value in field.enum_type.values_by_name.items()}
+
+    def read(value: Any, key: str) -> Any:
         if isinstance(value, str):
-            try:
-                padded = value + "=" * (-len(value) % 4)
-                if "-" in value or "_" in value:
-                    return base64.urlsafe_b64decode(padded)
-                return base64.b64decode(padded, validate=True)
-            except (binascii.Error, ValueError):
-                pass
-    elif t == _F.TYPE_ENUM:
-        if isinstance(value, str):
-            enum_value = field.enum_type.values_by_name.get(value)
-            if enum_value is not None:
-                return enum_value.number
+            number = numbers.get(value)
+            if number is not None:
+                return number
             return int(value) if _INT_TEXT.match(value) else _SKIP
         number = _integer(value)
         if number is not None and -(2**31) <= number < 2**31:
             return number
-    elif t == _F.TYPE_DOUBLE:
-        if isinstance(value, str):
-            if value in _SPECIAL_DOUBLES:
-                return float(value)
-            value = float(value) if _FLOAT_TEXT.match(value) else None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-            # Bare NaN/Infinity tokens, or numbers beyond a double, are not JSON numbers.
-            if math.isfinite(number):
-                return number
-    raise _Invalid(f"invalid value {value!r} for field {key!r}")
+        raise _invalid(value, key)
+
+    return read
+
+
+def _read_double(value: Any, key: str) -> float:
+    if isinstance(value, str):
+        if value in _SPECIAL_DOUBLES:
+            return float(value)
+        value = float(value) if _FLOAT_TEXT.match(value) else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+        # Bare NaN/Infinity tokens, or numbers beyond a double, are not JSON numbers.
+        if math.isfinite(number):
+            return number
+    raise _invalid(value, key)
 
 
 def _integer(value: Any) -> int | None:

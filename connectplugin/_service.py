@@ -7,8 +7,9 @@ instead of inspecting protobuf descriptors on every call.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Generic, Mapping, TypeVar
+from typing import Generic, TypeVar
 
 from google.protobuf.message import Message
 

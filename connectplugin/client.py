@@ -11,8 +11,9 @@ import base64
 import json
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, Generic, TypeVar
 
 import requests
 from google.protobuf.message import Message

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import logging
+import math
 import signal
 import threading
 import time
@@ -319,18 +320,22 @@ class PluginHost:
             return
         if hasattr(running, "mark_stopping"):
             running.mark_stopping()
+        deadline = time.monotonic() + grace
         if running.alive():
             try:
                 PluginControlClient(client.client).shutdown(
-                    lifecycle_pb2.ShutdownRequest(grace_period_seconds=int(grace), reason="host stopping it"),
+                    # Whole seconds on the wire: round up so in-flight calls keep their time.
+                    lifecycle_pb2.ShutdownRequest(grace_period_seconds=math.ceil(grace), reason="host stopping it"),
                     timeout=2,
                 )
             except ConnectError as e:
-                log.warning("shutdown request to %s failed: %s", client.name, e)
+                if running.alive():
+                    log.warning("shutdown request to %s failed: %s", client.name, e)
             wait = getattr(running, "wait", None)
             if wait is not None:
-                wait(grace + 1)
-        running.stop(grace)
+                wait(max(0.0, deadline - time.monotonic()) + 0.5)
+        # Whatever is left of the grace period, then SIGTERM, then SIGKILL.
+        running.stop(max(0.5, deadline - time.monotonic()))
         client.close()
         if identity is not None:
             self.router.detach_local(identity.runtime_id)

@@ -131,6 +131,7 @@ class _Process:
         self._logger = logging.getLogger(f"connectplugin.plugin.{ctx.name}")
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
         self._ready = threading.Event()
+        self._exited = threading.Event()
         self._stopping = False
         self.url = ""
         self._readers = [
@@ -192,19 +193,25 @@ class _Process:
 
     def _wait(self) -> None:
         code = self._proc.wait()
-        for t in self._readers:
-            t.join(timeout=2)
         if not self._stopping:
             log.error("plugin %r (pid %d) exited unexpectedly with status %s", self._ctx.name, self._proc.pid, code)
         else:
             log.info("plugin %r (pid %d) exited with status %s", self._ctx.name, self._proc.pid, code)
         self._ctx.on_exit(code)
+        self._exited.set()
+        # Its last output may still be in the pipes (a child of it may even hold them open).
+        for t in self._readers:
+            t.join(timeout=2)
 
     def alive(self) -> bool:
         return self._proc.poll() is None
 
     def stop(self, grace: float) -> None:
-        """SIGTERM, then SIGKILL after ``grace`` seconds. (The host tries Shutdown first.)"""
+        """SIGTERM, then SIGKILL after ``grace`` seconds. (The host tries Shutdown first.)
+
+        Signals go to the plugin's whole process group, so helpers it started go too.
+        Returns once the exit has been recorded.
+        """
         self._stopping = True
         if self._proc.poll() is None:
             self._signal(signal.SIGTERM)
@@ -213,6 +220,7 @@ class _Process:
             except subprocess.TimeoutExpired:
                 log.warning("plugin %r ignored SIGTERM for %g s; killing it", self._ctx.name, grace)
                 self._kill()
+        self._exited.wait(timeout=5)
         self._close_pipes()
 
     def wait(self, timeout: float) -> bool:
@@ -227,8 +235,9 @@ class _Process:
 
     def _signal(self, signum: int) -> None:
         try:
-            self._proc.send_signal(signum)
-        except ProcessLookupError:
+            # start_new_session made the plugin a group leader: its pid is the group id.
+            os.killpg(self._proc.pid, signum)
+        except (ProcessLookupError, PermissionError):
             pass
 
     def _kill(self) -> None:

@@ -169,7 +169,8 @@ class PluginServer:
         log.info("shutting down%s", f" ({reason})" if reason else "")
         self.health.set_service("", NOT_SERVING)
         self.app.stopping.set()
-        grace = self._grace if grace is None else grace
+        # Even "no grace" leaves a moment for replies already being written (Shutdown's own).
+        grace = max(0.25, self._grace if grace is None else grace)
         threading.Thread(target=self.link.unregister, daemon=True).start()
         if self._http is not None:
             http = self._http

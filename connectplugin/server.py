@@ -14,8 +14,9 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 from urllib.parse import parse_qs
 
 from google.protobuf.message import Message
@@ -113,16 +114,22 @@ def _status(code: int) -> str:
 
 
 class _Route:
-    __slots__ = ("method", "call", "allow")
+    """One procedure, with what every call of it needs looked up once."""
+
+    __slots__ = ("method", "call", "allow", "streaming", "input", "output")
 
     def __init__(self, method: Method, call: Callable[..., Any]) -> None:
         self.method = method
         self.call = call
         self.allow = "GET, POST" if method.idempotent and not method.server_streaming else "POST"
+        self.streaming = method.server_streaming
+        self.input = method.input
+        self.output = method.output
 
 
 _UNARY_TYPES = {"application/proto": "proto", "application/json": "json"}
 _STREAM_TYPES = {"application/connect+proto": "proto", "application/connect+json": "json"}
+_UNARY_CONTENT_TYPE = {name: ("Content-Type", "application/" + name) for name in _codec.CODECS}
 
 
 class App:
@@ -181,7 +188,7 @@ class App:
         if http_method != "POST" and not (http_method == "GET" and route.allow != "POST"):
             start_response(_status(405), [("Allow", route.allow), ("Content-Length", "0")])
             return [b""]
-        if route.method.server_streaming:
+        if route.streaming:
             return self._stream(route, environ, start_response)
         return self._unary(route, environ, start_response, http_method == "GET")
 
@@ -190,41 +197,41 @@ class App:
     def _unary(
         self, route: _Route, environ: dict, start_response: StartResponse, is_get: bool
     ) -> Iterable[bytes]:
-        query: dict[str, list[str]] = {}
+        query: dict[str, list[str]] | None = None
         if is_get:
             query = parse_qs(environ.get("QUERY_STRING", ""))
             codec_name = _first(query, "encoding")
-            content_type = "application/" + codec_name
         else:
-            content_type = environ.get("CONTENT_TYPE", "")
-            codec_name = _codec_for(content_type, _UNARY_TYPES)
-        if codec_name not in _codec.CODECS:
+            codec_name = _codec_for(environ.get("CONTENT_TYPE", ""), _UNARY_TYPES)
+        codec = _codec.CODECS.get(codec_name)
+        if codec is None:
             return _unsupported_media(start_response, _UNARY_TYPES)
-        codec = _codec.CODECS[codec_name]
         ctx: Context | None = None
         try:
             deadline = _deadline(environ)
             ctx = Context(route.method, environ, deadline, self.stopping)
-            if is_get:
+            if query is not None:
                 if _first(query, "connect") not in ("", "v1"):
                     raise ConnectError(Code.INVALID_ARGUMENT, "connect query parameter must be v1")
                 payload = self._get_payload(query)
             else:
                 _check_protocol_version(environ)
-                encoding = environ.get("HTTP_CONTENT_ENCODING", _codec.IDENTITY) or _codec.IDENTITY
+                encoding = environ.get("HTTP_CONTENT_ENCODING") or _codec.IDENTITY
                 if encoding not in _codec.ENCODINGS:
                     raise _codec.unsupported_encoding(encoding)
-                payload = _codec.decompress(encoding, self._read_body(environ), self.config.read_limit)
-            request = codec.decode(payload, route.method.input)
+                payload = self._read_body(environ)
+                if encoding != _codec.IDENTITY:
+                    payload = _codec.decompress(encoding, payload, self.config.read_limit)
+            request = codec.decode(payload, route.input)
             response = route.call(request, ctx)
             if deadline is not None and time.monotonic() > deadline:
                 raise ConnectError(Code.DEADLINE_EXCEEDED, "the call outlived its timeout")
-            if not isinstance(response, route.method.output):
+            if not isinstance(response, route.output):
                 log.error(
                     "%s returned %s, not %s",
                     route.method.path,
                     type(response).__name__,
-                    route.method.output.__name__,
+                    route.output.__name__,
                 )
                 raise ConnectError(Code.INTERNAL, "internal error")
             body = codec.encode(response)
@@ -234,7 +241,7 @@ class App:
             log.exception("unhandled error in %s", route.method.path)
             return error_response(start_response, ConnectError(Code.INTERNAL, "internal error"), ctx=ctx)
 
-        headers = [("Content-Type", "application/" + codec_name)]
+        headers = [_UNARY_CONTENT_TYPE[codec_name]]
         if len(body) >= self.config.compress_min_bytes:
             if _codec.negotiate(environ.get("HTTP_ACCEPT_ENCODING")) == _codec.GZIP:
                 body = _codec.compress(_codec.GZIP, body)
@@ -296,7 +303,7 @@ class App:
             encoding = environ.get("HTTP_CONNECT_CONTENT_ENCODING") or _codec.IDENTITY
             if encoding not in _codec.ENCODINGS:
                 raise _codec.unsupported_encoding(encoding)
-            request = codec.decode(self._read_stream_request(environ, encoding), route.method.input)
+            request = codec.decode(self._read_stream_request(environ, encoding), route.input)
             messages = iter(route.call(request, ctx))
         except ConnectError as e:
             return _end_only(start_response, headers, e, ctx)
@@ -378,6 +385,9 @@ def _first(query: Mapping[str, list[str]], key: str) -> str:
 
 
 def _codec_for(content_type: str, table: Mapping[str, str]) -> str:
+    name = table.get(content_type)
+    if name is not None:  # the exact spelling, which is what clients send
+        return name
     base, _, params = content_type.partition(";")
     name = table.get(base.strip().lower(), "")
     if name == "json" and params:

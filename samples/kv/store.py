@@ -46,14 +46,19 @@ class KVStore(KVServiceHandler):
         return kv_pb2.DeleteResponse(found=found)
 
     def watch(self, request: kv_pb2.WatchRequest, ctx: Context) -> Iterator[kv_pb2.WatchEvent]:
+        # Subscribe now, not inside the generator: the caller may write as soon as the
+        # stream's headers arrive, which is before a generator body would first run.
         events: queue.SimpleQueue[kv_pb2.WatchEvent] = queue.SimpleQueue()
         entry = (request.prefix, events)
         with self._lock:
             self._watchers.append(entry)
+        return self._stream(entry, ctx)
+
+    def _stream(self, entry: tuple[str, queue.SimpleQueue[kv_pb2.WatchEvent]], ctx: Context) -> Iterator[kv_pb2.WatchEvent]:
         try:
             while ctx.is_active():
                 try:
-                    yield events.get(timeout=_poll_interval(ctx))
+                    yield entry[1].get(timeout=_poll_interval(ctx))
                 except queue.Empty:
                     continue
         finally:

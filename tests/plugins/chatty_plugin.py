@@ -2,8 +2,9 @@
 
 import sys
 
-from connectplugin import Health, serve
 from instrumented import HANDSHAKE, PLUGINS, InstrumentedStore
+
+from connectplugin import Health, serve
 
 if __name__ == "__main__":
     print("chatty: hello on stdout", flush=True)

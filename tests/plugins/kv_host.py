@@ -4,8 +4,9 @@ import os
 import sys
 import time
 
-from connectplugin import HostConfig, PluginHost, ProcessStrategy
 from instrumented import HANDSHAKE, PLUGINS
+
+from connectplugin import HostConfig, PluginHost, ProcessStrategy
 
 if __name__ == "__main__":
     plugin = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kv_plugin.py")

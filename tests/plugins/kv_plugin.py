@@ -1,7 +1,8 @@
 """The instrumented KV store served as a plugin with ``serve()``, as a real plugin would be."""
 
-from connectplugin import Health, ServeConfig, serve
 from instrumented import HANDSHAKE, PLUGINS, InstrumentedStore
+
+from connectplugin import Health, ServeConfig, serve
 
 if __name__ == "__main__":
     health = Health()

@@ -9,9 +9,10 @@ import os
 import signal
 import threading
 
+from instrumented import HANDSHAKE, PLUGINS, InstrumentedStore
+
 from connectplugin import Health, PluginServer
 from connectplugin.handshake import CORE_PROTOCOL_VERSION
-from instrumented import HANDSHAKE, PLUGINS, InstrumentedStore
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

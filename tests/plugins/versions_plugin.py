@@ -2,8 +2,9 @@
 
 import dataclasses
 
-from connectplugin import Health, serve
 from instrumented import HANDSHAKE, PLUGINS, InstrumentedStore
+
+from connectplugin import Health, serve
 
 VERSIONS = (2, 3)
 

@@ -1,0 +1,152 @@
+"""A plugin host in a process of its own, and the parent's handle on it.
+
+``python -m bench.hostproc [--cpu N]`` starts a ``PluginHost``, launches ``bench.provider``
+through it (the provider inherits the host's CPU pinning), and prints one line::
+
+    READY <host url> <provider url> <provider runtime id> <provider pid>
+
+It stops the provider and exits when its standard input closes, so a parent that dies, even
+by SIGKILL, cannot leave it running (and the provider follows its host the same way).
+Keeping the host out of the benchmark's process keeps its GIL away from the caller's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from bench.provider import HANDSHAKE, PLUGINS
+from bench.servers import ROOT, pin_to
+from connectplugin import HostConfig, PluginHost, ProcessStrategy
+
+# --- the child ------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.hostproc", description=__doc__)
+    parser.add_argument("--cpu", type=int, default=None, help="pin host and provider to this CPU")
+    args = parser.parse_args()
+    pin_to(args.cpu)
+    # The parent stops us by closing stdin; Ctrl-C reaches the whole process group.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    with PluginHost(HANDSHAKE, PLUGINS, HostConfig(handle_signals=False)) as host:
+        strategy = ProcessStrategy([sys.executable, "-m", "bench.provider"], cwd=str(ROOT))
+        client = host.launch(strategy, name="kv")
+        pid = client.running.pid if client.running is not None else 0
+        print(f"READY {host.url} {client.url} {host.runtime_id(client)} {pid}", flush=True)
+        sys.stdin.buffer.read()
+
+
+# --- the parent's handle --------------------------------------------------------------------
+
+
+class HostProcess:
+    """``bench.hostproc`` in a child process; ``with`` starts it and always stops it.
+
+    Starting returns once the host has launched the provider and the provider has
+    registered its service type.
+    """
+
+    def __init__(self, cpu: int | None = None, start_timeout: float = 30.0) -> None:
+        self.cpu = cpu
+        self.host_url = ""
+        self.host_pid = 0
+        self.provider_url = ""
+        self.provider_id = ""
+        self.provider_pid = 0
+        self._timeout = start_timeout
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stderr = tempfile.TemporaryFile()
+
+    def __enter__(self) -> HostProcess:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        )
+        cmd = [sys.executable, "-m", "bench.hostproc"]
+        if self.cpu is not None:
+            cmd += ["--cpu", str(self.cpu)]
+        self._proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+        )
+        self.host_pid = self._proc.pid
+        self.host_url, self.provider_url, self.provider_id, pid = self._read_ready()
+        self.provider_pid = int(pid)
+
+    def _read_ready(self) -> list[str]:
+        assert self._proc is not None and self._proc.stdout is not None
+        deadline = time.monotonic() + self._timeout
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._proc.stdout, selectors.EVENT_READ)
+            while True:
+                self._check_alive()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RuntimeError(f"the host process was not ready in {self._timeout:.0f}s")
+                if sel.select(timeout=min(left, 0.2)):
+                    words = self._proc.stdout.readline().decode().split()
+                    if len(words) == 5 and words[0] == "READY":
+                        return words[1:]
+                    self._check_alive()
+                    raise RuntimeError(f"the host process printed {words!r} instead of READY")
+
+    def _check_alive(self) -> None:
+        assert self._proc is not None
+        if self._proc.poll() is not None:
+            self._stderr.seek(0)
+            tail = self._stderr.read().decode(errors="replace")[-4000:]
+            raise RuntimeError(f"the host process exited with {self._proc.returncode}:\n{tail}")
+
+    def stop(self) -> None:
+        """Close its stdin (it then stops the provider itself); signals only if it hangs."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            for pipe in (proc.stdin, proc.stdout):
+                if pipe is not None:
+                    pipe.close()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._stderr.close()
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time of a process (all its threads), or None off Linux."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Small plugins for the platform tests (``tests/test_platform.py``)."""

@@ -1,0 +1,73 @@
+"""A KV provider for the platform tests: launched by a host, or joining one by itself.
+
+``python -m tests.platform_plugins.provider --type T [--version V] [--host-url URL]``
+serves the sample KV store as service type ``T``. With ``--host-url`` it joins that host
+on its own (self-registering); without, a host must launch it. Three test hooks, all
+reached through ordinary ``Get`` calls:
+
+- ``Get("headers")`` answers the request headers the handler saw, as a JSON object.
+- ``Get("whoami")`` answers the instance's label (its pid when run as a process).
+- ``Get("crash")`` ends the process at once, in the middle of the call (exit status 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from connectplugin import Context, ServeConfig, serve
+from connectplugin.gen.connectplugin.v1.handshake_pb2 import ServiceDeclaration
+from samples.kv.gen.kv.v1 import kv_pb2
+from samples.kv.gen.kv.v1.kv_connect import KV_PLUGIN
+from samples.kv.store import KVStore
+from samples.platform import HANDSHAKE
+
+PLUGINS = {"kv": KV_PLUGIN}
+
+
+def declare(service_type: str, version: str = "1.0.0") -> ServiceDeclaration:
+    """Providing ``service_type`` with the KV interface."""
+    return ServiceDeclaration(type=service_type, version=version, path=KV_PLUGIN.service_path)
+
+
+class Recorder(KVStore):
+    """The sample store plus the hooks above."""
+
+    def __init__(self, label: str) -> None:
+        super().__init__()
+        self.label = label
+
+    def get(self, request: kv_pb2.GetRequest, ctx: Context) -> kv_pb2.GetResponse:
+        if request.key == "headers":
+            seen = {k: v if isinstance(v, str) else v.decode(errors="replace") for k, v in ctx.request_headers.items()}
+            return kv_pb2.GetResponse(value=json.dumps(seen).encode(), found=True)
+        if request.key == "whoami":
+            return kv_pb2.GetResponse(value=self.label.encode(), found=True)
+        if request.key == "crash":
+            os._exit(3)
+        return super().get(request, ctx)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.platform_plugins.provider", description=__doc__)
+    parser.add_argument("--type", required=True, help="the service type to provide")
+    parser.add_argument("--version", default="1.0.0")
+    parser.add_argument("--host-url", default="", help="join this host on its own")
+    args = parser.parse_args()
+    serve(
+        PLUGINS,
+        {"kv": Recorder(str(os.getpid()))},
+        handshake=HANDSHAKE,
+        config=ServeConfig(
+            self_id=args.type,
+            self_version=args.version,
+            host_url=args.host_url,
+            grace_period=1.0,
+            provides=[declare(args.type, args.version)],
+        ),
+    )
+
+
+if __name__ == "__main__":
+    main()
