@@ -26,6 +26,8 @@ from .health import Health
 log = logging.getLogger("connectplugin.hostlink")
 
 C = TypeVar("C")
+_TIMEOUT = 10.0
+"""Seconds for each unary call to the host."""
 
 
 class HostLink:
@@ -74,7 +76,8 @@ class HostLink:
             for peer in self._peers.values():
                 peer.close()
             self._peers.clear()
-            self._host = Client(self.host_url, ClientConfig(timeout=10, headers=self._auth()))
+            # No default timeout: watches stay open; unary calls below pass their own.
+            self._host = Client(self.host_url, ClientConfig(headers=self._auth()))
             self._changed.notify_all()
         self._register()
         self._health_changed(self.health.get())
@@ -116,7 +119,7 @@ class HostLink:
 
     def discover(self, service_type: str, min_version: str = "") -> registry_pb2.DiscoverServiceResponse:
         return ServiceRegistryClient(self._client()).discover_service(
-            registry_pb2.DiscoverServiceRequest(service_type=service_type, min_version=min_version)
+            registry_pb2.DiscoverServiceRequest(service_type=service_type, min_version=min_version), timeout=_TIMEOUT
         )
 
     def client(self, service_type: str, client_class: type[C], min_version: str = "", timeout: float | None = None) -> C:
@@ -134,13 +137,14 @@ class HostLink:
 
     def watch(self, service_type: str) -> ServerStream[registry_pb2.WatchServiceEvent]:
         return ServiceRegistryClient(self._client()).watch_service(
-            registry_pb2.WatchServiceRequest(service_type=service_type), timeout=None
+            registry_pb2.WatchServiceRequest(service_type=service_type)
         )
 
     def capability(self, capability_type: str, client_class: type[C], min_version: str = "", reason: str = "") -> C:
         """A typed client for a host capability, opened with a fresh grant."""
         grant = CapabilityBrokerClient(self._client()).request_capability(
-            broker_pb2.RequestCapabilityRequest(capability_type=capability_type, min_version=min_version, reason=reason)
+            broker_pb2.RequestCapabilityRequest(capability_type=capability_type, min_version=min_version, reason=reason),
+            timeout=_TIMEOUT,
         ).grant
         auth = {"Authorization": f"Bearer {grant.bearer_token}"}
         return client_class(Client(grant.endpoint_url, ClientConfig(timeout=10, headers=auth)))  # type: ignore[call-arg]
@@ -156,7 +160,8 @@ class HostLink:
             response = registry.register_service(
                 registry_pb2.RegisterServiceRequest(
                     service_type=decl.type, version=decl.version, endpoint_path=decl.path, metadata=metadata
-                )
+                ),
+                timeout=_TIMEOUT,
             )
             ids.append(response.registration_id)
         with self._lock:

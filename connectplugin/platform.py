@@ -59,10 +59,13 @@ class Platform:
                     raise ValueError(f"a plugin named {spec.name!r} is already running")
             order = self._order({**self._specs, **{s.name: s for s in specs}}, {s.name for s in specs})
             by_name = {s.name: s for s in specs}
+            coming: set[str] = set()
+            for name in order:  # refuse the whole batch before anything starts
+                self._check_startup(by_name[name], coming)
+                coming |= set(by_name[name].provides)
             started = []
             for name in order:
                 spec = by_name[name]
-                self._check_startup(spec)
                 self._clients[name] = self.host.launch(spec.strategy, name=name)
                 self._specs[name] = spec
                 started.append(name)
@@ -152,9 +155,10 @@ class Platform:
         wanted = set(names)
         return [n for n in order if n in wanted]
 
-    def _check_startup(self, spec: PluginSpec) -> None:
+    def _check_startup(self, spec: PluginSpec, coming: set[str]) -> None:
+        """Each startup dependency must be registered now or provided earlier in this batch."""
         for req in spec.requires:
-            if not req.required_for_startup:
+            if not req.required_for_startup or req.service_type in coming:
                 continue
             try:
                 self.host.registry.discover(req.service_type, req.min_version)

@@ -40,7 +40,10 @@ class Recorder(KVStore):
 
     def get(self, request: kv_pb2.GetRequest, ctx: Context) -> kv_pb2.GetResponse:
         if request.key == "headers":
-            seen = {k: v if isinstance(v, str) else v.decode(errors="replace") for k, v in ctx.request_headers.items()}
+            seen = {
+                k: v if isinstance(v, str) else v.decode(errors="replace")
+                for k, v in ctx.request_headers.items()
+            }
             return kv_pb2.GetResponse(value=json.dumps(seen).encode(), found=True)
         if request.key == "whoami":
             return kv_pb2.GetResponse(value=self.label.encode(), found=True)
@@ -50,7 +53,9 @@ class Recorder(KVStore):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m tests.platform_plugins.provider", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.platform_plugins.provider", description=__doc__
+    )
     parser.add_argument("--type", required=True, help="the service type to provide")
     parser.add_argument("--version", default="1.0.0")
     parser.add_argument("--host-url", default="", help="join this host on its own")
