@@ -5,11 +5,10 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Iterable, Mapping
-from typing import Union
 
 from .errors import Code, ConnectError
 
-Value = Union[str, bytes]
+Value = str | bytes
 
 
 def encode_value(key: str, value: Value) -> str:
@@ -43,9 +42,22 @@ def from_pairs(pairs: Iterable[tuple[str, str]], strip_prefix: str = "") -> dict
             if not key.startswith(strip_prefix):
                 continue
             key = key[len(strip_prefix):]
-        decoded = decode_value(key, value)
-        if key in out and isinstance(decoded, str) and isinstance(out[key], str):
-            out[key] = f"{out[key]}, {decoded}"
+        decoded = decode_value(key, value) if key.endswith("-bin") else value
+        previous = out.get(key)
+        if previous is not None and isinstance(decoded, str) and isinstance(previous, str):
+            out[key] = f"{previous}, {decoded}"
         else:
             out[key] = decoded
     return out
+
+
+def split_prefixed(metadata: Mapping[str, Value], prefix: str) -> tuple[dict[str, Value], dict[str, Value]]:
+    """The entries without ``prefix``, and those with it under their names without it."""
+    plain: dict[str, Value] = {}
+    prefixed: dict[str, Value] = {}
+    for key, value in metadata.items():
+        if key.startswith(prefix):
+            prefixed[key[len(prefix) :]] = value
+        else:
+            plain[key] = value
+    return plain, prefixed

@@ -1,8 +1,11 @@
 """The Connect client: calls over a pooled ``requests`` session.
 
-Requests are sent straight through the session's transport adapter (skipping the
-per-call settings merge of ``Session.request``), so an in-process adapter can stand in
-for the network without changing anything above it.
+Requests go straight to the session's transport adapter for the base URL (skipping the
+per-call settings merge of ``Session.request``), so an in-process adapter can stand in for
+the network without changing anything above it. When that adapter is requests' own
+``HTTPAdapter``, the client goes one step further down and calls the adapter's urllib3
+connection pool itself: the same connections, TLS settings and retries, without building
+a ``requests.Response`` (its cookie jar and bookkeeping cost as much as the rest of a call).
 """
 
 from __future__ import annotations
@@ -14,15 +17,24 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
+from urllib.parse import quote, urlsplit
 
 import requests
+import urllib3
 from google.protobuf.message import Message
-from requests.adapters import HTTPAdapter
+from requests.adapters import BaseAdapter, HTTPAdapter
 from requests.structures import CaseInsensitiveDict
+from urllib3.exceptions import (
+    ClosedPoolError,
+    ConnectTimeoutError,
+    MaxRetryError,
+    NewConnectionError,
+    ReadTimeoutError,
+)
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from . import _codec
-from ._metadata import Value, from_pairs, to_wire
+from ._metadata import Value, from_pairs, split_prefixed, to_wire
 from ._service import Method
 from .errors import Code, ConnectError
 
@@ -115,7 +127,11 @@ class Client:
     """A Connect client for one base URL. Safe to share between threads.
 
     ``session`` may be supplied to share a connection pool or mount a custom adapter
-    (TLS settings, an in-process transport); the client then does not close it.
+    (TLS settings, an in-process transport); the client then does not close it. The
+    adapter for the base URL is looked up once, here, and the session's ``verify`` and
+    ``cert`` apply. With requests' own HTTPAdapter the client keeps the adapter's
+    connection pool for the base URL from its first call on; its idle connections are
+    closed with the client when the client owns the session, else when it is collected.
     """
 
     def __init__(
@@ -134,14 +150,22 @@ class Client:
             session.mount("http://", adapter)
             session.mount("https://", adapter)
         self.session = session
-        self._adapter = session.get_adapter(self.base_url + "/")
+        self._transport = _transport(session, self.base_url)
         codec = self.config.codec
         self._codec = _codec.CODECS[codec]
-        self._base_headers: dict[str, str] = {
-            "User-Agent": _USER_AGENT,
-            "Connect-Protocol-Version": "1",
-            **self.config.headers,
-        }
+        # The request headers of each kind of call, but for the per-call ones (see _send).
+        base = [
+            ("User-Agent", _USER_AGENT),
+            ("Connect-Protocol-Version", "1"),
+            *self.config.headers.items(),
+        ]
+        self._get_headers = _header_table([*base, ("Accept-Encoding", "gzip")])
+        self._post_headers = _header_table(
+            [*base, ("Accept-Encoding", "gzip"), ("Content-Type", "application/" + codec)]
+        )
+        self._stream_headers = _header_table(
+            [*base, ("Content-Type", "application/connect+" + codec), ("Connect-Accept-Encoding", "gzip")]
+        )
         self._unary_type = "application/" + codec
         self._stream_type = "application/connect+" + codec
         self._chain = self._build_chain()
@@ -180,6 +204,7 @@ class Client:
     def close(self) -> None:
         if self._owns_session:
             self.session.close()
+            self._transport.close()
 
     def __enter__(self) -> Client:
         return self
@@ -200,78 +225,75 @@ class Client:
             return self._stream(call)
         return self._unary(call)
 
-    def _send(self, call: Call, http_method: str, url: str, headers: dict[str, str], body: bytes | None):
+    def _send(
+        self, call: Call, http_method: str, path: str, headers: _HeaderTable, body: bytes | None
+    ) -> tuple[_Response, float | None]:
+        """Send a request to ``base_url + path``; ``headers`` is a copy this call may change."""
         deadline = time.monotonic() + call.timeout if call.timeout is not None else None
         if call.timeout is not None:
-            headers["Connect-Timeout-Ms"] = _codec.format_timeout_ms(call.timeout)
+            headers["connect-timeout-ms"] = ("Connect-Timeout-Ms", _codec.format_timeout_ms(call.timeout))
         for key, value in to_wire(call.headers):
-            headers[key] = value
-        prepared = requests.PreparedRequest()
-        prepared.method = http_method
-        prepared.url = url
-        prepared.headers = CaseInsensitiveDict(headers)
-        prepared.body = body
-        prepared.hooks = {"response": []}
+            headers[key.lower()] = (key, value)
         if body is not None:
-            prepared.headers["Content-Length"] = str(len(body))
+            headers["content-length"] = ("Content-Length", str(len(body)))
         read_timeout = call.timeout
         connect_timeout = self.config.connect_timeout
         if read_timeout is not None:
             connect_timeout = min(connect_timeout, read_timeout)
         try:
-            response = self._adapter.send(prepared, stream=True, timeout=(connect_timeout, read_timeout))
-        except requests.exceptions.Timeout as e:
-            raise _timeout_error(deadline, e) from None
+            response = self._transport.send(
+                http_method, path, dict(headers.values()), body, connect_timeout, read_timeout
+            )
         except (requests.exceptions.RequestException, Urllib3Error, OSError) as e:
+            if _timed_out(e):
+                raise _timeout_error(deadline, e) from None
             raise ConnectError(Code.UNAVAILABLE, f"cannot reach {self.base_url}: {_reason(e)}") from None
         return response, deadline
 
     def _unary(self, call: Call) -> Message:
         method = call.method
         data = self._codec.encode(call.request)
-        headers = dict(self._base_headers)
-        headers["Accept-Encoding"] = "gzip"
-        url = self.base_url + method.path
         if self.config.use_get and method.idempotent:
             query = f"?encoding={self.config.codec}&connect=v1&"
             if self.config.codec == "json":
-                query += "message=" + requests.utils.quote(data.decode(), safe="")
+                query += "message=" + quote(data.decode(), safe="")
             else:
                 query += "base64=1&message=" + base64.urlsafe_b64encode(data).decode().rstrip("=")
-            response, deadline = self._send(call, "GET", url + query, headers, None)
+            response, deadline = self._send(call, "GET", method.path + query, self._get_headers.copy(), None)
         else:
-            headers["Content-Type"] = self._unary_type
+            headers = self._post_headers.copy()
             if self.config.compression != _codec.IDENTITY and len(data) >= self.config.compress_min_bytes:
                 data = _codec.compress(self.config.compression, data)
-                headers["Content-Encoding"] = self.config.compression
-            response, deadline = self._send(call, "POST", url, headers, data)
+                headers["content-encoding"] = ("Content-Encoding", self.config.compression)
+            response, deadline = self._send(call, "POST", method.path, headers, data)
         try:
             body = self._read_all(response, deadline)
         finally:
             response.close()
         wire = from_pairs(response.headers.items())
-        call.response_headers = {k: v for k, v in wire.items() if not k.startswith("trailer-")}
-        call.response_trailers = {k[8:]: v for k, v in wire.items() if k.startswith("trailer-")}
-        meta = {**call.response_headers, **call.response_trailers}
-        if response.status_code != 200:
-            raise _unary_error(response, body, meta)
-        content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        if content_type != self._unary_type:
-            # Another Connect codec is a protocol error; anything else is not Connect at all.
-            code = Code.INTERNAL if content_type in ("application/proto", "application/json") else Code.UNKNOWN
-            raise ConnectError(code, f"unexpected response content type {content_type!r}", metadata=meta)
-        encoding = response.headers.get("Content-Encoding", _codec.IDENTITY)
-        try:
-            payload = _codec.decompress(encoding, body, self.config.read_limit)
-        except ConnectError as e:
-            code = Code.RESOURCE_EXHAUSTED if e.code is Code.RESOURCE_EXHAUSTED else Code.INTERNAL
-            raise ConnectError(code, e.message, metadata=meta) from None
-        return self._decode(payload, method.output)
+        call.response_headers, call.response_trailers = split_prefixed(wire, "trailer-")
+        if response.status != 200:
+            raise _unary_error(response, body, _metadata(call))
+        content_type = response.headers.get("content-type", "")
+        if content_type != self._unary_type:  # the exact spelling is the common case
+            content_type = content_type.split(";")[0].strip().lower()
+            if content_type != self._unary_type:
+                # Another Connect codec is a protocol error; anything else is not Connect at all.
+                code = Code.INTERNAL if content_type in ("application/proto", "application/json") else Code.UNKNOWN
+                raise ConnectError(code, f"unexpected response content type {content_type!r}", metadata=_metadata(call))
+        encoding = response.headers.get("content-encoding", _codec.IDENTITY)
+        if encoding != _codec.IDENTITY:
+            try:
+                body = _codec.decompress(encoding, body, self.config.read_limit)
+            except ConnectError as e:
+                code = Code.RESOURCE_EXHAUSTED if e.code is Code.RESOURCE_EXHAUSTED else Code.INTERNAL
+                raise ConnectError(code, e.message, metadata=_metadata(call)) from None
+        return self._decode(body, method.output)
 
-    def _read_all(self, response: requests.Response, deadline: float | None) -> bytes:
+    def _read_all(self, response: _Response, deadline: float | None) -> bytes:
         limit = self.config.read_limit
         try:
-            body = response.raw.read(limit + 1)
+            body = response.read(limit + 1)
         except requests.exceptions.Timeout as e:
             raise _timeout_error(deadline, e) from None
         except (Urllib3Error, OSError, requests.exceptions.RequestException) as e:
@@ -288,24 +310,22 @@ class Client:
 
     def _stream(self, call: Call) -> ServerStream[Any]:
         data = self._codec.encode(call.request)
-        headers = dict(self._base_headers)
-        headers["Content-Type"] = self._stream_type
-        headers["Connect-Accept-Encoding"] = "gzip"
+        headers = self._stream_headers.copy()
         flags = 0
         if self.config.compression != _codec.IDENTITY and len(data) >= self.config.compress_min_bytes:
             data = _codec.compress(self.config.compression, data)
-            headers["Connect-Content-Encoding"] = self.config.compression
+            headers["connect-content-encoding"] = ("Connect-Content-Encoding", self.config.compression)
             flags = _codec.FLAG_COMPRESSED
-        response, deadline = self._send(call, "POST", self.base_url + call.method.path, headers, _codec.envelope(flags, data))
+        response, deadline = self._send(call, "POST", call.method.path, headers, _codec.envelope(flags, data))
         meta = from_pairs(response.headers.items())
         call.response_headers = meta
-        if response.status_code != 200:
+        if response.status != 200:
             try:
                 body = self._read_all(response, deadline)
             finally:
                 response.close()
             raise _unary_error(response, body, meta)
-        content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type != self._stream_type:
             response.close()
             raise ConnectError(Code.INTERNAL, f"unexpected response content type {content_type!r}", metadata=meta)
@@ -316,6 +336,205 @@ def _bind(interceptor: Interceptor, proceed: Callable[[Call], Any]) -> Callable[
     return lambda call: interceptor(call, proceed)
 
 
+_HeaderTable = dict[str, tuple[str, str]]
+"""Request headers by lower-cased name: (name as sent, value). Setting a name replaces any
+spelling of it, as requests' CaseInsensitiveDict does, and keeps the first one's place."""
+
+
+def _header_table(pairs: Sequence[tuple[str, str]]) -> _HeaderTable:
+    table: _HeaderTable = {}
+    for key, value in pairs:
+        table[key.lower()] = (key, value)
+    return table
+
+
+def _metadata(call: Call) -> dict[str, Value]:
+    """What an error carries: the response headers and trailers together."""
+    return {**call.response_headers, **call.response_trailers}
+
+
+# --- transports -----------------------------------------------------------------------------
+
+
+class _Response:
+    """An HTTP response as the calls see it, whichever transport produced it.
+
+    ``headers`` are keyed by lower-cased name; a repeated field is one entry, its values
+    joined by ", " (as both requests and urllib3 present it). ``read(n)`` reads the body as
+    sent (still compressed). ``close()`` returns the connection to its pool for reuse when
+    the body was read to its end, and drops it otherwise.
+    """
+
+    __slots__ = ("status", "reason", "headers", "read", "close")
+
+    def __init__(
+        self,
+        status: int,
+        reason: str | None,
+        headers: dict[str, str],
+        read: Callable[[int], bytes],
+        close: Callable[[], None],
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.read = read
+        self.close = close
+
+
+def _transport(session: requests.Session, base_url: str) -> _AdapterTransport | _PoolTransport:
+    adapter = session.get_adapter(base_url + "/")
+    parts = urlsplit(base_url)
+    if _is_stock(adapter) and not (parts.query or parts.fragment):
+        assert isinstance(adapter, HTTPAdapter)
+        return _PoolTransport(adapter, session, base_url, parts.path)
+    return _AdapterTransport(adapter, session, base_url)
+
+
+_SEND_STEPS = (
+    "send",
+    "get_connection_with_tls_context",
+    "build_connection_pool_key_attributes",
+    "cert_verify",
+    "request_url",
+    "add_headers",
+    "build_response",
+)
+"""The methods HTTPAdapter.send is made of; _PoolTransport does what they do by default."""
+
+
+def _is_stock(adapter: BaseAdapter) -> bool:
+    """True for requests' HTTPAdapter and subclasses that change only its pool set-up
+    (``init_poolmanager``, as TLS customisations do): calling their pool directly is the
+    same as calling ``send``. A subclass that changes how a request is sent is called through
+    ``send``, and so is any other adapter (the in-process WSGIAdapter)."""
+    return isinstance(adapter, HTTPAdapter) and all(
+        getattr(type(adapter), name) is getattr(HTTPAdapter, name) for name in _SEND_STEPS
+    )
+
+
+class _AdapterTransport:
+    """Any transport adapter, called through ``send``."""
+
+    def __init__(self, adapter: BaseAdapter, session: requests.Session, base_url: str) -> None:
+        self._adapter = adapter
+        self._session = session
+        self._base_url = base_url
+
+    def send(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        body: bytes | None,
+        connect_timeout: float,
+        read_timeout: float | None,
+    ) -> _Response:
+        prepared = requests.PreparedRequest()
+        prepared.method = method
+        prepared.url = self._base_url + path
+        prepared.headers = CaseInsensitiveDict(headers)
+        prepared.body = body
+        prepared.hooks = {"response": []}
+        response = self._adapter.send(
+            prepared,
+            stream=True,
+            timeout=(connect_timeout, read_timeout),
+            verify=self._session.verify,
+            cert=self._session.cert,
+        )
+        headers = {key.lower(): value for key, value in response.headers.items()}
+        return _Response(response.status_code, response.reason, headers, response.raw.read, response.close)
+
+    def close(self) -> None:
+        pass  # the session closes its adapters
+
+
+class _PoolTransport:
+    """requests' HTTPAdapter, with its urllib3 pool for the base URL called directly.
+
+    Does for our requests what ``HTTPAdapter.send`` does (no proxies, which calls never had):
+    the pool and its TLS settings come from the adapter, with the session's ``verify`` and
+    ``cert``, on the first call; the adapter's retry policy applies.
+    """
+
+    def __init__(self, adapter: HTTPAdapter, session: requests.Session, base_url: str, prefix: str) -> None:
+        self._adapter = adapter
+        self._session = session
+        self._base_url = base_url
+        self._prefix = prefix
+        """The base URL's path, which every request target starts with."""
+        # Set by one call or another; any thread may replace it with an equal pool.
+        self._pool: urllib3.HTTPConnectionPool | None = None
+
+    def send(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        body: bytes | None,
+        connect_timeout: float,
+        read_timeout: float | None,
+    ) -> _Response:
+        pool = self._pool or self._connect()
+        try:
+            response = self._urlopen(pool, method, path, headers, body, connect_timeout, read_timeout)
+        except ClosedPoolError:
+            # The session closed the pool (Session.close(), or it was the least recently
+            # used of too many); nothing was sent. Fetch the session's new pool and go again.
+            pool = self._connect()
+            response = self._urlopen(pool, method, path, headers, body, connect_timeout, read_timeout)
+
+        def close() -> None:
+            response.close()  # drops the connection, unless fully read (then already back)
+            response.release_conn()  # either way the pool gets its slot back, as with requests
+
+        headers = {key.lower(): value for key, value in response.headers.itermerged()}
+        return _Response(response.status, response.reason, headers, response.read, close)
+
+    def _urlopen(
+        self,
+        pool: urllib3.HTTPConnectionPool,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        body: bytes | None,
+        connect_timeout: float,
+        read_timeout: float | None,
+    ) -> urllib3.BaseHTTPResponse:
+        # The arguments HTTPAdapter.send passes.
+        return pool.urlopen(
+            method,
+            self._prefix + path,
+            body=body,
+            headers=headers,
+            retries=self._adapter.max_retries,
+            redirect=False,
+            assert_same_host=False,
+            preload_content=False,
+            decode_content=False,
+            timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
+        )
+
+    def close(self) -> None:
+        """Close the pool's idle connections; a later call takes a new pool from the session."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+    def _connect(self) -> urllib3.HTTPConnectionPool:
+        request = requests.PreparedRequest()
+        request.url = self._base_url + "/"
+        verify, cert = self._session.verify, self._session.cert
+        pool = self._adapter.get_connection_with_tls_context(request, verify, cert=cert)
+        self._adapter.cert_verify(pool, request.url, verify, cert)
+        self._pool = pool
+        return pool
+
+
+# --- streams --------------------------------------------------------------------------------
+
+
 class ServerStream(Generic[Res]):
     """The responses of a server-streaming call, as an iterator.
 
@@ -323,12 +542,12 @@ class ServerStream(Generic[Res]):
     connection. ``headers`` are known at once; ``trailers`` once the stream has ended.
     """
 
-    def __init__(self, client: Client, call: Call, response: requests.Response, deadline: float | None) -> None:
+    def __init__(self, client: Client, call: Call, response: _Response, deadline: float | None) -> None:
         self._client = client
         self._call = call
         self._response = response
         self._deadline = deadline
-        self._encoding = response.headers.get("Connect-Content-Encoding", _codec.IDENTITY)
+        self._encoding = response.headers.get("connect-content-encoding", _codec.IDENTITY)
         self._done = False
         if self._encoding not in _codec.ENCODINGS:
             self.close()
@@ -367,9 +586,8 @@ class ServerStream(Generic[Res]):
         return self._client._decode(data, self._call.method.output)
 
     def _next_envelope(self) -> tuple[int, bytes] | None:
-        read = self._response.raw.read
         try:
-            return _codec.read_envelope(read, self._encoding, self._client.config.read_limit)
+            return _codec.read_envelope(self._response.read, self._encoding, self._client.config.read_limit)
         except ConnectError as e:
             if e.code is Code.RESOURCE_EXHAUSTED:
                 raise
@@ -409,17 +627,28 @@ class ServerStream(Generic[Res]):
         self.close()
 
 
-def _unary_error(response: requests.Response, body: bytes, meta: Mapping[str, Value]) -> ConnectError:
-    fallback = Code.from_http_status(response.status_code)
-    content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+# --- errors ---------------------------------------------------------------------------------
+
+
+def _unary_error(response: _Response, body: bytes, meta: Mapping[str, Value]) -> ConnectError:
+    fallback = Code.from_http_status(response.status)
+    content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json":
         try:
-            body = _codec.decompress(response.headers.get("Content-Encoding", _codec.IDENTITY), body, len(body) * 64 + 1024)
+            body = _codec.decompress(response.headers.get("content-encoding", _codec.IDENTITY), body, len(body) * 64 + 1024)
             return ConnectError.from_json(json.loads(body), fallback, meta)
         except (ValueError, ConnectError):
             pass
     reason = response.reason or ""
-    return ConnectError(fallback, f"HTTP {response.status_code} {reason}".strip(), metadata=meta)
+    return ConnectError(fallback, f"HTTP {response.status} {reason}".strip(), metadata=meta)
+
+
+def _timed_out(e: BaseException) -> bool:
+    """Whether sending failed for a timeout, as requests' HTTPAdapter.send classifies it."""
+    if isinstance(e, MaxRetryError):
+        # urllib3 makes a refused connection (NewConnectionError) a ConnectTimeoutError too.
+        return isinstance(e.reason, ConnectTimeoutError) and not isinstance(e.reason, NewConnectionError)
+    return isinstance(e, (requests.exceptions.Timeout, ReadTimeoutError))
 
 
 def _timeout_error(deadline: float | None, cause: Exception) -> ConnectError:

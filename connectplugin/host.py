@@ -149,6 +149,9 @@ class HostConfig:
     """Lifetime of capability grants, in seconds."""
     register_timeout: float = 10.0
     """How long a launch waits for the plugin to register the services it declared."""
+    heartbeat_timeout: float = 5.0
+    """A self-registered plugin silent this long (no health report) is dropped from the
+    registry; its identity is revoked, so if it is alive it simply joins again."""
 
 
 class _HostHandshake(HandshakeServiceHandler):
@@ -225,6 +228,9 @@ class PluginHost:
         self._http = HTTPServer(self.app, HTTPConfig(host=config.host, port=config.port, threads=threads))
         self._http.start()
         self._closed = False
+        self._seen: dict[str, float] = {}  # self-registered runtime id -> last sign of life
+        self._stop_reaper = threading.Event()
+        threading.Thread(target=self._reap, name="host-reaper", daemon=True).start()
         _register_for_exit(self, config.handle_signals)
 
     @property
@@ -354,6 +360,7 @@ class PluginHost:
             t.start()
         for t in threads:
             t.join()
+        self._stop_reaper.set()
         self.registry.close_watchers()
         self._http.close(grace=1)
         self.router.close()
@@ -372,6 +379,8 @@ class PluginHost:
         return None
 
     def _url_of(self, identity: Identity) -> str:
+        """Where a launched plugin listens ("" for a self-registered one, which says so itself)."""
+        self._alive(identity)
         with self._lock:
             return self._urls.get(identity.runtime_id, "")
 
@@ -381,7 +390,28 @@ class PluginHost:
             info = PluginIdentityClient(client).get_plugin_info(plugininfo_pb2.GetPluginInfoRequest())
         self.registry.declare(identity.runtime_id, [d.type for d in info.provides])
 
+    def _reap(self) -> None:
+        """Drop self-registered plugins that stopped reporting (a launched one is watched directly)."""
+        interval = max(0.1, self.config.heartbeat_timeout / 4)
+        while not self._stop_reaper.wait(interval):
+            cutoff = time.monotonic() - self.config.heartbeat_timeout
+            with self._lock:
+                silent = [rid for rid, seen in self._seen.items() if seen < cutoff]
+                for rid in silent:
+                    del self._seen[rid]
+            for rid in silent:
+                log.warning("%s stopped reporting; dropping it from the registry", rid)
+                self.registry.remove_provider(rid)
+                self.broker.revoke_all(rid)
+                self.identities.revoke(rid)
+
+    def _alive(self, identity: Identity) -> None:
+        with self._lock:
+            if identity.runtime_id not in self._urls:
+                self._seen[identity.runtime_id] = time.monotonic()
+
     def _record_health(self, identity: Identity, report: lifecycle_pb2.ReportHealthRequest) -> None:
+        self._alive(identity)
         self.registry.set_health(identity.runtime_id, report.state)
         with self._lock:
             self._health[identity.runtime_id] = report

@@ -146,6 +146,7 @@ class PluginServer:
         self.app = App(handlers, config.server, routes={"/healthz": self._live, "/readyz": self._ready})
         self._http: HTTPServer | None = None
         self._stopped = threading.Event()
+        self._unregister: threading.Thread | None = None
         self._grace = config.grace_period
 
     def listen(self) -> str:
@@ -160,6 +161,8 @@ class PluginServer:
         self.listen()
         assert self._http is not None
         self._http.serve_forever()
+        if self._unregister is not None:
+            self._unregister.join(timeout=3)  # the host should stop offering us before we go
         self.link.close()
 
     def stop(self, grace: float | None = None, reason: str = "") -> None:
@@ -171,7 +174,8 @@ class PluginServer:
         self.app.stopping.set()
         # Even "no grace" leaves a moment for replies already being written (Shutdown's own).
         grace = max(0.25, self._grace if grace is None else grace)
-        threading.Thread(target=self.link.unregister, daemon=True).start()
+        self._unregister = threading.Thread(target=self.link.unregister, daemon=True)
+        self._unregister.start()
         if self._http is not None:
             http = self._http
             # From a handler thread: let the reply go out, then drain without blocking it.

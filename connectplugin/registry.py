@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import queue
 import random
-import re
 import secrets
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -57,13 +56,13 @@ class Provider:
 
 def version_key(version: str) -> tuple:
     """Semantic-version ordering: 1.10.0 > 1.9.0, and 1.0.0-rc.1 < 1.0.0."""
-    core, _, pre = version.strip().lstrip("vV").partition("-")
-    core = core.split("+", 1)[0]
+    # Build metadata ("+...") never affects order, and may itself contain hyphens.
+    core, _, pre = version.strip().lstrip("vV").split("+", 1)[0].partition("-")
     numbers = [int(n) if n.isdigit() else 0 for n in (core.split(".") + ["0", "0"])[:3]]
     if not pre:
         return (*numbers, 1, ())
     # Pre-release identifiers: numeric ones compare as numbers and sort before text ones.
-    ids = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.]", pre.split("+", 1)[0]))
+    ids = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in pre.split("."))
     return (*numbers, 0, ids)
 
 

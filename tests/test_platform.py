@@ -481,11 +481,6 @@ def test_discovered_endpoint_routes_to_the_picked_provider(host, peer):
             "1.2.3",
             "1.2.3+build-7",
             id="build-metadata-with-hyphen-ignored",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: registry.version_key splits on the first '-' before removing build "
-                "metadata, so '1.2.3+build-7' parses as pre-release 7 of 1.2.3 and ranks below 1.2.3",
-            ),
         ),
     ],
 )
