@@ -386,6 +386,24 @@ def test_self_registering_plugin_rejoins_a_restarted_host_by_itself(make_host, s
     assert runtime_id != first_id and second.identities.get(runtime_id) is not None
 
 
+def test_self_registered_plugin_that_goes_silent_is_dropped_and_watchers_are_told(make_host, sidecar, peer):
+    host = make_host(heartbeat_timeout=1.0)
+    proc = sidecar("samples.platform.storage", "--host-url", host.url)
+    [runtime_id] = wait_until(lambda: provider_ids(host, "storage"), "storage to register", timeout=10)
+    events = peer(host, "watcher").watch("storage", limit=2)
+    events.wait_for(1)
+
+    proc.kill()  # no unregister, no more heartbeats: only silence tells the host
+
+    first, second = events.wait_for(2, timeout=5)
+    assert (first.state, second.state) == (
+        registry_pb2.SERVICE_STATE_AVAILABLE,
+        registry_pb2.SERVICE_STATE_UNAVAILABLE,
+    )
+    assert provider_ids(host, "storage") == []
+    assert host.identities.get(runtime_id) is None
+
+
 # --- selection ------------------------------------------------------------------------------
 
 
