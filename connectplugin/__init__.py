@@ -8,7 +8,14 @@ from .health import Health
 from .host import HostConfig, PluginClient, PluginHost
 from .hostlink import HostLink
 from .httpserver import HTTPConfig, HTTPServer
-from .launcher import InProcessStrategy, LaunchError, ProcessStrategy, Strategy
+from .launcher import (
+    InProcessStrategy,
+    LaunchContext,
+    LaunchError,
+    ProcessStrategy,
+    Running,
+    Strategy,
+)
 from .platform import DependencyError, Platform, PluginSpec, Requirement
 from .plugin import PluginServer, ServeConfig, serve
 from .registry import RegistryConfig
@@ -32,6 +39,7 @@ __all__ = [
     "HostLink",
     "InProcessStrategy",
     "Interceptor",
+    "LaunchContext",
     "LaunchError",
     "Method",
     "Platform",
@@ -44,6 +52,7 @@ __all__ = [
     "RegistryConfig",
     "Requirement",
     "ResponseMetadata",
+    "Running",
     "ServeConfig",
     "ServerConfig",
     "ServerStream",

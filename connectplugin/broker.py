@@ -51,8 +51,12 @@ class _Capability:
 class Broker:
     """Capabilities and their grants. Safe from any thread."""
 
-    def __init__(self, base_url: Callable[[], str], ttl: float = DEFAULT_TTL) -> None:
+    def __init__(
+        self, base_url: Callable[[], str], holder_valid: Callable[[str], bool], ttl: float = DEFAULT_TTL
+    ) -> None:
         self._base_url = base_url
+        self._holder_valid = holder_valid
+        """Whether a runtime id still stands: a grant dies with its holder's identity."""
         self.ttl = ttl
         self._lock = threading.Lock()
         self._capabilities: dict[str, _Capability] = {}
@@ -89,7 +93,10 @@ class Broker:
             runtime_id=runtime_id,
             expires_at=time.monotonic() + self.ttl,
         )
+        now = time.monotonic()
         with self._lock:
+            for gid in [g.grant_id for g in self._grants.values() if g.expires_at <= now]:
+                del self._grants[gid]  # expired grants go when new ones come, not only when used
             self._grants[grant.grant_id] = grant
         log.info("granted %s to %s (%s)", capability_type, runtime_id, reason or "no reason given")
         return grant, capability.version
@@ -124,7 +131,13 @@ class Broker:
                 grant = None
         expected = grant.token if grant is not None else "-" * 43
         matches = hmac.compare_digest(token.strip().encode(), expected.encode())
-        if grant is None or not matches or scheme.lower() != "bearer" or grant.capability_type != capability_type:
+        if (
+            grant is None
+            or not matches
+            or scheme.lower() != "bearer"
+            or grant.capability_type != capability_type
+            or not self._holder_valid(grant.runtime_id)
+        ):
             raise ConnectError(Code.UNAUTHENTICATED, "capability grant is invalid, expired or revoked")
         assert capability is not None
         return capability

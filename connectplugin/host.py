@@ -149,6 +149,9 @@ class HostConfig:
     """Lifetime of capability grants, in seconds."""
     register_timeout: float = 10.0
     """How long a launch waits for the plugin to register the services it declared."""
+    allow_self_registration: bool = True
+    """Give identities to plugins that handshake on their own (model B). Anyone who knows
+    the magic cookie can then join: turn it off when only launched plugins should."""
     heartbeat_timeout: float = 5.0
     """A self-registered plugin silent this long (no health report) is dropped from the
     registry; its identity is revoked, so if it is alive it simply joins again."""
@@ -169,7 +172,10 @@ class _HostHandshake(HandshakeServiceHandler):
             host_capabilities=self._host.broker.advertised(),
         )
         if request.self_id:
+            if not self._host.config.allow_self_registration:
+                raise ConnectError(Code.PERMISSION_DENIED, "this host does not accept self-registering plugins")
             identity = self._host.identities.issue(request.self_id, request.self_version)
+            self._host._alive(identity)  # reaped like any self-registered plugin if it goes silent
             log.info("handshake from %s %s: runtime id %s", request.self_id, request.self_version, identity.runtime_id)
             response.runtime_id = identity.runtime_id
             response.runtime_token = identity.token
@@ -206,7 +212,7 @@ class PluginHost:
         self.config = config = config or HostConfig()
         self.identities = Identities()
         self.registry = Registry(config.registry)
-        self.broker = Broker(lambda: self.url, config.grant_ttl)
+        self.broker = Broker(lambda: self.url, lambda rid: self.identities.get(rid) is not None, config.grant_ttl)
         self.router = Router(self.registry, self.identities)
         self._lock = threading.Lock()
         self._launched: list[tuple[PluginClient, Identity]] = []
@@ -448,11 +454,13 @@ def _register_for_exit(host: PluginHost, handle_signals: bool) -> None:
         previous = signal.getsignal(signum)
 
         def handler(num: int, frame: Any, previous: Any = previous) -> None:
-            _close_all()
-            if callable(previous):
+            # Never close hosts here: the interrupted code may hold their locks. Unwind
+            # instead; ``with`` blocks and the atexit hook stop the plugins on the way out.
+            if callable(previous) and previous is not signal.default_int_handler:
                 previous(num, frame)
-            elif previous == signal.SIG_DFL:
-                signal.signal(num, signal.SIG_DFL)
-                signal.raise_signal(num)
+                return
+            if num == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + num)
 
         signal.signal(signum, handler)

@@ -7,6 +7,7 @@ with this plugin's credentials. Safe to use from any thread.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
 from collections.abc import Sequence
@@ -53,6 +54,7 @@ class HostLink:
         self._closed = False
         self._reporter: threading.Thread | None = None
         self._peers: dict[tuple[str, float | None], Client] = {}
+        self._grant_clients: list[Client] = []
 
     def attach(self, health: Health, provides: Sequence[handshake_pb2.ServiceDeclaration], host_url: str) -> None:
         """Called by the plugin server: the health to report and the services to register."""
@@ -101,6 +103,18 @@ class HostLink:
         with self._changed:
             return self._changed.wait_for(lambda: bool(self._token), timeout)
 
+    def is_current(self, authorization: object) -> bool:
+        """Whether ``authorization`` is ``Bearer <our current token>`` (constant time)."""
+        with self._lock:
+            token = self._token
+        scheme, _, given = str(authorization).partition(" ")
+        return bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), token.encode())
+
+    def reset(self) -> None:
+        """Forget the identity (the host no longer knows it); a self-registering plugin rejoins."""
+        with self._lock:
+            self.runtime_id, self._token = "", ""
+
     def headers(self) -> dict[str, str]:
         """The credentials host API calls carry."""
         with self._lock:
@@ -147,7 +161,10 @@ class HostLink:
             timeout=_TIMEOUT,
         ).grant
         auth = {"Authorization": f"Bearer {grant.bearer_token}"}
-        return client_class(Client(grant.endpoint_url, ClientConfig(timeout=10, headers=auth)))  # type: ignore[call-arg]
+        client = Client(grant.endpoint_url, ClientConfig(timeout=_TIMEOUT, headers=auth))
+        with self._lock:
+            self._grant_clients.append(client)
+        return client_class(client)  # type: ignore[call-arg]
 
     # --- registration and health --------------------------------------------------------------
 
@@ -184,8 +201,11 @@ class HostLink:
                 log.debug("unregister %s: %s", reg_id, e)
 
     def _health_changed(self, report: lifecycle_pb2.GetHealthResponse) -> None:
+        # Read the state again rather than trust the argument: listeners of two quick
+        # changes may run in either order, and the host must end up with the last one.
+        current = self.health.get()
         with self._lock:
-            self._pending = report
+            self._pending = current
             self._changed.notify_all()
 
     def _report_loop(self) -> None:
@@ -223,8 +243,9 @@ class HostLink:
         with self._lock:
             self._closed = True
             self._changed.notify_all()
-            clients = [self._host, *self._peers.values()]
+            clients = [self._host, *self._peers.values(), *self._grant_clients]
             self._peers.clear()
+            self._grant_clients.clear()
         for client in clients:
             if client is not None:
                 client.close()
@@ -245,8 +266,7 @@ def keep_registered(
         except ConnectError as e:
             if link.connected and e.code in (Code.UNAUTHENTICATED, Code.UNAVAILABLE):
                 log.warning("lost the host at %s (%s); reconnecting", link.host_url, e.code.value)
-                with link._lock:
-                    link._token = ""
+                link.reset()
             elif not link.connected:
                 log.debug("host at %s not reachable yet: %s", link.host_url, e)
         stopped.wait(interval)

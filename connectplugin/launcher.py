@@ -351,6 +351,9 @@ class WSGIAdapter(BaseAdapter):
             chunks = iter(app_iter)
             first = next(chunks, b"")  # runs the app far enough to call start_response
             raw = _BodyReader(first, chunks, app_iter)
+        if not started:  # the app failed before it could answer: what a server would send
+            started[:] = ["500 Internal Server Error", [("Content-Length", "0")]]
+            raw = _BodyReader(b"", iter(()), ())
         response = requests.Response()
         status, headers = started
         response.status_code = int(status.split(" ", 1)[0])
@@ -423,8 +426,9 @@ class _PumpedBody(io.RawIOBase):
             return write
 
         def pump() -> None:
-            app_iter = app(environ, marking_start_response)
+            app_iter: Iterable[bytes] = ()
             try:
+                app_iter = app(environ, marking_start_response)
                 for chunk in app_iter:
                     started.set()
                     if self._gone.is_set():

@@ -89,6 +89,9 @@ class _IdentityService(PluginIdentityHandler):
     ) -> plugininfo_pb2.SetRuntimeIdentityResponse:
         if not request.runtime_id or not request.runtime_token:
             raise ConnectError(Code.INVALID_ARGUMENT, "runtime_id and runtime_token are required")
+        # Only the first assignment is free; changing it takes the identity being replaced.
+        if self._link.connected and not self._link.is_current(ctx.request_headers.get("authorization", "")):
+            raise ConnectError(Code.PERMISSION_DENIED, "this plugin already has a runtime identity")
         log.info("runtime identity assigned: %s", request.runtime_id)
         # Registering calls back into the host, which may be waiting on this reply.
         threading.Thread(

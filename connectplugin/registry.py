@@ -302,12 +302,13 @@ class RegistryService(ServiceRegistryHandler):
     def register_service(self, request: registry_pb2.RegisterServiceRequest, ctx: Context) -> registry_pb2.RegisterServiceResponse:
         identity = self._identities.verify(ctx.request_headers)
         # Self-registering plugins (model B) say where they listen in metadata["base_url"].
-        base_url = self._base_url_of(identity) or request.metadata.get("base_url", "")
+        launched = self._base_url_of(identity)
+        base_url = launched or request.metadata.get("base_url", "")
         if not base_url:
             raise ConnectError(
                 Code.INVALID_ARGUMENT, 'metadata["base_url"] is required for a plugin the host did not launch'
             )
-        if not self._registry.has_declared(identity.runtime_id):
+        if not launched and not self._registry.has_declared(identity.runtime_id):
             try:
                 self._declare_from(identity, base_url)
             except ConnectError as e:

@@ -16,7 +16,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from ._codec import FLAG_END_STREAM, envelope
 from .auth import RUNTIME_ID_HEADER, Identities
@@ -56,22 +56,26 @@ class Router:
         self._pool_size = pool_size
         self._pools: dict[str, _Connections] = {}
         self._pools_lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _local and _aliases
         self._local: dict[str, Callable[..., Iterable[bytes]]] = {}
         self._aliases: dict[str, str] = {}
 
     def attach_local(self, provider_id: str, app: Callable[..., Iterable[bytes]]) -> None:
         """Route to an in-process plugin by calling its WSGI app directly."""
-        self._local[provider_id] = app
+        with self._lock:
+            self._local[provider_id] = app
 
     def alias(self, old_provider_id: str, new_provider_id: str) -> None:
         """Send calls addressed to a replaced provider (or its predecessors) to its successor."""
-        for key, target in list(self._aliases.items()):
-            if target == old_provider_id:
-                self._aliases[key] = new_provider_id
-        self._aliases[old_provider_id] = new_provider_id
+        with self._lock:
+            for key, target in list(self._aliases.items()):
+                if target == old_provider_id:
+                    self._aliases[key] = new_provider_id
+            self._aliases[old_provider_id] = new_provider_id
 
     def detach_local(self, provider_id: str) -> None:
-        self._local.pop(provider_id, None)
+        with self._lock:
+            self._local.pop(provider_id, None)
 
     def _call_local(
         self, app: Callable[..., Iterable[bytes]], path: str, caller_id: str, environ: dict, start_response: Callable[..., Any]
@@ -83,6 +87,7 @@ class Router:
 
     def __call__(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
         args = environ.get("connectplugin.route_args", {})
+        streaming = environ.get("CONTENT_TYPE", "").startswith("application/connect+")
         try:
             caller = self._identities.verify(_headers(environ))
             headers = {
@@ -96,37 +101,47 @@ class Router:
             length = int(environ.get("CONTENT_LENGTH") or 0)
             body = environ["wsgi.input"].read(length) if length else environ["wsgi.input"].read()
             headers["Content-Length"] = str(len(body))
+            timeout = _upstream_timeout(environ.get("HTTP_CONNECT_TIMEOUT_MS"), streaming)
             tried = ""
             while True:
                 provider = self._resolve(args)
                 path = self._path(provider, args["method"])
-                local = self._local.get(provider.provider_id)
+                with self._lock:
+                    local = self._local.get(provider.provider_id)
                 if local is not None:
                     environ["wsgi.input"] = io.BytesIO(body)
                     return self._call_local(local, path, caller.runtime_id, environ, start_response)
+                # PATH_INFO arrives decoded; quote it again for the next hop.
+                target = quote(path, safe="/")
                 if environ.get("QUERY_STRING"):
-                    path += "?" + environ["QUERY_STRING"]
+                    target += "?" + environ["QUERY_STRING"]
                 pool = self._pool_for(provider.base_url)
                 try:
-                    conn, upstream = pool.send(environ["REQUEST_METHOD"], path, body, headers)
+                    conn, upstream = pool.send(environ["REQUEST_METHOD"], target, body, headers, timeout)
                     break
                 except (http.client.HTTPException, OSError) as e:
-                    self._unreachable(provider.provider_id, e)
+                    if isinstance(e, ConnectionRefusedError):
+                        self._unreachable(provider.provider_id, e)
                     # Replaced while this call was on its way: the successor takes it. The
                     # old instance refused the connection, so it never saw the request.
-                    if tried or self._aliases.get(provider.provider_id) is None:
+                    with self._lock:
+                        successor = self._aliases.get(provider.provider_id)
+                    if tried or successor is None:
                         raise ConnectError(
                             Code.UNAVAILABLE, f"provider {provider.provider_id} is unreachable"
                         ) from None
                     tried = provider.provider_id
         except ConnectError as e:
+            if streaming:
+                return _stream_error(start_response, environ.get("CONTENT_TYPE", ""), e)
             return error_response(start_response, e)
         out_headers = [(k, v) for k, v in upstream.getheaders() if k.lower() not in _HOP_BY_HOP]
         start_response(f"{upstream.status} {upstream.reason or ''}".strip(), out_headers)
         return _relay(upstream, conn, pool, provider.provider_id, self)
 
     def _resolve(self, args: dict[str, str]) -> Provider:
-        provider_id = self._aliases.get(args["provider_id"], args["provider_id"])
+        with self._lock:
+            provider_id = self._aliases.get(args["provider_id"], args["provider_id"])
         provider = self._registry.provider(provider_id, args["service_type"])
         if provider is None:
             raise ConnectError(Code.NOT_FOUND, f"no provider {args['provider_id']!r} of {args['service_type']!r}")
@@ -136,9 +151,17 @@ class Router:
 
     @staticmethod
     def _path(provider: Provider, method: str) -> str:
-        # "Get" is relative to the registered endpoint path (the Go reference's form);
-        # "kv.v1.KVService/Get" is a full procedure path, as generated clients send.
-        return "/" + method if "/" in method else provider.endpoint_path + method
+        """The provider-side path: only procedures of the registered service are reachable.
+
+        "Get" is relative to the registered endpoint path (the Go reference's form);
+        "kv.v1.KVService/Get" is a full procedure path, as generated clients send. Anything
+        else (the provider's own control services above all) is not routed.
+        """
+        path = "/" + method if "/" in method else provider.endpoint_path + method
+        rest = path[len(provider.endpoint_path):]
+        if not path.startswith(provider.endpoint_path) or not rest or "/" in rest:
+            raise ConnectError(Code.NOT_FOUND, f"{method!r} is not a method of {provider.endpoint_path!r}")
+        return path
 
     def _unreachable(self, provider_id: str, error: BaseException) -> None:
         log.warning("provider %s unreachable: %s; marking it unhealthy", provider_id, error)
@@ -175,27 +198,37 @@ class _Connections:
         self._lock = threading.Lock()
 
     def send(
-        self, method: str, path: str, body: bytes, headers: dict[str, str]
+        self, method: str, path: str, body: bytes, headers: dict[str, str], timeout: float | None
     ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        """Send on an idle connection (or a new one); a stale idle one is retried once, fresh."""
+        """Send on an idle connection (or a new one).
+
+        An idle connection the provider closed while we held it fails before any reply;
+        that one case is retried once on a fresh connection.
+        """
         conn, reused = self._take()
         try:
-            return conn, self._exchange(conn, method, path, body, headers)
-        except (http.client.HTTPException, OSError):
+            return conn, self._exchange(conn, method, path, body, headers, timeout)
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
             conn.close()
             if not reused:
                 raise
+        except BaseException:
+            conn.close()
+            raise
         conn = self._connect()
         try:
-            return conn, self._exchange(conn, method, path, body, headers)
+            return conn, self._exchange(conn, method, path, body, headers, timeout)
         except BaseException:
             conn.close()
             raise
 
     @staticmethod
     def _exchange(
-        conn: http.client.HTTPConnection, method: str, path: str, body: bytes, headers: dict[str, str]
+        conn: http.client.HTTPConnection, method: str, path: str, body: bytes, headers: dict[str, str],
+        timeout: float | None,
     ) -> http.client.HTTPResponse:
+        assert conn.sock is not None
+        conn.sock.settimeout(timeout)
         conn.putrequest(method, path, skip_accept_encoding=True)
         for key, value in headers.items():
             conn.putheader(key, value)
@@ -216,7 +249,6 @@ class _Connections:
         conn = cls(self._host, self._port, timeout=5.0)
         conn.connect()
         assert conn.sock is not None
-        conn.sock.settimeout(None)  # streams may stay quiet; the caller's deadline governs
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn
 
@@ -270,6 +302,27 @@ def _relay(
             pool.give_back(conn)
         else:
             conn.close()
+
+
+_UNARY_CAP = 300.0
+"""Longest a unary call without its own timeout may hold a host thread, in seconds."""
+
+
+def _upstream_timeout(timeout_ms: str | None, streaming: bool) -> float | None:
+    """How long the host waits on the provider: the caller's deadline plus a margin.
+
+    Without a deadline a unary call is still capped; a stream may stay quiet indefinitely.
+    """
+    if timeout_ms and timeout_ms.isascii() and timeout_ms.isdigit():
+        return int(timeout_ms) / 1000.0 + 1.0
+    return None if streaming else _UNARY_CAP
+
+
+def _stream_error(start_response: Callable[..., Any], content_type: str, error: ConnectError) -> list[bytes]:
+    """A streaming call's error: always a 200 whose body is only the end-of-stream message."""
+    body = envelope(FLAG_END_STREAM, json.dumps({"error": error.to_json()}).encode())
+    start_response("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))])
+    return [body]
 
 
 def _headers(environ: dict) -> dict[str, str]:

@@ -46,30 +46,44 @@ class KVStore(KVServiceHandler):
         return kv_pb2.DeleteResponse(found=found)
 
     def watch(self, request: kv_pb2.WatchRequest, ctx: Context) -> Iterator[kv_pb2.WatchEvent]:
-        # Subscribe now, not inside the generator: the caller may write as soon as the
+        # Subscribe now, not inside a generator: the caller may write as soon as the
         # stream's headers arrive, which is before a generator body would first run.
-        events: queue.SimpleQueue[kv_pb2.WatchEvent] = queue.SimpleQueue()
-        entry = (request.prefix, events)
-        with self._lock:
-            self._watchers.append(entry)
-        return self._stream(entry, ctx)
-
-    def _stream(self, entry: tuple[str, queue.SimpleQueue[kv_pb2.WatchEvent]], ctx: Context) -> Iterator[kv_pb2.WatchEvent]:
-        try:
-            while ctx.is_active():
-                try:
-                    yield entry[1].get(timeout=_poll_interval(ctx))
-                except queue.Empty:
-                    continue
-        finally:
-            with self._lock:
-                self._watchers.remove(entry)
+        return _Subscription(self, request.prefix, ctx)
 
     def _notify(self, event: kv_pb2.WatchEvent) -> None:
         # Called with the lock held, so every watcher sees changes in the order they happened.
         for prefix, events in self._watchers:
             if event.key.startswith(prefix):
                 events.put(event)
+
+
+class _Subscription:
+    """One watcher's events; closing it (the server does, when the call ends) unsubscribes."""
+
+    def __init__(self, store: KVStore, prefix: str, ctx: Context) -> None:
+        self._store = store
+        self._ctx = ctx
+        self._events: queue.SimpleQueue[kv_pb2.WatchEvent] = queue.SimpleQueue()
+        self._entry = (prefix, self._events)
+        with store._lock:
+            store._watchers.append(self._entry)
+
+    def __iter__(self) -> _Subscription:
+        return self
+
+    def __next__(self) -> kv_pb2.WatchEvent:
+        while self._ctx.is_active():
+            try:
+                return self._events.get(timeout=_poll_interval(self._ctx))
+            except queue.Empty:
+                continue
+        self.close()
+        raise StopIteration
+
+    def close(self) -> None:
+        with self._store._lock:
+            if self._entry in self._store._watchers:
+                self._store._watchers.remove(self._entry)
 
 
 def _require_key(key: str) -> None:

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import logging
 
-from connectplugin import Context, ServeConfig, serve
+from connectplugin import Context, HostLink, ServeConfig, serve
 from connectplugin.gen.capability.logger.v1 import logger_pb2
 from connectplugin.gen.capability.logger.v1.logger_connect import LoggerClient
 from connectplugin.gen.connectplugin.v1.handshake_pb2 import ServiceDeclaration, ServiceDependency
-from connectplugin.hostlink import HostLink
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KV_PLUGIN
 from samples.kv.store import KVStore
