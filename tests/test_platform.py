@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 import requests
 
+import connectplugin
 from connectplugin import (
     Client,
     ClientConfig,
@@ -52,10 +53,16 @@ from connectplugin import (
 from connectplugin import handshake as hs
 from connectplugin.gen.capability.logger.v1 import logger_pb2
 from connectplugin.gen.capability.logger.v1.logger_connect import LoggerClient
-from connectplugin.gen.connectplugin.v1 import broker_pb2, lifecycle_pb2, registry_pb2
+from connectplugin.gen.connectplugin.v1 import (
+    broker_pb2,
+    lifecycle_pb2,
+    plugininfo_pb2,
+    registry_pb2,
+)
 from connectplugin.gen.connectplugin.v1.broker_connect import CapabilityBrokerClient
 from connectplugin.gen.connectplugin.v1.handshake_connect import HandshakeServiceClient
 from connectplugin.gen.connectplugin.v1.lifecycle_connect import PluginLifecycleClient
+from connectplugin.gen.connectplugin.v1.plugininfo_connect import PluginIdentityClient
 from connectplugin.gen.connectplugin.v1.registry_connect import ServiceRegistryClient
 from connectplugin.launcher import LaunchContext, Running
 from samples.kv.gen.kv.v1 import kv_pb2
@@ -942,6 +949,84 @@ def test_caller_cannot_forge_its_caller_id(host, peer, where):
     seen = json.loads(kv.get(kv_pb2.GetRequest(key="headers")).value)
 
     assert seen["x-plugin-caller-id"] == caller.runtime_id
+
+
+def test_router_does_not_reach_the_providers_control_services(host, peer):
+    client = host.launch(provider_process("svc"), name="p")
+    caller = peer(host, "caller")
+    endpoint = caller.discover("svc")
+    shutdown = connectplugin.Method(
+        "connectplugin.v1.PluginControl", "Shutdown", lifecycle_pb2.ShutdownRequest, lifecycle_pb2.ShutdownResponse
+    )
+    routed = connectplugin.Client(
+        host.url + endpoint.endpoint_url, ClientConfig(timeout=5, headers=caller.credentials())
+    )
+    try:
+        with pytest.raises(ConnectError) as e:
+            routed.call_unary(shutdown, lifecycle_pb2.ShutdownRequest())
+    finally:
+        routed.close()
+
+    assert e.value.code is Code.NOT_FOUND
+    assert client.running.alive()
+
+
+def test_a_malformed_routed_path_does_not_make_the_provider_unhealthy(host, peer):
+    host.launch(provider_process("svc"), name="p")
+    caller = peer(host, "caller")
+    endpoint = caller.discover("svc")
+
+    reply = requests.post(
+        host.url + endpoint.endpoint_url + "/Get%20x",
+        data=b"",
+        headers={**caller.credentials(), "Content-Type": "application/proto"},
+        timeout=5,
+    )
+
+    assert reply.status_code == 404  # the provider has no such procedure
+    assert caller.discover("svc").provider_id == endpoint.provider_id
+
+
+def test_routed_stream_errors_are_end_stream_messages_in_a_200(host, peer):
+    caller = peer(host, "caller")
+    body = b"\x00\x00\x00\x00\x00"
+    reply = requests.post(
+        host.url + "/services/svc/nobody/kv.v1.KVService/Watch",
+        data=body,
+        headers={**caller.credentials(), "Content-Type": "application/connect+proto"},
+        timeout=5,
+    )
+
+    assert reply.status_code == 200
+    assert reply.content[0] == 0x02 and b'"not_found"' in reply.content
+
+
+def test_a_plugin_refuses_a_second_runtime_identity_without_its_current_token(host):
+    client = host.launch(provider_process("svc"), name="p")
+    identity = PluginIdentityClient(client.client)
+    request = plugininfo_pb2.SetRuntimeIdentityRequest(
+        runtime_id="intruder", runtime_token="t" * 32, host_url="http://127.0.0.1:9"
+    )
+
+    with pytest.raises(ConnectError) as e:
+        identity.set_runtime_identity(request, timeout=5)
+
+    assert e.value.code is Code.PERMISSION_DENIED
+    assert provider_ids(host, "svc") == [host.runtime_id(client)]
+
+
+def test_a_grant_stops_working_once_its_holders_identity_is_revoked(host):
+    host.broker.add("logger", "1.0.0", HostLogger())
+    link = HostLink()
+    host.launch(in_process("p", "svc", link=link), name="p")
+    logger = link.capability("logger", LoggerClient)
+    logger.log(logger_pb2.LogRequest(message="before"))
+
+    host.identities.revoke(link.runtime_id)
+
+    with pytest.raises(ConnectError) as e:
+        logger.log(logger_pb2.LogRequest(message="after"))
+    assert e.value.code is Code.UNAUTHENTICATED
 
 
 def test_unary_calls_pass_through_the_router_both_ways(host, peer):
