@@ -44,16 +44,14 @@ class ProtoCodec:
 
     @staticmethod
     def decode(data: bytes, message_type: type[M]) -> M:
-        message = message_type()
         try:
-            message.ParseFromString(data)
+            return message_type.FromString(data)
         except (DecodeError, RuntimeError, ValueError) as e:
             raise ConnectError(Code.INVALID_ARGUMENT, f"malformed protobuf: {e}") from None
-        return message
 
 
 _decoder = json.JSONDecoder()
-_scan = _decoder.scan_once
+_scan = _decoder.scan_once  # type: ignore[attr-defined]  # set by JSONDecoder.__init__
 
 
 def _load(text: str) -> Any:

@@ -23,7 +23,7 @@ import math
 import re
 from collections.abc import Callable
 from json.encoder import encode_basestring as _quote  # type: ignore[attr-defined]
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -69,7 +69,8 @@ def _all_plain(descriptor: Descriptor, seen: set[str]) -> bool:
     for field in descriptor.fields:
         if field.type == _F.TYPE_FLOAT or field.type == _F.TYPE_GROUP:
             return False
-        if field.type == _F.TYPE_MESSAGE and not _all_plain(field.message_type, seen):
+        entry = field.message_type  # None unless a message field
+        if entry is not None and not _all_plain(entry, seen):
             return False
     return True
 
@@ -112,18 +113,23 @@ class _In:
 class _Plan:
     """One message type: whether it is simple, and how each of its fields is written and read."""
 
-    __slots__ = ("simple", "out", "into")
+    __slots__ = ("simple", "out", "flat", "into")
 
     def __init__(self, descriptor: Descriptor) -> None:
         self.simple = is_simple(descriptor)
         self.out: dict[FieldDescriptor, tuple[str, Writer]] = {}
         """Field -> (its quoted JSON name and a colon, writer)."""
+        self.flat: tuple[tuple[str, str, Writer], ...] | None = None
+        """For a few plain scalars: (field name, quoted JSON name and colon, writer) by number."""
         self.into: dict[str, _In] = {}
         """Either spelling of a field's name -> how to read it."""
         if not self.simple:
             return
         for field in descriptor.fields:
             self.out[field] = (_quote(field.json_name) + ":", _writer(field))
+        fields = sorted(descriptor.fields, key=lambda f: f.number)
+        if len(fields) <= _FLAT_FIELDS and all(_is_plain_scalar(f) for f in fields):
+            self.flat = tuple((f.name, *self.out[f]) for f in fields)
         for field in descriptor.fields:
             self.into[field.name] = _In(field)
         # The camelCase spelling wins where the two collide, as it always has.
@@ -131,14 +137,31 @@ class _Plan:
             self.into[name] = _In(field)
 
 
-_plans: dict[type, _Plan] = {}
+_FLAT_FIELDS = 8
+"""Up to this many fields, reading each costs less than ListFields() (see _write_fields)."""
+_FLAT_TYPES = {_F.TYPE_STRING, _F.TYPE_BYTES, _F.TYPE_BOOL, _F.TYPE_ENUM, *_RANGES}
 
 
-def _plan_for(message_type: type) -> _Plan:
-    plan = _plans.get(message_type)
-    if plan is None:
-        plan = _plans[message_type] = _Plan(message_type.DESCRIPTOR)
-    return plan
+def _is_plain_scalar(field: FieldDescriptor) -> bool:
+    """A singular scalar without presence: set exactly when not its default, which is falsy.
+
+    Doubles are left out: -0.0 is falsy but set.
+    """
+    return not field.is_repeated and not field.has_presence and field.type in _FLAT_TYPES
+
+
+class _Plans(dict[type[Message], _Plan]):
+    """``_plans[message_type]``: the plan of a message type, made on first use.
+
+    A dict subclass, so that finding a plan is one subscript and no Python call.
+    """
+
+    def __missing__(self, message_type: type[Message]) -> _Plan:
+        plan = self[message_type] = _Plan(cast(Descriptor, message_type.DESCRIPTOR))
+        return plan
+
+
+_plans = _Plans()
 
 
 # --- encoding -------------------------------------------------------------------------------
@@ -146,15 +169,15 @@ def _plan_for(message_type: type) -> _Plan:
 
 def to_json(message: Message) -> str:
     """Compact JSON text of ``message``, non-ASCII characters as they are (no ``\\u`` escapes)."""
-    plan = _plan_for(type(message))
+    plan = _plans[type(message)]
     if not plan.simple:
         return _dumps(json_format.MessageToDict(message))
-    return _write_fields(message, plan.out)
+    return _write_fields(message, plan)
 
 
 def to_dict(message: Message) -> dict[str, Any]:
     """``message`` as ``json_format.MessageToDict`` gives it; for tests and tools (slower)."""
-    if not _plan_for(type(message)).simple:
+    if not _plans[type(message)].simple:
         return json_format.MessageToDict(message)
     result: dict[str, Any] = json.loads(to_json(message))
     return result
@@ -165,17 +188,24 @@ def _dumps(obj: Any) -> str:
 
 
 def _write_message(message: Message) -> str:
-    return _write_fields(message, _plan_for(type(message)).out)
+    return _write_fields(message, _plans[type(message)])
 
 
-def _write_fields(message: Message, fields: dict[FieldDescriptor, tuple[str, Writer]]) -> str:
+def _write_fields(message: Message, plan: _Plan) -> str:
+    """The fields that are set, in field number order (as ListFields() gives them)."""
     parts = []
-    for field, value in message.ListFields():
-        plan = fields.get(field)
-        if plan is None:  # an extension
-            return _dumps(json_format.MessageToDict(message))
-        key, write = plan
-        parts.append(key + write(value))
+    if plan.flat is not None:
+        for name, key, write in plan.flat:
+            value = getattr(message, name)
+            if value:
+                parts.append(key + write(value))
+    else:
+        for field, value in message.ListFields():
+            out = plan.out.get(field)
+            if out is None:  # an extension
+                return _dumps(json_format.MessageToDict(message))
+            key, write = out
+            parts.append(key + write(value))
     return "{" + ",".join(parts) + "}"
 
 
@@ -208,6 +238,7 @@ def _value_writer(field: FieldDescriptor) -> Writer:
     if t == _F.TYPE_BYTES:
         return _write_bytes
     if t == _F.TYPE_ENUM:
+        assert field.enum_type is not None
         names = {number: _quote(value.name) for number, value in field.enum_type.values_by_number.items()}
         return lambda number: names.get(number) or str(number)
     return _write_double
@@ -219,8 +250,7 @@ def _map_key_writer(field: FieldDescriptor) -> Writer:
     return lambda key: _quote(str(key))
 
 
-def _write_bool(value: bool) -> str:
-    return "true" if value else "false"
+_write_bool = {True: "true", False: "false"}.__getitem__  # a C call, cheaper than a function
 
 
 def _write_quoted(value: int) -> str:
@@ -229,7 +259,7 @@ def _write_quoted(value: int) -> str:
 
 def _write_bytes(value: bytes) -> str:
     # The base64 alphabet needs no escaping in a JSON string.
-    return '"' + binascii.b2a_base64(value, newline=False).decode("ascii") + '"'
+    return f'"{binascii.b2a_base64(value, newline=False).decode()}"'
 
 
 def _write_double(value: float) -> str:
@@ -243,7 +273,7 @@ def _write_double(value: float) -> str:
 
 def from_dict(obj: Any, message: Message) -> None:
     """Fill ``message`` from parsed JSON; raises ValueError with a readable reason."""
-    if not _plan_for(type(message)).simple:
+    if not _plans[type(message)].simple:
         try:
             json_format.ParseDict(obj, message, ignore_unknown_fields=True)
         except json_format.ParseError as e:
@@ -264,7 +294,7 @@ def _decode_message(obj: Any, message: Message, depth: int) -> None:
         raise _Invalid(f"{message.DESCRIPTOR.full_name} must be a JSON object")
     if depth >= _MAX_DEPTH:
         raise _Invalid(f"message nesting is deeper than {_MAX_DEPTH}")
-    fields = _plan_for(type(message)).into
+    fields = _plans[type(message)].into
     oneofs: set[str] | None = None
     for key, value in obj.items():
         field = fields.get(key)
@@ -390,6 +420,7 @@ def _read_bytes(value: Any, key: str) -> bytes:
 
 
 def _enum_reader(field: FieldDescriptor) -> Reader:
+    assert field.enum_type is not None
     numbers = {name: value.number for name, value in field.enum_type.values_by_name.items()}
 
     def read(value: Any, key: str) -> Any:

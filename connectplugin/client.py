@@ -436,12 +436,13 @@ class _AdapterTransport:
         prepared.headers = CaseInsensitiveDict(headers)
         prepared.body = body
         prepared.hooks = {"response": []}
+        verify, cert = _tls_settings(self._session)
         response = self._adapter.send(
             prepared,
             stream=True,
-            timeout=(connect_timeout, read_timeout),
-            verify=self._session.verify,
-            cert=self._session.cert,
+            timeout=(connect_timeout, read_timeout),  # type: ignore[arg-type]  # read may be None
+            verify=verify,
+            cert=cert,
         )
         headers = {key.lower(): value for key, value in response.headers.items()}
         return _Response(response.status_code, response.reason, headers, response.raw.read, response.close)
@@ -525,11 +526,18 @@ class _PoolTransport:
     def _connect(self) -> urllib3.HTTPConnectionPool:
         request = requests.PreparedRequest()
         request.url = self._base_url + "/"
-        verify, cert = self._session.verify, self._session.cert
+        verify, cert = _tls_settings(self._session)
         pool = self._adapter.get_connection_with_tls_context(request, verify, cert=cert)
         self._adapter.cert_verify(pool, request.url, verify, cert)
+        assert isinstance(pool, urllib3.HTTPConnectionPool)
         self._pool = pool
         return pool
+
+
+def _tls_settings(session: requests.Session) -> tuple[bool | str, Any]:
+    """The session's ``verify`` and ``cert``; a ``verify`` of None verifies, as by default."""
+    verify = session.verify
+    return (True if verify is None else verify), session.cert
 
 
 # --- streams --------------------------------------------------------------------------------

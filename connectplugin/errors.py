@@ -6,8 +6,8 @@ See the Connect protocol specification, "Error Codes" and "HTTP to Error Code".
 from __future__ import annotations
 
 import base64
-import builtins
 import binascii
+import builtins
 import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass

@@ -202,20 +202,25 @@ class App:
             query = parse_qs(environ.get("QUERY_STRING", ""))
             codec_name = _first(query, "encoding")
         else:
-            codec_name = _codec_for(environ.get("CONTENT_TYPE", ""), _UNARY_TYPES)
+            content_type = environ.get("CONTENT_TYPE", "")
+            # The exact spelling first: it is what clients send, and needs no parsing.
+            codec_name = _UNARY_TYPES.get(content_type) or _codec_for(content_type, _UNARY_TYPES)
         codec = _codec.CODECS.get(codec_name)
         if codec is None:
             return _unsupported_media(start_response, _UNARY_TYPES)
         ctx: Context | None = None
         try:
-            deadline = _deadline(environ)
+            timeout = environ.get("HTTP_CONNECT_TIMEOUT_MS")
+            deadline = None if timeout is None else _deadline(timeout)
             ctx = Context(route.method, environ, deadline, self.stopping)
             if query is not None:
                 if _first(query, "connect") not in ("", "v1"):
                     raise ConnectError(Code.INVALID_ARGUMENT, "connect query parameter must be v1")
                 payload = self._get_payload(query)
             else:
-                _check_protocol_version(environ)
+                version = environ.get("HTTP_CONNECT_PROTOCOL_VERSION")
+                if version is not None and version != "1":
+                    raise _unsupported_version(version)
                 encoding = environ.get("HTTP_CONTENT_ENCODING") or _codec.IDENTITY
                 if encoding not in _codec.ENCODINGS:
                     raise _codec.unsupported_encoding(encoding)
@@ -297,9 +302,12 @@ class App:
         ctx: Context | None = None
         # Past this point every failure is reported in the end-stream message of a 200.
         try:
-            deadline = _deadline(environ)
+            timeout = environ.get("HTTP_CONNECT_TIMEOUT_MS")
+            deadline = None if timeout is None else _deadline(timeout)
             ctx = Context(route.method, environ, deadline, self.stopping)
-            _check_protocol_version(environ)
+            version = environ.get("HTTP_CONNECT_PROTOCOL_VERSION")
+            if version is not None and version != "1":
+                raise _unsupported_version(version)
             encoding = environ.get("HTTP_CONNECT_CONTENT_ENCODING") or _codec.IDENTITY
             if encoding not in _codec.ENCODINGS:
                 raise _codec.unsupported_encoding(encoding)
@@ -385,9 +393,6 @@ def _first(query: Mapping[str, list[str]], key: str) -> str:
 
 
 def _codec_for(content_type: str, table: Mapping[str, str]) -> str:
-    name = table.get(content_type)
-    if name is not None:  # the exact spelling, which is what clients send
-        return name
     base, _, params = content_type.partition(";")
     name = table.get(base.strip().lower(), "")
     if name == "json" and params:
@@ -399,17 +404,17 @@ def _codec_for(content_type: str, table: Mapping[str, str]) -> str:
     return name
 
 
-def _check_protocol_version(environ: Mapping[str, Any]) -> None:
-    version = environ.get("HTTP_CONNECT_PROTOCOL_VERSION")
-    if version is not None and version != "1":
-        raise ConnectError(Code.INVALID_ARGUMENT, f"unsupported Connect-Protocol-Version {version!r}")
+def _deadline(timeout_ms: str) -> float:
+    """The absolute deadline of a call from its ``Connect-Timeout-Ms``.
+
+    Callers read that header, and Connect-Protocol-Version, from the environ in place: on
+    every call, calling a helper to do it would cost more than the reading.
+    """
+    return time.monotonic() + _codec.parse_timeout_ms(timeout_ms)
 
 
-def _deadline(environ: Mapping[str, Any]) -> float | None:
-    value = environ.get("HTTP_CONNECT_TIMEOUT_MS")
-    if value is None:
-        return None
-    return time.monotonic() + _codec.parse_timeout_ms(value)
+def _unsupported_version(version: str) -> ConnectError:
+    return ConnectError(Code.INVALID_ARGUMENT, f"unsupported Connect-Protocol-Version {version!r}")
 
 
 def _unsupported_media(start_response: StartResponse, table: Mapping[str, str]) -> list[bytes]:
