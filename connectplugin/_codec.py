@@ -106,7 +106,7 @@ def compress(encoding: str, data: bytes) -> bytes:
 
 def decompress(encoding: str, data: bytes, limit: int) -> bytes:
     """Inflate at most ``limit`` bytes, so a small bomb cannot expand into a large buffer."""
-    if encoding == IDENTITY:
+    if encoding == IDENTITY or not data:  # zero-length content is never decompressed (spec)
         return data
     if encoding != GZIP:
         raise unsupported_encoding(encoding)
@@ -117,6 +117,8 @@ def decompress(encoding: str, data: bytes, limit: int) -> bytes:
         raise ConnectError(Code.INVALID_ARGUMENT, f"malformed gzip data: {e}") from None
     if len(out) > limit:
         raise too_large(limit)
+    if not inflater.eof or inflater.unused_data:
+        raise ConnectError(Code.INVALID_ARGUMENT, "truncated gzip data, or data after its end")
     return out
 
 

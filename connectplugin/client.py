@@ -612,7 +612,9 @@ class ServerStream(Generic[Res]):
                 raise ValueError("not an object")
         except ValueError:
             raise ConnectError(Code.INTERNAL, "malformed end-of-stream message") from None
-        metadata = end.get("metadata") or {}
+        metadata = end.get("metadata")
+        if not isinstance(metadata, dict):
+            metadata = {}
         pairs = [(k, v) for k, vs in metadata.items() if isinstance(vs, list) for v in vs if isinstance(v, str)]
         self._call.response_trailers = from_pairs(pairs)
         if end.get("error") is not None:

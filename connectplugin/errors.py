@@ -172,9 +172,10 @@ class ConnectError(Exception):
             return cls(fallback, "malformed error body", metadata=metadata)
         # A missing, null or unrecognised code falls back to what the HTTP status implies.
         name = obj.get("code")
-        code = Code(name) if name in _NAMES else fallback
+        code = Code(name) if isinstance(name, str) and name in _NAMES else fallback
         details = []
-        for d in obj.get("details") or ():
+        raw_details = obj.get("details")
+        for d in raw_details if isinstance(raw_details, list) else ():
             if isinstance(d, dict):
                 try:
                     details.append(ErrorDetail.from_json(d))

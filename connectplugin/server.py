@@ -24,7 +24,8 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Map, Rule
 
 from . import _codec
-from ._metadata import Value, from_pairs, to_wire
+from ._metadata import Value, from_pairs
+from ._metadata import to_wire as _strict_to_wire
 from ._service import Method, Service
 from .errors import Code, ConnectError
 
@@ -354,11 +355,11 @@ class App:
         # Headers go out at once, so a caller waiting for a quiet stream is not left hanging;
         # what the handler sets while streaming belongs in response_trailers.
         # (PEP 3333 servers send headers with the first non-empty chunk; write(b"") sends them now.)
-        write = start_response("200 OK", headers + to_wire(ctx.response_headers))
-        write(b"")
-        yield b""  # lets a caller driving the iterator (an in-process transport) return now too
         error: ConnectError | None = None
         try:
+            write = start_response("200 OK", headers + to_wire(ctx.response_headers))
+            write(b"")
+            yield b""  # lets a caller driving the iterator (an in-process transport) return now too
             for message in messages:
                 if ctx.deadline is not None and time.monotonic() > ctx.deadline:
                     raise ConnectError(Code.DEADLINE_EXCEEDED, "the stream outlived its timeout")
@@ -385,6 +386,21 @@ class App:
 
 
 # --- helpers --------------------------------------------------------------------------------
+
+
+def to_wire(items: Mapping[str, Value], prefix: str = "") -> list[tuple[str, str]]:
+    """Metadata a handler set, as headers; a value that cannot be sent is logged and dropped,
+    so a handler's mistake never turns into a broken response."""
+    try:
+        return _strict_to_wire(items, prefix)
+    except ValueError:
+        pairs = []
+        for key, value in items.items():
+            try:
+                pairs += _strict_to_wire({key: value}, prefix)
+            except ValueError as e:
+                log.error("dropped response metadata %r: %s", key, e)
+        return pairs
 
 
 def _first(query: Mapping[str, list[str]], key: str) -> str:

@@ -974,3 +974,18 @@ def test_error_detail_of_another_type_unpacks_to_none(kv_client, kv):
 
     assert isinstance(info.value.details[0], ErrorDetail)
     assert info.value.details[0].unpack(kv_pb2.GetRequest) is None
+
+
+def test_a_watch_closed_before_any_event_unsubscribes_from_the_store(kv_client, kv):
+    streams = [kv_client.watch(kv_pb2.WatchRequest(prefix=f"p{i}/")) for i in range(3)]
+    deadline = time.monotonic() + 5
+    while len(kv._watchers) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(kv._watchers) == 3
+
+    for stream in streams:
+        stream.close()
+
+    while kv._watchers and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert kv._watchers == []

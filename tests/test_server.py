@@ -1216,3 +1216,34 @@ def test_json_in_ignores_unknown_fields(url, identity):
 
     assert reply.status == 200
     assert identity.requests[-1].runtime_id == "r1"
+
+
+# --- robustness -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cut", ["truncated", "trailing-junk"])
+def test_truncated_or_padded_gzip_request_is_invalid_argument(url, kv, cut):
+    kv.script("get", returns(get_response(b"")))
+    data = gzip.compress(kv_pb2.GetRequest(key="k" * 2000).SerializeToString())
+    data = data[:-8] if cut == "truncated" else data + b"junk"
+
+    reply = post(url, GET, data, "application/proto", Content_Encoding="gzip")
+
+    assert reply.status == 400
+    assert reply.json()["code"] == "invalid_argument"
+    assert kv.calls == []
+
+
+def test_metadata_a_handler_cannot_send_is_dropped_not_a_broken_response(url, kv, caplog):
+    def handler(request, ctx):
+        ctx.response_headers["x-not-binary"] = b"\x00\x01"  # bytes need a -bin key
+        ctx.response_headers["x-fine"] = "yes"
+        return get_response(b"v")
+
+    kv.script("get", handler)
+
+    reply = post(url, GET, kv_pb2.GetRequest(key="k").SerializeToString(), "application/proto")
+
+    assert reply.status == 200
+    assert reply.headers["x-fine"] == "yes" and reply.headers["x-not-binary"] is None
+    assert "x-not-binary" in caplog.text
