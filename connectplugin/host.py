@@ -174,8 +174,9 @@ class _HostHandshake(HandshakeServiceHandler):
         if request.self_id:
             if not self._host.config.allow_self_registration:
                 raise ConnectError(Code.PERMISSION_DENIED, "this host does not accept self-registering plugins")
+            # Watched for silence from its first registration or health report on; an
+            # identity that only calls others has nothing to withdraw, so it is not reaped.
             identity = self._host.identities.issue(request.self_id, request.self_version)
-            self._host._alive(identity)  # reaped like any self-registered plugin if it goes silent
             log.info("handshake from %s %s: runtime id %s", request.self_id, request.self_version, identity.runtime_id)
             response.runtime_id = identity.runtime_id
             response.runtime_token = identity.token
@@ -405,6 +406,10 @@ class PluginHost:
                 silent = [rid for rid, seen in self._seen.items() if seen < cutoff]
                 for rid in silent:
                     del self._seen[rid]
+            # Only providers are withdrawn: a plugin that merely calls others offers nothing
+            # that could go stale, and keeps its identity however quiet it is.
+            providing = {p.provider_id for p in self.registry.providers()}
+            silent = [rid for rid in silent if rid in providing]
             for rid in silent:
                 log.warning("%s stopped reporting; dropping it from the registry", rid)
                 self.registry.remove_provider(rid)

@@ -411,6 +411,19 @@ def test_self_registered_plugin_that_goes_silent_is_dropped_and_watchers_are_tol
     assert host.identities.get(runtime_id) is None
 
 
+def test_a_quiet_identity_that_provides_nothing_is_not_reaped(make_host):
+    host = make_host(heartbeat_timeout=0.3)
+    link = HostLink()
+    link.attach(connectplugin.Health(), (), host.url)
+    link.connect(HANDSHAKE, "caller", "1.0.0", base_url="")
+    wait_until(lambda: host.reported_health(link.runtime_id), "the caller's one health report")
+
+    time.sleep(1.0)  # several heartbeat timeouts without a word
+
+    assert host.identities.get(link.runtime_id) is not None
+    link.close()
+
+
 # --- selection ------------------------------------------------------------------------------
 
 
