@@ -80,11 +80,15 @@ class HTTPServer:
         deadline = time.monotonic() + self._grace
         while time.monotonic() < deadline and self._busy():
             loop(timeout=0.05, map=srv._map, use_poll=srv.adj.asyncore_use_poll, count=1)
-        with self._lock:  # close() must not pull the trigger once its pipe is closed
-            for channel in list(srv._map.values()):
+        # Connections first; the trigger last, after the workers have stopped, since a
+        # worker finishing a reply still pokes it.
+        for channel in list(srv._map.values()):
+            if channel is not srv.trigger:
                 channel.close()
-            self._done.set()
         srv.task_dispatcher.shutdown(cancel_pending=True, timeout=1)
+        with self._lock:  # close() must not pull the trigger once its pipe is closed
+            srv.trigger.close()
+            self._done.set()
 
     def _busy(self) -> bool:
         dispatcher = self._server.task_dispatcher
