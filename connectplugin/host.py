@@ -37,7 +37,7 @@ from .launcher import LaunchContext, Running, Strategy
 from .registry import Registry, RegistryConfig, RegistryService
 from .router import ROUTE as ROUTER_ROUTE
 from .router import Router
-from .server import App, Context
+from .server import App, Context, text_response
 
 log = logging.getLogger("connectplugin.host")
 
@@ -227,7 +227,12 @@ class PluginHost:
                 RegistryService(self.registry, self.identities, self._url_of, self._declare_from_info),
                 BrokerService(self.broker, self.identities, lambda: self.url),
             ],
-            routes={ROUTER_ROUTE: self.router, BROKER_ROUTE: self.broker.endpoint, "/healthz": _ok, "/readyz": _ok},
+            routes={
+                ROUTER_ROUTE: self.router,
+                BROKER_ROUTE: self.broker.endpoint,
+                "/healthz": lambda environ, start_response: text_response(start_response, 200, "ok"),
+                "/readyz": self._ready,
+            },
         )
         # Each open watch holds a thread for its whole life: size the pool so that
         # the capped number of watchers can never starve unary calls.
@@ -372,6 +377,11 @@ class PluginHost:
         self._http.close(grace=1)
         self.router.close()
 
+    def _ready(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        with self._lock:
+            closed = self._closed
+        return text_response(start_response, 503, "closing") if closed else text_response(start_response, 200, "ok")
+
     def __enter__(self) -> PluginHost:
         return self
 
@@ -429,11 +439,6 @@ class PluginHost:
             listeners = list(self._health_listeners)
         for listener in listeners:
             listener(identity.runtime_id, report)
-
-
-def _ok(environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
-    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "3")])
-    return [b"ok\n"]
 
 
 _hosts: weakref.WeakSet[PluginHost] = weakref.WeakSet()

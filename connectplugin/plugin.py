@@ -26,7 +26,7 @@ from .gen.connectplugin.v1.plugininfo_connect import PluginIdentityHandler
 from .health import NOT_SERVING, SERVING, Health, HealthService
 from .hostlink import HostLink, keep_registered
 from .httpserver import HTTPConfig, HTTPServer
-from .server import App, Context, ServerConfig
+from .server import App, Context, ServerConfig, text_response
 
 log = logging.getLogger("connectplugin.plugin")
 
@@ -189,12 +189,12 @@ class PluginServer:
         return self._stopped.is_set()
 
     def _live(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
-        return _text(start_response, 200, "ok")
+        return text_response(start_response, 200, "ok")
 
     def _ready(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
         if self.stopped or self.health.status("") != SERVING:
-            return _text(start_response, 503, "not ready")
-        return _text(start_response, 200, "ready")
+            return text_response(start_response, 503, "not ready")
+        return text_response(start_response, 200, "ready")
 
 
 def serve(
@@ -291,10 +291,3 @@ def _check_plugins(plugins: Mapping[str, Plugin], impls: Mapping[str, Any]) -> N
     for name, plugin in plugins.items():
         if not isinstance(impls[name], plugin.handler):
             raise TypeError(f"impls[{name!r}] must subclass {plugin.handler.__qualname__}")
-
-
-def _text(start_response: Callable[..., Any], status: int, text: str) -> list[bytes]:
-    body = (text + "\n").encode()
-    reason = {200: "OK", 503: "Service Unavailable"}[status]
-    start_response(f"{status} {reason}", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
-    return [body]

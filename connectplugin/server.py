@@ -440,6 +440,13 @@ def _unsupported_media(start_response: StartResponse, table: Mapping[str, str]) 
     return [b""]
 
 
+def text_response(start_response: StartResponse, status: int, text: str) -> list[bytes]:
+    """A plain-text answer, for probes such as ``/healthz`` beside the procedures."""
+    body = (text + "\n").encode()
+    start_response(_status(status), [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
 def error_response(
     start_response: StartResponse,
     error: ConnectError,
