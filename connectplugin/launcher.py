@@ -131,6 +131,7 @@ class _Process:
         self._logger = logging.getLogger(f"connectplugin.plugin.{ctx.name}")
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
         self._ready = threading.Event()
+        self._refused = ""
         self._exited = threading.Event()
         self._stopping = False
         self.url = ""
@@ -150,13 +151,17 @@ class _Process:
 
     def _fail(self, start_timeout: float) -> None:
         code = self._proc.poll()
-        if code is None:
+        if self._refused:
+            self._kill()
+            what = f"was refused: {self._refused}"
+        elif code is None:
             self._kill()
             what = f"did not report its address within {start_timeout:g} s"
         else:
             for t in self._readers:
                 t.join(timeout=1)
             what = f"exited with status {code} before reporting its address"
+        self._close_pipes()
         tail = "\n".join(self._stderr_tail)
         raise LaunchError(
             f"plugin {self._ctx.name!r} {what}" + (f"; its last stderr lines:\n{tail}" if tail else "")
@@ -175,10 +180,14 @@ class _Process:
 
     def _accept(self, core: int, app: int, url: str) -> None:
         if core != hs.CORE_PROTOCOL_VERSION:
-            self._logger.error("plugin speaks core protocol %d, not %d", core, hs.CORE_PROTOCOL_VERSION)
-            return
-        if app not in self._ctx.handshake.app_protocol_versions:
-            self._logger.error("plugin chose app protocol %d, which the host does not offer", app)
+            self._refused = f"it speaks core protocol {core}, not {hs.CORE_PROTOCOL_VERSION}"
+        elif app not in self._ctx.handshake.app_protocol_versions:
+            self._refused = (
+                f"it chose app protocol {app}; the host offers "
+                f"{sorted(self._ctx.handshake.app_protocol_versions)}"
+            )
+        if self._refused:
+            self._ready.set()  # fail the launch now rather than at the start timeout
             return
         self.url = url
         self.app_protocol_version = app
@@ -245,6 +254,7 @@ class _Process:
         self._proc.wait()
 
     def _close_pipes(self) -> None:
+        # stdin only: the reader threads own stdout and stderr and close them at their end.
         for pipe in (self._proc.stdin,):
             if pipe is not None:
                 try:

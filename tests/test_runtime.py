@@ -463,6 +463,19 @@ def test_plugin_that_never_reports_its_address_fails_within_start_timeout_and_is
     assert wait_for(lambda: process_gone(pid), True, timeout=2)
 
 
+def test_plugin_announcing_an_app_version_the_host_does_not_offer_fails_at_once(host):
+    liar = ProcessStrategy(
+        [sys.executable, "-c", "import time; print('1|9|http://127.0.0.1:9', flush=True); time.sleep(30)"],
+        start_timeout=20.0,
+    )
+    started = time.monotonic()
+    with pytest.raises(LaunchError) as info:
+        host.launch(liar, name="liar")
+
+    assert time.monotonic() - started < 5.0  # not the 20 s start timeout
+    assert "app protocol 9" in str(info.value)
+
+
 # --- plugin output ----------------------------------------------------------------------------
 
 
