@@ -14,6 +14,17 @@ from .errors import Code, ConnectError
 RUNTIME_ID_HEADER = "X-Plugin-Runtime-ID"
 
 
+def bearer_matches(authorization: object, expected: str | None) -> bool:
+    """Whether ``authorization`` is ``Bearer <expected>``, compared in constant time.
+
+    With no ``expected`` token the comparison still runs (against a dummy), so the time
+    taken does not tell an unknown id from a wrong token.
+    """
+    scheme, _, given = str(authorization).partition(" ")
+    ok = hmac.compare_digest(given.strip().encode(), (expected or "-" * 43).encode())
+    return ok and bool(expected) and scheme.lower() == "bearer"
+
+
 @dataclass(frozen=True)
 class Identity:
     runtime_id: str
@@ -56,10 +67,7 @@ class Identities:
         auth = headers.get("authorization", "")
         if not isinstance(runtime_id, str) or not isinstance(auth, str) or not runtime_id:
             raise ConnectError(Code.UNAUTHENTICATED, f"{RUNTIME_ID_HEADER} and a bearer token are required")
-        scheme, _, token = auth.partition(" ")
         identity = self.get(runtime_id)
-        expected = identity.token if identity is not None else "x" * 43
-        ok = hmac.compare_digest(token.strip().encode(), expected.encode())
-        if identity is None or scheme.lower() != "bearer" or not ok:
+        if not bearer_matches(auth, identity.token if identity is not None else None) or identity is None:
             raise ConnectError(Code.UNAUTHENTICATED, "invalid runtime identity or token")
         return identity

@@ -9,7 +9,6 @@ expires or is revoked.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import secrets
 import threading
@@ -18,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .auth import Identities
+from .auth import Identities, bearer_matches
 from .errors import Code, ConnectError
 from .gen.connectplugin.v1 import broker_pb2, handshake_pb2
 from .gen.connectplugin.v1.broker_connect import CapabilityBrokerHandler
@@ -122,19 +121,15 @@ class Broker:
         return capability.app(inner, start_response)
 
     def _open(self, grant_id: str, capability_type: str, authorization: str) -> _Capability:
-        scheme, _, token = authorization.partition(" ")
         with self._lock:
             grant = self._grants.get(grant_id)
             capability = self._capabilities.get(capability_type)
             if grant is not None and time.monotonic() >= grant.expires_at:
                 del self._grants[grant_id]
                 grant = None
-        expected = grant.token if grant is not None else "-" * 43
-        matches = hmac.compare_digest(token.strip().encode(), expected.encode())
         if (
-            grant is None
-            or not matches
-            or scheme.lower() != "bearer"
+            not bearer_matches(authorization, grant.token if grant is not None else None)
+            or grant is None
             or grant.capability_type != capability_type
             or not self._holder_valid(grant.runtime_id)
         ):

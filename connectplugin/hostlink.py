@@ -7,13 +7,12 @@ with this plugin's credentials. Safe to use from any thread.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import threading
 from collections.abc import Sequence
 from typing import TypeVar
 
-from .auth import RUNTIME_ID_HEADER
+from .auth import RUNTIME_ID_HEADER, bearer_matches
 from .client import Client, ClientConfig, ServerStream
 from .errors import Code, ConnectError
 from .gen.connectplugin.v1 import broker_pb2, handshake_pb2, lifecycle_pb2, registry_pb2
@@ -107,8 +106,7 @@ class HostLink:
         """Whether ``authorization`` is ``Bearer <our current token>`` (constant time)."""
         with self._lock:
             token = self._token
-        scheme, _, given = str(authorization).partition(" ")
-        return bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), token.encode())
+        return bearer_matches(authorization, token)
 
     def reset(self) -> None:
         """Forget the identity (the host no longer knows it); a self-registering plugin rejoins."""

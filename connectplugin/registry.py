@@ -17,13 +17,10 @@ from dataclasses import dataclass, field, replace
 
 from .auth import Identities, Identity
 from .errors import Code, ConnectError
-from .gen.connectplugin.v1 import lifecycle_pb2, registry_pb2
+from .gen.connectplugin.v1 import registry_pb2
 from .gen.connectplugin.v1.registry_connect import ServiceRegistryHandler
+from .health import DEGRADED, HEALTHY, UNHEALTHY
 from .server import Context
-
-HEALTHY = lifecycle_pb2.HEALTH_STATE_HEALTHY
-DEGRADED = lifecycle_pb2.HEALTH_STATE_DEGRADED
-UNHEALTHY = lifecycle_pb2.HEALTH_STATE_UNHEALTHY
 
 AVAILABLE = registry_pb2.SERVICE_STATE_AVAILABLE
 UNAVAILABLE = registry_pb2.SERVICE_STATE_UNAVAILABLE
