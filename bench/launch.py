@@ -23,7 +23,7 @@ from bench import report
 from bench.servers import ROOT
 from bench.settings import Settings
 from connectplugin import HostConfig, PluginClient, PluginHost, ProcessStrategy
-from connectplugin.launcher import LaunchContext, Running, Strategy
+from connectplugin.runtime.launcher import LaunchContext, Running, Strategy
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.plugin import HANDSHAKE, PLUGINS
 

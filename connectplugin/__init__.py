@@ -1,14 +1,30 @@
 """connectplugin: remote-first plugins that talk Connect RPC over plain HTTP."""
 
-from ._service import Method, Plugin, Service
-from .client import Call, Client, ClientConfig, Interceptor, ResponseMetadata, ServerStream
-from .errors import Code, ConnectError, ErrorDetail
-from .handshake import HandshakeConfig
-from .health import Health
-from .host import HostConfig, PluginClient, PluginHost
-from .hostlink import HostLink
-from .httpserver import HTTPConfig, HTTPServer
-from .launcher import (
+from .host.platform import DependencyError, Platform, PluginSpec, Requirement
+from .host.pluginhost import HostConfig, PluginHost
+from .host.registry import RegistryConfig
+from .rpc import (
+    App,
+    Call,
+    Client,
+    ClientConfig,
+    Code,
+    ConnectError,
+    Context,
+    ErrorDetail,
+    HTTPConfig,
+    HTTPServer,
+    Interceptor,
+    Method,
+    ResponseMetadata,
+    ServerConfig,
+    ServerStream,
+    Service,
+)
+from .runtime.handshake import HandshakeConfig
+from .runtime.health import Health
+from .runtime.hostlink import HostLink
+from .runtime.launcher import (
     InProcessStrategy,
     LaunchContext,
     LaunchError,
@@ -16,10 +32,9 @@ from .launcher import (
     Running,
     Strategy,
 )
-from .platform import DependencyError, Platform, PluginSpec, Requirement
-from .plugin import PluginServer, ServeConfig, serve
-from .registry import RegistryConfig
-from .server import App, Context, ServerConfig
+from .runtime.plugin import Plugin
+from .runtime.pluginclient import PluginClient
+from .runtime.serving import PluginServer, ServeConfig, serve
 
 __all__ = [
     "App",

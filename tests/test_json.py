@@ -1,4 +1,4 @@
-"""The proto3 JSON fast path (``connectplugin._json``) against ``google.protobuf.json_format``.
+"""The proto3 JSON fast path (``connectplugin.rpc._json``) against ``google.protobuf.json_format``.
 
 ``_json.to_dict`` must give what ``json_format.MessageToDict(m)`` gives, and ``_json.from_dict``
 must accept and reject what ``json_format.ParseDict(obj, m, ignore_unknown_fields=True)`` does,
@@ -35,9 +35,9 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from connectplugin import _json
-from connectplugin._codec import JsonCodec
-from connectplugin.errors import Code, ConnectError
+from connectplugin.rpc import _json
+from connectplugin.rpc._protocol import JsonCodec
+from connectplugin.rpc.errors import Code, ConnectError
 
 PROTOS = Path(__file__).resolve().parent / "protos"
 PROTO_FILES = ("jsontest/v1/jsontest.proto", "jsontest/v1/jsontest_proto2.proto")

@@ -41,7 +41,7 @@ from connectplugin import (
     PluginHost,
     ProcessStrategy,
 )
-from connectplugin import handshake as hs
+from connectplugin.runtime import handshake as hs
 from connectplugin.gen.connectplugin.health.v1 import health_pb2
 from connectplugin.gen.connectplugin.v1 import handshake_pb2, lifecycle_pb2
 from connectplugin.gen.connectplugin.v1.handshake_connect import HandshakeServiceClient

@@ -148,7 +148,7 @@ def _plugin_script(directory: Path) -> Path:
     script.write_text(
         "#!/bin/sh\n"
         f"PYTHONPATH={pythonpath}${{PYTHONPATH:+:$PYTHONPATH}} exec {shlex.quote(sys.executable)} "
-        '-m connectplugin.codegen.plugin "$@"\n'
+        '-m connectplugin.codegen.generator "$@"\n'
     )
     script.chmod(0o755)
     return script

@@ -12,7 +12,7 @@ import threading
 from instrumented import HANDSHAKE, PLUGINS, InstrumentedStore
 
 from connectplugin import Health, PluginServer
-from connectplugin.handshake import CORE_PROTOCOL_VERSION
+from connectplugin.runtime.handshake import CORE_PROTOCOL_VERSION
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

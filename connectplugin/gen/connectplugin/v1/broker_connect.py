@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import connectplugin
-from connectplugin._service import Method, Plugin, Service
+from connectplugin import rpc
 from connectplugin.gen.connectplugin.v1 import broker_pb2
+from connectplugin.rpc import Method, Service
+from connectplugin.runtime.plugin import Plugin
 
 CAPABILITY_BROKER_SERVICE = Service(
     name="connectplugin.v1.CapabilityBroker",
@@ -30,7 +31,7 @@ class CapabilityBrokerClient:
     Hands plugins time-limited access to what the host itself provides.
     """
 
-    def __init__(self, client: connectplugin.Client) -> None:
+    def __init__(self, client: rpc.Client) -> None:
         self._client = client
 
     def request_capability(
@@ -59,10 +60,10 @@ class CapabilityBrokerHandler:
     service = CAPABILITY_BROKER_SERVICE
 
     def request_capability(
-        self, request: broker_pb2.RequestCapabilityRequest, ctx: connectplugin.Context
+        self, request: broker_pb2.RequestCapabilityRequest, ctx: rpc.Context
     ) -> broker_pb2.RequestCapabilityResponse:
-        raise connectplugin.ConnectError(
-            connectplugin.Code.UNIMPLEMENTED,
+        raise rpc.ConnectError(
+            rpc.Code.UNIMPLEMENTED,
             "connectplugin.v1.CapabilityBroker.RequestCapability is not implemented",
         )
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import connectplugin
-from connectplugin._service import Method, Plugin, Service
+from connectplugin import rpc
 from connectplugin.gen.connectplugin.v1 import handshake_pb2
+from connectplugin.rpc import Method, Service
+from connectplugin.runtime.plugin import Plugin
 
 HANDSHAKE_SERVICE = Service(
     name="connectplugin.v1.HandshakeService",
@@ -30,7 +31,7 @@ class HandshakeServiceClient:
     Version negotiation and plugin discovery; the first call either side makes.
     """
 
-    def __init__(self, client: connectplugin.Client) -> None:
+    def __init__(self, client: rpc.Client) -> None:
         self._client = client
 
     def handshake(
@@ -60,11 +61,11 @@ class HandshakeServiceHandler:
     service = HANDSHAKE_SERVICE
 
     def handshake(
-        self, request: handshake_pb2.HandshakeRequest, ctx: connectplugin.Context
+        self, request: handshake_pb2.HandshakeRequest, ctx: rpc.Context
     ) -> handshake_pb2.HandshakeResponse:
         """Safe to repeat: the same request yields the same answer."""
-        raise connectplugin.ConnectError(
-            connectplugin.Code.UNIMPLEMENTED,
+        raise rpc.ConnectError(
+            rpc.Code.UNIMPLEMENTED,
             "connectplugin.v1.HandshakeService.Handshake is not implemented",
         )
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import connectplugin
-from connectplugin._service import Method, Plugin, Service
+from connectplugin import rpc
 from connectplugin.gen.connectplugin.v1 import lifecycle_pb2
+from connectplugin.rpc import Method, Service
+from connectplugin.runtime.plugin import Plugin
 
 PLUGIN_LIFECYCLE_SERVICE = Service(
     name="connectplugin.v1.PluginLifecycle",
@@ -30,7 +31,7 @@ class PluginLifecycleClient:
     Served by the host; plugins tell it how they are doing.
     """
 
-    def __init__(self, client: connectplugin.Client) -> None:
+    def __init__(self, client: rpc.Client) -> None:
         self._client = client
 
     def report_health(
@@ -59,10 +60,10 @@ class PluginLifecycleHandler:
     service = PLUGIN_LIFECYCLE_SERVICE
 
     def report_health(
-        self, request: lifecycle_pb2.ReportHealthRequest, ctx: connectplugin.Context
+        self, request: lifecycle_pb2.ReportHealthRequest, ctx: rpc.Context
     ) -> lifecycle_pb2.ReportHealthResponse:
-        raise connectplugin.ConnectError(
-            connectplugin.Code.UNIMPLEMENTED,
+        raise rpc.ConnectError(
+            rpc.Code.UNIMPLEMENTED,
             "connectplugin.v1.PluginLifecycle.ReportHealth is not implemented",
         )
 
@@ -105,7 +106,7 @@ class PluginControlClient:
     Served by each plugin; the host manages it through these.
     """
 
-    def __init__(self, client: connectplugin.Client) -> None:
+    def __init__(self, client: rpc.Client) -> None:
         self._client = client
 
     def get_health(
@@ -149,19 +150,19 @@ class PluginControlHandler:
     service = PLUGIN_CONTROL_SERVICE
 
     def get_health(
-        self, request: lifecycle_pb2.GetHealthRequest, ctx: connectplugin.Context
+        self, request: lifecycle_pb2.GetHealthRequest, ctx: rpc.Context
     ) -> lifecycle_pb2.GetHealthResponse:
-        raise connectplugin.ConnectError(
-            connectplugin.Code.UNIMPLEMENTED,
+        raise rpc.ConnectError(
+            rpc.Code.UNIMPLEMENTED,
             "connectplugin.v1.PluginControl.GetHealth is not implemented",
         )
 
     def shutdown(
-        self, request: lifecycle_pb2.ShutdownRequest, ctx: connectplugin.Context
+        self, request: lifecycle_pb2.ShutdownRequest, ctx: rpc.Context
     ) -> lifecycle_pb2.ShutdownResponse:
         """Stop taking calls, finish the ones in flight, exit."""
-        raise connectplugin.ConnectError(
-            connectplugin.Code.UNIMPLEMENTED,
+        raise rpc.ConnectError(
+            rpc.Code.UNIMPLEMENTED,
             "connectplugin.v1.PluginControl.Shutdown is not implemented",
         )
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import connectplugin
-from connectplugin._service import Method, Plugin, Service
+from connectplugin import rpc
 from connectplugin.gen.connectplugin.v1 import plugininfo_pb2
+from connectplugin.rpc import Method, Service
+from connectplugin.runtime.plugin import Plugin
 
 PLUGIN_IDENTITY_SERVICE = Service(
     name="connectplugin.v1.PluginIdentity",
@@ -39,7 +40,7 @@ class PluginIdentityClient:
     plugin provides and requires, then hands it a runtime identity.
     """
 
-    def __init__(self, client: connectplugin.Client) -> None:
+    def __init__(self, client: rpc.Client) -> None:
         self._client = client
 
     def get_plugin_info(
@@ -83,20 +84,18 @@ class PluginIdentityHandler:
     service = PLUGIN_IDENTITY_SERVICE
 
     def get_plugin_info(
-        self, request: plugininfo_pb2.GetPluginInfoRequest, ctx: connectplugin.Context
+        self, request: plugininfo_pb2.GetPluginInfoRequest, ctx: rpc.Context
     ) -> plugininfo_pb2.GetPluginInfoResponse:
-        raise connectplugin.ConnectError(
-            connectplugin.Code.UNIMPLEMENTED,
+        raise rpc.ConnectError(
+            rpc.Code.UNIMPLEMENTED,
             "connectplugin.v1.PluginIdentity.GetPluginInfo is not implemented",
         )
 
     def set_runtime_identity(
-        self,
-        request: plugininfo_pb2.SetRuntimeIdentityRequest,
-        ctx: connectplugin.Context,
+        self, request: plugininfo_pb2.SetRuntimeIdentityRequest, ctx: rpc.Context
     ) -> plugininfo_pb2.SetRuntimeIdentityResponse:
-        raise connectplugin.ConnectError(
-            connectplugin.Code.UNIMPLEMENTED,
+        raise rpc.ConnectError(
+            rpc.Code.UNIMPLEMENTED,
             "connectplugin.v1.PluginIdentity.SetRuntimeIdentity is not implemented",
         )
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
-import connectplugin
-from connectplugin._service import Method, Plugin, Service
+from connectplugin import rpc
 from connectplugin.gen.connectplugin.v1 import registry_pb2
+from connectplugin.rpc import Method, Service
+from connectplugin.runtime.plugin import Plugin
 
 SERVICE_REGISTRY_SERVICE = Service(
     name="connectplugin.v1.ServiceRegistry",
@@ -54,7 +55,7 @@ class ServiceRegistryClient:
     Plugin-to-plugin discovery; calls themselves go through the host's router.
     """
 
-    def __init__(self, client: connectplugin.Client) -> None:
+    def __init__(self, client: rpc.Client) -> None:
         self._client = client
 
     def register_service(
@@ -106,7 +107,7 @@ class ServiceRegistryClient:
         *,
         timeout: float | None = None,
         headers: Mapping[str, str | bytes] | None = None,
-    ) -> connectplugin.ServerStream[registry_pb2.WatchServiceEvent]:
+    ) -> rpc.ServerStream[registry_pb2.WatchServiceEvent]:
         """The current state first, then every change."""
         return self._client.call_server_stream(
             SERVICE_REGISTRY_SERVICE.methods["WatchService"],
@@ -127,36 +128,36 @@ class ServiceRegistryHandler:
     service = SERVICE_REGISTRY_SERVICE
 
     def register_service(
-        self, request: registry_pb2.RegisterServiceRequest, ctx: connectplugin.Context
+        self, request: registry_pb2.RegisterServiceRequest, ctx: rpc.Context
     ) -> registry_pb2.RegisterServiceResponse:
-        raise connectplugin.ConnectError(
-            connectplugin.Code.UNIMPLEMENTED,
+        raise rpc.ConnectError(
+            rpc.Code.UNIMPLEMENTED,
             "connectplugin.v1.ServiceRegistry.RegisterService is not implemented",
         )
 
     def unregister_service(
-        self, request: registry_pb2.UnregisterServiceRequest, ctx: connectplugin.Context
+        self, request: registry_pb2.UnregisterServiceRequest, ctx: rpc.Context
     ) -> registry_pb2.UnregisterServiceResponse:
-        raise connectplugin.ConnectError(
-            connectplugin.Code.UNIMPLEMENTED,
+        raise rpc.ConnectError(
+            rpc.Code.UNIMPLEMENTED,
             "connectplugin.v1.ServiceRegistry.UnregisterService is not implemented",
         )
 
     def discover_service(
-        self, request: registry_pb2.DiscoverServiceRequest, ctx: connectplugin.Context
+        self, request: registry_pb2.DiscoverServiceRequest, ctx: rpc.Context
     ) -> registry_pb2.DiscoverServiceResponse:
         """The host picks one provider."""
-        raise connectplugin.ConnectError(
-            connectplugin.Code.UNIMPLEMENTED,
+        raise rpc.ConnectError(
+            rpc.Code.UNIMPLEMENTED,
             "connectplugin.v1.ServiceRegistry.DiscoverService is not implemented",
         )
 
     def watch_service(
-        self, request: registry_pb2.WatchServiceRequest, ctx: connectplugin.Context
+        self, request: registry_pb2.WatchServiceRequest, ctx: rpc.Context
     ) -> Iterator[registry_pb2.WatchServiceEvent]:
         """The current state first, then every change."""
-        raise connectplugin.ConnectError(
-            connectplugin.Code.UNIMPLEMENTED,
+        raise rpc.ConnectError(
+            rpc.Code.UNIMPLEMENTED,
             "connectplugin.v1.ServiceRegistry.WatchService is not implemented",
         )
 

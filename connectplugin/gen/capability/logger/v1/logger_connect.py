@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import connectplugin
-from connectplugin._service import Method, Plugin, Service
+from connectplugin import rpc
 from connectplugin.gen.capability.logger.v1 import logger_pb2
+from connectplugin.rpc import Method, Service
+from connectplugin.runtime.plugin import Plugin
 
 LOGGER_SERVICE = Service(
     name="capability.logger.v1.Logger",
@@ -27,7 +28,7 @@ LOGGER_SERVICE = Service(
 class LoggerClient:
     """Typed client for ``capability.logger.v1.Logger``."""
 
-    def __init__(self, client: connectplugin.Client) -> None:
+    def __init__(self, client: rpc.Client) -> None:
         self._client = client
 
     def log(
@@ -51,11 +52,10 @@ class LoggerHandler:
     service = LOGGER_SERVICE
 
     def log(
-        self, request: logger_pb2.LogRequest, ctx: connectplugin.Context
+        self, request: logger_pb2.LogRequest, ctx: rpc.Context
     ) -> logger_pb2.LogResponse:
-        raise connectplugin.ConnectError(
-            connectplugin.Code.UNIMPLEMENTED,
-            "capability.logger.v1.Logger.Log is not implemented",
+        raise rpc.ConnectError(
+            rpc.Code.UNIMPLEMENTED, "capability.logger.v1.Logger.Log is not implemented"
         )
 
 

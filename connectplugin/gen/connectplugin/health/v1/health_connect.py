@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
-import connectplugin
-from connectplugin._service import Method, Plugin, Service
+from connectplugin import rpc
 from connectplugin.gen.connectplugin.health.v1 import health_pb2
+from connectplugin.rpc import Method, Service
+from connectplugin.runtime.plugin import Plugin
 
 HEALTH_SERVICE = Service(
     name="connectplugin.health.v1.HealthService",
@@ -35,7 +36,7 @@ HEALTH_SERVICE = Service(
 class HealthServiceClient:
     """Typed client for ``connectplugin.health.v1.HealthService``."""
 
-    def __init__(self, client: connectplugin.Client) -> None:
+    def __init__(self, client: rpc.Client) -> None:
         self._client = client
 
     def check(
@@ -56,7 +57,7 @@ class HealthServiceClient:
         *,
         timeout: float | None = None,
         headers: Mapping[str, str | bytes] | None = None,
-    ) -> connectplugin.ServerStream[health_pb2.HealthCheckResponse]:
+    ) -> rpc.ServerStream[health_pb2.HealthCheckResponse]:
         """Sends the current status, then every change."""
         return self._client.call_server_stream(
             HEALTH_SERVICE.methods["Watch"], request, timeout=timeout, headers=headers
@@ -72,20 +73,20 @@ class HealthServiceHandler:
     service = HEALTH_SERVICE
 
     def check(
-        self, request: health_pb2.HealthCheckRequest, ctx: connectplugin.Context
+        self, request: health_pb2.HealthCheckRequest, ctx: rpc.Context
     ) -> health_pb2.HealthCheckResponse:
         """An empty service name asks about the server as a whole."""
-        raise connectplugin.ConnectError(
-            connectplugin.Code.UNIMPLEMENTED,
+        raise rpc.ConnectError(
+            rpc.Code.UNIMPLEMENTED,
             "connectplugin.health.v1.HealthService.Check is not implemented",
         )
 
     def watch(
-        self, request: health_pb2.HealthCheckRequest, ctx: connectplugin.Context
+        self, request: health_pb2.HealthCheckRequest, ctx: rpc.Context
     ) -> Iterator[health_pb2.HealthCheckResponse]:
         """Sends the current status, then every change."""
-        raise connectplugin.ConnectError(
-            connectplugin.Code.UNIMPLEMENTED,
+        raise rpc.ConnectError(
+            rpc.Code.UNIMPLEMENTED,
             "connectplugin.health.v1.HealthService.Watch is not implemented",
         )
 

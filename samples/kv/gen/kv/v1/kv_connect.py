@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
-import connectplugin
-from connectplugin._service import Method, Plugin, Service
+from connectplugin import rpc
+from connectplugin.rpc import Method, Service
+from connectplugin.runtime.plugin import Plugin
 from samples.kv.gen.kv.v1 import kv_pb2
 
 KV_SERVICE = Service(
@@ -51,7 +52,7 @@ KV_SERVICE = Service(
 class KVServiceClient:
     """Typed client for ``kv.v1.KVService``."""
 
-    def __init__(self, client: connectplugin.Client) -> None:
+    def __init__(self, client: rpc.Client) -> None:
         self._client = client
 
     def get(
@@ -93,7 +94,7 @@ class KVServiceClient:
         *,
         timeout: float | None = None,
         headers: Mapping[str, str | bytes] | None = None,
-    ) -> connectplugin.ServerStream[kv_pb2.WatchEvent]:
+    ) -> rpc.ServerStream[kv_pb2.WatchEvent]:
         """Changes to keys under a prefix, in the order they happen."""
         return self._client.call_server_stream(
             KV_SERVICE.methods["Watch"], request, timeout=timeout, headers=headers
@@ -108,34 +109,29 @@ class KVServiceHandler:
 
     service = KV_SERVICE
 
-    def get(
-        self, request: kv_pb2.GetRequest, ctx: connectplugin.Context
-    ) -> kv_pb2.GetResponse:
-        raise connectplugin.ConnectError(
-            connectplugin.Code.UNIMPLEMENTED, "kv.v1.KVService.Get is not implemented"
+    def get(self, request: kv_pb2.GetRequest, ctx: rpc.Context) -> kv_pb2.GetResponse:
+        raise rpc.ConnectError(
+            rpc.Code.UNIMPLEMENTED, "kv.v1.KVService.Get is not implemented"
         )
 
-    def put(
-        self, request: kv_pb2.PutRequest, ctx: connectplugin.Context
-    ) -> kv_pb2.PutResponse:
-        raise connectplugin.ConnectError(
-            connectplugin.Code.UNIMPLEMENTED, "kv.v1.KVService.Put is not implemented"
+    def put(self, request: kv_pb2.PutRequest, ctx: rpc.Context) -> kv_pb2.PutResponse:
+        raise rpc.ConnectError(
+            rpc.Code.UNIMPLEMENTED, "kv.v1.KVService.Put is not implemented"
         )
 
     def delete(
-        self, request: kv_pb2.DeleteRequest, ctx: connectplugin.Context
+        self, request: kv_pb2.DeleteRequest, ctx: rpc.Context
     ) -> kv_pb2.DeleteResponse:
-        raise connectplugin.ConnectError(
-            connectplugin.Code.UNIMPLEMENTED,
-            "kv.v1.KVService.Delete is not implemented",
+        raise rpc.ConnectError(
+            rpc.Code.UNIMPLEMENTED, "kv.v1.KVService.Delete is not implemented"
         )
 
     def watch(
-        self, request: kv_pb2.WatchRequest, ctx: connectplugin.Context
+        self, request: kv_pb2.WatchRequest, ctx: rpc.Context
     ) -> Iterator[kv_pb2.WatchEvent]:
         """Changes to keys under a prefix, in the order they happen."""
-        raise connectplugin.ConnectError(
-            connectplugin.Code.UNIMPLEMENTED, "kv.v1.KVService.Watch is not implemented"
+        raise rpc.ConnectError(
+            rpc.Code.UNIMPLEMENTED, "kv.v1.KVService.Watch is not implemented"
         )
 
 

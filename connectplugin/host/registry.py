@@ -15,12 +15,12 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from .auth import Identities, Identity
-from .errors import Code, ConnectError
-from .gen.connectplugin.v1 import registry_pb2
-from .gen.connectplugin.v1.registry_connect import ServiceRegistryHandler
-from .health import DEGRADED, HEALTHY, UNHEALTHY
-from .server import Context
+from ..gen.connectplugin.v1 import registry_pb2
+from ..gen.connectplugin.v1.registry_connect import ServiceRegistryHandler
+from ..rpc.errors import Code, ConnectError
+from ..rpc.server import Context
+from ..runtime.health import DEGRADED, HEALTHY, UNHEALTHY
+from .identities import Identities, Identity
 
 AVAILABLE = registry_pb2.SERVICE_STATE_AVAILABLE
 UNAVAILABLE = registry_pb2.SERVICE_STATE_UNAVAILABLE

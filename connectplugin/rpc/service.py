@@ -1,4 +1,4 @@
-"""Descriptions of services and methods, the link between generated code and the runtime.
+"""Descriptions of services and methods, the link between generated code and the Connect layer.
 
 Generated modules build these once at import; the server and client read them
 instead of inspecting protobuf descriptors on every call.
@@ -57,22 +57,3 @@ def snake_case(name: str) -> str:
     """``GetPluginInfo`` -> ``get_plugin_info``; ``KVService`` -> ``kv_service``."""
     name = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", name)
     return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()
-
-
-@dataclass(frozen=True)
-class Plugin:
-    """Binds a service to its generated client and handler base class under a plugin name.
-
-    ``serve()`` uses it to mount an implementation; a host uses it to dispense a
-    typed client after the handshake.
-    """
-
-    name: str
-    version: str
-    service: Service
-    client: type
-    handler: type
-
-    @property
-    def service_path(self) -> str:
-        return self.service.path

@@ -17,12 +17,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .auth import Identities, bearer_matches
-from .errors import Code, ConnectError
-from .gen.connectplugin.v1 import broker_pb2, handshake_pb2
-from .gen.connectplugin.v1.broker_connect import CapabilityBrokerHandler
+from ..gen.connectplugin.v1 import broker_pb2, handshake_pb2
+from ..gen.connectplugin.v1.broker_connect import CapabilityBrokerHandler
+from ..rpc.errors import Code, ConnectError
+from ..rpc.server import App, Context, error_response
+from ..runtime.credentials import bearer_matches
+from .identities import Identities
 from .registry import version_key
-from .server import App, Context, error_response
 
 log = logging.getLogger("connectplugin.broker")
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from google.protobuf import descriptor_pb2
 from google.protobuf.compiler import plugin_pb2
 
-from connectplugin._service import snake_case
+from connectplugin.rpc.service import snake_case
 
 LINE_LENGTH = 88
 """What ruff format would allow; the layout helpers below follow its choices."""
@@ -255,8 +255,9 @@ class _Module:
         names = "Iterator, Mapping" if streaming else "Mapping"
         third_party: list[str] = []
         first_party = [
-            "import connectplugin",
-            "from connectplugin._service import Method, Plugin, Service",
+            "from connectplugin import rpc",
+            "from connectplugin.rpc import Method, Service",
+            "from connectplugin.runtime.plugin import Plugin",
         ]
         for module, alias in self.aliases.items():
             parent, _, leaf = module.rpartition(".")
@@ -346,14 +347,14 @@ class _Module:
                 _paragraphs(f"Typed client for ``{qualified}``.", comment), "    "
             ),
             "",
-            "    def __init__(self, client: connectplugin.Client) -> None:",
+            "    def __init__(self, client: rpc.Client) -> None:",
             "        self._client = client",
         ]
         for method, doc in zip(service.method, docs):
             output = self._type(method.output_type)
             if method.server_streaming:
                 returns, call = (
-                    f"connectplugin.ServerStream[{output}]",
+                    f"rpc.ServerStream[{output}]",
                     "call_server_stream",
                 )
             else:
@@ -409,10 +410,10 @@ class _Module:
             params = [
                 "self",
                 f"request: {self._type(method.input_type)}",
-                "ctx: connectplugin.Context",
+                "ctx: rpc.Context",
             ]
             error = [
-                "connectplugin.Code.UNIMPLEMENTED",
+                "rpc.Code.UNIMPLEMENTED",
                 f'"{qualified}.{method.name} is not implemented"',
             ]
             lines += [
@@ -424,7 +425,7 @@ class _Module:
                     f") -> {returns}:",
                 ),
                 *(_docstring(doc, "        ") if doc else []),
-                *_layout("        ", "raise connectplugin.ConnectError(", error, ")"),
+                *_layout("        ", "raise rpc.ConnectError(", error, ")"),
             ]
         return lines
 

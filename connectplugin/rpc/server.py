@@ -23,11 +23,11 @@ from google.protobuf.message import Message
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Map, Rule
 
-from . import _codec
+from . import _protocol
 from ._metadata import Value, from_pairs
 from ._metadata import to_wire as _strict_to_wire
-from ._service import Method, Service
 from .errors import Code, ConnectError
+from .service import Method, Service
 
 log = logging.getLogger("connectplugin.server")
 
@@ -39,9 +39,9 @@ WSGIApp = Callable[[dict, StartResponse], Iterable[bytes]]
 class ServerConfig:
     """Limits and tuning of the Connect server; the defaults suit most plugins."""
 
-    read_limit: int = _codec.DEFAULT_READ_LIMIT
+    read_limit: int = _protocol.DEFAULT_READ_LIMIT
     """Largest request message in bytes, compressed or not; larger is resource_exhausted."""
-    compress_min_bytes: int = _codec.COMPRESS_MIN_BYTES
+    compress_min_bytes: int = _protocol.COMPRESS_MIN_BYTES
     """Responses smaller than this are never compressed."""
 
 
@@ -130,7 +130,7 @@ class _Route:
 
 _UNARY_TYPES = {"application/proto": "proto", "application/json": "json"}
 _STREAM_TYPES = {"application/connect+proto": "proto", "application/connect+json": "json"}
-_UNARY_CONTENT_TYPE = {name: ("Content-Type", "application/" + name) for name in _codec.CODECS}
+_UNARY_CONTENT_TYPE = {name: ("Content-Type", "application/" + name) for name in _protocol.CODECS}
 
 
 class App:
@@ -206,7 +206,7 @@ class App:
             content_type = environ.get("CONTENT_TYPE", "")
             # The exact spelling first: it is what clients send, and needs no parsing.
             codec_name = _UNARY_TYPES.get(content_type) or _codec_for(content_type, _UNARY_TYPES)
-        codec = _codec.CODECS.get(codec_name)
+        codec = _protocol.CODECS.get(codec_name)
         if codec is None:
             return _unsupported_media(start_response, _UNARY_TYPES)
         ctx: Context | None = None
@@ -222,12 +222,12 @@ class App:
                 version = environ.get("HTTP_CONNECT_PROTOCOL_VERSION")
                 if version is not None and version != "1":
                     raise _unsupported_version(version)
-                encoding = environ.get("HTTP_CONTENT_ENCODING") or _codec.IDENTITY
-                if encoding not in _codec.ENCODINGS:
-                    raise _codec.unsupported_encoding(encoding)
+                encoding = environ.get("HTTP_CONTENT_ENCODING") or _protocol.IDENTITY
+                if encoding not in _protocol.ENCODINGS:
+                    raise _protocol.unsupported_encoding(encoding)
                 payload = self._read_body(environ)
-                if encoding != _codec.IDENTITY:
-                    payload = _codec.decompress(encoding, payload, self.config.read_limit)
+                if encoding != _protocol.IDENTITY:
+                    payload = _protocol.decompress(encoding, payload, self.config.read_limit)
             request = codec.decode(payload, route.input)
             response = route.call(request, ctx)
             if deadline is not None and time.monotonic() > deadline:
@@ -249,9 +249,9 @@ class App:
 
         headers = [_UNARY_CONTENT_TYPE[codec_name]]
         if len(body) >= self.config.compress_min_bytes:
-            if _codec.negotiate(environ.get("HTTP_ACCEPT_ENCODING")) == _codec.GZIP:
-                body = _codec.compress(_codec.GZIP, body)
-                headers.append(("Content-Encoding", _codec.GZIP))
+            if _protocol.negotiate(environ.get("HTTP_ACCEPT_ENCODING")) == _protocol.GZIP:
+                body = _protocol.compress(_protocol.GZIP, body)
+                headers.append(("Content-Encoding", _protocol.GZIP))
         headers.append(("Content-Length", str(len(body))))
         if ctx.response_headers:
             headers += to_wire(ctx.response_headers)
@@ -269,12 +269,12 @@ class App:
                 raise ConnectError(Code.INVALID_ARGUMENT, "message is not valid base64") from None
         else:
             data = message.encode()
-        encoding = _first(query, "compression") or _codec.IDENTITY
-        if encoding not in _codec.ENCODINGS:
-            raise _codec.unsupported_encoding(encoding)
+        encoding = _first(query, "compression") or _protocol.IDENTITY
+        if encoding not in _protocol.ENCODINGS:
+            raise _protocol.unsupported_encoding(encoding)
         if len(data) > self.config.read_limit:
-            raise _codec.too_large(self.config.read_limit)
-        return _codec.decompress(encoding, data, self.config.read_limit)
+            raise _protocol.too_large(self.config.read_limit)
+        return _protocol.decompress(encoding, data, self.config.read_limit)
 
     def _read_body(self, environ: dict, slack: int = 0) -> bytes:
         limit = self.config.read_limit + slack
@@ -285,20 +285,20 @@ class App:
             except ValueError:
                 raise ConnectError(Code.INVALID_ARGUMENT, "bad Content-Length") from None
             if n > limit:
-                raise _codec.too_large(self.config.read_limit)
+                raise _protocol.too_large(self.config.read_limit)
             return environ["wsgi.input"].read(n) if n else b""
         data = environ["wsgi.input"].read(limit + 1)
         if len(data) > limit:
-            raise _codec.too_large(self.config.read_limit)
+            raise _protocol.too_large(self.config.read_limit)
         return data
 
     # --- server streaming ---------------------------------------------------------------------
 
     def _stream(self, route: _Route, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         codec_name = _codec_for(environ.get("CONTENT_TYPE", ""), _STREAM_TYPES)
-        if codec_name not in _codec.CODECS:
+        if codec_name not in _protocol.CODECS:
             return _unsupported_media(start_response, _STREAM_TYPES)
-        codec = _codec.CODECS[codec_name]
+        codec = _protocol.CODECS[codec_name]
         headers = [("Content-Type", "application/connect+" + codec_name)]
         ctx: Context | None = None
         # Past this point every failure is reported in the end-stream message of a 200.
@@ -309,9 +309,9 @@ class App:
             version = environ.get("HTTP_CONNECT_PROTOCOL_VERSION")
             if version is not None and version != "1":
                 raise _unsupported_version(version)
-            encoding = environ.get("HTTP_CONNECT_CONTENT_ENCODING") or _codec.IDENTITY
-            if encoding not in _codec.ENCODINGS:
-                raise _codec.unsupported_encoding(encoding)
+            encoding = environ.get("HTTP_CONNECT_CONTENT_ENCODING") or _protocol.IDENTITY
+            if encoding not in _protocol.ENCODINGS:
+                raise _protocol.unsupported_encoding(encoding)
             request = codec.decode(self._read_stream_request(environ, encoding), route.input)
             messages = iter(route.call(request, ctx))
         except ConnectError as e:
@@ -320,8 +320,8 @@ class App:
             log.exception("unhandled error in %s", route.method.path)
             return _end_only(start_response, headers, ConnectError(Code.INTERNAL, "internal error"), ctx)
 
-        send_encoding = _codec.negotiate(environ.get("HTTP_CONNECT_ACCEPT_ENCODING"))
-        if send_encoding != _codec.IDENTITY:
+        send_encoding = _protocol.negotiate(environ.get("HTTP_CONNECT_ACCEPT_ENCODING"))
+        if send_encoding != _protocol.IDENTITY:
             headers.append(("Connect-Content-Encoding", send_encoding))
         return self._stream_body(route, ctx, messages, codec, send_encoding, start_response, headers)
 
@@ -335,7 +335,7 @@ class App:
             pos += len(chunk)
             return chunk
 
-        first = _codec.read_envelope(read, encoding, self.config.read_limit)
+        first = _protocol.read_envelope(read, encoding, self.config.read_limit)
         if first is None or first[0]:
             raise ConnectError(Code.INVALID_ARGUMENT, "a server-streaming request carries one message")
         if pos != len(body):
@@ -347,7 +347,7 @@ class App:
         route: _Route,
         ctx: Context,
         messages: Iterator[Message],
-        codec: _codec.Codec,
+        codec: _protocol.Codec,
         encoding: str,
         start_response: StartResponse,
         headers: list[tuple[str, str]],
@@ -365,9 +365,9 @@ class App:
                     raise ConnectError(Code.DEADLINE_EXCEEDED, "the stream outlived its timeout")
                 data = codec.encode(message)
                 flags = 0
-                if encoding != _codec.IDENTITY and len(data) >= self.config.compress_min_bytes:
-                    data, flags = _codec.compress(encoding, data), _codec.FLAG_COMPRESSED
-                yield _codec.envelope(flags, data)
+                if encoding != _protocol.IDENTITY and len(data) >= self.config.compress_min_bytes:
+                    data, flags = _protocol.compress(encoding, data), _protocol.FLAG_COMPRESSED
+                yield _protocol.envelope(flags, data)
         except ConnectError as e:
             error = e
         except GeneratorExit:
@@ -426,7 +426,7 @@ def _deadline(timeout_ms: str) -> float:
     Callers read that header, and Connect-Protocol-Version, from the environ in place: on
     every call, calling a helper to do it would cost more than the reading.
     """
-    return time.monotonic() + _codec.parse_timeout_ms(timeout_ms)
+    return time.monotonic() + _protocol.parse_timeout_ms(timeout_ms)
 
 
 def _unsupported_version(version: str) -> ConnectError:
@@ -472,7 +472,7 @@ def _end_stream(error: ConnectError | None, ctx: Context | None) -> bytes:
         end["error"] = error.to_json()
     if trailers:
         end["metadata"] = trailers
-    return _codec.envelope(_codec.FLAG_END_STREAM, json.dumps(end, separators=(",", ":")).encode())
+    return _protocol.envelope(_protocol.FLAG_END_STREAM, json.dumps(end, separators=(",", ":")).encode())
 
 
 def _end_only(

@@ -14,8 +14,9 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .host import PluginClient, PluginHost
-from .launcher import Strategy
+from ..runtime.launcher import Strategy
+from ..runtime.pluginclient import PluginClient
+from .pluginhost import PluginHost
 
 log = logging.getLogger("connectplugin.platform")
 

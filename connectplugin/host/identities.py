@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import hmac
 import secrets
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import Code, ConnectError
-
-RUNTIME_ID_HEADER = "X-Plugin-Runtime-ID"
-
-
-def bearer_matches(authorization: object, expected: str | None) -> bool:
-    """Whether ``authorization`` is ``Bearer <expected>``, compared in constant time.
-
-    With no ``expected`` token the comparison still runs (against a dummy), so the time
-    taken does not tell an unknown id from a wrong token.
-    """
-    scheme, _, given = str(authorization).partition(" ")
-    ok = hmac.compare_digest(given.strip().encode(), (expected or "-" * 43).encode())
-    return ok and bool(expected) and scheme.lower() == "bearer"
+from ..rpc.errors import Code, ConnectError
+from ..runtime.credentials import RUNTIME_ID_HEADER, bearer_matches
 
 
 @dataclass(frozen=True)

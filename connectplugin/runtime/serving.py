@@ -17,16 +17,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..gen.connectplugin.v1 import handshake_pb2, lifecycle_pb2, plugininfo_pb2
+from ..gen.connectplugin.v1.lifecycle_connect import PluginControlHandler
+from ..gen.connectplugin.v1.plugininfo_connect import PluginIdentityHandler
+from ..rpc.errors import Code, ConnectError
+from ..rpc.httpserver import HTTPConfig, HTTPServer
+from ..rpc.server import App, Context, ServerConfig, text_response
 from . import handshake as hs
-from ._service import Plugin
-from .errors import Code, ConnectError
-from .gen.connectplugin.v1 import handshake_pb2, lifecycle_pb2, plugininfo_pb2
-from .gen.connectplugin.v1.lifecycle_connect import PluginControlHandler
-from .gen.connectplugin.v1.plugininfo_connect import PluginIdentityHandler
 from .health import NOT_SERVING, SERVING, Health, HealthService
 from .hostlink import HostLink, keep_registered
-from .httpserver import HTTPConfig, HTTPServer
-from .server import App, Context, ServerConfig, text_response
+from .plugin import Plugin
 
 log = logging.getLogger("connectplugin.plugin")
 

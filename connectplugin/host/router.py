@@ -18,11 +18,12 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from ._codec import FLAG_END_STREAM, envelope
-from .auth import RUNTIME_ID_HEADER, Identities
-from .errors import Code, ConnectError
+from ..rpc._protocol import FLAG_END_STREAM, envelope
+from ..rpc.errors import Code, ConnectError
+from ..rpc.server import error_response
+from ..runtime.credentials import RUNTIME_ID_HEADER
+from .identities import Identities
 from .registry import UNHEALTHY, Provider, Registry
-from .server import error_response
 
 log = logging.getLogger("connectplugin.router")
 

@@ -28,10 +28,10 @@ from requests.adapters import BaseAdapter
 from requests.structures import CaseInsensitiveDict
 
 from . import handshake as hs
-from ._service import Plugin
 from .health import Health
 from .hostlink import HostLink
-from .plugin import ENV_APP_VERSIONS, ENV_HOST_URL, ENV_WATCH_STDIN, PluginServer, ServeConfig
+from .plugin import Plugin
+from .serving import ENV_APP_VERSIONS, ENV_HOST_URL, ENV_WATCH_STDIN, PluginServer, ServeConfig
 
 log = logging.getLogger("connectplugin.launcher")
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
-from .errors import Code, ConnectError
-from .gen.connectplugin.health.v1 import health_pb2
-from .gen.connectplugin.health.v1.health_connect import HealthServiceHandler
-from .gen.connectplugin.v1 import lifecycle_pb2
-from .server import Context
+from ..gen.connectplugin.health.v1 import health_pb2
+from ..gen.connectplugin.health.v1.health_connect import HealthServiceHandler
+from ..gen.connectplugin.v1 import lifecycle_pb2
+from ..rpc.errors import Code, ConnectError
+from ..rpc.server import Context
 
 HEALTHY = lifecycle_pb2.HEALTH_STATE_HEALTHY
 DEGRADED = lifecycle_pb2.HEALTH_STATE_DEGRADED

@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from ._service import Plugin
-from .errors import Code, ConnectError
-from .gen.connectplugin.v1 import handshake_pb2
-from .gen.connectplugin.v1.handshake_connect import HandshakeServiceHandler
-from .server import Context
+from ..gen.connectplugin.v1 import handshake_pb2
+from ..gen.connectplugin.v1.handshake_connect import HandshakeServiceHandler
+from ..rpc.errors import Code, ConnectError
+from ..rpc.server import Context
+from .plugin import Plugin
 
 CORE_PROTOCOL_VERSION = 1
 VERSIONS_KEY = "app-protocol-versions"

@@ -33,10 +33,10 @@ from urllib3.exceptions import (
 )
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from . import _codec
+from . import _protocol
 from ._metadata import Value, from_pairs, split_prefixed, to_wire
-from ._service import Method
 from .errors import Code, ConnectError
+from .service import Method
 
 Res = TypeVar("Res", bound=Message)
 
@@ -71,10 +71,10 @@ class ClientConfig:
 
     codec: str = "proto"
     """``proto`` or ``json``."""
-    compression: str = _codec.GZIP
+    compression: str = _protocol.GZIP
     """Request compression (``gzip`` or ``identity``); gzip responses are always accepted."""
-    compress_min_bytes: int = _codec.COMPRESS_MIN_BYTES
-    read_limit: int = _codec.DEFAULT_READ_LIMIT
+    compress_min_bytes: int = _protocol.COMPRESS_MIN_BYTES
+    read_limit: int = _protocol.DEFAULT_READ_LIMIT
     timeout: float | None = None
     """Default per-call timeout in seconds; sent as Connect-Timeout-Ms and enforced here too."""
     connect_timeout: float = 5.0
@@ -87,10 +87,10 @@ class ClientConfig:
     """Sent with every call (before per-call headers)."""
 
     def __post_init__(self) -> None:
-        if self.codec not in _codec.CODECS:
-            raise ValueError(f"codec must be one of {sorted(_codec.CODECS)}, not {self.codec!r}")
-        if self.compression not in _codec.ENCODINGS:
-            raise ValueError(f"compression must be one of {_codec.ENCODINGS}, not {self.compression!r}")
+        if self.codec not in _protocol.CODECS:
+            raise ValueError(f"codec must be one of {sorted(_protocol.CODECS)}, not {self.codec!r}")
+        if self.compression not in _protocol.ENCODINGS:
+            raise ValueError(f"compression must be one of {_protocol.ENCODINGS}, not {self.compression!r}")
 
 
 class _Capture(threading.local):
@@ -152,7 +152,7 @@ class Client:
         self.session = session
         self._transport = _transport(session, self.base_url)
         codec = self.config.codec
-        self._codec = _codec.CODECS[codec]
+        self._codec = _protocol.CODECS[codec]
         # The request headers of each kind of call, but for the per-call ones (see _send).
         base = [
             ("User-Agent", _USER_AGENT),
@@ -231,7 +231,7 @@ class Client:
         """Send a request to ``base_url + path``; ``headers`` is a copy this call may change."""
         deadline = time.monotonic() + call.timeout if call.timeout is not None else None
         if call.timeout is not None:
-            headers["connect-timeout-ms"] = ("Connect-Timeout-Ms", _codec.format_timeout_ms(call.timeout))
+            headers["connect-timeout-ms"] = ("Connect-Timeout-Ms", _protocol.format_timeout_ms(call.timeout))
         for key, value in to_wire(call.headers):
             headers[key.lower()] = (key, value)
         if body is not None:
@@ -262,8 +262,8 @@ class Client:
             response, deadline = self._send(call, "GET", method.path + query, self._get_headers.copy(), None)
         else:
             headers = self._post_headers.copy()
-            if self.config.compression != _codec.IDENTITY and len(data) >= self.config.compress_min_bytes:
-                data = _codec.compress(self.config.compression, data)
+            if self.config.compression != _protocol.IDENTITY and len(data) >= self.config.compress_min_bytes:
+                data = _protocol.compress(self.config.compression, data)
                 headers["content-encoding"] = ("Content-Encoding", self.config.compression)
             response, deadline = self._send(call, "POST", method.path, headers, data)
         try:
@@ -281,10 +281,10 @@ class Client:
                 # Another Connect codec is a protocol error; anything else is not Connect at all.
                 code = Code.INTERNAL if content_type in ("application/proto", "application/json") else Code.UNKNOWN
                 raise ConnectError(code, f"unexpected response content type {content_type!r}", metadata=_metadata(call))
-        encoding = response.headers.get("content-encoding", _codec.IDENTITY)
-        if encoding != _codec.IDENTITY:
+        encoding = response.headers.get("content-encoding", _protocol.IDENTITY)
+        if encoding != _protocol.IDENTITY:
             try:
-                body = _codec.decompress(encoding, body, self.config.read_limit)
+                body = _protocol.decompress(encoding, body, self.config.read_limit)
             except ConnectError as e:
                 code = Code.RESOURCE_EXHAUSTED if e.code is Code.RESOURCE_EXHAUSTED else Code.INTERNAL
                 raise ConnectError(code, e.message, metadata=_metadata(call)) from None
@@ -299,7 +299,7 @@ class Client:
         except (Urllib3Error, OSError, requests.exceptions.RequestException) as e:
             raise _read_error(deadline, e) from None
         if len(body) > limit:
-            raise _codec.too_large(limit)
+            raise _protocol.too_large(limit)
         return body
 
     def _decode(self, payload: bytes, message_type: type[Res]) -> Res:
@@ -312,11 +312,11 @@ class Client:
         data = self._codec.encode(call.request)
         headers = self._stream_headers.copy()
         flags = 0
-        if self.config.compression != _codec.IDENTITY and len(data) >= self.config.compress_min_bytes:
-            data = _codec.compress(self.config.compression, data)
+        if self.config.compression != _protocol.IDENTITY and len(data) >= self.config.compress_min_bytes:
+            data = _protocol.compress(self.config.compression, data)
             headers["connect-content-encoding"] = ("Connect-Content-Encoding", self.config.compression)
-            flags = _codec.FLAG_COMPRESSED
-        response, deadline = self._send(call, "POST", call.method.path, headers, _codec.envelope(flags, data))
+            flags = _protocol.FLAG_COMPRESSED
+        response, deadline = self._send(call, "POST", call.method.path, headers, _protocol.envelope(flags, data))
         meta = from_pairs(response.headers.items())
         call.response_headers = meta
         if response.status != 200:
@@ -555,9 +555,9 @@ class ServerStream(Generic[Res]):
         self._call = call
         self._response = response
         self._deadline = deadline
-        self._encoding = response.headers.get("connect-content-encoding", _codec.IDENTITY)
+        self._encoding = response.headers.get("connect-content-encoding", _protocol.IDENTITY)
         self._done = False
-        if self._encoding not in _codec.ENCODINGS:
+        if self._encoding not in _protocol.ENCODINGS:
             self.close()
             raise ConnectError(Code.INTERNAL, f"server used unknown compression {self._encoding!r}")
 
@@ -584,7 +584,7 @@ class ServerStream(Generic[Res]):
             self.close()
             raise ConnectError(Code.INTERNAL, "stream ended without an end-of-stream message")
         flags, data = envelope
-        if flags & _codec.FLAG_END_STREAM:
+        if flags & _protocol.FLAG_END_STREAM:
             self.close()
             self._finish(data)
             raise StopIteration
@@ -595,7 +595,7 @@ class ServerStream(Generic[Res]):
 
     def _next_envelope(self) -> tuple[int, bytes] | None:
         try:
-            return _codec.read_envelope(self._response.read, self._encoding, self._client.config.read_limit)
+            return _protocol.read_envelope(self._response.read, self._encoding, self._client.config.read_limit)
         except ConnectError as e:
             if e.code is Code.RESOURCE_EXHAUSTED:
                 raise
@@ -645,7 +645,7 @@ def _unary_error(response: _Response, body: bytes, meta: Mapping[str, Value]) ->
     content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json":
         try:
-            body = _codec.decompress(response.headers.get("content-encoding", _codec.IDENTITY), body, len(body) * 64 + 1024)
+            body = _protocol.decompress(response.headers.get("content-encoding", _protocol.IDENTITY), body, len(body) * 64 + 1024)
             return ConnectError.from_json(json.loads(body), fallback, meta)
         except (ValueError, ConnectError):
             pass

@@ -12,14 +12,14 @@ import threading
 from collections.abc import Sequence
 from typing import TypeVar
 
-from .auth import RUNTIME_ID_HEADER, bearer_matches
-from .client import Client, ClientConfig, ServerStream
-from .errors import Code, ConnectError
-from .gen.connectplugin.v1 import broker_pb2, handshake_pb2, lifecycle_pb2, registry_pb2
-from .gen.connectplugin.v1.broker_connect import CapabilityBrokerClient
-from .gen.connectplugin.v1.handshake_connect import HandshakeServiceClient
-from .gen.connectplugin.v1.lifecycle_connect import PluginLifecycleClient
-from .gen.connectplugin.v1.registry_connect import ServiceRegistryClient
+from ..gen.connectplugin.v1 import broker_pb2, handshake_pb2, lifecycle_pb2, registry_pb2
+from ..gen.connectplugin.v1.broker_connect import CapabilityBrokerClient
+from ..gen.connectplugin.v1.handshake_connect import HandshakeServiceClient
+from ..gen.connectplugin.v1.lifecycle_connect import PluginLifecycleClient
+from ..gen.connectplugin.v1.registry_connect import ServiceRegistryClient
+from ..rpc.client import Client, ClientConfig, ServerStream
+from ..rpc.errors import Code, ConnectError
+from .credentials import RUNTIME_ID_HEADER, bearer_matches
 from .handshake import HandshakeConfig, check_response, request_for
 from .health import Health
 

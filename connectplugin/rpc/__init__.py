@@ -1,0 +1,29 @@
+"""The Connect RPC layer: wire protocol, WSGI server, client and HTTP serving.
+
+It knows nothing of plugins. Generated code imports its public names from here.
+"""
+
+from .client import Call, Client, ClientConfig, Interceptor, ResponseMetadata, ServerStream
+from .errors import Code, ConnectError, ErrorDetail
+from .httpserver import HTTPConfig, HTTPServer
+from .server import App, Context, ServerConfig
+from .service import Method, Service
+
+__all__ = [
+    "App",
+    "Call",
+    "Client",
+    "ClientConfig",
+    "Code",
+    "ConnectError",
+    "Context",
+    "ErrorDetail",
+    "HTTPConfig",
+    "HTTPServer",
+    "Interceptor",
+    "Method",
+    "ResponseMetadata",
+    "ServerConfig",
+    "ServerStream",
+    "Service",
+]
