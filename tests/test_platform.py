@@ -50,7 +50,6 @@ from connectplugin import (
     Requirement,
     ServeConfig,
 )
-from connectplugin.runtime import handshake as hs
 from connectplugin.gen.capability.logger.v1 import logger_pb2
 from connectplugin.gen.capability.logger.v1.logger_connect import LoggerClient
 from connectplugin.gen.connectplugin.v1 import (
@@ -64,6 +63,7 @@ from connectplugin.gen.connectplugin.v1.handshake_connect import HandshakeServic
 from connectplugin.gen.connectplugin.v1.lifecycle_connect import PluginLifecycleClient
 from connectplugin.gen.connectplugin.v1.plugininfo_connect import PluginIdentityClient
 from connectplugin.gen.connectplugin.v1.registry_connect import ServiceRegistryClient
+from connectplugin.runtime import handshake as hs
 from connectplugin.runtime.launcher import LaunchContext, Running
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KV_PLUGIN, KVServiceClient

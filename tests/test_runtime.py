@@ -41,7 +41,6 @@ from connectplugin import (
     PluginHost,
     ProcessStrategy,
 )
-from connectplugin.runtime import handshake as hs
 from connectplugin.gen.connectplugin.health.v1 import health_pb2
 from connectplugin.gen.connectplugin.v1 import handshake_pb2, lifecycle_pb2
 from connectplugin.gen.connectplugin.v1.handshake_connect import HandshakeServiceClient
@@ -49,6 +48,7 @@ from connectplugin.gen.connectplugin.v1.lifecycle_connect import (
     PluginControlClient,
     PluginLifecycleClient,
 )
+from connectplugin.runtime import handshake as hs
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KV_PLUGIN, KVServiceClient
 from samples.kv.plugin import HANDSHAKE, PLUGINS
