@@ -1,6 +1,6 @@
 """connectplugin: remote-first plugins that talk Connect RPC over plain HTTP."""
 
-from .host.platform import DependencyError, Platform, PluginSpec, Requirement
+from .host.platform import DependencyError, Platform, PluginSpec
 from .host.pluginhost import HostConfig, PluginHost
 from .host.registry import RegistryConfig
 from .rpc import (
@@ -22,7 +22,7 @@ from .rpc import (
     Service,
 )
 from .runtime.handshake import HandshakeConfig
-from .runtime.health import Health
+from .runtime.health import Health, HealthState, ServingStatus
 from .runtime.hostlink import HostLink
 from .runtime.launcher import (
     InProcessStrategy,
@@ -32,7 +32,7 @@ from .runtime.launcher import (
     Running,
     Strategy,
 )
-from .runtime.plugin import Plugin
+from .runtime.plugin import Plugin, Requirement, ServiceDeclaration
 from .runtime.pluginclient import PluginClient
 from .runtime.serving import PluginServer, ServeConfig, serve
 
@@ -50,6 +50,7 @@ __all__ = [
     "HTTPServer",
     "HandshakeConfig",
     "Health",
+    "HealthState",
     "HostConfig",
     "HostLink",
     "InProcessStrategy",
@@ -71,6 +72,8 @@ __all__ = [
     "ServeConfig",
     "ServerConfig",
     "ServerStream",
+    "ServiceDeclaration",
+    "ServingStatus",
     "Service",
     "Strategy",
     "serve",

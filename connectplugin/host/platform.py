@@ -15,18 +15,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ..runtime.launcher import Strategy
+from ..runtime.plugin import Requirement
 from ..runtime.pluginclient import PluginClient
 from .pluginhost import PluginHost
 
 log = logging.getLogger("connectplugin.platform")
-
-
-@dataclass(frozen=True)
-class Requirement:
-    service_type: str
-    min_version: str = ""
-    required_for_startup: bool = True
-    """When True the plugin does not start until a provider is registered."""
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
@@ -11,13 +12,28 @@ from ..gen.connectplugin.v1 import lifecycle_pb2
 from ..rpc.errors import Code, ConnectError
 from ..rpc.server import Context
 
-HEALTHY = lifecycle_pb2.HEALTH_STATE_HEALTHY
-DEGRADED = lifecycle_pb2.HEALTH_STATE_DEGRADED
-UNHEALTHY = lifecycle_pb2.HEALTH_STATE_UNHEALTHY
 
-SERVING = health_pb2.SERVING_STATUS_SERVING
-NOT_SERVING = health_pb2.SERVING_STATUS_NOT_SERVING
-SERVICE_UNKNOWN = health_pb2.SERVING_STATUS_SERVICE_UNKNOWN
+class HealthState(enum.IntEnum):
+    """A plugin's overall health (``connectplugin.v1.HealthState`` on the wire)."""
+
+    HEALTHY = lifecycle_pb2.HEALTH_STATE_HEALTHY
+    DEGRADED = lifecycle_pb2.HEALTH_STATE_DEGRADED
+    """Serving, but with reduced function (a dependency is missing, say)."""
+    UNHEALTHY = lifecycle_pb2.HEALTH_STATE_UNHEALTHY
+    """Not fit to serve: discovery and the router pass it over."""
+
+
+class ServingStatus(enum.IntEnum):
+    """One service's status (``connectplugin.health.v1.ServingStatus`` on the wire)."""
+
+    SERVING = health_pb2.SERVING_STATUS_SERVING
+    NOT_SERVING = health_pb2.SERVING_STATUS_NOT_SERVING
+    SERVICE_UNKNOWN = health_pb2.SERVING_STATUS_SERVICE_UNKNOWN
+
+
+HEALTHY, DEGRADED, UNHEALTHY = HealthState.HEALTHY, HealthState.DEGRADED, HealthState.UNHEALTHY
+SERVING, NOT_SERVING = ServingStatus.SERVING, ServingStatus.NOT_SERVING
+SERVICE_UNKNOWN = ServingStatus.SERVICE_UNKNOWN
 
 Listener = Callable[[lifecycle_pb2.GetHealthResponse], None]
 
@@ -31,7 +47,7 @@ class Health:
 
     def __init__(self) -> None:
         self._changed = threading.Condition(threading.Lock())
-        self._state = lifecycle_pb2.GetHealthResponse(state=HEALTHY)
+        self._state = lifecycle_pb2.GetHealthResponse(state=lifecycle_pb2.HEALTH_STATE_HEALTHY)
         self._services: dict[str, int] = {}
         self._version = 0
         self._listeners: list[Listener] = []

@@ -28,3 +28,23 @@ class Plugin:
     @property
     def service_path(self) -> str:
         return self.service.path
+
+
+@dataclass(frozen=True)
+class ServiceDeclaration:
+    """A service a plugin provides: its type, version, and the path its procedures live under."""
+
+    service_type: str
+    version: str = ""
+    path: str = ""
+    """The service's path prefix, e.g. ``KV_PLUGIN.service_path`` (``/kv.v1.KVService/``)."""
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """A service a plugin needs from another plugin."""
+
+    service_type: str
+    min_version: str = ""
+    required_for_startup: bool = True
+    """When True the plugin does not start until a provider is registered."""
