@@ -22,7 +22,7 @@ from .rpc import (
     Service,
 )
 from .runtime.handshake import HandshakeConfig
-from .runtime.health import Health, HealthState, ServingStatus
+from .runtime.health import Health, HealthReport, HealthState, ServingStatus
 from .runtime.hostlink import HostLink
 from .runtime.launcher import (
     InProcessStrategy,
@@ -50,6 +50,7 @@ __all__ = [
     "HTTPServer",
     "HandshakeConfig",
     "Health",
+    "HealthReport",
     "HealthState",
     "HostConfig",
     "HostLink",

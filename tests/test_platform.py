@@ -1016,7 +1016,7 @@ def test_routed_stream_errors_are_end_stream_messages_in_a_200(host, peer):
 
 def test_a_plugin_refuses_a_second_runtime_identity_without_its_current_token(host):
     client = host.launch(provider_process("svc"), name="p")
-    identity = PluginIdentityClient(client.client)
+    identity = PluginIdentityClient(client.rpc)
     request = plugininfo_pb2.SetRuntimeIdentityRequest(
         runtime_id="intruder", runtime_token="t" * 32, host_url="http://127.0.0.1:9"
     )

@@ -627,7 +627,7 @@ def test_shutdown_with_zero_grace_still_answers(host):
     # The reply is lost about half the time; ten plugins make a lost one near certain.
     for _ in range(10):
         client = host.launch(script("kv_plugin.py"), name="kv")
-        reply = PluginControlClient(client.client).shutdown(
+        reply = PluginControlClient(client.rpc).shutdown(
             lifecycle_pb2.ShutdownRequest(), timeout=5
         )
         assert reply.acknowledged is True

@@ -190,7 +190,7 @@ class PluginHost:
             local_app = getattr(running, "app", None)
             if local_app is not None:
                 self.router.attach_local(identity.runtime_id, local_app)
-            PluginIdentityClient(client.client).set_runtime_identity(
+            PluginIdentityClient(client.rpc).set_runtime_identity(
                 plugininfo_pb2.SetRuntimeIdentityRequest(
                     runtime_id=identity.runtime_id, runtime_token=identity.token, host_url=self.url
                 ),
@@ -244,12 +244,11 @@ class PluginHost:
             self.broker.revoke_all(identity.runtime_id)
         if running is None:
             return
-        if hasattr(running, "mark_stopping"):
-            running.mark_stopping()
+        running.mark_stopping()
         deadline = time.monotonic() + grace
         if running.alive():
             try:
-                PluginControlClient(client.client).shutdown(
+                PluginControlClient(client.rpc).shutdown(
                     # Whole seconds on the wire: round up so in-flight calls keep their time.
                     lifecycle_pb2.ShutdownRequest(grace_period_seconds=math.ceil(grace), reason="host stopping it"),
                     timeout=2,
@@ -257,9 +256,7 @@ class PluginHost:
             except ConnectError as e:
                 if running.alive():
                     log.warning("shutdown request to %s failed: %s", client.name, e)
-            wait = getattr(running, "wait", None)
-            if wait is not None:
-                wait(max(0.0, deadline - time.monotonic()) + 0.5)
+            running.wait(max(0.0, deadline - time.monotonic()) + 0.5)
         # Whatever is left of the grace period, then SIGTERM, then SIGKILL.
         running.stop(max(0.5, deadline - time.monotonic()))
         client.close()

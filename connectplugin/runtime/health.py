@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 from ..gen.connectplugin.health.v1 import health_pb2
 from ..gen.connectplugin.health.v1.health_connect import HealthServiceHandler
@@ -29,6 +30,15 @@ class ServingStatus(enum.IntEnum):
     SERVING = health_pb2.SERVING_STATUS_SERVING
     NOT_SERVING = health_pb2.SERVING_STATUS_NOT_SERVING
     SERVICE_UNKNOWN = health_pb2.SERVING_STATUS_SERVICE_UNKNOWN
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    """A plugin's health as it reports it: the state, why, and which dependencies are missing."""
+
+    state: HealthState
+    reason: str = ""
+    unavailable_dependencies: tuple[str, ...] = ()
 
 
 HEALTHY, DEGRADED, UNHEALTHY = HealthState.HEALTHY, HealthState.DEGRADED, HealthState.UNHEALTHY

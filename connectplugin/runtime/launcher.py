@@ -66,6 +66,14 @@ class Running(Protocol):
 
     def alive(self) -> bool: ...
 
+    def mark_stopping(self) -> None:
+        """The host is about to stop it: its exit from now on is expected, not a crash."""
+        ...
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for it to exit by itself; True once it has."""
+        ...
+
     def stop(self, grace: float) -> None: ...
 
 
@@ -301,6 +309,12 @@ class _InProcess:
 
     def alive(self) -> bool:
         return not self._server.stopped
+
+    def mark_stopping(self) -> None:
+        pass  # an in-process plugin never crashes on its own: nothing to tell apart
+
+    def wait(self, timeout: float) -> bool:
+        return self._server.wait_stopped(timeout)
 
     def stop(self, grace: float) -> None:
         self._server.stop(grace, reason="host stopped it")

@@ -46,7 +46,7 @@ class PluginClient:
         self._exit_code: int | None = None
         base = config or ClientConfig()
         interceptors = (self._check_alive, *base.interceptors)
-        self.client = Client(url, dataclasses.replace(base, interceptors=interceptors), session=session)
+        self.rpc = Client(url, dataclasses.replace(base, interceptors=interceptors), session=session)
         self._lock = threading.Lock()
         self._handshake: handshake_pb2.HandshakeResponse | None = None
         self._dispensed: dict[str, Any] = {}
@@ -56,7 +56,7 @@ class PluginClient:
         with self._lock:
             if self._handshake is None:
                 request = hs.request_for(self._config, self._plugins)
-                response = HandshakeServiceClient(self.client).handshake(request, timeout=10)
+                response = HandshakeServiceClient(self.rpc).handshake(request, timeout=10)
                 hs.check_response(self._config, response, them=f"plugin {self.name!r}")
                 served = {p.name for p in response.plugins}
                 missing = sorted(set(self._plugins) - served)
@@ -76,21 +76,21 @@ class PluginClient:
         self.handshake()
         with self._lock:
             if name not in self._dispensed:
-                self._dispensed[name] = self._plugins[name].client(self.client)
+                self._dispensed[name] = self._plugins[name].client(self.rpc)
             return self._dispensed[name]
 
     def check_health(self, service: str = "") -> int:
         """The serving status (``connectplugin.health.v1.ServingStatus``) of a service or the plugin."""
-        return HealthServiceClient(self.client).check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        return HealthServiceClient(self.rpc).check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
     def watch_health(self, service: str = "") -> ServerStream[health_pb2.HealthCheckResponse]:
-        return HealthServiceClient(self.client).watch(health_pb2.HealthCheckRequest(service=service))
+        return HealthServiceClient(self.rpc).watch(health_pb2.HealthCheckRequest(service=service))
 
     def get_health(self) -> lifecycle_pb2.GetHealthResponse:
-        return PluginControlClient(self.client).get_health(lifecycle_pb2.GetHealthRequest(), timeout=5)
+        return PluginControlClient(self.rpc).get_health(lifecycle_pb2.GetHealthRequest(), timeout=5)
 
     def plugin_info(self) -> plugininfo_pb2.GetPluginInfoResponse:
-        return PluginIdentityClient(self.client).get_plugin_info(plugininfo_pb2.GetPluginInfoRequest(), timeout=5)
+        return PluginIdentityClient(self.rpc).get_plugin_info(plugininfo_pb2.GetPluginInfoRequest(), timeout=5)
 
     @property
     def exit_code(self) -> int | None:
@@ -107,4 +107,4 @@ class PluginClient:
         return proceed(call)
 
     def close(self) -> None:
-        self.client.close()
+        self.rpc.close()

@@ -188,6 +188,10 @@ class PluginServer:
     def stopped(self) -> bool:
         return self._stopped.is_set()
 
+    def wait_stopped(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for ``stop()``; True once it has been called."""
+        return self._stopped.wait(timeout)
+
     def _live(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
         return text_response(start_response, 200, "ok")
 
