@@ -412,7 +412,7 @@ def test_handshake_with_the_wrong_cookie_is_invalid_argument(plugin, cookie):
     wrong = dataclasses.replace(HANDSHAKE, **cookie)
 
     with pytest.raises(ConnectError) as info:
-        HandshakeServiceClient(plugin.client).handshake(hs.request_for(wrong, ["kv"]), timeout=5)
+        HandshakeServiceClient(plugin.rpc).handshake(hs.request_for(wrong, ["kv"]), timeout=5)
 
     assert info.value.code is Code.INVALID_ARGUMENT
     assert "cookie" in info.value.message
@@ -615,7 +615,7 @@ def test_exit_code_is_known_when_stop_returns(host):
 
 
 def test_shutdown_call_is_acknowledged_and_the_plugin_exits_0(plugin):
-    reply = PluginControlClient(plugin.client).shutdown(
+    reply = PluginControlClient(plugin.rpc).shutdown(
         lifecycle_pb2.ShutdownRequest(grace_period_seconds=1, reason="test"), timeout=5
     )
 
@@ -636,7 +636,7 @@ def test_shutdown_with_zero_grace_still_answers(host):
 
 def test_shutdown_with_a_negative_grace_is_invalid_argument(plugin):
     with pytest.raises(ConnectError) as info:
-        PluginControlClient(plugin.client).shutdown(
+        PluginControlClient(plugin.rpc).shutdown(
             lifecycle_pb2.ShutdownRequest(grace_period_seconds=-1), timeout=5
         )
 
@@ -780,7 +780,7 @@ def test_plugin_readyz_is_503_while_stopping(kv, plugin, plugin_logs):
         assert probe.get(plugin.url + "/readyz", timeout=5).status_code == 200  # keeps a connection
         caller, outcome = slow_call(kv, 1)
         assert wait_for(lambda: logged(plugin_logs, "connectplugin.plugin.kv", "sleeping 1"), True)
-        PluginControlClient(plugin.client).shutdown(
+        PluginControlClient(plugin.rpc).shutdown(
             lifecycle_pb2.ShutdownRequest(grace_period_seconds=5), timeout=5
         )
 
