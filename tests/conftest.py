@@ -1,16 +1,35 @@
-"""Fixtures: real waitress servers on port 0, clients, and a guard against leaked threads."""
+"""Fixtures: real servers on port 0, clients, hosts, peers, and a guard against leaked threads."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pytest
 
-from connectplugin import App, Client, ClientConfig, HTTPConfig, HTTPServer
+from connectplugin import (
+    App,
+    Client,
+    ClientConfig,
+    HostConfig,
+    HTTPConfig,
+    HTTPServer,
+    PluginHost,
+    PluginServer,
+    RegistryConfig,
+    ServeConfig,
+)
 from samples.kv.gen.kv.v1.kv_connect import KVServiceClient
+from samples.platform import HANDSHAKE
+from samples.platform.capabilities import HostLogger
+from tests.helpers import ENV, ROOT, Peer, World
+from tests.platform_plugins.provider import PLUGINS, Recorder, declare
 from tests.services import IdentityRecorder, ScriptedKV
 
 WSGIApp = Callable[[dict, Callable[..., Any]], Iterable[bytes]]
@@ -88,3 +107,96 @@ def connect():
 @pytest.fixture
 def kv_client(connect, url) -> KVServiceClient:
     return connect(url)
+
+
+# --- the host platform ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def make_host() -> Iterator[Callable[..., PluginHost]]:
+    """``make_host(**HostConfig fields)``: a host on a real socket, closed after the test."""
+    hosts: list[PluginHost] = []
+
+    def make(**fields: Any) -> PluginHost:
+        fields.setdefault("handle_signals", False)
+        fields.setdefault("stop_grace", 1.0)
+        fields.setdefault("threads", 8)
+        fields.setdefault("registry", RegistryConfig(max_watchers=8))
+        host = PluginHost(HANDSHAKE, PLUGINS, HostConfig(**fields))
+        hosts.append(host)
+        return host
+
+    yield make
+    for host in reversed(hosts):
+        host.close()
+
+
+@pytest.fixture
+def host(make_host) -> PluginHost:
+    return make_host()
+
+
+@pytest.fixture
+def peer(serve, make_host) -> Iterator[Callable[..., Peer]]:
+    """``peer(host, name, provides=(), version)``: a plugin joined by hand (see :class:`Peer`)."""
+    peers: list[Peer] = []
+
+    def make(
+        host: PluginHost, name: str, provides: tuple[str, ...] = (), version: str = "1.0.0"
+    ) -> Peer:
+        config = ServeConfig(
+            self_id=name, self_version=version, provides=[declare(t, version) for t in provides]
+        )
+        server = PluginServer(PLUGINS, {"kv": Recorder(name)}, HANDSHAKE, config)
+        try:
+            http = serve(server.app, threads=4)
+            made = Peer(host, name, version, server, http.url)
+        except BaseException:
+            server.link.close()
+            raise
+        peers.append(made)
+        return made
+
+    yield make
+    for p in peers:
+        p.close()
+
+
+@pytest.fixture
+def sidecar(tmp_path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """``sidecar(module, *args)``: a plugin process started by the test itself (not by a host)."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = open(tmp_path / f"{name}-{len(procs)}.log", "wb")
+        with log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", name, *args],
+                cwd=ROOT,
+                env={**os.environ, **ENV},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def world(make_host, peer) -> World:
+    host = make_host()
+    logger = HostLogger()
+    host.broker.add("logger", "1.0.0", logger)
+    a = peer(host, "a", provides=("svc",))
+    b = peer(host, "b")
+    return World(host, a, b, a.register("svc"), logger)

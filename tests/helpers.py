@@ -1,0 +1,242 @@
+"""Helpers for the host platform's tests: plugins in the form a behaviour needs, and waiting.
+
+Every host test runs a real :class:`PluginHost` on a real socket. Plugins are real too:
+
+- subprocesses (``samples/platform/`` and ``tests/platform_plugins/provider.py``) where a
+  process matters: a crash, a host restart, headers crossing HTTP, blue-green replacement;
+- in-process launches (``InProcessStrategy``) for the platform manager's ordering logic;
+- *peers*: plugins that join the host by hand (a ``PluginServer`` on waitress, a runtime
+  identity from the host's handshake, host API calls with those credentials), so a test can
+  register several providers of one type with chosen versions, weights and health.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from connectplugin import (
+    Client,
+    ClientConfig,
+    ConnectError,
+    Health,
+    HostLink,
+    InProcessStrategy,
+    PluginHost,
+    PluginServer,
+    ProcessStrategy,
+    ServeConfig,
+)
+from connectplugin.gen.connectplugin.v1 import lifecycle_pb2, registry_pb2
+from connectplugin.gen.connectplugin.v1.handshake_connect import HandshakeServiceClient
+from connectplugin.gen.connectplugin.v1.lifecycle_connect import PluginLifecycleClient
+from connectplugin.gen.connectplugin.v1.registry_connect import ServiceRegistryClient
+from connectplugin.runtime import handshake as hs
+from samples.kv.gen.kv.v1.kv_connect import KV_PLUGIN, KVServiceClient
+from samples.platform import HANDSHAKE
+from samples.platform.capabilities import HostLogger
+from tests.platform_plugins.provider import Recorder, declare
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {"PYTHONPATH": str(ROOT)}
+
+HEALTHY = lifecycle_pb2.HEALTH_STATE_HEALTHY
+DEGRADED = lifecycle_pb2.HEALTH_STATE_DEGRADED
+UNHEALTHY = lifecycle_pb2.HEALTH_STATE_UNHEALTHY
+
+STATE = registry_pb2.ServiceState.Name
+AVAILABLE = "SERVICE_STATE_AVAILABLE"
+UNAVAILABLE = "SERVICE_STATE_UNAVAILABLE"
+SERVICE_DEGRADED = "SERVICE_STATE_DEGRADED"
+
+
+# --- plugins ----------------------------------------------------------------------------------
+
+
+def module(name: str, *args: str) -> ProcessStrategy:
+    """Launch ``python -m <name> <args>`` from the repository root."""
+    return ProcessStrategy([sys.executable, "-m", name, *args], env=ENV, cwd=str(ROOT))
+
+
+def provider_process(service_type: str, version: str = "1.0.0") -> ProcessStrategy:
+    return module("tests.platform_plugins.provider", "--type", service_type, "--version", version)
+
+
+def in_process(
+    name: str, *provides: str, health: Health | None = None, link: HostLink | None = None
+) -> InProcessStrategy:
+    """A ``Recorder`` labelled ``name`` inside this process, declaring ``provides``."""
+    config = ServeConfig(
+        self_id=name, self_version="1.0.0", provides=[declare(t) for t in provides]
+    )
+    return InProcessStrategy({"kv": Recorder(name)}, config, health=health, link=link)
+
+
+def wait_until(check: Callable[[], Any], what: str, timeout: float = 5.0) -> Any:
+    """Poll ``check()`` until it is truthy (and return it), failing the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def provider_ids(host: PluginHost, service_type: str) -> list[str]:
+    return [p.provider_id for p in host.registry.providers(service_type)]
+
+
+class Reader:
+    """Reads a server stream on its own thread until it ends, or until ``limit`` messages or
+    ``until(message)`` is true; then it hangs up itself."""
+
+    def __init__(
+        self,
+        open_stream: Callable[[], Any],
+        limit: int | None = None,
+        until: Callable[[Any], bool] | None = None,
+    ) -> None:
+        self.messages: list[Any] = []
+        self.error: ConnectError | None = None
+        self.ended = threading.Event()
+        self._open = open_stream
+        self._limit = limit
+        self._until = until
+        self._thread = threading.Thread(target=self._read, name="test-reader", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            stream = self._open()
+            try:
+                for message in stream:
+                    self.messages.append(message)
+                    if self._limit is not None and len(self.messages) >= self._limit:
+                        break
+                    if self._until is not None and self._until(message):
+                        break
+            finally:
+                stream.close()
+        except ConnectError as e:
+            self.error = e
+        finally:
+            self.ended.set()
+
+    def wait_for(self, count: int, timeout: float = 5.0) -> list[Any]:
+        wait_until(
+            lambda: len(self.messages) >= count or self.ended.is_set(), f"{count} messages", timeout
+        )
+        assert len(self.messages) >= count, f"stream ended after {self.messages} ({self.error})"
+        return self.messages
+
+    def join(self, timeout: float = 5.0) -> None:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the stream did not end"
+
+    @property
+    def states(self) -> list[str]:
+        return [STATE(e.state) for e in self.messages]
+
+
+class Peer:
+    """A plugin that joins the host by hand: its own server, a runtime identity, host API calls.
+
+    Its server is a ``PluginServer`` (so the host can read its declarations with
+    ``GetPluginInfo``) serving a ``Recorder`` labelled with the peer's name.
+    """
+
+    def __init__(
+        self, host: PluginHost, name: str, version: str, server: PluginServer, base_url: str
+    ) -> None:
+        self.host_url = host.url
+        self.name = name
+        self.server = server
+        self.base_url = base_url
+        with Client(host.url, ClientConfig(timeout=5)) as client:
+            request = hs.request_for(HANDSHAKE, (), self_id=name, self_version=version)
+            response = HandshakeServiceClient(client).handshake(request)
+        self.handshake = response
+        self.runtime_id, self.token = response.runtime_id, response.runtime_token
+        self._clients: list[Client] = []
+        self.api = self.client(host.url)
+        self.registry = ServiceRegistryClient(self.api)
+
+    def credentials(self) -> dict[str, str]:
+        return {"X-Plugin-Runtime-ID": self.runtime_id, "Authorization": f"Bearer {self.token}"}
+
+    def client(
+        self, url: str, timeout: float | None = 5.0, extra: dict[str, str] | None = None
+    ) -> Client:
+        client = Client(
+            url, ClientConfig(timeout=timeout, headers={**self.credentials(), **(extra or {})})
+        )
+        self._clients.append(client)
+        return client
+
+    def register(self, service_type: str, version: str = "1.0.0", **metadata: str) -> str:
+        request = registry_pb2.RegisterServiceRequest(
+            service_type=service_type,
+            version=version,
+            endpoint_path=KV_PLUGIN.service_path,
+            metadata={"base_url": self.base_url, **metadata},
+        )
+        return self.registry.register_service(request).registration_id
+
+    def unregister(self, registration_id: str) -> None:
+        self.registry.unregister_service(
+            registry_pb2.UnregisterServiceRequest(registration_id=registration_id)
+        )
+
+    def report(self, state: lifecycle_pb2.HealthState) -> None:
+        PluginLifecycleClient(self.api).report_health(
+            lifecycle_pb2.ReportHealthRequest(state=state, reason="test")
+        )
+
+    def discover(self, service_type: str, min_version: str = "") -> registry_pb2.ServiceEndpoint:
+        request = registry_pb2.DiscoverServiceRequest(
+            service_type=service_type, min_version=min_version
+        )
+        return self.registry.discover_service(request).endpoint
+
+    def kv(
+        self, endpoint: registry_pb2.ServiceEndpoint, extra: dict[str, str] | None = None
+    ) -> KVServiceClient:
+        """A KV client for a discovered endpoint, called through the host's router."""
+        return KVServiceClient(self.client(self.host_url + endpoint.endpoint_url, extra=extra))
+
+    def watch(self, service_type: str, limit: int | None = None) -> Reader:
+        streams = self.client(self.host_url, timeout=None)
+        request = registry_pb2.WatchServiceRequest(service_type=service_type)
+        return Reader(lambda: ServiceRegistryClient(streams).watch_service(request), limit)
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.close()
+        self.server.link.close()
+
+
+@dataclass
+class World:
+    """A host offering the ``logger`` capability; ``a`` provides ``svc``, ``b`` only calls."""
+
+    host: PluginHost
+    a: Peer
+    b: Peer
+    registration: str
+    logger: HostLogger

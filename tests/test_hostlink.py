@@ -1,0 +1,25 @@
+"""The host link from a plugin's side: calls on its host that must outlive ordinary timeouts."""
+
+from __future__ import annotations
+
+import time
+
+from connectplugin import Health, HostLink
+from samples.platform import HANDSHAKE
+from tests.helpers import Reader
+
+# --- watching ---------------------------------------------------------------------------------
+
+
+def test_hostlink_watch_outlives_the_host_clients_call_timeout(host):
+    link = HostLink()
+    link.attach(Health(), (), host.url)
+    try:
+        link.connect(HANDSHAKE, "watcher", "1.0.0", base_url="")
+        watcher = Reader(lambda: link.watch("svc"))
+        watcher.wait_for(1)
+        time.sleep(10.5)
+        assert not watcher.ended.is_set(), f"the watch ended: {watcher.error}"
+    finally:
+        host.registry.close_watchers()
+        link.close()

@@ -1,0 +1,208 @@
+"""The router: plugin-to-plugin calls through the host, credentials stopping at it, crashes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import requests
+
+import connectplugin
+from connectplugin import Client, ClientConfig, Code, ConnectError
+from connectplugin.gen.connectplugin.v1 import lifecycle_pb2
+from samples.kv.gen.kv.v1 import kv_pb2
+from samples.kv.gen.kv.v1.kv_connect import KVServiceClient
+from tests.helpers import (
+    AVAILABLE,
+    STATE,
+    UNAVAILABLE,
+    UNHEALTHY,
+    Reader,
+    in_process,
+    provider_ids,
+    provider_process,
+    wait_until,
+)
+
+# --- the router -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["subprocess", "in-process"])
+def test_provider_sees_the_caller_id_but_never_the_callers_credentials(host, peer, where):
+    strategy = provider_process("svc") if where == "subprocess" else in_process("p", "svc")
+    host.launch(strategy, name="p")
+    caller = peer(host, "caller")
+
+    reply = caller.kv(caller.discover("svc")).get(kv_pb2.GetRequest(key="headers"))
+
+    seen = json.loads(reply.value)
+    assert seen["x-plugin-caller-id"] == caller.runtime_id
+    assert "authorization" not in seen
+    assert "x-plugin-runtime-id" not in seen
+
+
+@pytest.mark.parametrize("where", ["subprocess", "in-process"])
+def test_caller_cannot_forge_its_caller_id(host, peer, where):
+    strategy = provider_process("svc") if where == "subprocess" else in_process("p", "svc")
+    host.launch(strategy, name="p")
+    caller = peer(host, "caller")
+
+    kv = caller.kv(caller.discover("svc"), extra={"X-Plugin-Caller-ID": "someone-else"})
+    seen = json.loads(kv.get(kv_pb2.GetRequest(key="headers")).value)
+
+    assert seen["x-plugin-caller-id"] == caller.runtime_id
+
+
+def test_router_does_not_reach_the_providers_control_services(host, peer):
+    client = host.launch(provider_process("svc"), name="p")
+    caller = peer(host, "caller")
+    endpoint = caller.discover("svc")
+    shutdown = connectplugin.Method(
+        "connectplugin.v1.PluginControl",
+        "Shutdown",
+        lifecycle_pb2.ShutdownRequest,
+        lifecycle_pb2.ShutdownResponse,
+    )
+    routed = connectplugin.Client(
+        host.url + endpoint.endpoint_url, ClientConfig(timeout=5, headers=caller.credentials())
+    )
+    try:
+        with pytest.raises(ConnectError) as e:
+            routed.call_unary(shutdown, lifecycle_pb2.ShutdownRequest())
+    finally:
+        routed.close()
+
+    assert e.value.code is Code.NOT_FOUND
+    assert client.running.alive()
+
+
+def test_a_malformed_routed_path_does_not_make_the_provider_unhealthy(host, peer):
+    host.launch(provider_process("svc"), name="p")
+    caller = peer(host, "caller")
+    endpoint = caller.discover("svc")
+
+    reply = requests.post(
+        host.url + endpoint.endpoint_url + "/Get%20x",
+        data=b"",
+        headers={**caller.credentials(), "Content-Type": "application/proto"},
+        timeout=5,
+    )
+
+    assert reply.status_code == 404  # the provider has no such procedure
+    assert caller.discover("svc").provider_id == endpoint.provider_id
+
+
+def test_routed_stream_errors_are_end_stream_messages_in_a_200(host, peer):
+    caller = peer(host, "caller")
+    body = b"\x00\x00\x00\x00\x00"
+    reply = requests.post(
+        host.url + "/services/svc/nobody/kv.v1.KVService/Watch",
+        data=body,
+        headers={**caller.credentials(), "Content-Type": "application/connect+proto"},
+        timeout=5,
+    )
+
+    assert reply.status_code == 200
+    assert reply.content[0] == 0x02 and b'"not_found"' in reply.content
+
+
+def test_unary_calls_pass_through_the_router_both_ways(host, peer):
+    host.launch(provider_process("svc"), name="p")
+    caller = peer(host, "caller")
+    kv = caller.kv(caller.discover("svc"))
+
+    kv.put(kv_pb2.PutRequest(key="k", value=b"\x00value"))
+    assert kv.get(kv_pb2.GetRequest(key="k")) == kv_pb2.GetResponse(value=b"\x00value", found=True)
+    with pytest.raises(ConnectError) as e:
+        kv.get(kv_pb2.GetRequest(key=""))  # the provider's own error comes back as it is
+    assert e.value.code is Code.INVALID_ARGUMENT
+
+
+def test_routed_stream_delivers_each_message_before_the_stream_ends(host, peer):
+    host.launch(provider_process("svc"), name="p")
+    caller = peer(host, "caller")
+    endpoint = caller.discover("svc")
+    kv = caller.kv(endpoint)
+    streamer = KVServiceClient(caller.client(caller.host_url + endpoint.endpoint_url, timeout=None))
+    watch = Reader(
+        lambda: streamer.watch(kv_pb2.WatchRequest(prefix="")), until=lambda e: e.key == "second"
+    )
+
+    def first_event_arrived() -> bool:
+        # The provider's watch starts listening when its handler runs: put until it hears.
+        kv.put(kv_pb2.PutRequest(key="first", value=b"1"))
+        return bool(watch.messages)
+
+    wait_until(first_event_arrived, "the first event")
+    assert not watch.ended.is_set()  # the stream is still open: the event was not held back
+    kv.put(kv_pb2.PutRequest(key="second", value=b"2"))
+    watch.join()
+
+    assert watch.error is None
+    assert {e.key for e in watch.messages} == {"first", "second"}
+
+
+def test_provider_crash_during_a_routed_call_is_unavailable_and_withdraws_it(host, peer):
+    client = host.launch(provider_process("svc"), name="p")
+    runtime_id = host.runtime_id(client)
+    caller = peer(host, "caller")
+    watcher = caller.watch("svc")
+    watcher.wait_for(1)
+    kv = caller.kv(caller.discover("svc"))
+
+    with pytest.raises(ConnectError) as e:
+        kv.get(kv_pb2.GetRequest(key="crash"))
+
+    assert e.value.code is Code.UNAVAILABLE
+    with pytest.raises(ConnectError) as gone:
+        caller.discover("svc")
+    assert gone.value.code is Code.UNAVAILABLE
+    wait_until(lambda: not provider_ids(host, "svc"), "the crashed provider to be removed")
+    wait_until(lambda: client.exit_code == 3, "the exit status")
+    watcher.wait_for(2)
+    assert [(STATE(e.state), e.endpoint.provider_id) for e in watcher.messages] == [
+        (AVAILABLE, runtime_id),
+        (UNAVAILABLE, ""),
+    ]
+
+
+def test_provider_crash_mid_stream_ends_the_routed_stream_as_unavailable(host, peer):
+    client = host.launch(provider_process("svc"), name="p")
+    caller = peer(host, "caller")
+    endpoint = caller.discover("svc")
+    kv = caller.kv(endpoint)
+    streamer = KVServiceClient(caller.client(caller.host_url + endpoint.endpoint_url, timeout=None))
+    watch = Reader(lambda: streamer.watch(kv_pb2.WatchRequest(prefix="")))
+
+    def first_event_arrived() -> bool:
+        kv.put(kv_pb2.PutRequest(key="k", value=b"v"))
+        return bool(watch.messages)
+
+    wait_until(first_event_arrived, "the first event")
+    os.kill(client.running.pid, signal.SIGKILL)
+    watch.join()
+
+    assert watch.error is not None and watch.error.code is Code.UNAVAILABLE
+
+
+def test_routing_to_a_provider_the_host_does_not_know_is_not_found(world):
+    with Client(
+        f"{world.host.url}/services/svc/nobody-00000000",
+        ClientConfig(timeout=5, headers=world.b.credentials()),
+    ) as c:
+        with pytest.raises(ConnectError) as e:
+            KVServiceClient(c).get(kv_pb2.GetRequest(key="whoami"))
+    assert e.value.code is Code.NOT_FOUND
+
+
+def test_routing_to_an_unhealthy_provider_is_unavailable(world):
+    world.a.report(UNHEALTHY)
+    with Client(
+        f"{world.host.url}/services/svc/{world.a.runtime_id}",
+        ClientConfig(timeout=5, headers=world.b.credentials()),
+    ) as c:
+        with pytest.raises(ConnectError) as e:
+            KVServiceClient(c).get(kv_pb2.GetRequest(key="whoami"))
+    assert e.value.code is Code.UNAVAILABLE
