@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -28,7 +27,7 @@ from connectplugin import (
 from samples.kv.gen.kv.v1.kv_connect import KVServiceClient
 from samples.platform import HANDSHAKE
 from samples.platform.capabilities import HostLogger
-from tests.helpers import ENV, ROOT, Peer, World
+from tests.helpers import ENV, ROOT, Peer, World, wait_until
 from tests.platform_plugins.provider import PLUGINS, Recorder, declare
 from tests.services import IdentityRecorder, ScriptedKV
 
@@ -40,13 +39,15 @@ def no_leaked_threads():
     """Every thread a test starts (server loops, workers) must be gone shortly after it."""
     before = set(threading.enumerate())
     yield
-    deadline = time.monotonic() + 3.0
-    while True:
-        extra = [t for t in threading.enumerate() if t not in before and t.is_alive()]
-        if not extra or time.monotonic() > deadline:
-            break
-        time.sleep(0.01)
-    assert not extra, f"threads still running after the test: {extra}"
+
+    def started_here() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t not in before and t.is_alive()]
+
+    wait_until(
+        lambda: not started_here(),
+        lambda: f"the threads the test started to end: {started_here()}",
+        timeout=3.0,
+    )
 
 
 @pytest.fixture

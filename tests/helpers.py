@@ -1,4 +1,6 @@
-"""Helpers for the host platform's tests: plugins in the form a behaviour needs, and waiting.
+"""Helpers shared by the tests: waiting with a deadline, and plugins for the host's tests.
+
+:func:`wait_until` is the one way a test waits for something it cannot be told about.
 
 Every host test runs a real :class:`PluginHost` on a real socket. Plugins are real too:
 
@@ -19,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -58,6 +60,34 @@ UNAVAILABLE = "SERVICE_STATE_UNAVAILABLE"
 SERVICE_DEGRADED = "SERVICE_STATE_DEGRADED"
 
 
+T = TypeVar("T")
+
+POLL_INTERVAL = 0.01
+"""Seconds between looks in :func:`wait_until`: short next to any deadline a test sets."""
+
+
+# --- waiting ----------------------------------------------------------------------------------
+
+
+def wait_until(check: Callable[[], T], what: str | Callable[[], str], timeout: float = 5.0) -> T:
+    """Poll ``check()`` until it is truthy and return that value; fail the test after ``timeout`` s.
+
+    ``what`` names what is awaited, for the failure message; a callable is asked only then, so
+    the message can show the state that never came right. For things nothing signals (another
+    process, a server's internals); wait on an Event where there is one.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"timed out after {timeout:g} s waiting for {what() if callable(what) else what}"
+            )
+        time.sleep(POLL_INTERVAL)
+
+
 # --- plugins ----------------------------------------------------------------------------------
 
 
@@ -78,18 +108,6 @@ def in_process(
         self_id=name, self_version="1.0.0", provides=[declare(t) for t in provides]
     )
     return InProcessStrategy({"kv": Recorder(name)}, config, health=health, link=link)
-
-
-def wait_until(check: Callable[[], Any], what: str, timeout: float = 5.0) -> Any:
-    """Poll ``check()`` until it is truthy (and return it), failing the test after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def free_port() -> int:

@@ -28,6 +28,7 @@ from connectplugin import (
 )
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KVServiceClient
+from tests.helpers import wait_until
 from tests.services import envelope, events
 
 MiB = 1024 * 1024
@@ -978,14 +979,9 @@ def test_error_detail_of_another_type_unpacks_to_none(kv_client, kv):
 
 def test_a_watch_closed_before_any_event_unsubscribes_from_the_store(kv_client, kv):
     streams = [kv_client.watch(kv_pb2.WatchRequest(prefix=f"p{i}/")) for i in range(3)]
-    deadline = time.monotonic() + 5
-    while len(kv._watchers) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(kv._watchers) == 3
+    wait_until(lambda: len(kv._watchers) == 3, "the store to hear of all three watches")
 
     for stream in streams:
         stream.close()
 
-    while kv._watchers and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert kv._watchers == []
+    wait_until(lambda: kv._watchers == [], lambda: f"every watch to unsubscribe: {kv._watchers}")

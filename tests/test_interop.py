@@ -43,6 +43,7 @@ from connectplugin import (
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KV_SERVICE, KVServiceClient
 from samples.kv.store import KVStore
+from tests.helpers import wait_until
 from tests.interop_connectrpc import (
     ABORT_MESSAGE,
     ABORT_SUFFIX,
@@ -384,16 +385,19 @@ def run_watch(
     received: queue.SimpleQueue[kv_pb2.WatchEvent] = queue.SimpleQueue()
     with ThreadPoolExecutor(1, thread_name_prefix="watch") as pool:
         done = pool.submit(consume, received.put)
-        deadline = time.monotonic() + 5
-        while True:
-            assert time.monotonic() < deadline, "the watch never delivered an event"
+
+        def delivered() -> bool:
             if done.done():
                 done.result()
                 pytest.fail("the watch ended before it delivered an event")
             writer.put(READY_KEY, b"")
-            with contextlib.suppress(queue.Empty):
+            try:
                 received.get(timeout=0.05)
-                break
+            except queue.Empty:
+                return False
+            return True
+
+        wait_until(delivered, "the watch to deliver its first event")
         writes(writer)
         result = done.result(timeout=5)
     events = []

@@ -156,10 +156,11 @@ def test_provider_crash_during_a_routed_call_is_unavailable_and_withdraws_it(hos
         kv.get(kv_pb2.GetRequest(key="crash"))
 
     assert e.value.code is Code.UNAVAILABLE
+    # The failed call does not wait for the host to notice the exit; the withdrawal follows it.
+    wait_until(lambda: not provider_ids(host, "svc"), "the crashed provider to be removed")
     with pytest.raises(ConnectError) as gone:
         caller.discover("svc")
     assert gone.value.code is Code.UNAVAILABLE
-    wait_until(lambda: not provider_ids(host, "svc"), "the crashed provider to be removed")
     wait_until(lambda: client.exit_code == 3, "the exit status")
     watcher.wait_for(2)
     assert [(STATE(e.state), e.endpoint.provider_id) for e in watcher.messages] == [

@@ -53,6 +53,7 @@ from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KV_PLUGIN, KVServiceClient
 from samples.kv.plugin import HANDSHAKE, PLUGINS
 from samples.kv.store import KVStore
+from tests.helpers import wait_until
 from tests.plugins.instrumented import InstrumentedStore
 from tests.services import envelope, split_envelopes
 
@@ -76,16 +77,6 @@ T = TypeVar("T")
 def script(name: str, **options: Any) -> ProcessStrategy:
     """Launch ``tests/plugins/<name>`` with this interpreter."""
     return ProcessStrategy([sys.executable, str(SCRIPTS / name)], env=ENV, **options)
-
-
-def wait_for(get: Callable[[], T], want: object, timeout: float = 5.0) -> T:
-    """Poll ``get()`` until it returns ``want`` or ``timeout`` passes; return its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = get()
-        if value == want or time.monotonic() > deadline:
-            return value
-        time.sleep(0.02)
 
 
 def process_gone(pid: int) -> bool:
@@ -131,10 +122,13 @@ def open_watch(kv: KVServiceClient, prefix: str) -> Any:
     first: list[kv_pb2.WatchEvent] = []
     reader = threading.Thread(target=lambda: first.append(next(stream)))
     reader.start()
-    deadline = time.monotonic() + 5
-    while reader.is_alive() and time.monotonic() < deadline:
+
+    def heard() -> bool:
         kv.put(kv_pb2.PutRequest(key=prefix + "sync", value=b""))
         reader.join(0.05)
+        return not reader.is_alive()
+
+    wait_until(heard, f"the watch on {prefix!r} to deliver a sync put")
     reader.join()
     assert first and first[0].key == prefix + "sync"
     return stream
@@ -460,7 +454,7 @@ def test_plugin_that_never_reports_its_address_fails_within_start_timeout_and_is
     assert 1.0 <= elapsed < 4.0
     assert "did not report its address within 1 s" in str(info.value)
     pid = int(re.search(r"silent: pid (\d+)", str(info.value))[1])
-    assert wait_for(lambda: process_gone(pid), True, timeout=2)
+    wait_until(lambda: process_gone(pid), "the silent plugin to be killed", timeout=2)
 
 
 def test_plugin_announcing_an_app_version_the_host_does_not_offer_fails_at_once(host):
@@ -484,9 +478,8 @@ def test_plugin_stdout_and_stderr_lines_are_logged_under_its_name(host, plugin_l
     client.dispense("kv").get(kv_pb2.GetRequest(key="sleep/0"))  # prints "sleeping 0" while serving
 
     name = "connectplugin.plugin.chatty"
-    assert wait_for(lambda: logged(plugin_logs, name, "chatty: hello on stdout"), True)
-    assert wait_for(lambda: logged(plugin_logs, name, "chatty: hello on stderr"), True)
-    assert wait_for(lambda: logged(plugin_logs, name, "sleeping 0"), True)
+    for line in ("chatty: hello on stdout", "chatty: hello on stderr", "sleeping 0"):
+        wait_until(lambda line=line: logged(plugin_logs, name, line), f"{line!r} in the log")
     assert not logged(plugin_logs, name, client.url)  # the address line is protocol, not output
 
 
@@ -517,7 +510,7 @@ def test_crash_mid_watch_fails_the_stream_with_unavailable_promptly(crashed):
 
 
 def test_calls_after_a_crash_are_unavailable(crashed, plugin, kv):
-    assert wait_for(plugin.running.alive, False) is False
+    wait_until(lambda: not plugin.running.alive(), "the crashed plugin to be gone")
 
     with pytest.raises(ConnectError) as info:
         kv.get(kv_pb2.GetRequest(key="k"))
@@ -526,16 +519,18 @@ def test_calls_after_a_crash_are_unavailable(crashed, plugin, kv):
 
 
 def test_crash_records_exit_code_minus_9(crashed, plugin):
-    assert wait_for(lambda: plugin.exit_code, -signal.SIGKILL) == -9
+    wait_until(lambda: plugin.exit_code == -signal.SIGKILL, "exit code -9")
 
 
 def test_crash_is_recorded_as_unhealthy_on_the_host(crashed, host, plugin):
     runtime_id = host.runtime_id(plugin)
     assert runtime_id
 
-    report = wait_for(lambda: getattr(host.reported_health(runtime_id), "state", None), UNHEALTHY)
+    wait_until(
+        lambda: getattr(host.reported_health(runtime_id), "state", None) == UNHEALTHY,
+        "an unhealthy report",
+    )
 
-    assert report == UNHEALTHY
     assert "-9" in host.reported_health(runtime_id).reason
 
 
@@ -557,7 +552,7 @@ def test_host_killed_with_sigkill_leaves_no_orphan_plugin():
         host.kill()
         host.wait(timeout=5)
 
-        assert wait_for(lambda: process_gone(plugin_pid), True, timeout=3)
+        wait_until(lambda: process_gone(plugin_pid), "the orphaned plugin to exit", timeout=3)
     finally:
         if host.poll() is None:
             host.kill()
@@ -587,18 +582,18 @@ def slow_call(kv: KVServiceClient, seconds: float) -> tuple[threading.Thread, li
 
 def test_stop_lets_an_in_flight_call_finish(host, plugin, kv, plugin_logs):
     caller, outcome = slow_call(kv, 1)
-    assert wait_for(lambda: logged(plugin_logs, "connectplugin.plugin.kv", "sleeping 1"), True)
+    wait_until(lambda: logged(plugin_logs, "connectplugin.plugin.kv", "sleeping 1"), "the call to start")
 
     host.stop(plugin, grace=3)
     caller.join(5)
 
     assert outcome and outcome[0] == kv_pb2.GetResponse(value=b"slept", found=True)
-    assert wait_for(lambda: plugin.exit_code, 0) == 0
+    wait_until(lambda: plugin.exit_code == 0, "exit code 0")
 
 
 def test_stop_with_a_sub_second_grace_lets_a_shorter_call_finish(host, plugin, kv, plugin_logs):
     caller, outcome = slow_call(kv, 0.3)
-    assert wait_for(lambda: logged(plugin_logs, "connectplugin.plugin.kv", "sleeping 0.3"), True)
+    wait_until(lambda: logged(plugin_logs, "connectplugin.plugin.kv", "sleeping 0.3"), "the call to start")
 
     host.stop(plugin, grace=0.9)
     caller.join(5)
@@ -620,7 +615,7 @@ def test_shutdown_call_is_acknowledged_and_the_plugin_exits_0(plugin):
     )
 
     assert reply.acknowledged is True
-    assert wait_for(lambda: plugin.exit_code, 0) == 0
+    wait_until(lambda: plugin.exit_code == 0, "exit code 0")
 
 
 def test_shutdown_with_zero_grace_still_answers(host):
@@ -648,7 +643,7 @@ def test_shutdown_with_a_negative_grace_is_invalid_argument(plugin):
 def test_signal_makes_the_plugin_exit_0(plugin, signum):
     os.kill(plugin.running.pid, signum)
 
-    assert wait_for(lambda: plugin.exit_code, 0) == 0
+    wait_until(lambda: plugin.exit_code == 0, "exit code 0")
 
 
 def test_open_watch_ends_when_the_plugin_is_stopped(host, plugin, kv):
@@ -669,7 +664,7 @@ def test_plugin_ignoring_sigterm_is_killed_after_the_grace_period(host):
     host.stop(client, grace=1)
 
     assert time.monotonic() - started >= 1.0
-    assert wait_for(lambda: client.exit_code, -signal.SIGKILL) == -9
+    wait_until(lambda: client.exit_code == -signal.SIGKILL, "exit code -9")
     assert process_gone(pid)
 
 
@@ -680,7 +675,7 @@ def test_closing_the_host_stops_every_plugin_it_launched():
         pids = [c.running.pid for c in processes]
         assert not any(process_gone(pid) for pid in pids)
 
-    assert wait_for(lambda: all(process_gone(pid) for pid in pids), True, timeout=3)
+    wait_until(lambda: all(process_gone(pid) for pid in pids), "every plugin process to exit", timeout=3)
     assert [c.exit_code for c in processes] == [0, 0]
     assert not in_process.running.alive()
 
@@ -727,8 +722,10 @@ def test_health_change_reaches_the_host_with_the_runtime_token(host, launched):
 
     launched.dispense("kv").put(kv_pb2.PutRequest(key="health", value=b"UNHEALTHY"))
 
-    state = wait_for(lambda: getattr(host.reported_health(runtime_id), "state", None), UNHEALTHY)
-    assert state == UNHEALTHY
+    wait_until(
+        lambda: getattr(host.reported_health(runtime_id), "state", None) == UNHEALTHY,
+        "an unhealthy report",
+    )
     assert host.reported_health(runtime_id).reason == "set by test"
 
 
@@ -779,7 +776,7 @@ def test_plugin_readyz_is_503_while_stopping(kv, plugin, plugin_logs):
     with requests.Session() as probe:
         assert probe.get(plugin.url + "/readyz", timeout=5).status_code == 200  # keeps a connection
         caller, outcome = slow_call(kv, 1)
-        assert wait_for(lambda: logged(plugin_logs, "connectplugin.plugin.kv", "sleeping 1"), True)
+        wait_until(lambda: logged(plugin_logs, "connectplugin.plugin.kv", "sleeping 1"), "the call to start")
         PluginControlClient(plugin.rpc).shutdown(
             lifecycle_pb2.ShutdownRequest(grace_period_seconds=5), timeout=5
         )

@@ -12,7 +12,7 @@ import functools
 import gzip
 import logging
 import socket
-import time
+import threading
 import tracemalloc
 import zlib
 from urllib.parse import urlencode
@@ -25,6 +25,7 @@ from connectplugin import App, Code, ConnectError, HTTPServer, ServerConfig
 from connectplugin.gen.connectplugin.v1 import plugininfo_pb2
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KVServiceHandler
+from tests.helpers import wait_until
 from tests.services import (
     DELETE,
     GET,
@@ -246,15 +247,31 @@ def test_close_never_pokes_a_trigger_the_loop_already_closed(kv):
     # the pull is delayed until the serving thread has left its loop, making the race certain.
     server = HTTPServer(App([kv]))
     real_pull = server._server.pull_trigger
+    real_lock = server._lock
+    trigger_next = threading.Event()  # the serving thread has closed every channel but the trigger
+
+    class NoticedLock:
+        def __enter__(self):
+            if threading.current_thread() is server._thread:
+                trigger_next.set()
+            return real_lock.__enter__()
+
+        def __exit__(self, *exc):
+            return real_lock.__exit__(*exc)
 
     def late_pull(*args):
         with contextlib.suppress(OSError):
             socket.create_connection((server.host, server.port), timeout=1).close()  # wake the loop
-        deadline = time.monotonic() + 2
-        while server._server.socket.fileno() != -1 and time.monotonic() < deadline:
-            time.sleep(0.005)
-        time.sleep(0.1)  # time enough for the serving thread to close every channel
+        # Closing the trigger is all the serving thread has left to do: either it waits for
+        # the lock close() holds (fixed), or it has closed the trigger and said it is done.
+        wait_until(
+            lambda: trigger_next.is_set() or server._done.is_set(),
+            "the serving thread to close every channel",
+            timeout=3,
+        )
         real_pull(*args)
+
+    server._lock = NoticedLock()
 
     server._server.pull_trigger = late_pull
     server.start()
