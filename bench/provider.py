@@ -8,8 +8,7 @@ It logs nothing per call: a measurement of the hop should not include a logger.
 from __future__ import annotations
 
 from bench import fixtures
-from connectplugin import HandshakeConfig, ServeConfig, serve
-from connectplugin.gen.connectplugin.v1.handshake_pb2 import ServiceDeclaration
+from connectplugin import HandshakeConfig, ServeConfig, ServiceDeclaration, serve
 from samples.kv.gen.kv.v1.kv_connect import KV_PLUGIN
 
 HANDSHAKE = HandshakeConfig(
@@ -26,7 +25,7 @@ def main() -> None:
         self_id="bench-kv",
         self_version="1.0.0",
         provides=[
-            ServiceDeclaration(type=SERVICE_TYPE, version="1.0.0", path=KV_PLUGIN.service_path)
+            ServiceDeclaration(service_type=SERVICE_TYPE, version="1.0.0", path=KV_PLUGIN.service_path)
         ],
     )
     serve(PLUGINS, {"kv": fixtures.FixedKV()}, handshake=HANDSHAKE, config=config)

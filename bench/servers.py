@@ -146,6 +146,7 @@ def main() -> None:
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     server = HTTPServer(APPS[args.kind](), http_config(args.threads))
     threading.Thread(target=_exit_when_orphaned, daemon=True).start()
+    server.bind()
     print(f"PORT {server.port}", flush=True)
     server.serve_forever()
 

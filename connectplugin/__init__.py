@@ -23,17 +23,18 @@ from .rpc import (
 )
 from .runtime.handshake import HandshakeConfig
 from .runtime.health import Health, HealthReport, HealthState, ServingStatus
-from .runtime.hostlink import HostLink
+from .runtime.hostlink import HostLink, HostLinkConfig
 from .runtime.launcher import (
     InProcessStrategy,
     LaunchContext,
     LaunchError,
+    LaunchFailure,
     ProcessStrategy,
     Running,
     Strategy,
 )
 from .runtime.plugin import Plugin, Requirement, ServiceDeclaration
-from .runtime.pluginclient import PluginClient
+from .runtime.pluginclient import PluginClient, PluginClientConfig
 from .runtime.serving import PluginServer, ServeConfig, serve
 
 __all__ = [
@@ -54,14 +55,17 @@ __all__ = [
     "HealthState",
     "HostConfig",
     "HostLink",
+    "HostLinkConfig",
     "InProcessStrategy",
     "Interceptor",
     "LaunchContext",
     "LaunchError",
+    "LaunchFailure",
     "Method",
     "Platform",
     "Plugin",
     "PluginClient",
+    "PluginClientConfig",
     "PluginHost",
     "PluginServer",
     "PluginSpec",

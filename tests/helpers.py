@@ -116,6 +116,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_is_free(port: int) -> bool:
+    """Whether ``port`` on 127.0.0.1 can be bound: no server has taken it."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def provider_ids(host: PluginHost, service_type: str) -> list[str]:
     return [p.provider_id for p in host.registry.providers(service_type)]
 

@@ -34,14 +34,21 @@ from connectplugin import (
     Code,
     ConnectError,
     Health,
+    HealthState,
     HostConfig,
+    HostLink,
+    HTTPConfig,
     InProcessStrategy,
     LaunchError,
+    LaunchFailure,
     PluginClient,
+    PluginClientConfig,
     PluginHost,
+    PluginServer,
     ProcessStrategy,
+    ServeConfig,
+    ServingStatus,
 )
-from connectplugin.gen.connectplugin.health.v1 import health_pb2
 from connectplugin.gen.connectplugin.v1 import handshake_pb2, lifecycle_pb2
 from connectplugin.gen.connectplugin.v1.handshake_connect import HandshakeServiceClient
 from connectplugin.gen.connectplugin.v1.lifecycle_connect import (
@@ -53,7 +60,7 @@ from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KV_PLUGIN, KVServiceClient
 from samples.kv.plugin import HANDSHAKE, PLUGINS
 from samples.kv.store import KVStore
-from tests.helpers import wait_until
+from tests.helpers import free_port, port_is_free, wait_until
 from tests.plugins.instrumented import InstrumentedStore
 from tests.services import envelope, split_envelopes
 
@@ -62,11 +69,8 @@ SCRIPTS = Path(__file__).resolve().parent / "plugins"
 ENV = {"PYTHONPATH": str(ROOT)}
 """What every plugin script needs beyond the host's passed-through variables."""
 
-SERVING = health_pb2.SERVING_STATUS_SERVING
-NOT_SERVING = health_pb2.SERVING_STATUS_NOT_SERVING
-HEALTHY = lifecycle_pb2.HEALTH_STATE_HEALTHY
-DEGRADED = lifecycle_pb2.HEALTH_STATE_DEGRADED
-UNHEALTHY = lifecycle_pb2.HEALTH_STATE_UNHEALTHY
+SERVING, NOT_SERVING = ServingStatus.SERVING, ServingStatus.NOT_SERVING
+HEALTHY, DEGRADED, UNHEALTHY = HealthState.HEALTHY, HealthState.DEGRADED, HealthState.UNHEALTHY
 
 T = TypeVar("T")
 
@@ -160,7 +164,7 @@ def host_handshake(
 def report_health(host: PluginHost, headers: dict[str, str]) -> None:
     with Client(host.url, ClientConfig(timeout=5)) as client:
         PluginLifecycleClient(client).report_health(
-            lifecycle_pb2.ReportHealthRequest(state=DEGRADED, reason="disk nearly full"),
+            lifecycle_pb2.ReportHealthRequest(state=DEGRADED.value, reason="disk nearly full"),
             headers=headers,
         )
 
@@ -352,9 +356,10 @@ def test_no_common_app_version_fails_the_launch_naming_both_sides(make_host):
     with pytest.raises(LaunchError) as info:
         host.launch(script("versions_plugin.py"), name="kv")
 
-    message = str(info.value)
-    assert "plugin supports [2, 3]" in message
-    assert "host supports [1]" in message
+    error = info.value
+    assert (error.reason, error.exit_code) == (LaunchFailure.EXITED, 1)
+    assert "plugin supports [2, 3]" in error.stderr_tail[-1]
+    assert "host supports [1]" in error.stderr_tail[-1]
 
 
 def test_handshake_with_no_common_app_version_is_failed_precondition_naming_both_sides(make_host):
@@ -433,16 +438,19 @@ def test_plugin_that_exits_at_once_is_a_launch_error_carrying_its_last_stderr_li
     with pytest.raises(LaunchError) as info:
         host.launch(script("crash_on_start.py"), name="broken")
 
-    message = str(info.value)
-    assert "'broken'" in message
-    assert "exited with status 1" in message
-    assert "cannot open /nonexistent/config.toml" in message
-    assert "RuntimeError: plugin failed to initialise" in message
+    error = info.value
+    assert (error.plugin, error.reason, error.exit_code) == ("broken", LaunchFailure.EXITED, 1)
+    assert "crash_on_start: cannot open /nonexistent/config.toml" in error.stderr_tail
+    assert error.stderr_tail[-1] == "RuntimeError: plugin failed to initialise"
 
 
 def test_missing_executable_is_a_launch_error(host):
-    with pytest.raises(LaunchError, match="no-such-plugin-binary"):
+    with pytest.raises(LaunchError) as info:
         host.launch(ProcessStrategy(["/nonexistent/no-such-plugin-binary"]), name="ghost")
+
+    error = info.value
+    assert (error.plugin, error.reason, error.exit_code) == ("ghost", LaunchFailure.NOT_EXECUTABLE, None)
+    assert "no-such-plugin-binary" in error.detail
 
 
 def test_plugin_that_never_reports_its_address_fails_within_start_timeout_and_is_killed(host):
@@ -452,8 +460,8 @@ def test_plugin_that_never_reports_its_address_fails_within_start_timeout_and_is
     elapsed = time.monotonic() - started
 
     assert 1.0 <= elapsed < 4.0
-    assert "did not report its address within 1 s" in str(info.value)
-    pid = int(re.search(r"silent: pid (\d+)", str(info.value))[1])
+    assert (info.value.reason, info.value.exit_code) == (LaunchFailure.SILENT, None)
+    pid = int(re.fullmatch(r"silent: pid (\d+)", info.value.stderr_tail[0])[1])
     wait_until(lambda: process_gone(pid), "the silent plugin to be killed", timeout=2)
 
 
@@ -467,7 +475,8 @@ def test_plugin_announcing_an_app_version_the_host_does_not_offer_fails_at_once(
         host.launch(liar, name="liar")
 
     assert time.monotonic() - started < 5.0  # not the 20 s start timeout
-    assert "app protocol 9" in str(info.value)
+    assert info.value.reason is LaunchFailure.REFUSED
+    assert "app protocol 9" in info.value.detail
 
 
 # --- plugin output ----------------------------------------------------------------------------
@@ -678,6 +687,83 @@ def test_closing_the_host_stops_every_plugin_it_launched():
     wait_until(lambda: all(process_gone(pid) for pid in pids), "every plugin process to exit", timeout=3)
     assert [c.exit_code for c in processes] == [0, 0]
     assert not in_process.running.alive()
+
+
+# --- construction is inert; configs reach what they configure ------------------------------
+
+
+@pytest.fixture
+def run_plugin() -> Iterator[Callable[..., PluginServer]]:
+    """``run_plugin(config)``: the KV store served by a PluginServer on a thread until the test ends."""
+    running: list[tuple[PluginServer, threading.Thread]] = []
+
+    def run(config: ServeConfig | None = None) -> PluginServer:
+        server = PluginServer(PLUGINS, {"kv": KVStore()}, HANDSHAKE, config)
+        server.listen()
+        runner = threading.Thread(target=server.run, name="plugin-under-test")
+        runner.start()
+        running.append((server, runner))
+        return server
+
+    yield run
+    for server, runner in running:
+        server.stop(grace=0)
+        runner.join(10)
+
+
+def test_building_a_plugin_server_binds_no_port_and_starts_no_thread():
+    port = free_port()
+    before = set(threading.enumerate())
+
+    server = PluginServer(
+        PLUGINS, {"kv": KVStore()}, HANDSHAKE, ServeConfig(http=HTTPConfig(port=port)), link=HostLink()
+    )
+
+    assert set(threading.enumerate()) == before
+    assert port_is_free(port)
+    server.link.close()
+
+
+def test_serve_config_http_settings_reach_the_plugins_server(run_plugin):
+    server = run_plugin(ServeConfig(http=HTTPConfig(max_request_body_size=1024)))
+
+    reply = requests.post(
+        server.listen() + "/kv.v1.KVService/Put",
+        data=b"x" * 4096,
+        headers={"Content-Type": "application/proto"},
+        timeout=5,
+    )
+
+    assert reply.status_code == 413
+
+
+def test_a_first_handshake_in_flight_does_not_hold_up_another(run_plugin):
+    url = run_plugin().listen()
+    first_in_flight, release = threading.Event(), threading.Event()
+
+    def hold_the_first_handshake(call, proceed):
+        if call.method.name == "Handshake" and not first_in_flight.is_set():
+            first_in_flight.set()
+            release.wait(10)
+        return proceed(call)
+
+    config = PluginClientConfig(rpc=ClientConfig(interceptors=(hold_the_first_handshake,)))
+    client = PluginClient(url, PLUGINS, HANDSHAKE, config=config)
+    first = threading.Thread(target=client.handshake)
+    first.start()
+    answers: list[handshake_pb2.HandshakeResponse] = []
+    try:
+        assert first_in_flight.wait(5)
+        second = threading.Thread(target=lambda: answers.append(client.handshake()))
+        second.start()
+        second.join(5)
+
+        assert answers, "the second handshake waited for the first one's call"
+    finally:
+        release.set()
+        first.join(10)
+        client.close()
+    assert client.handshake() is answers[0]  # the first answer to arrive is the one kept
 
 
 # --- health -----------------------------------------------------------------------------------

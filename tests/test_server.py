@@ -246,6 +246,7 @@ def test_close_never_pokes_a_trigger_the_loop_already_closed(kv):
     # serving thread might already have closed (EBADF, or a write into a reused fd). White-box:
     # the pull is delayed until the serving thread has left its loop, making the race certain.
     server = HTTPServer(App([kv]))
+    server.bind()
     real_pull = server._server.pull_trigger
     real_lock = server._lock
     trigger_next = threading.Event()  # the serving thread has closed every channel but the trigger

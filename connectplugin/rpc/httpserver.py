@@ -10,82 +10,136 @@ from dataclasses import dataclass
 from typing import Any
 
 from waitress.server import create_server
+from waitress.task import ThreadedTaskDispatcher
 
 log = logging.getLogger("connectplugin.httpserver")
 
 
 @dataclass(frozen=True)
 class HTTPConfig:
-    """Where and how waitress listens. Port 0 picks a free ephemeral port."""
+    """Where and how waitress listens, and how it stops. Port 0 picks a free ephemeral port."""
 
     host: str = "127.0.0.1"
     port: int = 0
     threads: int = 8
     """Worker threads: the number of calls (streams included) served at once."""
     connection_limit: int = 1000
+    """Open connections waitress accepts before it stops accepting more."""
     max_request_body_size: int = 64 * 1024 * 1024
     """Waitress buffers whole bodies before the app runs; cap it well above the read limit."""
+    close_grace: float = 5.0
+    """Seconds calls in flight get to finish when ``close()`` names no grace of its own."""
+    drain_interval: float = 0.05
+    """While draining, the longest the loop waits on sockets before checking for idleness."""
+    worker_stop_timeout: float = 1.0
+    """After the grace, seconds the worker threads get to leave once pending calls are dropped."""
+    close_margin: float = 2.0
+    """Seconds beyond the grace ``close()`` waits for the serving thread to release its sockets."""
 
 
 class HTTPServer:
-    """A waitress server bound at construction (so ``url`` is known before it runs).
+    """A WSGI app on waitress. Constructing one binds nothing and starts nothing.
 
-    ``start()`` serves on a daemon thread; ``serve_forever()`` serves on the caller's thread;
-    ``close()`` is safe to call from any thread, more than once.
+    ``bind()`` takes the port (so ``url`` is known before serving) and starts no thread;
+    ``start()`` serves on a daemon thread named for the port, ``serve_forever()`` on the
+    caller's thread; both bind first if needed, and start waitress's worker pool. Call those three from the thread that owns the server. ``close()`` is safe to
+    call from any thread, more than once.
     """
 
     def __init__(self, app: Callable[..., Any], config: HTTPConfig | None = None) -> None:
+        self.app = app
         self.config = config or HTTPConfig()
-        self._server = create_server(
-            app,
-            host=self.config.host,
-            port=self.config.port,
-            threads=self.config.threads,
-            connection_limit=self.config.connection_limit,
-            max_request_body_size=self.config.max_request_body_size,
-            # Lets a handler see a vanished client (Context.is_active) without writing to it.
-            channel_request_lookahead=1,
-            clear_untrusted_proxy_headers=True,
-            ident="connectplugin",
-        )
-        self.host, self.port = self._server.getsockname()[:2]
+        # _lock guards _server, _address, _serving and _grace, and keeps close() from pulling the
+        # trigger once the serving thread has closed its pipe.
+        self._lock = threading.Lock()
+        self._server: Any = None
+        self._address: tuple[str, int] | None = None
+        self._serving = False
+        self._grace = self.config.close_grace
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._done = threading.Event()
-        self._grace = 5.0
-        self._serving = False
-        self._lock = threading.Lock()
+
+    def bind(self) -> str:
+        """Bind the listening socket without serving (once; later calls only answer); the URL."""
+        if self._address is None:
+            if self._stopping.is_set():
+                raise RuntimeError("this HTTPServer is closed")
+            cfg = self.config
+            server = create_server(
+                self.app,
+                host=cfg.host,
+                port=cfg.port,
+                threads=cfg.threads,
+                connection_limit=cfg.connection_limit,
+                max_request_body_size=cfg.max_request_body_size,
+                # Lets a handler see a vanished client (Context.is_active) without writing to it.
+                channel_request_lookahead=1,
+                clear_untrusted_proxy_headers=True,
+                ident="connectplugin",
+                # An empty pool: the workers start when serving does, not at bind time.
+                _dispatcher=ThreadedTaskDispatcher(),
+            )
+            host, port = server.getsockname()[:2]  # waitress gives the port as a string
+            address = (host, int(port))
+            with self._lock:
+                self._server, self._address = server, address
+        return self.url
+
+    @property
+    def host(self) -> str:
+        return self._bound()[0]
+
+    @property
+    def port(self) -> int:
+        return self._bound()[1]
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        """``http://host:port``; known once bound."""
+        host, port = self._bound()
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{port}"
+
+    def _bound(self) -> tuple[str, int]:
+        if self._address is None:
+            raise RuntimeError("this HTTPServer is not bound yet: call bind() or start() first")
+        return self._address
 
     def start(self) -> HTTPServer:
-        self._serving = True
+        """Bind if needed, then serve on a daemon thread named for the port."""
+        self.bind()
         self._thread = threading.Thread(target=self.serve_forever, name=f"waitress:{self.port}", daemon=True)
         self._thread.start()
         return self
 
     def serve_forever(self) -> None:
         """Serve until ``close()``; then drain in-flight calls and release every socket."""
+        self.bind()
+        with self._lock:
+            if self._stopping.is_set():  # closed before it ever served: close() released it
+                return
+            self._serving = True
         srv = self._server
+        cfg = self.config
+        srv.task_dispatcher.set_thread_count(cfg.threads)
         loop = srv.asyncore.loop
-        self._serving = True
         while not self._stopping.is_set():
             loop(timeout=srv.adj.asyncore_loop_timeout, map=srv._map, use_poll=srv.adj.asyncore_use_poll, count=1)
         # Stop accepting, give running calls the grace period, then drop everything.
         srv.del_channel()
         srv.socket.close()
-        deadline = time.monotonic() + self._grace
+        with self._lock:
+            grace = self._grace
+        deadline = time.monotonic() + grace
         while time.monotonic() < deadline and self._busy():
-            loop(timeout=0.05, map=srv._map, use_poll=srv.adj.asyncore_use_poll, count=1)
+            loop(timeout=cfg.drain_interval, map=srv._map, use_poll=srv.adj.asyncore_use_poll, count=1)
         # Connections first; the trigger last, after the workers have stopped, since a
         # worker finishing a reply still pokes it.
         for channel in list(srv._map.values()):
             if channel is not srv.trigger:
                 channel.close()
-        srv.task_dispatcher.shutdown(cancel_pending=True, timeout=1)
+        srv.task_dispatcher.shutdown(cancel_pending=True, timeout=cfg.worker_stop_timeout)
         with self._lock:  # close() must not pull the trigger once its pipe is closed
             srv.trigger.close()
             self._done.set()
@@ -96,22 +150,28 @@ class HTTPServer:
             return True
         return any(getattr(ch, "total_outbufs_len", 0) for ch in list(self._server._map.values()))
 
-    def close(self, grace: float = 5.0) -> None:
-        """Stop serving: calls in flight get ``grace`` seconds to finish. Safe from any thread."""
+    def close(self, grace: float | None = None) -> None:
+        """Stop serving: calls in flight get ``grace`` seconds (default ``config.close_grace``)."""
+        grace = self.config.close_grace if grace is None else grace
         with self._lock:
             first = not self._stopping.is_set()
             if first:
                 self._grace = grace
                 self._stopping.set()
                 if self._serving and not self._done.is_set():
+                    # A one-byte write to waitress's own wake-up pipe, under the lock on
+                    # purpose: the serving thread closes that pipe under the same lock.
                     self._server.pull_trigger()
+            server, serving = self._server, self._serving
+        wait = grace + self.config.close_margin
         if not first:
-            self._done.wait(grace + 2)
-        elif not self._serving:  # never ran: nothing to drain
-            self._server.close()
+            self._done.wait(wait)
+        elif not serving:  # never served: nothing to drain
+            if server is not None:
+                server.close()
             self._done.set()
         elif self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=grace + 2)
+            self._thread.join(timeout=wait)
 
     def __enter__(self) -> HTTPServer:
         return self.start()

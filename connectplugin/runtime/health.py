@@ -1,4 +1,8 @@
-"""Plugin health: one shared state behind HealthService, PluginControl.GetHealth and host reports."""
+"""Plugin health: one shared state behind HealthService, PluginControl.GetHealth and host reports.
+
+The public types (HealthState, ServingStatus, HealthReport) are plain Python; the
+``*_wire`` functions convert them to and from protobuf where they cross the wire.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import enum
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from ..gen.connectplugin.health.v1 import health_pb2
 from ..gen.connectplugin.health.v1.health_connect import HealthServiceHandler
@@ -45,7 +50,38 @@ HEALTHY, DEGRADED, UNHEALTHY = HealthState.HEALTHY, HealthState.DEGRADED, Health
 SERVING, NOT_SERVING = ServingStatus.SERVING, ServingStatus.NOT_SERVING
 SERVICE_UNKNOWN = ServingStatus.SERVICE_UNKNOWN
 
-Listener = Callable[[lifecycle_pb2.GetHealthResponse], None]
+WATCH_CHECK_INTERVAL = 0.25
+"""Seconds between checks, during a quiet watch, that its caller is still there."""
+
+Listener = Callable[[HealthReport], None]
+
+HealthMessage = TypeVar("HealthMessage", lifecycle_pb2.GetHealthResponse, lifecycle_pb2.ReportHealthRequest)
+
+
+def report_to_wire(report: HealthReport, message: type[HealthMessage]) -> HealthMessage:
+    """``report`` as ``GetHealthResponse`` or ``ReportHealthRequest`` (they share their fields)."""
+    return message(
+        state=report.state.value,  # type: ignore[arg-type]
+        reason=report.reason,
+        unavailable_dependencies=list(report.unavailable_dependencies),
+    )
+
+
+def report_from_wire(message: lifecycle_pb2.GetHealthResponse | lifecycle_pb2.ReportHealthRequest) -> HealthReport:
+    """The report a peer sent; a state this side does not know is a broken answer (``internal``)."""
+    try:
+        state = HealthState(message.state)
+    except ValueError:
+        raise ConnectError(Code.INTERNAL, f"unknown health state {message.state}") from None
+    return HealthReport(state, message.reason, tuple(message.unavailable_dependencies))
+
+
+def status_from_wire(value: int) -> ServingStatus:
+    """A serving status a peer sent; one this side does not know is a broken answer (``internal``)."""
+    try:
+        return ServingStatus(value)
+    except ValueError:
+        raise ConnectError(Code.INTERNAL, f"unknown serving status {value}") from None
 
 
 class Health:
@@ -56,66 +92,68 @@ class Health:
     """
 
     def __init__(self) -> None:
+        # _changed's lock guards every field below; waiters are woken on each change.
         self._changed = threading.Condition(threading.Lock())
-        self._state = lifecycle_pb2.GetHealthResponse(state=lifecycle_pb2.HEALTH_STATE_HEALTHY)
-        self._services: dict[str, int] = {}
+        self._report = HealthReport(HealthState.HEALTHY)
+        self._services: dict[str, ServingStatus] = {}
         self._version = 0
         self._listeners: list[Listener] = []
 
-    def set(self, state: int, reason: str = "", unavailable_dependencies: Sequence[str] = ()) -> None:
+    def set(self, state: HealthState, reason: str = "", unavailable_dependencies: Sequence[str] = ()) -> None:
         """Report HEALTHY, DEGRADED or UNHEALTHY, with why and which dependencies are missing."""
-        report = lifecycle_pb2.GetHealthResponse(
-            state=state,  # type: ignore[arg-type]
-            reason=reason, unavailable_dependencies=list(unavailable_dependencies)
-        )
+        report = HealthReport(HealthState(state), reason, tuple(unavailable_dependencies))
         with self._changed:
-            if report == self._state:
+            if report == self._report:
                 return
-            self._state = report
+            self._report = report
             self._bump()
             listeners = list(self._listeners)
         for listener in listeners:
             listener(report)
 
-    def set_service(self, service: str, status: int) -> None:
+    def set_service(self, service: str, status: ServingStatus) -> None:
         """Set one service's serving status (SERVING / NOT_SERVING); "" is the whole plugin."""
         with self._changed:
-            self._services[service] = status
+            self._services[service] = ServingStatus(status)
             self._bump()
 
-    def get(self) -> lifecycle_pb2.GetHealthResponse:
+    def get(self) -> HealthReport:
         with self._changed:
-            report = lifecycle_pb2.GetHealthResponse()
-            report.CopyFrom(self._state)
-            return report
+            return self._report
 
-    def status(self, service: str = "") -> int | None:
+    def status(self, service: str = "") -> ServingStatus | None:
         """The serving status of ``service``, or None if it is not known here."""
         with self._changed:
             return self._status(service)
 
     def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(report)`` after every change of the overall state."""
         with self._changed:
             self._listeners.append(listener)
 
-    def watch(self, service: str, active: Callable[[], bool], poll: float = 0.25) -> Iterator[int]:
-        """Yield the status of ``service`` now and on every change, while ``active()``."""
+    def watch(
+        self, service: str, active: Callable[[], bool], check_interval: float = WATCH_CHECK_INTERVAL
+    ) -> Iterator[ServingStatus]:
+        """Yield the status of ``service`` now and on every change, while ``active()``.
+
+        ``active`` cannot wake a waiter, so it is asked every ``check_interval`` seconds.
+        """
         with self._changed:
             version, last = self._version, self._status(service)
         yield SERVICE_UNKNOWN if last is None else last
         while active():
             with self._changed:
                 seen = version
-                self._changed.wait_for(lambda: self._version != seen, timeout=poll)  # noqa: B023
+                self._changed.wait_for(lambda: self._version != seen, timeout=check_interval)  # noqa: B023
                 version, status = self._version, self._status(service)
             if status != last:
                 last = status
                 yield SERVICE_UNKNOWN if status is None else status
 
-    def _status(self, service: str) -> int | None:
+    def _status(self, service: str) -> ServingStatus | None:
         if service == "":
             overall = self._services.get("", SERVING)
-            return NOT_SERVING if self._state.state == UNHEALTHY else overall
+            return NOT_SERVING if self._report.state == UNHEALTHY else overall
         return self._services.get(service)
 
     def _bump(self) -> None:
@@ -133,8 +171,8 @@ class HealthService(HealthServiceHandler):
         status = self._health.status(request.service)
         if status is None:
             raise ConnectError(Code.NOT_FOUND, f"unknown service {request.service!r}")
-        return health_pb2.HealthCheckResponse(status=status)  # type: ignore[arg-type]
+        return health_pb2.HealthCheckResponse(status=status.value)  # type: ignore[arg-type]
 
     def watch(self, request: health_pb2.HealthCheckRequest, ctx: Context) -> Iterator[health_pb2.HealthCheckResponse]:
         for status in self._health.watch(request.service, ctx.is_active):
-            yield health_pb2.HealthCheckResponse(status=status)  # type: ignore[arg-type]
+            yield health_pb2.HealthCheckResponse(status=status.value)  # type: ignore[arg-type]

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
-from ..gen.connectplugin.v1 import broker_pb2, handshake_pb2, lifecycle_pb2, registry_pb2
+from ..gen.connectplugin.v1 import broker_pb2, lifecycle_pb2, registry_pb2
 from ..gen.connectplugin.v1.broker_connect import CapabilityBrokerClient
 from ..gen.connectplugin.v1.handshake_connect import HandshakeServiceClient
 from ..gen.connectplugin.v1.lifecycle_connect import PluginLifecycleClient
@@ -21,13 +22,25 @@ from ..rpc.client import Client, ClientConfig, ServerStream
 from ..rpc.errors import Code, ConnectError
 from .credentials import RUNTIME_ID_HEADER, bearer_matches
 from .handshake import HandshakeConfig, check_response, request_for
-from .health import Health
+from .health import Health, HealthReport, report_to_wire
+from .plugin import ServiceDeclaration
 
 log = logging.getLogger("connectplugin.hostlink")
 
 C = TypeVar("C")
-_TIMEOUT = 10.0
-"""Seconds for each unary call to the host."""
+
+
+@dataclass(frozen=True)
+class HostLinkConfig:
+    """How long a plugin's calls to its host may take."""
+
+    call_timeout: float = 10.0
+    """Seconds for each unary call to the host (handshake, register, discover, capability
+    requests), and the default call timeout of the capability clients it hands out."""
+    report_timeout: float = 5.0
+    """Seconds for one health report (``ReportHealth``), heartbeats included."""
+    unregister_timeout: float = 2.0
+    """Seconds for each ``UnregisterService`` call when the plugin stops."""
 
 
 class HostLink:
@@ -35,12 +48,17 @@ class HostLink:
 
     Identity arrives either from the host (``SetRuntimeIdentity``, platform-managed) or
     from this plugin's own handshake (``connect()``, self-registering). Once known, the
-    plugin's declared services are registered and every health change is reported.
+    plugin's declared services are registered and every health change is reported, in
+    order, by a thread (``host-link``) that starts with the first identity. Constructing
+    one starts nothing. Safe to use from any thread.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, config: HostLinkConfig | None = None) -> None:
+        self.config = config or HostLinkConfig()
         self.health = Health()
-        self._provides: list[handshake_pb2.ServiceDeclaration] = []
+        self._provides: list[ServiceDeclaration] = []
+        # _lock guards every field below; _changed is notified when the identity, the
+        # pending report or _closed changes.
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self.host_url = ""
@@ -48,21 +66,19 @@ class HostLink:
         self._token = ""
         self._base_url = ""
         self._registrations: list[str] = []
-        self._host: Client | None = None
-        self._pending: lifecycle_pb2.GetHealthResponse | None = None
+        self._host_client: Client | None = None
+        self._pending: HealthReport | None = None
         self._closed = False
         self._reporter: threading.Thread | None = None
         self._peers: dict[tuple[str, float | None], Client] = {}
         self._grant_clients: list[Client] = []
 
-    def attach(self, health: Health, provides: Sequence[handshake_pb2.ServiceDeclaration], host_url: str) -> None:
+    def attach(self, health: Health, provides: Sequence[ServiceDeclaration], host_url: str) -> None:
         """Called by the plugin server: the health to report and the services to register."""
         self.health = health
         self._provides = list(provides)
         self.host_url = host_url.rstrip("/")
         health.add_listener(self._health_changed)
-        self._reporter = threading.Thread(target=self._report_loop, name="host-link", daemon=True)
-        self._reporter.start()
 
     # --- identity -----------------------------------------------------------------------------
 
@@ -72,20 +88,27 @@ class HostLink:
             self.runtime_id, self._token = runtime_id, token
             self.host_url = (host_url or self.host_url).rstrip("/")
             self._base_url = base_url or self._base_url
-            if self._host is not None:
-                self._host.close()
-            for peer in self._peers.values():
-                peer.close()
+            # Clients holding the old credentials are closed below, after release.
+            stale = [self._host_client, *self._peers.values()]
             self._peers.clear()
             # No default timeout: watches stay open; unary calls below pass their own.
-            self._host = Client(self.host_url, ClientConfig(headers=self._auth()))
+            self._host_client = Client(self.host_url, ClientConfig(headers=self._auth()))
+            first = self._reporter is None
+            if first:
+                self._reporter = threading.Thread(target=self._report_loop, name="host-link", daemon=True)
+            reporter = self._reporter
             self._changed.notify_all()
+        if first and reporter is not None:
+            reporter.start()
+        for client in stale:
+            if client is not None:
+                client.close()
         self._register()
         self._health_changed(self.health.get())
 
     def connect(self, handshake: HandshakeConfig, self_id: str, self_version: str, base_url: str) -> None:
         """Self-registration: handshake with the host as ``self_id`` and take the identity it gives."""
-        with Client(self.host_url, ClientConfig(timeout=10)) as client:
+        with Client(self.host_url, ClientConfig(timeout=self.config.call_timeout)) as client:
             request = request_for(handshake, (), self_id=self_id, self_version=self_version)
             response = HandshakeServiceClient(client).handshake(request)
         check_response(handshake, response, them="host")
@@ -121,17 +144,19 @@ class HostLink:
     def _auth(self) -> dict[str, str]:
         return {RUNTIME_ID_HEADER: self.runtime_id, "Authorization": f"Bearer {self._token}"}
 
-    def _client(self) -> Client:
+    def _identified_client(self) -> Client:
+        """The client of the host's API, carrying this plugin's credentials."""
         with self._lock:
-            if self._host is None:
+            if self._host_client is None:
                 raise ConnectError(Code.FAILED_PRECONDITION, "this plugin has no runtime identity yet")
-            return self._host
+            return self._host_client
 
     # --- peers and capabilities ---------------------------------------------------------------
 
     def discover(self, service_type: str, min_version: str = "") -> registry_pb2.DiscoverServiceResponse:
-        return ServiceRegistryClient(self._client()).discover_service(
-            registry_pb2.DiscoverServiceRequest(service_type=service_type, min_version=min_version), timeout=_TIMEOUT
+        return ServiceRegistryClient(self._identified_client()).discover_service(
+            registry_pb2.DiscoverServiceRequest(service_type=service_type, min_version=min_version),
+            timeout=self.config.call_timeout,
         )
 
     def client(self, service_type: str, client_class: type[C], min_version: str = "", timeout: float | None = None) -> C:
@@ -148,18 +173,18 @@ class HostLink:
         return client_class(peer)  # type: ignore[call-arg]
 
     def watch(self, service_type: str) -> ServerStream[registry_pb2.WatchServiceEvent]:
-        return ServiceRegistryClient(self._client()).watch_service(
+        return ServiceRegistryClient(self._identified_client()).watch_service(
             registry_pb2.WatchServiceRequest(service_type=service_type)
         )
 
     def capability(self, capability_type: str, client_class: type[C], min_version: str = "", reason: str = "") -> C:
         """A typed client for a host capability, opened with a fresh grant."""
-        grant = CapabilityBrokerClient(self._client()).request_capability(
+        grant = CapabilityBrokerClient(self._identified_client()).request_capability(
             broker_pb2.RequestCapabilityRequest(capability_type=capability_type, min_version=min_version, reason=reason),
-            timeout=_TIMEOUT,
+            timeout=self.config.call_timeout,
         ).grant
         auth = {"Authorization": f"Bearer {grant.bearer_token}"}
-        client = Client(grant.endpoint_url, ClientConfig(timeout=_TIMEOUT, headers=auth))
+        client = Client(grant.endpoint_url, ClientConfig(timeout=self.config.call_timeout, headers=auth))
         with self._lock:
             self._grant_clients.append(client)
         return client_class(client)  # type: ignore[call-arg]
@@ -167,38 +192,39 @@ class HostLink:
     # --- registration and health --------------------------------------------------------------
 
     def _register(self) -> None:
-        host = self._client()
+        host = self._identified_client()
         registry = ServiceRegistryClient(host)
         ids = []
         for decl in self._provides:
             metadata = {"base_url": self._base_url} if self._base_url else {}
             response = registry.register_service(
                 registry_pb2.RegisterServiceRequest(
-                    service_type=decl.type, version=decl.version, endpoint_path=decl.path, metadata=metadata
+                    service_type=decl.service_type, version=decl.version, endpoint_path=decl.path, metadata=metadata
                 ),
-                timeout=_TIMEOUT,
+                timeout=self.config.call_timeout,
             )
             ids.append(response.registration_id)
         with self._lock:
             self._registrations = ids
         if ids:
-            log.info("registered %s with the host", ", ".join(d.type for d in self._provides))
+            log.info("registered %s with the host", ", ".join(d.service_type for d in self._provides))
 
     def unregister(self) -> None:
         with self._lock:
             ids, self._registrations = self._registrations, []
-            host = self._host
+            host = self._host_client
         if host is None:
             return
         for reg_id in ids:
             try:
                 ServiceRegistryClient(host).unregister_service(
-                    registry_pb2.UnregisterServiceRequest(registration_id=reg_id), timeout=2
+                    registry_pb2.UnregisterServiceRequest(registration_id=reg_id),
+                    timeout=self.config.unregister_timeout,
                 )
             except ConnectError as e:
                 log.debug("unregister %s: %s", reg_id, e)
 
-    def _health_changed(self, report: lifecycle_pb2.GetHealthResponse) -> None:
+    def _health_changed(self, report: HealthReport) -> None:
         # Read the state again rather than trust the argument: listeners of two quick
         # changes may run in either order, and the host must end up with the last one.
         current = self.health.get()
@@ -210,61 +236,34 @@ class HostLink:
         """Send the latest health state, in order, off the caller's thread."""
         while True:
             with self._changed:
-                self._changed.wait_for(lambda: self._closed or (self._pending is not None and self._host is not None))
+                self._changed.wait_for(lambda: self._closed or (self._pending is not None and self._host_client is not None))
                 if self._closed:
                     return
                 report, self._pending = self._pending, None
-                host = self._host
+                host = self._host_client
             assert report is not None and host is not None
             try:
-                PluginLifecycleClient(host).report_health(
-                    lifecycle_pb2.ReportHealthRequest(
-                        state=report.state, reason=report.reason,
-                        unavailable_dependencies=report.unavailable_dependencies,
-                    ),
-                    timeout=5,
-                )
+                self._report(host, report)
             except ConnectError as e:
                 log.warning("could not report health to %s: %s", self.host_url, e)
 
     def heartbeat(self) -> None:
         """Report current health now; raises if the host no longer knows this plugin."""
-        report = self.health.get()
-        PluginLifecycleClient(self._client()).report_health(
-            lifecycle_pb2.ReportHealthRequest(
-                state=report.state, reason=report.reason, unavailable_dependencies=report.unavailable_dependencies
-            ),
-            timeout=5,
+        self._report(self._identified_client(), self.health.get())
+
+    def _report(self, host: Client, report: HealthReport) -> None:
+        PluginLifecycleClient(host).report_health(
+            report_to_wire(report, lifecycle_pb2.ReportHealthRequest), timeout=self.config.report_timeout
         )
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
             self._changed.notify_all()
-            clients = [self._host, *self._peers.values(), *self._grant_clients]
+            clients = [self._host_client, *self._peers.values(), *self._grant_clients]
             self._peers.clear()
             self._grant_clients.clear()
         for client in clients:
             if client is not None:
                 client.close()
 
-
-def keep_registered(
-    link: HostLink, handshake: HandshakeConfig, self_id: str, self_version: str, base_url: str,
-    stopped: threading.Event, interval: float = 1.0,
-) -> None:
-    """Self-registering plugins: (re)connect whenever the host is new or back, until stopped."""
-    while not stopped.is_set():
-        try:
-            if not link.connected:
-                link.connect(handshake, self_id, self_version, base_url)
-                log.info("connected to host %s as %s", link.host_url, link.runtime_id)
-            else:
-                link.heartbeat()
-        except ConnectError as e:
-            if link.connected and e.code in (Code.UNAUTHENTICATED, Code.UNAVAILABLE):
-                log.warning("lost the host at %s (%s); reconnecting", link.host_url, e.code.value)
-                link.reset()
-            elif not link.connected:
-                log.debug("host at %s not reachable yet: %s", link.host_url, e)
-        stopped.wait(interval)

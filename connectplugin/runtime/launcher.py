@@ -8,6 +8,7 @@ container, a remote sidecar) by implementing :class:`Strategy`.
 from __future__ import annotations
 
 import collections
+import enum
 import io
 import logging
 import os
@@ -17,7 +18,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -36,12 +36,44 @@ from .serving import ENV_APP_VERSIONS, ENV_HOST_URL, ENV_WATCH_STDIN, PluginServ
 log = logging.getLogger("connectplugin.launcher")
 
 _LINE = re.compile(r"^(\d+)\|(\d+)\|(https?://\S+)$")
+_STDERR_TAIL_LINES = 20
+"""How many of a plugin's last stderr lines a LaunchError carries."""
 _PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "SYSTEMROOT", "PYTHONPATH", "VIRTUAL_ENV")
 """Host variables a plugin inherits; everything else must be given explicitly."""
 
 
+class LaunchFailure(enum.Enum):
+    """Why a plugin did not start."""
+
+    NOT_EXECUTABLE = "could not be executed"
+    EXITED = "exited before reporting its address"
+    SILENT = "did not report its address in time"
+    REFUSED = "reported an address line the host refuses (protocol versions)"
+
+
 class LaunchError(Exception):
-    """A plugin did not start: it exited, or never said where it listens in time."""
+    """A plugin did not start. Its facts are attributes; the message says them in prose.
+
+    ``plugin`` is its name, ``reason`` a :class:`LaunchFailure`, ``detail`` the specifics
+    (the OS error, the refused version, the timeout), ``exit_code`` its exit status (None
+    when it never ran or was still running), ``stderr_tail`` its last lines on stderr.
+    """
+
+    def __init__(
+        self,
+        plugin: str,
+        reason: LaunchFailure,
+        detail: str = "",
+        exit_code: int | None = None,
+        stderr_tail: Sequence[str] = (),
+    ) -> None:
+        self.plugin = plugin
+        self.reason = reason
+        self.detail = detail or reason.value
+        self.exit_code = exit_code
+        self.stderr_tail = tuple(stderr_tail)
+        tail = "\n".join(self.stderr_tail)
+        super().__init__(f"plugin {plugin!r} {self.detail}" + (f"; its last stderr lines:\n{tail}" if tail else ""))
 
 
 @dataclass(frozen=True)
@@ -49,7 +81,7 @@ class LaunchContext:
     """What every strategy needs from the host."""
 
     name: str
-    handshake: hs.HandshakeConfig
+    handshake_config: hs.HandshakeConfig
     plugins: Mapping[str, Plugin]
     host_url: str = ""
     on_exit: Callable[[int | None], None] = lambda code: None
@@ -97,14 +129,21 @@ class ProcessStrategy:
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: str | None = None
     start_timeout: float = 15.0
+    """Seconds the plugin gets to report its address; then it is killed and the launch fails."""
+    output_timeout: float = 2.0
+    """Seconds to wait, once the plugin has exited, for its last output lines (a helper
+    process it started may hold its pipes open longer)."""
+    exit_record_timeout: float = 5.0
+    """Seconds ``stop()`` waits, once the process is gone, for its exit to be recorded
+    (``LaunchContext.on_exit`` run)."""
 
     def start(self, ctx: LaunchContext) -> Running:
         env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
         env.update(self.env)
         env.update(
             {
-                ctx.handshake.magic_cookie_key: ctx.handshake.magic_cookie_value,
-                ENV_APP_VERSIONS: hs.format_versions(ctx.handshake.app_protocol_versions),
+                ctx.handshake_config.magic_cookie_key: ctx.handshake_config.magic_cookie_value,
+                ENV_APP_VERSIONS: hs.format_versions(ctx.handshake_config.app_protocol_versions),
                 ENV_WATCH_STDIN: "1",
                 "PYTHONUNBUFFERED": "1",
             }
@@ -124,56 +163,70 @@ class ProcessStrategy:
                 start_new_session=True,
             )
         except OSError as e:
-            raise LaunchError(f"cannot start plugin {ctx.name!r} ({' '.join(self.command)}): {e}") from None
-        return _Process(ctx, proc, self.start_timeout)
+            raise LaunchError(
+                ctx.name, LaunchFailure.NOT_EXECUTABLE, f"could not be executed ({' '.join(self.command)}): {e}"
+            ) from None
+        return _Process(ctx, proc, self)
 
 
 class _Process:
+    """A plugin subprocess: started by ``ProcessStrategy.start``, which returns once it has
+    reported its address (or raises LaunchError). Three named threads per plugin read its
+    stdout and stderr and wait for its exit. ``stop()`` and ``alive()`` are safe from any thread.
+    """
+
     session: requests.Session | None = None
     pid: int | None
 
-    def __init__(self, ctx: LaunchContext, proc: subprocess.Popen[bytes], start_timeout: float) -> None:
+    def __init__(self, ctx: LaunchContext, proc: subprocess.Popen[bytes], strategy: ProcessStrategy) -> None:
         self.pid = proc.pid
+        self.url = ""
         self._ctx = ctx
         self._proc = proc
+        self._strategy = strategy
         self._logger = logging.getLogger(f"connectplugin.plugin.{ctx.name}")
-        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
-        self._ready = threading.Event()
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
+        # The lock of _reported_or_exited guards url, _refused and _reaped; it is notified
+        # when the address line arrives (accepted or refused) or the process exits.
+        self._reported_or_exited = threading.Condition(threading.Lock())
         self._refused = ""
-        self._exited = threading.Event()
+        self._reaped = False
+        self._launched = False
+        self._launch_decided = threading.Event()  # _launched is final: the exit waiter may act
+        self._exit_recorded = threading.Event()  # the exit has been recorded (on_exit run)
         self._stopping = False
-        self.url = ""
         self._readers = [
             threading.Thread(target=self._read_stdout, name=f"{ctx.name}-stdout", daemon=True),
             threading.Thread(target=self._read_stderr, name=f"{ctx.name}-stderr", daemon=True),
         ]
-        for t in self._readers:
+        for t in [*self._readers, threading.Thread(target=self._await_exit, name=f"{ctx.name}-wait", daemon=True)]:
             t.start()
-        deadline = time.monotonic() + start_timeout
-        while not self._ready.wait(0.02):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                break
-        if not self.url:
-            self._fail(start_timeout)
-        threading.Thread(target=self._wait, name=f"{ctx.name}-wait", daemon=True).start()
+        with self._reported_or_exited:
+            self._reported_or_exited.wait_for(
+                lambda: bool(self.url or self._refused or self._reaped), timeout=strategy.start_timeout
+            )
+            started = bool(self.url)
+        if not started:
+            self._fail()
+        self._launched = True
+        self._launch_decided.set()
 
-    def _fail(self, start_timeout: float) -> None:
+    def _fail(self) -> None:
         code = self._proc.poll()
         if self._refused:
             self._kill()
-            what = f"was refused: {self._refused}"
+            reason, detail = LaunchFailure.REFUSED, f"was refused: {self._refused}"
         elif code is None:
             self._kill()
-            what = f"did not report its address within {start_timeout:g} s"
+            reason = LaunchFailure.SILENT
+            detail = f"did not report its address within {self._strategy.start_timeout:g} s"
         else:
-            for t in self._readers:
-                t.join(timeout=1)
-            what = f"exited with status {code} before reporting its address"
+            for t in self._readers:  # its last words are in the pipes still
+                t.join(timeout=self._strategy.output_timeout)
+            reason, detail = LaunchFailure.EXITED, f"exited with status {code} before reporting its address"
+        self._launch_decided.set()
         self._close_pipes()
-        tail = "\n".join(self._stderr_tail)
-        raise LaunchError(
-            f"plugin {self._ctx.name!r} {what}" + (f"; its last stderr lines:\n{tail}" if tail else "")
-        )
+        raise LaunchError(self._ctx.name, reason, detail, exit_code=code, stderr_tail=list(self._stderr_tail))
 
     def _read_stdout(self) -> None:
         assert self._proc.stdout is not None
@@ -187,19 +240,19 @@ class _Process:
             self._logger.info("%s", line)
 
     def _accept(self, core: int, app: int, url: str) -> None:
+        refused = ""
         if core != hs.CORE_PROTOCOL_VERSION:
-            self._refused = f"it speaks core protocol {core}, not {hs.CORE_PROTOCOL_VERSION}"
-        elif app not in self._ctx.handshake.app_protocol_versions:
-            self._refused = (
-                f"it chose app protocol {app}; the host offers "
-                f"{sorted(self._ctx.handshake.app_protocol_versions)}"
-            )
-        if self._refused:
-            self._ready.set()  # fail the launch now rather than at the start timeout
-            return
-        self.url = url
-        self.app_protocol_version = app
-        self._ready.set()
+            refused = f"it speaks core protocol {core}, not {hs.CORE_PROTOCOL_VERSION}"
+        elif app not in self._ctx.handshake_config.app_protocol_versions:
+            refused = f"it chose app protocol {app}; the host offers {sorted(self._ctx.handshake_config.app_protocol_versions)}"
+        with self._reported_or_exited:
+            # A refusal fails the launch now rather than at the start timeout.
+            if refused:
+                self._refused = refused
+            else:
+                self.app_protocol_version = app
+                self.url = url
+            self._reported_or_exited.notify_all()
 
     def _read_stderr(self) -> None:
         assert self._proc.stderr is not None
@@ -208,17 +261,22 @@ class _Process:
             self._stderr_tail.append(line)
             self._logger.info("%s", line)
 
-    def _wait(self) -> None:
+    def _await_exit(self) -> None:
         code = self._proc.wait()
-        if not self._stopping:
-            log.error("plugin %r (pid %d) exited unexpectedly with status %s", self._ctx.name, self._proc.pid, code)
-        else:
-            log.info("plugin %r (pid %d) exited with status %s", self._ctx.name, self._proc.pid, code)
-        self._ctx.on_exit(code)
-        self._exited.set()
+        with self._reported_or_exited:
+            self._reaped = True
+            self._reported_or_exited.notify_all()
+        self._launch_decided.wait()
+        if self._launched:  # a failed launch is reported by its LaunchError, not on_exit
+            if not self._stopping:
+                log.error("plugin %r (pid %d) exited unexpectedly with status %s", self._ctx.name, self.pid, code)
+            else:
+                log.info("plugin %r (pid %d) exited with status %s", self._ctx.name, self.pid, code)
+            self._ctx.on_exit(code)
+        self._exit_recorded.set()
         # Its last output may still be in the pipes (a child of it may even hold them open).
         for t in self._readers:
-            t.join(timeout=2)
+            t.join(timeout=self._strategy.output_timeout)
 
     def alive(self) -> bool:
         return self._proc.poll() is None
@@ -237,7 +295,7 @@ class _Process:
             except subprocess.TimeoutExpired:
                 log.warning("plugin %r ignored SIGTERM for %g s; killing it", self._ctx.name, grace)
                 self._kill()
-        self._exited.wait(timeout=5)
+        self._exit_recorded.wait(timeout=self._strategy.exit_record_timeout)
         self._close_pipes()
 
     def wait(self, timeout: float) -> bool:
@@ -291,7 +349,7 @@ class InProcessStrategy:
 
     def start(self, ctx: LaunchContext) -> Running:
         plugins = self.plugins if self.plugins is not None else ctx.plugins
-        server = PluginServer(plugins, self.impls, ctx.handshake, self.config, self.health, self.link)
+        server = PluginServer(plugins, self.impls, ctx.handshake_config, self.config, self.health, self.link)
         return _InProcess(ctx, server)
 
 
@@ -302,7 +360,7 @@ class _InProcess:
         self._ctx = ctx
         self._server = server
         self.url = f"http://{ctx.name}.inprocess.invalid"
-        self.app_protocol_version = max(ctx.handshake.app_protocol_versions)
+        self.app_protocol_version = max(ctx.handshake_config.app_protocol_versions)
         self.app = server.app
         self.session: requests.Session | None = requests.Session()
         self.session.mount(self.url, WSGIAdapter(server.app))  # type: ignore[arg-type]

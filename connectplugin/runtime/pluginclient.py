@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..gen.connectplugin.health.v1 import health_pb2
@@ -16,8 +17,21 @@ from ..gen.connectplugin.v1.plugininfo_connect import PluginIdentityClient
 from ..rpc.client import Call, Client, ClientConfig, ServerStream
 from ..rpc.errors import Code, ConnectError
 from . import handshake as hs
+from .health import HealthReport, ServingStatus, report_from_wire, status_from_wire
 from .launcher import Running
 from .plugin import Plugin
+
+
+@dataclass(frozen=True)
+class PluginClientConfig:
+    """How a host's client of one plugin calls it."""
+
+    rpc: ClientConfig = field(default_factory=ClientConfig)
+    """The RPC client's settings (headers, interceptors, default timeout of dispensed clients)."""
+    handshake_timeout: float = 10.0
+    """Seconds for the handshake."""
+    call_timeout: float = 5.0
+    """Seconds for each of the plugin's control calls: health checks and plugin info."""
 
 
 class PluginClient:
@@ -33,7 +47,7 @@ class PluginClient:
         plugins: Mapping[str, Plugin],
         handshake: hs.HandshakeConfig,
         *,
-        config: ClientConfig | None = None,
+        config: PluginClientConfig | None = None,
         session: Any = None,
         running: Running | None = None,
         name: str = "",
@@ -41,27 +55,36 @@ class PluginClient:
         self.url = url
         self.name = name or next(iter(plugins), "plugin")
         self.running = running
+        self.config = config = config or PluginClientConfig()
         self._plugins = dict(plugins)
-        self._config = handshake
+        self._handshake_config = handshake
         self._exit_code: int | None = None
-        base = config or ClientConfig()
-        interceptors = (self._check_alive, *base.interceptors)
-        self.rpc = Client(url, dataclasses.replace(base, interceptors=interceptors), session=session)
-        self._lock = threading.Lock()
+        interceptors = (self._check_alive, *config.rpc.interceptors)
+        self.rpc = Client(url, dataclasses.replace(config.rpc, interceptors=interceptors), session=session)
+        self._lock = threading.Lock()  # guards _handshake and _dispensed
         self._handshake: handshake_pb2.HandshakeResponse | None = None
         self._dispensed: dict[str, Any] = {}
 
     def handshake(self) -> handshake_pb2.HandshakeResponse:
-        """Handshake once (later calls return the first answer): cookie, versions, plugins."""
+        """Handshake once (later calls return the first answer): cookie, versions, plugins.
+
+        Callers racing on the first use may each send a handshake; the first accepted
+        answer is kept, and the call itself runs outside the lock.
+        """
+        with self._lock:
+            if self._handshake is not None:
+                return self._handshake
+        config = self._handshake_config
+        response = HandshakeServiceClient(self.rpc).handshake(
+            hs.request_for(config, self._plugins), timeout=self.config.handshake_timeout
+        )
+        hs.check_response(config, response, them=f"plugin {self.name!r}")
+        served = {p.name for p in response.plugins}
+        missing = sorted(set(self._plugins) - served)
+        if missing:
+            raise ConnectError(Code.NOT_FOUND, f"plugin {self.name!r} does not serve {', '.join(missing)}")
         with self._lock:
             if self._handshake is None:
-                request = hs.request_for(self._config, self._plugins)
-                response = HandshakeServiceClient(self.rpc).handshake(request, timeout=10)
-                hs.check_response(self._config, response, them=f"plugin {self.name!r}")
-                served = {p.name for p in response.plugins}
-                missing = sorted(set(self._plugins) - served)
-                if missing:
-                    raise ConnectError(Code.NOT_FOUND, f"plugin {self.name!r} does not serve {', '.join(missing)}")
                 self._handshake = response
             return self._handshake
 
@@ -79,18 +102,27 @@ class PluginClient:
                 self._dispensed[name] = self._plugins[name].client(self.rpc)
             return self._dispensed[name]
 
-    def check_health(self, service: str = "") -> int:
-        """The serving status (``connectplugin.health.v1.ServingStatus``) of a service or the plugin."""
-        return HealthServiceClient(self.rpc).check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+    def check_health(self, service: str = "") -> ServingStatus:
+        """The serving status of a service, or of the whole plugin with ``""``."""
+        response = HealthServiceClient(self.rpc).check(
+            health_pb2.HealthCheckRequest(service=service), timeout=self.config.call_timeout
+        )
+        return status_from_wire(response.status)
 
     def watch_health(self, service: str = "") -> ServerStream[health_pb2.HealthCheckResponse]:
         return HealthServiceClient(self.rpc).watch(health_pb2.HealthCheckRequest(service=service))
 
-    def get_health(self) -> lifecycle_pb2.GetHealthResponse:
-        return PluginControlClient(self.rpc).get_health(lifecycle_pb2.GetHealthRequest(), timeout=5)
+    def get_health(self) -> HealthReport:
+        """The plugin's overall health: state, reason, and the dependencies it misses."""
+        response = PluginControlClient(self.rpc).get_health(
+            lifecycle_pb2.GetHealthRequest(), timeout=self.config.call_timeout
+        )
+        return report_from_wire(response)
 
     def plugin_info(self) -> plugininfo_pb2.GetPluginInfoResponse:
-        return PluginIdentityClient(self.rpc).get_plugin_info(plugininfo_pb2.GetPluginInfoRequest(), timeout=5)
+        return PluginIdentityClient(self.rpc).get_plugin_info(
+            plugininfo_pb2.GetPluginInfoRequest(), timeout=self.config.call_timeout
+        )
 
     @property
     def exit_code(self) -> int | None:

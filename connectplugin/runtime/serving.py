@@ -24,9 +24,9 @@ from ..rpc.errors import Code, ConnectError
 from ..rpc.httpserver import HTTPConfig, HTTPServer
 from ..rpc.server import App, Context, ServerConfig, text_response
 from . import handshake as hs
-from .health import NOT_SERVING, SERVING, Health, HealthService
-from .hostlink import HostLink, keep_registered
-from .plugin import Plugin
+from .health import NOT_SERVING, SERVING, Health, HealthService, report_to_wire
+from .hostlink import HostLink
+from .plugin import Plugin, Requirement, ServiceDeclaration
 
 log = logging.getLogger("connectplugin.plugin")
 
@@ -37,40 +37,61 @@ ENV_WATCH_STDIN = "CONNECTPLUGIN_WATCH_STDIN"
 """Set to 1 when stdin is a pipe from the host: its end of file means the host is gone."""
 
 
-
 @dataclass(frozen=True)
 class ServeConfig:
     """How a plugin serves. Identity fields default to the first plugin's name and version."""
 
-    host: str = "127.0.0.1"
-    port: int = 0
-    threads: int = 8
+    http: HTTPConfig = field(default_factory=HTTPConfig)
+    """Where and how the plugin listens (port 0: an ephemeral port, reported to the host)."""
+    server: ServerConfig = field(default_factory=ServerConfig)
     grace_period: float = 10.0
     """Seconds in-flight calls get to finish on SIGTERM/SIGINT (Shutdown names its own)."""
+    min_grace: float = 0.25
+    """Even a stop with no grace leaves this long for replies already being written
+    (the Shutdown call's own among them)."""
+    host_gone_grace: float = 1.0
+    """Seconds in-flight calls get when the plugin stops because its host went away."""
+    unregister_wait: float = 3.0
+    """Seconds ``run()`` waits, after draining, for the host to withdraw our registrations."""
     self_id: str = ""
     self_version: str = ""
     host_url: str = ""
     """Self-registering mode: join the host at this URL on our own (no launch, no cookie check)."""
     advertise_url: str = ""
     """The URL the host should call us at, when it differs from where we listen."""
-    provides: Sequence[handshake_pb2.ServiceDeclaration] = ()
-    requires: Sequence[handshake_pb2.ServiceDependency] = ()
+    heartbeat_interval: float = 1.0
+    """Self-registering mode: seconds between health reports to the host, and between
+    attempts to (re)join it; keep it well under the host's heartbeat timeout."""
+    provides: Sequence[ServiceDeclaration] = ()
+    requires: Sequence[Requirement] = ()
     metadata: Mapping[str, str] = field(default_factory=dict)
-    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+def _declaration_to_wire(declaration: ServiceDeclaration) -> handshake_pb2.ServiceDeclaration:
+    return handshake_pb2.ServiceDeclaration(
+        type=declaration.service_type, version=declaration.version, path=declaration.path
+    )
+
+
+def _requirement_to_wire(requirement: Requirement) -> handshake_pb2.ServiceDependency:
+    return handshake_pb2.ServiceDependency(
+        type=requirement.service_type,
+        min_version=requirement.min_version,
+        required_for_startup=requirement.required_for_startup,
+    )
 
 
 class _Control(PluginControlHandler):
-    def __init__(self, health: Health, shutdown: Callable[[float, str], None]) -> None:
-        self._health = health
-        self._shutdown = shutdown
+    def __init__(self, server: PluginServer) -> None:
+        self._server = server
 
     def get_health(self, request: lifecycle_pb2.GetHealthRequest, ctx: Context) -> lifecycle_pb2.GetHealthResponse:
-        return self._health.get()
+        return report_to_wire(self._server.health.get(), lifecycle_pb2.GetHealthResponse)
 
     def shutdown(self, request: lifecycle_pb2.ShutdownRequest, ctx: Context) -> lifecycle_pb2.ShutdownResponse:
         if request.grace_period_seconds < 0:
             raise ConnectError(Code.INVALID_ARGUMENT, "grace_period_seconds must not be negative")
-        self._shutdown(float(request.grace_period_seconds), request.reason or "host asked")
+        self._server.stop(float(request.grace_period_seconds), request.reason or "host asked")
         return lifecycle_pb2.ShutdownResponse(acknowledged=True)
 
 
@@ -95,7 +116,10 @@ class _IdentityService(PluginIdentityHandler):
         log.info("runtime identity assigned: %s", request.runtime_id)
         # Registering calls back into the host, which may be waiting on this reply.
         threading.Thread(
-            target=self._assign, args=(request.runtime_id, request.runtime_token, request.host_url), daemon=True
+            target=self._assign,
+            args=(request.runtime_id, request.runtime_token, request.host_url),
+            name="assign-identity",
+            daemon=True,
         ).start()
         return plugininfo_pb2.SetRuntimeIdentityResponse(acknowledged=True)
 
@@ -107,10 +131,11 @@ class _IdentityService(PluginIdentityHandler):
 
 
 class PluginServer:
-    """A plugin's server, built but not yet running: ``serve()`` is the usual way in.
+    """A plugin's server, built but not running: ``serve()`` is the usual way in.
 
-    Exposed so tests and in-process launches can run a plugin on a thread and call
-    its WSGI ``app`` directly. ``stop()`` is safe from any thread.
+    Constructing one binds no port and starts no thread: ``listen()`` binds, ``run()``
+    serves on the caller's thread. Exposed so tests and in-process launches can run a
+    plugin on a thread or call its WSGI ``app`` directly. ``stop()`` is safe from any thread.
     """
 
     def __init__(
@@ -124,49 +149,47 @@ class PluginServer:
     ) -> None:
         self.config = config = config or ServeConfig()
         self.health = health or Health()
-        self.handshake = handshake
+        self.handshake_config = handshake
         _check_plugins(plugins, impls)
         first = next(iter(plugins.values()))
-        info = plugininfo_pb2.GetPluginInfoResponse(
+        self.info = plugininfo_pb2.GetPluginInfoResponse(
             self_id=config.self_id or next(iter(plugins)),
             self_version=config.self_version or first.version,
-            provides=list(config.provides),
-            requires=list(config.requires),
+            provides=[_declaration_to_wire(d) for d in config.provides],
+            requires=[_requirement_to_wire(r) for r in config.requires],
             metadata=dict(config.metadata),
         )
         self.link = link or HostLink()
         self.link.attach(self.health, config.provides, config.host_url or os.environ.get(ENV_HOST_URL, ""))
-        self.info = info
         handlers: list[Any] = [impls[name] for name in plugins]
         handlers += [
             hs.PluginHandshake(handshake, plugins),
             HealthService(self.health),
-            _Control(self.health, self.stop),
-            _IdentityService(info, self.link),
+            _Control(self),
+            _IdentityService(self.info, self.link),
         ]
         for plugin in plugins.values():
             self.health.set_service(plugin.service.name, SERVING)
         self.app = App(handlers, config.server, routes={"/healthz": self._live, "/readyz": self._ready})
-        self._http: HTTPServer | None = None
-        self._stopped = threading.Event()
+        self._http = HTTPServer(self.app, config.http)
+        self._stopped = threading.Event()  # stop() was called
+        self._finished = threading.Event()  # run() returned: drained, link closed
         self._unregister: threading.Thread | None = None
-        self._grace = config.grace_period
 
     def listen(self) -> str:
         """Bind the port (without serving yet) and return the base URL."""
-        if self._http is None:
-            cfg = self.config
-            self._http = HTTPServer(self.app, HTTPConfig(host=cfg.host, port=cfg.port, threads=cfg.threads))
-        return self._http.url
+        return self._http.bind()
 
     def run(self) -> None:
         """Serve on this thread until stopped, then drain in-flight calls."""
-        self.listen()
-        assert self._http is not None
-        self._http.serve_forever()
-        if self._unregister is not None:
-            self._unregister.join(timeout=3)  # the host should stop offering us before we go
-        self.link.close()
+        try:
+            self._http.serve_forever()
+            if self._unregister is not None:
+                # The host should stop offering us before we go.
+                self._unregister.join(timeout=self.config.unregister_wait)
+            self.link.close()
+        finally:
+            self._finished.set()
 
     def stop(self, grace: float | None = None, reason: str = "") -> None:
         if self._stopped.is_set():
@@ -175,14 +198,11 @@ class PluginServer:
         log.info("shutting down%s", f" ({reason})" if reason else "")
         self.health.set_service("", NOT_SERVING)
         self.app.stopping.set()
-        # Even "no grace" leaves a moment for replies already being written (Shutdown's own).
-        grace = max(0.25, self._grace if grace is None else grace)
-        self._unregister = threading.Thread(target=self.link.unregister, daemon=True)
+        grace = max(self.config.min_grace, self.config.grace_period if grace is None else grace)
+        self._unregister = threading.Thread(target=self.link.unregister, name="unregister", daemon=True)
         self._unregister.start()
-        if self._http is not None:
-            http = self._http
-            # From a handler thread: let the reply go out, then drain without blocking it.
-            threading.Thread(target=http.close, args=(grace,), daemon=True).start()
+        # From a handler thread: let the reply go out, then drain without blocking it.
+        threading.Thread(target=self._http.close, args=(grace,), name="drain", daemon=True).start()
 
     @property
     def stopped(self) -> bool:
@@ -200,6 +220,24 @@ class PluginServer:
             return text_response(start_response, 503, "not ready")
         return text_response(start_response, 200, "ready")
 
+    def _stay_joined(self, base_url: str) -> None:
+        """Self-registering: (re)join the host whenever it is new or back, until ``run()`` ends."""
+        link, interval = self.link, self.config.heartbeat_interval
+        while not self._finished.is_set():
+            try:
+                if not link.connected:
+                    link.connect(self.handshake_config, self.info.self_id, self.info.self_version, base_url)
+                    log.info("connected to host %s as %s", link.host_url, link.runtime_id)
+                else:
+                    link.heartbeat()
+            except ConnectError as e:
+                if link.connected and e.code in (Code.UNAUTHENTICATED, Code.UNAVAILABLE):
+                    log.warning("lost the host at %s (%s); reconnecting", link.host_url, e.code.value)
+                    link.reset()
+                elif not link.connected:
+                    log.debug("host at %s not reachable yet: %s", link.host_url, e)
+            self._finished.wait(interval)
+
 
 def serve(
     plugins: Mapping[str, Plugin],
@@ -216,11 +254,28 @@ def serve(
     that it is a plugin and exits with status 1; with ``config.host_url`` it joins that
     host on its own instead. Returns after a graceful shutdown. Pass ``health`` to set
     this plugin's health from your code, and ``link`` to call other plugins through the host.
+    The entry point: it alone installs SIGTERM/SIGINT handlers.
     """
     config = config or ServeConfig()
+    version = 0 if config.host_url else _launched_version(handshake)
+    server = PluginServer(plugins, impls, handshake, config, health, link)
+    url = server.listen()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: server.stop(reason="signal"))
     if config.host_url:
-        _serve_self_registered(plugins, impls, handshake, config, health, link)
-        return
+        log.info("serving at %s; joining host %s", url, config.host_url)
+        base_url = config.advertise_url or url
+        threading.Thread(target=server._stay_joined, args=(base_url,), name="host-join", daemon=True).start()
+    else:
+        if os.environ.get(ENV_WATCH_STDIN) == "1":
+            threading.Thread(target=_watch_host, args=(server,), name="host-watch", daemon=True).start()
+        sys.stdout.write(f"{hs.CORE_PROTOCOL_VERSION}|{version}|{url}\n")
+        sys.stdout.flush()
+    server.run()
+
+
+def _launched_version(handshake: hs.HandshakeConfig) -> int:
+    """The app version agreed with the launching host; exits 1 when no host launched us."""
     if os.environ.get(handshake.magic_cookie_key) != handshake.magic_cookie_value:
         sys.stderr.write(
             "This program is a connectplugin plugin: a host application starts it and talks to it.\n"
@@ -231,44 +286,10 @@ def serve(
     offered = os.environ.get(ENV_APP_VERSIONS)
     try:
         host_versions = hs.parse_versions(offered) if offered else list(handshake.app_protocol_versions)
-        version = hs.negotiate(handshake.app_protocol_versions, host_versions, us="plugin", them="host")
+        return hs.negotiate(handshake.app_protocol_versions, host_versions, us="plugin", them="host")
     except ConnectError as e:
         sys.stderr.write(f"connectplugin: {e.message}\n")
         sys.exit(1)
-
-    server = PluginServer(plugins, impls, handshake, config, health, link)
-    url = server.listen()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: server.stop(reason="signal"))
-    if os.environ.get(ENV_WATCH_STDIN) == "1":
-        threading.Thread(target=_watch_host, args=(server,), name="host-watch", daemon=True).start()
-    sys.stdout.write(f"{hs.CORE_PROTOCOL_VERSION}|{version}|{url}\n")
-    sys.stdout.flush()
-    server.run()
-
-
-def _serve_self_registered(
-    plugins: Mapping[str, Plugin], impls: Mapping[str, Any], handshake: hs.HandshakeConfig,
-    config: ServeConfig, health: Health | None, link: HostLink | None,
-) -> None:
-    """Model B: listen, then join the host (and rejoin it after a restart) until stopped."""
-    server = PluginServer(plugins, impls, handshake, config, health, link)
-    url = server.listen()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: server.stop(reason="signal"))
-    log.info("serving at %s; joining host %s", url, config.host_url)
-    stopped = threading.Event()
-    joiner = threading.Thread(
-        target=keep_registered,
-        args=(server.link, handshake, server.info.self_id, server.info.self_version, config.advertise_url or url, stopped),
-        name="host-join",
-        daemon=True,
-    )
-    joiner.start()
-    try:
-        server.run()
-    finally:
-        stopped.set()
 
 
 def _watch_host(server: PluginServer) -> None:
@@ -282,7 +303,7 @@ def _watch_host(server: PluginServer) -> None:
         pass
     if not server.stopped:
         log.warning("host went away; shutting down")
-        server.stop(grace=1.0, reason="host gone")
+        server.stop(grace=server.config.host_gone_grace, reason="host gone")
 
 
 def _check_plugins(plugins: Mapping[str, Plugin], impls: Mapping[str, Any]) -> None:

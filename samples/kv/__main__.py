@@ -27,7 +27,7 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     server = HTTPServer(App([KVStore()]), HTTPConfig(host=args.host, port=args.port, threads=args.threads))
-    print(f"kv.v1.KVService listening on {server.url}", flush=True)
+    print(f"kv.v1.KVService listening on {server.bind()}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

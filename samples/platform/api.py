@@ -9,8 +9,17 @@ from __future__ import annotations
 import argparse
 import logging
 
-from connectplugin import Code, ConnectError, Context, HostLink, ServeConfig, serve
-from connectplugin.gen.connectplugin.v1.handshake_pb2 import ServiceDeclaration, ServiceDependency
+from connectplugin import (
+    Code,
+    ConnectError,
+    Context,
+    HostLink,
+    HTTPConfig,
+    Requirement,
+    ServeConfig,
+    ServiceDeclaration,
+    serve,
+)
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KV_PLUGIN, KVServiceClient, KVServiceHandler
 from samples.platform import HANDSHAKE
@@ -57,12 +66,12 @@ def main() -> None:
         handshake=HANDSHAKE,
         link=link,
         config=ServeConfig(
-            port=args.port,
+            http=HTTPConfig(port=args.port),
             host_url=args.host_url,
             self_id="api",
             self_version="1.0.0",
-            provides=[ServiceDeclaration(type="api", version="1.0.0", path=KV_PLUGIN.service_path)],
-            requires=[ServiceDependency(type="storage", min_version="1.0.0", required_for_startup=True)],
+            provides=[ServiceDeclaration(service_type="api", version="1.0.0", path=KV_PLUGIN.service_path)],
+            requires=[Requirement(service_type="storage", min_version="1.0.0", required_for_startup=True)],
         ),
     )
 

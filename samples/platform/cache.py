@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import logging
 
-from connectplugin import Context, HostLink, ServeConfig, serve
+from connectplugin import Context, HostLink, Requirement, ServeConfig, ServiceDeclaration, serve
 from connectplugin.gen.capability.logger.v1 import logger_pb2
 from connectplugin.gen.capability.logger.v1.logger_connect import LoggerClient
-from connectplugin.gen.connectplugin.v1.handshake_pb2 import ServiceDeclaration, ServiceDependency
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KV_PLUGIN
 from samples.kv.store import KVStore
@@ -37,8 +36,8 @@ def main() -> None:
     config = ServeConfig(
         self_id="cache",
         self_version="1.0.0",
-        provides=[ServiceDeclaration(type="cache", version="1.0.0", path=KV_PLUGIN.service_path)],
-        requires=[ServiceDependency(type="logger", min_version="1.0.0", required_for_startup=True)],
+        provides=[ServiceDeclaration(service_type="cache", version="1.0.0", path=KV_PLUGIN.service_path)],
+        requires=[Requirement(service_type="logger", min_version="1.0.0", required_for_startup=True)],
     )
     serve({"cache": KV_PLUGIN}, {"cache": Cache(link)}, handshake=HANDSHAKE, config=config, link=link)
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from connectplugin import Context, ServeConfig, serve
+from connectplugin import Context, ServeConfig, ServiceDeclaration, serve
 from connectplugin.gen.capability.logger.v1 import logger_pb2
 from connectplugin.gen.capability.logger.v1.logger_connect import LOGGER_PLUGIN, LoggerHandler
-from connectplugin.gen.connectplugin.v1.handshake_pb2 import ServiceDeclaration
 from samples.platform import HANDSHAKE
 from samples.platform.capabilities import LEVELS
 
@@ -33,7 +32,7 @@ def main() -> None:
         config=ServeConfig(
             self_id="logger",
             self_version="1.0.0",
-            provides=[ServiceDeclaration(type="logger", version="1.0.0", path=LOGGER_PLUGIN.service_path)],
+            provides=[ServiceDeclaration(service_type="logger", version="1.0.0", path=LOGGER_PLUGIN.service_path)],
         ),
     )
 

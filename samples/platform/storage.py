@@ -9,8 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from connectplugin import ServeConfig, serve
-from connectplugin.gen.connectplugin.v1.handshake_pb2 import ServiceDeclaration
+from connectplugin import HTTPConfig, ServeConfig, ServiceDeclaration, serve
 from samples.kv.gen.kv.v1.kv_connect import KV_PLUGIN
 from samples.kv.store import KVStore
 from samples.platform import HANDSHAKE
@@ -27,11 +26,11 @@ def main() -> None:
         {"storage": KVStore()},
         handshake=HANDSHAKE,
         config=ServeConfig(
-            port=args.port,
+            http=HTTPConfig(port=args.port),
             host_url=args.host_url,
             self_id="storage",
             self_version="1.0.0",
-            provides=[ServiceDeclaration(type="storage", version="1.0.0", path=KV_PLUGIN.service_path)],
+            provides=[ServiceDeclaration(service_type="storage", version="1.0.0", path=KV_PLUGIN.service_path)],
         ),
     )
 

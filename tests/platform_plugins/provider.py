@@ -16,8 +16,7 @@ import argparse
 import json
 import os
 
-from connectplugin import Context, ServeConfig, serve
-from connectplugin.gen.connectplugin.v1.handshake_pb2 import ServiceDeclaration
+from connectplugin import Context, ServeConfig, ServiceDeclaration, serve
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KV_PLUGIN
 from samples.kv.store import KVStore
@@ -28,7 +27,7 @@ PLUGINS = {"kv": KV_PLUGIN}
 
 def declare(service_type: str, version: str = "1.0.0") -> ServiceDeclaration:
     """Providing ``service_type`` with the KV interface."""
-    return ServiceDeclaration(type=service_type, version=version, path=KV_PLUGIN.service_path)
+    return ServiceDeclaration(service_type=service_type, version=version, path=KV_PLUGIN.service_path)
 
 
 class Recorder(KVStore):

@@ -14,8 +14,7 @@ from __future__ import annotations
 import sys
 import time
 
-from connectplugin import Context, Health
-from connectplugin.gen.connectplugin.v1 import lifecycle_pb2
+from connectplugin import Context, Health, HealthState
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.plugin import HANDSHAKE, PLUGINS
 from samples.kv.store import KVStore
@@ -38,7 +37,6 @@ class InstrumentedStore(KVStore):
 
     def put(self, request: kv_pb2.PutRequest, ctx: Context) -> kv_pb2.PutResponse:
         if request.key == "health":
-            state = lifecycle_pb2.HealthState.Value("HEALTH_STATE_" + request.value.decode())
-            self.health.set(state, reason="set by test")
+            self.health.set(HealthState[request.value.decode()], reason="set by test")
             print(f"health set to {request.value.decode()}", file=sys.stderr, flush=True)
         return super().put(request, ctx)
