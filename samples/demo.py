@@ -7,7 +7,7 @@ import sys
 import threading
 import time
 
-from connectplugin import PluginHost, ProcessStrategy
+from connectplugin import HostConfig, PluginHost, ProcessStrategy
 from connectplugin.gen.connectplugin.health.v1 import health_pb2
 from connectplugin.gen.connectplugin.v1 import lifecycle_pb2
 from samples import platform_demo
@@ -24,7 +24,9 @@ def say(what: str) -> None:
 def main() -> int:
     # The plugin's own log lines arrive through the host's logging, tagged with its name.
     logging.basicConfig(level=logging.WARNING, format="           %(name)s: %(message)s")
-    with PluginHost(HANDSHAKE, PLUGINS) as host:
+    # An entry point owns the process's signals: here Ctrl-C or SIGTERM unwinds the with
+    # block, which stops the plugin (a library embedding a host would leave them alone).
+    with PluginHost(HANDSHAKE, PLUGINS, HostConfig(handle_signals=True)) as host:
         say(f"host listening on {host.url}")
         client = host.launch(ProcessStrategy([sys.executable, "-m", "samples.kv"]), name="kv")
         say(f"launched kv plugin: pid {client.running.pid}, serving at {client.url}")

@@ -46,7 +46,7 @@ def _wait(what: str, check: Callable[[], bool], timeout: float = 15.0) -> None:
 
 def run(say: Callable[[str], None]) -> bool:
     host_logger = HostLogger()
-    with PluginHost(HANDSHAKE, {}, HostConfig()) as host:
+    with PluginHost(HANDSHAKE, {}, HostConfig(handle_signals=True)) as host:
         host.broker.add("logger", "1.0.0", host_logger)
         platform = Platform(host)
         say(f"platform host at {host.url}, offering capability 'logger' 1.0.0")

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ..gen.connectplugin.v1 import broker_pb2, handshake_pb2
 from ..gen.connectplugin.v1.broker_connect import CapabilityBrokerHandler
@@ -27,8 +27,10 @@ from .registry import version_key
 
 log = logging.getLogger("connectplugin.broker")
 
-ROUTE = "/capabilities/<capability_type>/<grant_id>/<path:rest>"
+CAPABILITIES_PREFIX = "/capabilities"
+ROUTE = f"{CAPABILITIES_PREFIX}/<capability_type>/<grant_id>/<path:rest>"
 DEFAULT_TTL = 3600.0
+"""Seconds a capability grant stays valid unless revoked (``HostConfig.grant_ttl``)."""
 
 
 @dataclass(frozen=True)
@@ -43,20 +45,20 @@ class Grant:
 
 @dataclass
 class _Capability:
-    type: str
+    capability_type: str
     version: str
     app: App
 
 
 class Broker:
-    """Capabilities and their grants. Safe from any thread."""
+    """Capabilities and their grants. Safe from any thread; ``_lock`` guards both tables.
 
-    def __init__(
-        self, base_url: Callable[[], str], holder_valid: Callable[[str], bool], ttl: float = DEFAULT_TTL
-    ) -> None:
-        self._base_url = base_url
-        self._holder_valid = holder_valid
-        """Whether a runtime id still stands: a grant dies with its holder's identity."""
+    A grant dies with its holder: it opens nothing once ``identities`` no longer holds the
+    holder's runtime id.
+    """
+
+    def __init__(self, identities: Identities, ttl: float = DEFAULT_TTL) -> None:
+        self._identities = identities
         self.ttl = ttl
         self._lock = threading.Lock()
         self._capabilities: dict[str, _Capability] = {}
@@ -67,12 +69,14 @@ class Broker:
         with self._lock:
             self._capabilities[capability_type] = _Capability(capability_type, version, App([handler]))
 
-    def advertised(self) -> list[handshake_pb2.Capability]:
-        """What the handshake response lists: where to ask for each capability."""
+    def advertised(self, base_url: str) -> list[handshake_pb2.Capability]:
+        """What the handshake response lists: where, under the host's ``base_url``, to ask for each."""
         with self._lock:
             caps = list(self._capabilities.values())
         return [
-            handshake_pb2.Capability(type=c.type, version=c.version, endpoint=f"{self._base_url()}/capabilities/{c.type}")
+            handshake_pb2.Capability(
+                type=c.capability_type, version=c.version, endpoint=f"{base_url}{CAPABILITIES_PREFIX}/{c.capability_type}"
+            )
             for c in caps
         ]
 
@@ -132,20 +136,27 @@ class Broker:
             not bearer_matches(authorization, grant.token if grant is not None else None)
             or grant is None
             or grant.capability_type != capability_type
-            or not self._holder_valid(grant.runtime_id)
+            or not self._identities.is_current(grant.runtime_id)
         ):
             raise ConnectError(Code.UNAUTHENTICATED, "capability grant is invalid, expired or revoked")
         assert capability is not None
         return capability
 
 
+class HostAddress(Protocol):
+    """Where the host serves: grants are endpoints under its URL."""
+
+    @property
+    def url(self) -> str: ...
+
+
 class BrokerService(CapabilityBrokerHandler):
     """``connectplugin.v1.CapabilityBroker``: authenticated plugins request grants."""
 
-    def __init__(self, broker: Broker, identities: Identities, base_url: Callable[[], str]) -> None:
+    def __init__(self, broker: Broker, identities: Identities, host: HostAddress) -> None:
         self._broker = broker
         self._identities = identities
-        self._base_url = base_url
+        self._host = host
 
     def request_capability(
         self, request: broker_pb2.RequestCapabilityRequest, ctx: Context
@@ -155,7 +166,7 @@ class BrokerService(CapabilityBrokerHandler):
         return broker_pb2.RequestCapabilityResponse(
             grant=broker_pb2.CapabilityGrant(
                 grant_id=grant.grant_id,
-                endpoint_url=f"{self._base_url()}/capabilities/{grant.capability_type}/{grant.grant_id}",
+                endpoint_url=f"{self._host.url}{CAPABILITIES_PREFIX}/{grant.capability_type}/{grant.grant_id}",
                 bearer_token=grant.token,
                 capability_type=grant.capability_type,
                 version=version,

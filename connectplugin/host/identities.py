@@ -45,6 +45,11 @@ class Identities:
         with self._lock:
             return self._by_id.get(runtime_id)
 
+    def is_current(self, runtime_id: str) -> bool:
+        """Whether ``runtime_id`` was issued and not revoked since (what a grant's holder needs)."""
+        with self._lock:
+            return runtime_id in self._by_id
+
     def verify(self, headers: Mapping[str, Any]) -> Identity:
         """The caller's identity from ``X-Plugin-Runtime-ID`` and ``Authorization: Bearer``.
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import graphlib
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from ..rpc.errors import ConnectError
 from ..runtime.launcher import Strategy
 from ..runtime.plugin import Requirement
 from ..runtime.pluginclient import PluginClient
@@ -33,38 +34,70 @@ class PluginSpec:
 
 
 class DependencyError(Exception):
-    """A cycle, or a startup dependency nobody provides."""
+    """A dependency cycle, or startup dependencies nobody provides.
+
+    ``cycle`` lists the plugins around the cycle, the first repeated at the end (empty when
+    the error is a missing dependency); ``plugin`` is the plugin that cannot start and
+    ``missing`` the requirements of it that no running plugin provides.
+    """
+
+    def __init__(
+        self, *, cycle: Sequence[str] = (), plugin: str = "", missing: Sequence[Requirement] = (), why: str = ""
+    ) -> None:
+        self.cycle = list(cycle)
+        self.plugin = plugin
+        self.missing = list(missing)
+        if self.cycle:
+            message = f"dependency cycle: {' -> '.join(self.cycle)}"
+        else:
+            needs = ", ".join(r.service_type + (f" >= {r.min_version}" if r.min_version else "") for r in self.missing)
+            message = f"cannot start {plugin}: it requires {needs}, which no running plugin provides"
+        super().__init__(message + (f" ({why})" if why else ""))
 
 
 class Platform:
-    """Manages plugins on a :class:`PluginHost`. Safe from any thread; changes run one at a time."""
+    """Manages plugins on a :class:`PluginHost`. Safe from any thread.
+
+    Changes to one plugin run one at a time: a change waits on ``_settled`` while another is
+    under way for the same name. ``_lock`` guards the specs, clients and busy names; launches
+    and stops run with it released.
+    """
 
     def __init__(self, host: PluginHost) -> None:
         self.host = host
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)  # signalled when a change ends
         self._specs: dict[str, PluginSpec] = {}
         self._clients: dict[str, PluginClient] = {}
+        self._busy: set[str] = set()  # names with an add or replace under way
 
     def add(self, *specs: PluginSpec) -> list[str]:
         """Start ``specs`` providers-first; returns the names in the order they started."""
-        with self._lock:
+        by_name = {s.name: s for s in specs}
+        names = set(by_name)
+        with self._settled:
+            self._settled.wait_for(lambda: not self._busy & names)
             for spec in specs:
                 if spec.name in self._specs:
                     raise ValueError(f"a plugin named {spec.name!r} is already running")
-            order = self._order({**self._specs, **{s.name: s for s in specs}}, {s.name for s in specs})
-            by_name = {s.name: s for s in specs}
+            order = _order({**self._specs, **by_name}, by_name)
+            self._busy |= names
+        started = []
+        try:
             coming: set[str] = set()
             for name in order:  # refuse the whole batch before anything starts
                 self._check_startup(by_name[name], coming)
                 coming |= set(by_name[name].provides)
-            started = []
             for name in order:
-                spec = by_name[name]
-                self._clients[name] = self.host.launch(spec.strategy, name=name)
-                self._specs[name] = spec
+                client = self.host.launch(by_name[name].strategy, name=name)
+                with self._lock:
+                    self._clients[name] = client
+                    self._specs[name] = by_name[name]
                 started.append(name)
                 log.info("started %s", name)
-            return started
+        finally:
+            self._settle(names)
+        return started
 
     def client(self, name: str) -> PluginClient:
         with self._lock:
@@ -78,24 +111,13 @@ class Platform:
         """Plugins that would lose a required service if ``name`` went away, transitively."""
         with self._lock:
             specs = dict(self._specs)
-        lost = set(specs[name].provides) if name in specs else set()
-        affected: list[str] = []
-        changed = True
-        while changed:
-            changed = False
-            for other in specs.values():
-                if other.name == name or other.name in affected:
-                    continue
-                if any(r.service_type in lost and not self._other_provider(specs, r, {name, *affected}) for r in other.requires):
-                    affected.append(other.name)
-                    lost |= set(other.provides)
-                    changed = True
-        return affected
+        return _impact(specs, name)
 
     def remove(self, name: str) -> list[str]:
         """Stop ``name``; returns the plugins now missing a dependency (see ``impact``)."""
-        with self._lock:
-            affected = self.impact(name)
+        with self._settled:
+            self._settled.wait_for(lambda: name not in self._busy)
+            affected = _impact(self._specs, name)
             client = self._clients.pop(name)
             del self._specs[name]
         self.host.stop(client)
@@ -109,60 +131,90 @@ class Platform:
         Calls addressed to the old instance's endpoint are routed to the new one from the
         moment it is registered, so callers see no failed call.
         """
-        with self._lock:
+        with self._settled:
+            self._settled.wait_for(lambda: name not in self._busy)
             old_spec = self._specs[name]
             old = self._clients[name]
+            self._busy.add(name)
+        try:
             new = self.host.launch(strategy, name=name)
-            old_id, new_id = self.host.runtime_id(old), self.host.runtime_id(new)
-            self.host.router.alias(old_id, new_id)
-            self._clients[name] = new
-            self._specs[name] = PluginSpec(name, strategy, old_spec.provides, old_spec.requires)
+            self.host.redirect(old, new)
+            with self._lock:
+                self._clients[name] = new
+                self._specs[name] = PluginSpec(name, strategy, old_spec.provides, old_spec.requires)
+        finally:
+            self._settle({name})
+        old_id, new_id = self.host.runtime_id(old), self.host.runtime_id(new)
         self.host.stop(old)
         log.info("replaced %s: %s -> %s", name, old_id, new_id)
         return new
 
     def close(self) -> None:
         """Stop every plugin, dependents before their providers."""
-        with self._lock:
-            order = self._order(self._specs, set(self._specs))
+        with self._settled:
+            self._settled.wait_for(lambda: not self._busy)
+            order = _order(self._specs, self._specs)
             clients = [self._clients.pop(n) for n in reversed(order)]
             self._specs.clear()
         for client in clients:
             self.host.stop(client)
 
-    # --- dependency logic ---------------------------------------------------------------------
-
-    def _order(self, specs: dict[str, PluginSpec], names: Iterable[str]) -> list[str]:
-        providers: dict[str, list[str]] = {}
-        for spec in specs.values():
-            for service_type in spec.provides:
-                providers.setdefault(service_type, []).append(spec.name)
-        graph = {
-            spec.name: {p for r in spec.requires for p in providers.get(r.service_type, ()) if p != spec.name}
-            for spec in specs.values()
-        }
-        try:
-            order = list(graphlib.TopologicalSorter(graph).static_order())
-        except graphlib.CycleError as e:
-            cycle = e.args[1]
-            raise DependencyError(f"dependency cycle: {' -> '.join(cycle)}") from None
-        wanted = set(names)
-        return [n for n in order if n in wanted]
+    def _settle(self, names: Iterable[str]) -> None:
+        with self._settled:
+            self._busy -= set(names)
+            self._settled.notify_all()
 
     def _check_startup(self, spec: PluginSpec, coming: set[str]) -> None:
         """Each startup dependency must be registered now or provided earlier in this batch."""
+        missing, why = [], []
         for req in spec.requires:
             if not req.required_for_startup or req.service_type in coming:
                 continue
             try:
-                self.host.registry.discover(req.service_type, req.min_version)
-            except Exception as e:
-                raise DependencyError(
-                    f"cannot start {spec.name}: it requires {req.service_type}"
-                    + (f" >= {req.min_version}" if req.min_version else "")
-                    + f", which no running plugin provides ({e})"
-                ) from None
+                self.host.discover(req.service_type, req.min_version)
+            except ConnectError as e:
+                missing.append(req)
+                why.append(e.message)
+        if missing:
+            raise DependencyError(plugin=spec.name, missing=missing, why="; ".join(why))
 
-    @staticmethod
-    def _other_provider(specs: dict[str, PluginSpec], req: Requirement, excluded: set[str]) -> bool:
-        return any(req.service_type in s.provides and s.name not in excluded for s in specs.values())
+
+# --- dependency logic (pure functions of the specs) ---------------------------------------------
+
+
+def _order(specs: Mapping[str, PluginSpec], names: Iterable[str]) -> list[str]:
+    """``names`` in start order, providers first; raises DependencyError on a cycle."""
+    providers: dict[str, list[str]] = {}
+    for spec in specs.values():
+        for service_type in spec.provides:
+            providers.setdefault(service_type, []).append(spec.name)
+    graph = {
+        spec.name: {p for r in spec.requires for p in providers.get(r.service_type, ()) if p != spec.name}
+        for spec in specs.values()
+    }
+    try:
+        order = list(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as e:
+        raise DependencyError(cycle=e.args[1]) from None
+    wanted = set(names)
+    return [n for n in order if n in wanted]
+
+
+def _impact(specs: Mapping[str, PluginSpec], name: str) -> list[str]:
+    lost = set(specs[name].provides) if name in specs else set()
+    affected: list[str] = []
+    changed = True
+    while changed:
+        changed = False
+        for other in specs.values():
+            if other.name == name or other.name in affected:
+                continue
+            if any(r.service_type in lost and not _other_provider(specs, r, {name, *affected}) for r in other.requires):
+                affected.append(other.name)
+                lost |= set(other.provides)
+                changed = True
+    return affected
+
+
+def _other_provider(specs: Mapping[str, PluginSpec], req: Requirement, excluded: set[str]) -> bool:
+    return any(req.service_type in s.provides and s.name not in excluded for s in specs.values())

@@ -15,7 +15,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..gen.connectplugin.v1 import handshake_pb2, lifecycle_pb2, plugininfo_pb2
@@ -27,31 +27,44 @@ from ..rpc.errors import Code, ConnectError
 from ..rpc.httpserver import HTTPConfig, HTTPServer
 from ..rpc.server import App, Context, text_response
 from ..runtime import handshake as hs
+from ..runtime.health import HealthReport, HealthState
 from ..runtime.launcher import LaunchContext, Strategy
-from ..runtime.plugin import Plugin
+from ..runtime.plugin import Plugin, ServiceDeclaration
 from ..runtime.pluginclient import PluginClient
 from .broker import DEFAULT_TTL, Broker, BrokerService
 from .broker import ROUTE as BROKER_ROUTE
 from .identities import Identities, Identity
-from .registry import Registry, RegistryConfig, RegistryService
+from .registry import Provider, Registry, RegistryConfig, RegistryService
 from .router import ROUTE as ROUTER_ROUTE
 from .router import Router
 
 log = logging.getLogger("connectplugin.host")
 
+EXIT_SLACK = 0.5
+"""Seconds a stopping plugin gets beyond its grace period to exit after ``Shutdown``, before
+it is signalled: it may answer the call and exit just as the grace period ends."""
+MIN_SIGNAL_GRACE = 0.5
+"""Least time between SIGTERM and SIGKILL, even when the grace period is used up."""
+MIN_REAP_INTERVAL = 0.1
+"""Floor of the default ``HostConfig.reap_interval``, so tiny heartbeat timeouts do not spin."""
+
+HealthListener = Callable[[str, HealthReport], None]
+"""``listener(runtime_id, report)``, called on the reporting thread with no lock held."""
+
 
 @dataclass(frozen=True)
 class HostConfig:
-    """How the host listens, picks providers, and stops its plugins."""
+    """How the host listens, picks providers, and starts and stops its plugins."""
 
-    host: str = "127.0.0.1"
-    port: int = 0
-    threads: int = 16
-    """Threads for unary calls; watchers get ``registry.max_watchers`` more on top."""
+    http: HTTPConfig = field(default_factory=lambda: HTTPConfig(threads=16))
+    """Where the host listens. ``http.threads`` serve unary calls; the host adds
+    ``registry.max_watchers`` more on top, one per open watch."""
     stop_grace: float = 5.0
     """Seconds a plugin gets to finish in-flight calls when it is stopped."""
-    handle_signals: bool = True
-    """Stop every plugin on SIGTERM/SIGINT (main thread only; earlier handlers still run)."""
+    handle_signals: bool = False
+    """On ``start()``, make SIGTERM/SIGINT unwind the main thread so ``with`` blocks and the
+    atexit hook stop every plugin (earlier handlers still run). For entry points only: an
+    application that owns its signals (a web framework, say) leaves it off."""
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     grant_ttl: float = DEFAULT_TTL
     """Lifetime of capability grants, in seconds."""
@@ -63,6 +76,38 @@ class HostConfig:
     heartbeat_timeout: float = 5.0
     """A self-registered plugin silent this long (no health report) is dropped from the
     registry; its identity is revoked, so if it is alive it simply joins again."""
+    reap_interval: float | None = None
+    """Seconds between looks for silent plugins; None: a quarter of ``heartbeat_timeout``
+    (at least ``MIN_REAP_INTERVAL``)."""
+    control_timeout: float = 5.0
+    """Seconds the host's own calls to a plugin (GetPluginInfo, SetRuntimeIdentity) may take."""
+    shutdown_timeout: float = 2.0
+    """Seconds the ``Shutdown`` call may take to be answered (the plugin drains afterwards)."""
+    failed_launch_grace: float = 1.0
+    """Grace period of a plugin stopped because its launch failed half-way."""
+    close_grace: float = 1.0
+    """Seconds the host's own in-flight calls get to finish when the host closes."""
+
+    @property
+    def reap_every(self) -> float:
+        """The effective ``reap_interval``."""
+        if self.reap_interval is not None:
+            return self.reap_interval
+        return max(MIN_REAP_INTERVAL, self.heartbeat_timeout / 4)
+
+
+def _declarations(info: plugininfo_pb2.GetPluginInfoResponse) -> list[ServiceDeclaration]:
+    return [ServiceDeclaration(d.type, d.version, d.path) for d in info.provides]
+
+
+def _health_report(request: lifecycle_pb2.ReportHealthRequest) -> HealthReport:
+    try:
+        state = HealthState(request.state)
+    except ValueError:
+        # An unset (proto3 default) or unknown state says nothing is wrong: the registry
+        # has always kept such providers in service.
+        state = HealthState.HEALTHY
+    return HealthReport(state, request.reason, tuple(request.unavailable_dependencies))
 
 
 class _HostHandshake(HandshakeServiceHandler):
@@ -77,7 +122,7 @@ class _HostHandshake(HandshakeServiceHandler):
             core_protocol_version=hs.CORE_PROTOCOL_VERSION,
             app_protocol_version=version,
             server_metadata={hs.VERSIONS_KEY: hs.format_versions(self._host.handshake_config.app_protocol_versions)},
-            host_capabilities=self._host.broker.advertised(),
+            host_capabilities=self._host.broker.advertised(self._host.url),
         )
         if request.self_id:
             if not self._host.config.allow_self_registration:
@@ -99,15 +144,69 @@ class _Lifecycle(PluginLifecycleHandler):
         self, request: lifecycle_pb2.ReportHealthRequest, ctx: Context
     ) -> lifecycle_pb2.ReportHealthResponse:
         identity = self._host.identities.verify(ctx.request_headers)
-        self._host._record_health(identity, request)
+        self._host._record_health(identity.runtime_id, _health_report(request))
         return lifecycle_pb2.ReportHealthResponse()
+
+
+class Roster:
+    """Where launched plugins listen, and when self-registered ones were last heard from.
+
+    Safe from any thread; ``_lock`` guards both tables. A launched plugin is watched through
+    its process, so only self-registered ones are tracked for silence.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._urls: dict[str, str] = {}  # launched runtime id -> base URL
+        self._seen: dict[str, float] = {}  # self-registered runtime id -> last sign of life
+
+    def add_launched(self, runtime_id: str, url: str) -> None:
+        with self._lock:
+            self._urls[runtime_id] = url
+
+    def forget(self, runtime_id: str) -> None:
+        with self._lock:
+            self._urls.pop(runtime_id, None)
+            self._seen.pop(runtime_id, None)
+
+    def launched_url(self, runtime_id: str) -> str:
+        with self._lock:
+            return self._urls.get(runtime_id, "")
+
+    def heard_from(self, runtime_id: str) -> None:
+        with self._lock:
+            if runtime_id not in self._urls:
+                self._seen[runtime_id] = time.monotonic()
+
+    def take_silent(self, cutoff: float) -> list[str]:
+        """Self-registered plugins not heard from since ``cutoff`` (monotonic); forgets them."""
+        with self._lock:
+            silent = [rid for rid, seen in self._seen.items() if seen < cutoff]
+            for rid in silent:
+                del self._seen[rid]
+        return silent
+
+
+class _PluginInfo:
+    """Reads a self-registered plugin's declarations over a short-lived client."""
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout
+
+    def service_types(self, base_url: str) -> list[str]:
+        with Client(base_url, ClientConfig(timeout=self._timeout)) as client:
+            info = PluginIdentityClient(client).get_plugin_info(plugininfo_pb2.GetPluginInfoRequest())
+        return [d.service_type for d in _declarations(info)]
 
 
 class PluginHost:
     """Launches plugins and serves the host's side of the protocol; a context manager.
 
-    Closing it (explicitly, at interpreter exit, or on SIGTERM/SIGINT) stops every plugin
-    it started. Safe to use from any thread.
+    Construction starts nothing: ``start()`` (or ``with``) binds the socket, starts serving
+    and the reaper of silent plugins, and registers an atexit hook. Closing it (explicitly,
+    at interpreter exit, or on SIGTERM/SIGINT with ``handle_signals``) stops every plugin it
+    started. Safe to use from any thread; ``_lock`` guards the launched plugins, their
+    health, the listeners and the open/closed state.
     """
 
     def __init__(
@@ -121,19 +220,24 @@ class PluginHost:
         self.config = config = config or HostConfig()
         self.identities = Identities()
         self.registry = Registry(config.registry)
-        self.broker = Broker(lambda: self.url, lambda rid: self.identities.get(rid) is not None, config.grant_ttl)
+        self.broker = Broker(self.identities, config.grant_ttl)
         self.router = Router(self.registry, self.identities)
+        self._roster = Roster()
         self._lock = threading.Lock()
         self._launched: list[tuple[PluginClient, Identity]] = []
-        self._urls: dict[str, str] = {}  # runtime id -> base URL, for plugins this host launched
-        self._health: dict[str, lifecycle_pb2.ReportHealthRequest] = {}
-        self._health_listeners: list[Callable[[str, lifecycle_pb2.ReportHealthRequest], None]] = []
+        self._health: dict[str, HealthReport] = {}
+        self._health_listeners: list[HealthListener] = []
+        self._http: HTTPServer | None = None
+        self._starting = False
+        self._closed = False
+        self._started = threading.Event()  # set once the first start() has finished, well or not
+        self._stop_reaper = threading.Event()
         self.app = App(
             [
                 _HostHandshake(self),
                 _Lifecycle(self),
-                RegistryService(self.registry, self.identities, self._url_of, self._declare_from_info),
-                BrokerService(self.broker, self.identities, lambda: self.url),
+                RegistryService(self.registry, self.identities, self._roster, _PluginInfo(config.control_timeout)),
+                BrokerService(self.broker, self.identities, self),
             ],
             routes={
                 ROUTER_ROUTE: self.router,
@@ -142,20 +246,51 @@ class PluginHost:
                 "/readyz": self._ready,
             },
         )
+
+    def start(self) -> PluginHost:
+        """Bind, serve on a thread, start the reaper and the exit hooks; returns self.
+
+        Starting a started host does nothing (a concurrent caller waits until it serves).
+        """
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this PluginHost is closed; make a new one")
+            first = not self._starting
+            self._starting = True
+        if not first:
+            self._started.wait()
+            with self._lock:
+                failed = self._http is None
+            if failed:
+                raise RuntimeError("this PluginHost failed to start")
+            return self
+        config = self.config
         # Each open watch holds a thread for its whole life: size the pool so that
         # the capped number of watchers can never starve unary calls.
-        threads = config.threads + config.registry.max_watchers
-        self._http = HTTPServer(self.app, HTTPConfig(host=config.host, port=config.port, threads=threads))
-        self._http.start()
-        self._closed = False
-        self._seen: dict[str, float] = {}  # self-registered runtime id -> last sign of life
-        self._stop_reaper = threading.Event()
+        http = replace(config.http, threads=config.http.threads + config.registry.max_watchers)
+        try:
+            server = HTTPServer(self.app, http).start()
+            with self._lock:
+                closed = self._closed
+                if not closed:
+                    self._http = server
+        finally:
+            self._started.set()
+        if closed:  # close() ran while the server was starting, and had nothing to close
+            server.close(grace=0)
+            raise RuntimeError("this PluginHost was closed while it started")
         threading.Thread(target=self._reap, name="host-reaper", daemon=True).start()
-        _register_for_exit(self, config.handle_signals)
+        _exit_hooks.add(self, config.handle_signals)
+        return self
 
     @property
     def url(self) -> str:
-        return self._http.url
+        """The host's base URL; known once ``start()`` has returned."""
+        with self._lock:
+            server = self._http
+        if server is None:
+            raise RuntimeError("this PluginHost is not started: call start() or use it in a with block")
+        return server.url
 
     def launch(self, strategy: Strategy, name: str = "") -> PluginClient:
         """Start a plugin, give it a runtime identity, and return its client."""
@@ -168,12 +303,8 @@ class PluginHost:
                 identity = self._identity_of(holder[0])
                 if identity is not None:
                     self.registry.remove_provider(identity.runtime_id)
-                    self._record_health(
-                        identity,
-                        lifecycle_pb2.ReportHealthRequest(
-                            state=lifecycle_pb2.HEALTH_STATE_UNHEALTHY, reason=f"exited with status {code}"
-                        ),
-                    )
+                    report = HealthReport(HealthState.UNHEALTHY, f"exited with status {code}")
+                    self._record_health(identity.runtime_id, report)
 
         running = strategy.start(LaunchContext(name, self.handshake_config, self.plugins, self.url, on_exit))
         client = PluginClient(
@@ -182,11 +313,12 @@ class PluginHost:
         holder.append(client)
         try:
             info = client.plugin_info()
+            service_types = [d.service_type for d in _declarations(info)]
             identity = self.identities.issue(info.self_id or name, info.self_version)
-            self.registry.declare(identity.runtime_id, [d.type for d in info.provides])
+            self.registry.declare(identity.runtime_id, service_types)
             with self._lock:
                 self._launched.append((client, identity))
-                self._urls[identity.runtime_id] = running.url
+            self._roster.add_launched(identity.runtime_id, running.url)
             local_app = getattr(running, "app", None)
             if local_app is not None:
                 self.router.attach_local(identity.runtime_id, local_app)
@@ -194,40 +326,48 @@ class PluginHost:
                 plugininfo_pb2.SetRuntimeIdentityRequest(
                     runtime_id=identity.runtime_id, runtime_token=identity.token, host_url=self.url
                 ),
-                timeout=5,
+                timeout=self.config.control_timeout,
             )
-            self._await_registration(identity.runtime_id, [d.type for d in info.provides])
+            self._await_registration(identity.runtime_id, service_types)
         except BaseException:
-            self.stop(client, grace=1)
+            self.stop(client, grace=self.config.failed_launch_grace)
             raise
         log.info("launched %s (pid %s) at %s as %s", name, running.pid, running.url, identity.runtime_id)
         return client
 
     def _await_registration(self, runtime_id: str, service_types: list[str]) -> None:
         """Wait until the plugin has registered what it declared (so dependents can start)."""
-        deadline = time.monotonic() + self.config.register_timeout
-        while True:
-            registered = {p.service_type for p in self.registry.providers() if p.provider_id == runtime_id}
-            missing = sorted(set(service_types) - registered)
-            if not missing:
-                return
-            if time.monotonic() > deadline:
-                raise ConnectError(
-                    Code.DEADLINE_EXCEEDED,
-                    f"{runtime_id} did not register {', '.join(missing)} within {self.config.register_timeout:g} s",
-                )
-            time.sleep(0.01)
+        timeout = self.config.register_timeout
+        missing = self.registry.await_registered(runtime_id, service_types, timeout)
+        if missing:
+            raise ConnectError(
+                Code.DEADLINE_EXCEEDED, f"{runtime_id} did not register {', '.join(missing)} within {timeout:g} s"
+            )
 
     def runtime_id(self, client: PluginClient) -> str:
         identity = self._identity_of(client)
         return identity.runtime_id if identity else ""
 
-    def reported_health(self, runtime_id: str) -> lifecycle_pb2.ReportHealthRequest | None:
+    def discover(self, service_type: str, min_version: str = "") -> Provider:
+        """The provider discovery would pick for ``service_type`` now.
+
+        Raises ConnectError: ``not_found`` for a type nobody ever provided, ``unavailable``
+        when no provider is usable (gone, unhealthy, or older than ``min_version``).
+        """
+        provider, _ = self.registry.discover(service_type, min_version)
+        return provider
+
+    def redirect(self, old: PluginClient, new: PluginClient) -> None:
+        """Route calls addressed to ``old``'s endpoints to ``new`` from now on (blue-green)."""
+        self.router.alias(self.runtime_id(old), self.runtime_id(new))
+
+    def reported_health(self, runtime_id: str) -> HealthReport | None:
         """The last health a plugin reported (or its crash), by runtime id."""
         with self._lock:
             return self._health.get(runtime_id)
 
-    def on_health(self, listener: Callable[[str, lifecycle_pb2.ReportHealthRequest], None]) -> None:
+    def on_health(self, listener: HealthListener) -> None:
+        """Call ``listener(runtime_id, report)`` on every health report and every crash."""
         with self._lock:
             self._health_listeners.append(listener)
 
@@ -251,35 +391,40 @@ class PluginHost:
                 PluginControlClient(client.rpc).shutdown(
                     # Whole seconds on the wire: round up so in-flight calls keep their time.
                     lifecycle_pb2.ShutdownRequest(grace_period_seconds=math.ceil(grace), reason="host stopping it"),
-                    timeout=2,
+                    timeout=self.config.shutdown_timeout,
                 )
             except ConnectError as e:
                 if running.alive():
                     log.warning("shutdown request to %s failed: %s", client.name, e)
-            running.wait(max(0.0, deadline - time.monotonic()) + 0.5)
+            running.wait(max(0.0, deadline - time.monotonic()) + EXIT_SLACK)
         # Whatever is left of the grace period, then SIGTERM, then SIGKILL.
-        running.stop(max(0.5, deadline - time.monotonic()))
+        running.stop(max(MIN_SIGNAL_GRACE, deadline - time.monotonic()))
         client.close()
         if identity is not None:
             self.router.detach_local(identity.runtime_id)
             self.identities.revoke(identity.runtime_id)
-            with self._lock:
-                self._urls.pop(identity.runtime_id, None)
+            self._roster.forget(identity.runtime_id)
 
     def close(self) -> None:
+        """Stop every plugin, then stop serving. Safe from any thread, more than once."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             launched = list(self._launched)
-        threads = [threading.Thread(target=self.stop, args=(c,)) for c, _ in launched]
+            server = self._http
+        _exit_hooks.discard(self)
+        threads = [
+            threading.Thread(target=self.stop, args=(c,), name=f"host-stop:{c.name}") for c, _ in launched
+        ]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         self._stop_reaper.set()
         self.registry.close_watchers()
-        self._http.close(grace=1)
+        if server is not None:
+            server.close(grace=self.config.close_grace)
         self.router.close()
 
     def _ready(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -288,7 +433,7 @@ class PluginHost:
         return text_response(start_response, 503, "closing") if closed else text_response(start_response, 200, "ok")
 
     def __enter__(self) -> PluginHost:
-        return self
+        return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -300,82 +445,82 @@ class PluginHost:
                     return identity
         return None
 
-    def _url_of(self, identity: Identity) -> str:
-        """Where a launched plugin listens ("" for a self-registered one, which says so itself)."""
-        self._alive(identity)
-        with self._lock:
-            return self._urls.get(identity.runtime_id, "")
-
-    def _declare_from_info(self, identity: Identity, base_url: str) -> None:
-        """A self-registered plugin's declarations come from its own GetPluginInfo."""
-        with Client(base_url, ClientConfig(timeout=5)) as client:
-            info = PluginIdentityClient(client).get_plugin_info(plugininfo_pb2.GetPluginInfoRequest())
-        self.registry.declare(identity.runtime_id, [d.type for d in info.provides])
-
     def _reap(self) -> None:
         """Drop self-registered plugins that stopped reporting (a launched one is watched directly)."""
-        interval = max(0.1, self.config.heartbeat_timeout / 4)
-        while not self._stop_reaper.wait(interval):
-            cutoff = time.monotonic() - self.config.heartbeat_timeout
-            with self._lock:
-                silent = [rid for rid, seen in self._seen.items() if seen < cutoff]
-                for rid in silent:
-                    del self._seen[rid]
+        while not self._stop_reaper.wait(self.config.reap_every):
+            silent = self._roster.take_silent(time.monotonic() - self.config.heartbeat_timeout)
             # Only providers are withdrawn: a plugin that merely calls others offers nothing
             # that could go stale, and keeps its identity however quiet it is.
             providing = {p.provider_id for p in self.registry.providers()}
-            silent = [rid for rid in silent if rid in providing]
-            for rid in silent:
+            for rid in [rid for rid in silent if rid in providing]:
                 log.warning("%s stopped reporting; dropping it from the registry", rid)
                 self.registry.remove_provider(rid)
                 self.broker.revoke_all(rid)
                 self.identities.revoke(rid)
 
-    def _alive(self, identity: Identity) -> None:
+    def _record_health(self, runtime_id: str, report: HealthReport) -> None:
+        self._roster.heard_from(runtime_id)
+        self.registry.set_health(runtime_id, report.state)
         with self._lock:
-            if identity.runtime_id not in self._urls:
-                self._seen[identity.runtime_id] = time.monotonic()
-
-    def _record_health(self, identity: Identity, report: lifecycle_pb2.ReportHealthRequest) -> None:
-        self._alive(identity)
-        self.registry.set_health(identity.runtime_id, report.state)
-        with self._lock:
-            self._health[identity.runtime_id] = report
+            self._health[runtime_id] = report
             listeners = list(self._health_listeners)
         for listener in listeners:
-            listener(identity.runtime_id, report)
+            listener(runtime_id, report)
 
 
-_hosts: weakref.WeakSet[PluginHost] = weakref.WeakSet()
-_hooks_installed = False
+class _ExitHooks:
+    """Stops started hosts at interpreter exit and, when asked, unwinds on SIGTERM/SIGINT.
+
+    Installed by the first ``PluginHost.start()``, never at import or construction.
+    ``_lock`` guards the flags and the host set.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._hosts: weakref.WeakSet[PluginHost] = weakref.WeakSet()
+        self._atexit = False
+        self._signals = False
+
+    def add(self, host: PluginHost, handle_signals: bool) -> None:
+        with self._lock:
+            self._hosts.add(host)
+            register_atexit, self._atexit = not self._atexit, True
+            # signal.signal works only on the main thread; elsewhere the host just goes without.
+            on_main = threading.current_thread() is threading.main_thread()
+            install_signals = handle_signals and on_main and not self._signals
+            self._signals = self._signals or install_signals
+        if register_atexit:
+            atexit.register(self._close_all)
+        if install_signals:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                _unwind_on(signum)
+
+    def discard(self, host: PluginHost) -> None:
+        with self._lock:
+            self._hosts.discard(host)
+
+    def _close_all(self) -> None:
+        with self._lock:
+            hosts = list(self._hosts)
+        for host in hosts:
+            host.close()
 
 
-def _close_all() -> None:
-    for host in list(_hosts):
-        host.close()
+def _unwind_on(signum: int) -> None:
+    """Make ``signum`` unwind the main thread, chaining an earlier Python handler."""
+    previous = signal.getsignal(signum)
+
+    def handler(num: int, frame: Any) -> None:
+        # Never close hosts here: the interrupted code may hold their locks. Unwind
+        # instead; ``with`` blocks and the atexit hook stop the plugins on the way out.
+        if callable(previous) and previous is not signal.default_int_handler:
+            previous(num, frame)
+            return
+        if num == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + num)
+
+    signal.signal(signum, handler)
 
 
-def _register_for_exit(host: PluginHost, handle_signals: bool) -> None:
-    """Stop plugins at interpreter exit and on SIGTERM/SIGINT, chaining earlier handlers."""
-    global _hooks_installed
-    _hosts.add(host)
-    if _hooks_installed:
-        return
-    _hooks_installed = True
-    atexit.register(_close_all)
-    if not handle_signals or threading.current_thread() is not threading.main_thread():
-        return
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        previous = signal.getsignal(signum)
-
-        def handler(num: int, frame: Any, previous: Any = previous) -> None:
-            # Never close hosts here: the interrupted code may hold their locks. Unwind
-            # instead; ``with`` blocks and the atexit hook stop the plugins on the way out.
-            if callable(previous) and previous is not signal.default_int_handler:
-                previous(num, frame)
-                return
-            if num == signal.SIGINT:
-                raise KeyboardInterrupt
-            raise SystemExit(128 + num)
-
-        signal.signal(signum, handler)
+_exit_hooks = _ExitHooks()

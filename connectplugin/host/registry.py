@@ -12,15 +12,17 @@ import queue
 import random
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from ..gen.connectplugin.v1 import registry_pb2
 from ..gen.connectplugin.v1.registry_connect import ServiceRegistryHandler
 from ..rpc.errors import Code, ConnectError
 from ..rpc.server import Context
-from ..runtime.health import DEGRADED, HEALTHY, UNHEALTHY
-from .identities import Identities, Identity
+from ..runtime.health import DEGRADED, HEALTHY, UNHEALTHY, HealthState
+from .identities import Identities
 
 AVAILABLE = registry_pb2.SERVICE_STATE_AVAILABLE
 UNAVAILABLE = registry_pb2.SERVICE_STATE_UNAVAILABLE
@@ -41,7 +43,7 @@ class Provider:
     endpoint_path: str
     base_url: str
     metadata: Mapping[str, str] = field(default_factory=dict)
-    health: int = HEALTHY
+    health: HealthState = HEALTHY
 
     @property
     def weight(self) -> int:
@@ -65,10 +67,14 @@ def version_key(version: str) -> tuple:
 
 @dataclass(frozen=True)
 class RegistryConfig:
+    """How the registry picks providers and how many watchers it serves."""
+
     strategy: str = "first"
     """How to pick among usable providers: first, round_robin, random or weighted."""
     max_watchers: int = 32
     """Open WatchService streams allowed at once; each holds a server thread."""
+    watch_check_interval: float = 0.25
+    """Seconds an idle watch waits between checks that its caller is still connected."""
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -76,13 +82,18 @@ class RegistryConfig:
 
 
 class Registry:
-    """Providers by service type. Safe from any thread; watchers are fed under the lock,
-    so every watcher sees events in the order the changes happened."""
+    """Providers by service type. Safe from any thread.
+
+    ``_lock`` guards every table; watchers are fed under it (a queue put, no I/O), so every
+    watcher sees events in the order the changes happened. ``_changed`` is signalled on every
+    change to the providers or their health.
+    """
 
     def __init__(self, config: RegistryConfig | None = None, route_prefix: str = "/services") -> None:
         self.config = config or RegistryConfig()
         self._prefix = route_prefix
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._providers: dict[str, Provider] = {}  # by registration id
         self._known_types: set[str] = set()
         self._declared: dict[str, set[str]] = {}  # runtime id -> service types it may register
@@ -132,6 +143,19 @@ class Registry:
             self._publish(service_type)
         return provider
 
+    def await_registered(self, provider_id: str, service_types: Sequence[str], timeout: float) -> list[str]:
+        """Wait up to ``timeout`` seconds until ``provider_id`` has registered every one of
+        ``service_types``; returns those still missing (empty once all are there)."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                registered = {p.service_type for p in self._providers.values() if p.provider_id == provider_id}
+                missing = sorted(set(service_types) - registered)
+                remaining = deadline - time.monotonic()
+                if not missing or remaining <= 0:
+                    return missing
+                self._changed.wait(remaining)
+
     def unregister(self, registration_id: str, provider_id: str | None = None) -> None:
         """Remove a registration; with ``provider_id``, only that plugin's own."""
         with self._lock:
@@ -151,7 +175,7 @@ class Registry:
             for service_type in {p.service_type for p in gone}:
                 self._publish(service_type)
 
-    def set_health(self, provider_id: str, state: int) -> None:
+    def set_health(self, provider_id: str, state: HealthState) -> None:
         with self._lock:
             changed = set()
             for reg_id, p in list(self._providers.items()):
@@ -199,8 +223,9 @@ class Registry:
 
     # --- watching -----------------------------------------------------------------------------
 
-    def watch(self, service_type: str, active: Callable[[], bool], poll: float = 0.25) -> Iterator[registry_pb2.WatchServiceEvent]:
+    def watch(self, service_type: str, active: Callable[[], bool]) -> Iterator[registry_pb2.WatchServiceEvent]:
         """The current state of ``service_type``, then each change, while ``active()``."""
+        poll = self.config.watch_check_interval
         events: queue.SimpleQueue[registry_pb2.WatchServiceEvent | None] = queue.SimpleQueue()
         with self._lock:
             open_watchers = sum(len(w) for w in self._watchers.values())
@@ -234,7 +259,7 @@ class Registry:
 
     # --- internals (lock held) ----------------------------------------------------------------
 
-    def _health_of(self, provider_id: str) -> int:
+    def _health_of(self, provider_id: str) -> HealthState:
         for p in self._providers.values():
             if p.provider_id == provider_id:
                 return p.health
@@ -272,6 +297,7 @@ class Registry:
         )
 
     def _publish(self, service_type: str) -> None:
+        self._changed.notify_all()
         event = self._event(service_type)
         key = (event.state, event.endpoint.provider_id)
         if self._last_event.get(service_type) == key:
@@ -281,25 +307,42 @@ class Registry:
             events.put(event)
 
 
+class Roster(Protocol):
+    """What the registry service asks the host about a calling plugin."""
+
+    def launched_url(self, runtime_id: str) -> str:
+        """Where a plugin the host launched listens; "" for one that joined by itself."""
+        ...
+
+    def heard_from(self, runtime_id: str) -> None:
+        """A sign of life from a plugin that joined by itself (one that falls silent is dropped)."""
+        ...
+
+
+class PluginInfoReader(Protocol):
+    """Reads what a plugin declares about itself, from its own ``GetPluginInfo``."""
+
+    def service_types(self, base_url: str) -> list[str]:
+        """The service types the plugin at ``base_url`` says it provides; raises ConnectError."""
+        ...
+
+
 class RegistryService(ServiceRegistryHandler):
     """``connectplugin.v1.ServiceRegistry`` for plugins: every call is authenticated."""
 
     def __init__(
-        self,
-        registry: Registry,
-        identities: Identities,
-        base_url_of: Callable[[Identity], str],
-        declare_from: Callable[[Identity, str], None],
+        self, registry: Registry, identities: Identities, roster: Roster, plugin_info: PluginInfoReader
     ) -> None:
         self._registry = registry
         self._identities = identities
-        self._base_url_of = base_url_of
-        self._declare_from = declare_from
+        self._roster = roster
+        self._plugin_info = plugin_info
 
     def register_service(self, request: registry_pb2.RegisterServiceRequest, ctx: Context) -> registry_pb2.RegisterServiceResponse:
         identity = self._identities.verify(ctx.request_headers)
+        self._roster.heard_from(identity.runtime_id)
         # Self-registering plugins (model B) say where they listen in metadata["base_url"].
-        launched = self._base_url_of(identity)
+        launched = self._roster.launched_url(identity.runtime_id)
         base_url = launched or request.metadata.get("base_url", "")
         if not base_url:
             raise ConnectError(
@@ -307,11 +350,12 @@ class RegistryService(ServiceRegistryHandler):
             )
         if not launched and not self._registry.has_declared(identity.runtime_id):
             try:
-                self._declare_from(identity, base_url)
+                service_types = self._plugin_info.service_types(base_url)
             except ConnectError as e:
                 raise ConnectError(
                     Code.FAILED_PRECONDITION, f"cannot read plugin info at {base_url}: {e.message}"
                 ) from None
+            self._registry.declare(identity.runtime_id, service_types)
         provider = self._registry.register(
             identity.runtime_id, request.service_type, request.version, request.endpoint_path, base_url, request.metadata
         )
