@@ -121,9 +121,9 @@ def make_host() -> Iterator[Callable[..., PluginHost]]:
     def make(**fields: Any) -> PluginHost:
         fields.setdefault("handle_signals", False)
         fields.setdefault("stop_grace", 1.0)
-        fields.setdefault("threads", 8)
+        fields.setdefault("http", HTTPConfig(threads=8))
         fields.setdefault("registry", RegistryConfig(max_watchers=8))
-        host = PluginHost(HANDSHAKE, PLUGINS, HostConfig(**fields))
+        host = PluginHost(HANDSHAKE, PLUGINS, HostConfig(**fields)).start()
         hosts.append(host)
         return host
 

@@ -2,15 +2,101 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
 import pytest
 import requests
 
 import connectplugin
-from connectplugin import HostLink
+from connectplugin import HealthReport, HealthState, HostConfig, HostLink, HTTPConfig, PluginHost
 from connectplugin.gen.connectplugin.v1 import registry_pb2
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.platform import HANDSHAKE
-from tests.helpers import HEALTHY, free_port, module, provider_ids, wait_until
+from tests.helpers import ENV, HEALTHY, ROOT, free_port, module, provider_ids, wait_until
+from tests.platform_plugins.provider import PLUGINS
+
+# --- starting and stopping --------------------------------------------------------------------
+
+
+def test_constructing_a_host_starts_no_thread_binds_no_socket_and_installs_no_handler():
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    threads = set(threading.enumerate())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = HTTPConfig(port=taken.getsockname()[1])
+
+        host = PluginHost(HANDSHAKE, PLUGINS, HostConfig(http=busy, handle_signals=True))
+
+    assert set(threading.enumerate()) == threads
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
+    with pytest.raises(RuntimeError):
+        host.url  # noqa: B018 - known only once started
+    host.close()
+
+
+def test_start_serves_at_the_hosts_url_and_returns_the_host():
+    host = PluginHost(HANDSHAKE, PLUGINS, HostConfig(http=HTTPConfig(threads=2)))
+    try:
+        assert host.start() is host
+        assert requests.get(host.url + "/healthz", timeout=5).status_code == 200
+        assert host.start() is host  # already started: nothing more happens
+    finally:
+        host.close()
+
+
+def test_a_closed_host_cannot_be_started():
+    host = PluginHost(HANDSHAKE, PLUGINS)
+    host.close()
+
+    with pytest.raises(RuntimeError):
+        host.start()
+
+
+_SIGNALS_SCRIPT = """
+import os
+import signal
+from connectplugin import HostConfig, PluginHost
+from samples.platform import HANDSHAKE
+before = signal.getsignal(signal.SIGTERM)
+with PluginHost(HANDSHAKE, {}):
+    print(signal.getsignal(signal.SIGTERM) is before)
+with PluginHost(HANDSHAKE, {}, HostConfig(handle_signals=True)):
+    print(signal.getsignal(signal.SIGTERM) is before)
+"""
+
+
+def test_a_started_host_leaves_signals_alone_unless_told_to_handle_them():
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGNALS_SCRIPT],
+        cwd=ROOT,
+        env={**os.environ, **ENV},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert done.stdout.split() == ["True", "False"], done.stderr
+
+
+def test_the_hosts_http_config_reaches_its_listener(make_host):
+    host = make_host(http=HTTPConfig(threads=2, max_request_body_size=1024))
+
+    response = requests.post(
+        host.url + "/connectplugin.v1.HandshakeService/Handshake",
+        data=b"x" * 4096,
+        headers={"Content-Type": "application/proto"},
+        timeout=5,
+    )
+
+    assert response.status_code == 413
+
 
 # --- the two plugin models --------------------------------------------------------------------
 
@@ -52,14 +138,14 @@ def test_self_registering_plugin_handshakes_registers_and_reports_health(host, s
 
 def test_self_registering_plugin_rejoins_a_restarted_host_by_itself(make_host, sidecar):
     port = free_port()
-    first = make_host(port=port)
+    first = make_host(http=HTTPConfig(port=port, threads=8))
     sidecar("samples.platform.storage", "--host-url", first.url)
     [first_id] = wait_until(
         lambda: provider_ids(first, "storage"), "storage to join the first host", timeout=10
     )
 
     first.close()
-    second = make_host(port=port)
+    second = make_host(http=HTTPConfig(port=port, threads=8))
 
     [runtime_id] = wait_until(
         lambda: provider_ids(second, "storage"), "storage to rejoin the new host", timeout=6
@@ -117,3 +203,18 @@ def test_a_quiet_identity_that_provides_nothing_is_not_reaped(make_host, peer):
 def test_host_answers_its_health_endpoints(host, path):
     response = requests.get(host.url + path, timeout=5)
     assert (response.status_code, response.text) == (200, "ok\n")
+
+
+# --- health -----------------------------------------------------------------------------------
+
+
+def test_health_listeners_get_each_report_as_a_health_report(host):
+    reports: list[tuple[str, HealthReport]] = []
+    host.on_health(lambda runtime_id, report: reports.append((runtime_id, report)))
+
+    client = host.launch(module("samples.platform.logger"), name="logger")
+
+    [(runtime_id, report)] = wait_until(lambda: reports[:1], "the logger's first health report")
+    assert runtime_id == host.runtime_id(client)
+    assert isinstance(report, HealthReport) and report.state is HealthState.HEALTHY
+    assert host.reported_health(runtime_id) == reports[-1][1]

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
-from connectplugin import Client, ClientConfig, Code, ConnectError, Health, HostLink, RegistryConfig
+from connectplugin import (
+    Client,
+    ClientConfig,
+    Code,
+    ConnectError,
+    Health,
+    HostLink,
+    HTTPConfig,
+    RegistryConfig,
+)
 from connectplugin.gen.connectplugin.v1 import registry_pb2
 from connectplugin.gen.connectplugin.v1.registry_connect import ServiceRegistryClient
+from connectplugin.host.registry import Registry
 from samples.kv.gen.kv.v1 import kv_pb2
 from tests.helpers import (
     AVAILABLE,
@@ -266,7 +278,7 @@ def test_launched_plugins_own_health_changes_reach_watchers(host, peer):
 def test_watchers_beyond_the_cap_are_resource_exhausted_while_unary_calls_keep_working(
     make_host, peer
 ):
-    host = make_host(threads=2, registry=RegistryConfig(max_watchers=2))
+    host = make_host(http=HTTPConfig(threads=2), registry=RegistryConfig(max_watchers=2))
     _providers(host, peer, 1)
     caller = peer(host, "caller")
     open_watchers = [caller.watch("svc") for _ in range(2)]
@@ -320,3 +332,30 @@ def test_launched_plugin_registering_an_undeclared_service_is_permission_denied(
             )
     assert e.value.code is Code.PERMISSION_DENIED
     assert host.registry.providers("other") == []
+
+
+def test_awaiting_registration_wakes_when_the_provider_registers():
+    registry = Registry()
+    registry.declare("p-1", ["svc"])
+    waiting = threading.Event()
+    missing: list[list[str]] = []
+
+    def wait() -> None:
+        waiting.set()
+        missing.append(registry.await_registered("p-1", ["svc"], timeout=30))
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    waiting.wait(5)
+    registry.register("p-1", "svc", "1.0.0", "/svc/", "http://127.0.0.1:1")
+    waiter.join(5)
+
+    assert missing == [[]]
+
+
+def test_awaiting_registration_names_what_is_still_missing_when_time_is_up():
+    registry = Registry()
+    registry.declare("p-1", ["svc", "other"])
+    registry.register("p-1", "svc", "1.0.0", "/svc/", "http://127.0.0.1:1")
+
+    assert registry.await_registered("p-1", ["svc", "other"], timeout=0.01) == ["other"]

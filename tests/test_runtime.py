@@ -185,7 +185,7 @@ def make_host() -> Iterator[Callable[..., PluginHost]]:
         handshake = dataclasses.replace(HANDSHAKE, app_protocol_versions=versions)
         host = PluginHost(
             handshake, PLUGINS, HostConfig(stop_grace=stop_grace, handle_signals=False)
-        )
+        ).start()
         hosts.append(host)
         return host
 
