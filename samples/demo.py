@@ -8,8 +8,6 @@ import threading
 import time
 
 from connectplugin import HostConfig, PluginHost, ProcessStrategy
-from connectplugin.gen.connectplugin.health.v1 import health_pb2
-from connectplugin.gen.connectplugin.v1 import lifecycle_pb2
 from samples import platform_demo
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.plugin import HANDSHAKE, PLUGINS
@@ -61,8 +59,8 @@ def main() -> int:
         for event in events:
             say(f"watch event: {kv_pb2.EventType.Name(event.type)} {event.key}")
 
-        status = health_pb2.ServingStatus.Name(client.check_health())
-        state = lifecycle_pb2.HealthState.Name(client.get_health().state)
+        status = client.check_health().name
+        state = client.get_health().state.name
         say(f"health: HealthService.Check -> {status}, PluginControl.GetHealth -> {state}")
 
         pid = client.running.pid

@@ -27,7 +27,7 @@ from ..rpc.errors import Code, ConnectError
 from ..rpc.httpserver import HTTPConfig, HTTPServer
 from ..rpc.server import App, Context, text_response
 from ..runtime import handshake as hs
-from ..runtime.health import HealthReport, HealthState
+from ..runtime.health import HealthReport, HealthState, report_from_wire
 from ..runtime.launcher import LaunchContext, Strategy
 from ..runtime.plugin import Plugin, ServiceDeclaration
 from ..runtime.pluginclient import PluginClient
@@ -100,16 +100,6 @@ def _declarations(info: plugininfo_pb2.GetPluginInfoResponse) -> list[ServiceDec
     return [ServiceDeclaration(d.type, d.version, d.path) for d in info.provides]
 
 
-def _health_report(request: lifecycle_pb2.ReportHealthRequest) -> HealthReport:
-    try:
-        state = HealthState(request.state)
-    except ValueError:
-        # An unset (proto3 default) or unknown state says nothing is wrong: the registry
-        # has always kept such providers in service.
-        state = HealthState.HEALTHY
-    return HealthReport(state, request.reason, tuple(request.unavailable_dependencies))
-
-
 class _HostHandshake(HandshakeServiceHandler):
     """Phase 2 handshake: a plugin that names itself gets a runtime id and token."""
 
@@ -144,7 +134,7 @@ class _Lifecycle(PluginLifecycleHandler):
         self, request: lifecycle_pb2.ReportHealthRequest, ctx: Context
     ) -> lifecycle_pb2.ReportHealthResponse:
         identity = self._host.identities.verify(ctx.request_headers)
-        self._host._record_health(identity.runtime_id, _health_report(request))
+        self._host._record_health(identity.runtime_id, report_from_wire(request))
         return lifecycle_pb2.ReportHealthResponse()
 
 
