@@ -88,6 +88,19 @@ def wait_until(check: Callable[[], T], what: str | Callable[[], str], timeout: f
         time.sleep(POLL_INTERVAL)
 
 
+class Clock:
+    """A monotonic clock that moves only when the test says: ``clock.advance(seconds)``."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 # --- plugins ----------------------------------------------------------------------------------
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from connectplugin import Client, ClientConfig, Code, ConnectError, HostLink
@@ -12,7 +10,7 @@ from connectplugin.gen.capability.logger.v1.logger_connect import LoggerClient
 from connectplugin.gen.connectplugin.v1 import broker_pb2
 from connectplugin.gen.connectplugin.v1.broker_connect import CapabilityBrokerClient
 from samples.platform.capabilities import HostLogger
-from tests.helpers import Peer, in_process
+from tests.helpers import Clock, Peer, in_process
 
 # --- capabilities -----------------------------------------------------------------------------
 
@@ -44,12 +42,14 @@ def test_capability_grant_opens_its_capability(world):
 
 
 def test_expired_grant_is_unauthenticated(make_host, peer):
-    host = make_host(grant_ttl=0.2)
+    clock = Clock()
+    host = make_host(grant_ttl=60.0, grant_clock=clock)
     host.broker.add("logger", "1.0.0", HostLogger())
     grant = _grant(peer(host, "a"))
+    clock.advance(59.5)
     _log_with(grant)  # good while it lasts
 
-    time.sleep(0.3)
+    clock.advance(0.5)
     with pytest.raises(ConnectError) as e:
         _log_with(grant)
     assert e.value.code is Code.UNAUTHENTICATED

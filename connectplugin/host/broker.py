@@ -40,7 +40,7 @@ class Grant:
     token: str
     runtime_id: str
     expires_at: float
-    """``time.monotonic()`` after which the grant no longer opens anything."""
+    """The broker's ``clock()`` reading after which the grant no longer opens anything."""
 
 
 @dataclass
@@ -54,12 +54,15 @@ class Broker:
     """Capabilities and their grants. Safe from any thread; ``_lock`` guards both tables.
 
     A grant dies with its holder: it opens nothing once ``identities`` no longer holds the
-    holder's runtime id.
+    holder's runtime id. ``ttl`` seconds after it is given it expires, as read on ``clock``.
     """
 
-    def __init__(self, identities: Identities, ttl: float = DEFAULT_TTL) -> None:
+    def __init__(
+        self, identities: Identities, ttl: float = DEFAULT_TTL, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._identities = identities
         self.ttl = ttl
+        self._clock = clock
         self._lock = threading.Lock()
         self._capabilities: dict[str, _Capability] = {}
         self._grants: dict[str, Grant] = {}
@@ -95,9 +98,9 @@ class Broker:
             capability_type=capability_type,
             token=secrets.token_urlsafe(32),
             runtime_id=runtime_id,
-            expires_at=time.monotonic() + self.ttl,
+            expires_at=self._clock() + self.ttl,
         )
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             for gid in [g.grant_id for g in self._grants.values() if g.expires_at <= now]:
                 del self._grants[gid]  # expired grants go when new ones come, not only when used
@@ -129,7 +132,7 @@ class Broker:
         with self._lock:
             grant = self._grants.get(grant_id)
             capability = self._capabilities.get(capability_type)
-            if grant is not None and time.monotonic() >= grant.expires_at:
+            if grant is not None and self._clock() >= grant.expires_at:
                 del self._grants[grant_id]
                 grant = None
         if (

@@ -68,6 +68,8 @@ class HostConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     grant_ttl: float = DEFAULT_TTL
     """Lifetime of capability grants, in seconds."""
+    grant_clock: Callable[[], float] = time.monotonic
+    """Where grant lifetimes are measured (seconds, never going back); tests pass a fake one."""
     register_timeout: float = 10.0
     """How long a launch waits for the plugin to register the services it declared."""
     allow_self_registration: bool = True
@@ -210,7 +212,7 @@ class PluginHost:
         self.config = config = config or HostConfig()
         self.identities = Identities()
         self.registry = Registry(config.registry)
-        self.broker = Broker(self.identities, config.grant_ttl)
+        self.broker = Broker(self.identities, config.grant_ttl, config.grant_clock)
         self.router = Router(self.registry, self.identities)
         self._roster = Roster()
         self._lock = threading.Lock()
