@@ -7,18 +7,16 @@ the Connect request as is. The caller's credentials stop here: the provider sees
 
 from __future__ import annotations
 
-import http.client
 import io
-import json
 import logging
-import select
-import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
-from ..rpc._protocol import FLAG_END_STREAM, envelope
+from ..rpc import _protocol
+from ..rpc._metadata import environ_key
+from ..rpc._transport import ConnectionPool, Response, TransportError
 from ..rpc.errors import Code, ConnectError
 from ..rpc.server import error_response
 from ..runtime.credentials import RUNTIME_ID_HEADER
@@ -30,11 +28,20 @@ log = logging.getLogger("connectplugin.router")
 CALLER_HEADER = "X-Plugin-Caller-ID"
 ROUTE = "/services/<service_type>/<provider_id>/<path:method>"
 
+_CALLER = environ_key(CALLER_HEADER)
+_RUNTIME_ID = environ_key(RUNTIME_ID_HEADER)
+_TIMEOUT = environ_key(_protocol.TIMEOUT_HEADER)
+
+CONNECT_TIMEOUT = 5.0
+"""Longest the host waits to open a connection to a provider, in seconds."""
+RELAY_CHUNK = 65536
+"""Most bytes passed on at once; a response is relayed as it arrives, never whole."""
+
 # Never forwarded: the caller's credentials, and what belongs to one HTTP hop only.
 _DROP = {
     "HTTP_AUTHORIZATION",
-    "HTTP_" + RUNTIME_ID_HEADER.upper().replace("-", "_"),
-    "HTTP_" + CALLER_HEADER.upper().replace("-", "_"),
+    _RUNTIME_ID,
+    _CALLER,
     "HTTP_HOST",
     "HTTP_CONNECTION",
     "HTTP_KEEP_ALIVE",
@@ -55,7 +62,7 @@ class Router:
         self._identities = identities
         # Keep-alive connections, one pool per provider address, shared by all calls.
         self._pool_size = pool_size
-        self._pools: dict[str, _Connections] = {}
+        self._pools: dict[str, ConnectionPool] = {}
         self._pools_lock = threading.Lock()
         self._lock = threading.Lock()  # guards _local and _aliases
         self._local: dict[str, Callable[..., Iterable[bytes]]] = {}
@@ -83,12 +90,12 @@ class Router:
     ) -> Iterable[bytes]:
         inner = {k: v for k, v in environ.items() if k not in _DROP}
         inner["PATH_INFO"] = path
-        inner["HTTP_" + CALLER_HEADER.upper().replace("-", "_")] = caller_id
+        inner[_CALLER] = caller_id
         return app(inner, start_response)
 
     def __call__(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
         args = environ.get("connectplugin.route_args", {})
-        streaming = environ.get("CONTENT_TYPE", "").startswith("application/connect+")
+        streaming = _protocol.is_streaming(environ.get("CONTENT_TYPE", ""))
         try:
             caller = self._identities.verify(_headers(environ))
             headers = {
@@ -102,7 +109,7 @@ class Router:
             length = int(environ.get("CONTENT_LENGTH") or 0)
             body = environ["wsgi.input"].read(length) if length else environ["wsgi.input"].read()
             headers["Content-Length"] = str(len(body))
-            timeout = _upstream_timeout(environ.get("HTTP_CONNECT_TIMEOUT_MS"), streaming)
+            timeout = _upstream_timeout(environ.get(_TIMEOUT), streaming)
             tried = ""
             while True:
                 provider = self._resolve(args)
@@ -118,10 +125,10 @@ class Router:
                     target += "?" + environ["QUERY_STRING"]
                 pool = self._pool_for(provider.base_url)
                 try:
-                    conn, upstream = pool.send(environ["REQUEST_METHOD"], target, body, headers, timeout)
+                    upstream = pool.send(environ["REQUEST_METHOD"], target, headers, body, CONNECT_TIMEOUT, timeout)
                     break
-                except (http.client.HTTPException, OSError) as e:
-                    if isinstance(e, ConnectionRefusedError):
+                except TransportError as e:
+                    if e.refused:
                         self._unreachable(provider.provider_id, e)
                     # Replaced while this call was on its way: the successor takes it. The
                     # old instance refused the connection, so it never saw the request.
@@ -136,9 +143,25 @@ class Router:
             if streaming:
                 return _stream_error(start_response, environ.get("CONTENT_TYPE", ""), e)
             return error_response(start_response, e)
-        out_headers = [(k, v) for k, v in upstream.getheaders() if k.lower() not in _HOP_BY_HOP]
+        out_headers = [(k, v) for k, v in upstream.header_items() if k.lower() not in _HOP_BY_HOP]
         start_response(f"{upstream.status} {upstream.reason or ''}".strip(), out_headers)
-        return _relay(upstream, conn, pool, provider.provider_id, self)
+        return self._relay(upstream, provider.provider_id)
+
+    def _relay(self, upstream: Response, provider_id: str) -> Iterator[bytes]:
+        """Pass the body on as it arrives; a stream that breaks mid-way marks its provider."""
+        try:
+            while True:
+                chunk = upstream.read1(RELAY_CHUNK)
+                if not chunk:
+                    break
+                yield chunk
+        except TransportError as e:
+            self._unreachable(provider_id, e)
+            # The response has started: end the stream the Connect way if we can say so.
+            if _protocol.is_streaming(upstream.headers.get("content-type", "")):
+                yield _protocol.end_stream(ConnectError(Code.UNAVAILABLE, f"provider {provider_id} went away"))
+        finally:
+            upstream.close()
 
     def _resolve(self, args: dict[str, str]) -> Provider:
         with self._lock:
@@ -168,11 +191,11 @@ class Router:
         log.warning("provider %s unreachable: %s; marking it unhealthy", provider_id, error)
         self._registry.set_health(provider_id, UNHEALTHY)
 
-    def _pool_for(self, base_url: str) -> _Connections:
+    def _pool_for(self, base_url: str) -> ConnectionPool:
         pool = self._pools.get(base_url)
         if pool is None:
             with self._pools_lock:
-                pool = self._pools.setdefault(base_url, _Connections(base_url, self._pool_size))
+                pool = self._pools.setdefault(base_url, ConnectionPool(base_url, self._pool_size))
         return pool
 
     def close(self) -> None:
@@ -182,131 +205,10 @@ class Router:
             pool.close()
 
 
-class _Connections:
-    """Idle keep-alive connections to one provider, on plain ``http.client``.
-
-    Lighter than a general-purpose pool on this hot path: one write per request (headers
-    and body together), no URL parsing per call. Safe from any thread.
-    """
-
-    def __init__(self, base_url: str, size: int) -> None:
-        url = urlsplit(base_url)
-        self._https = url.scheme == "https"
-        self._host = url.hostname or "127.0.0.1"
-        self._port = url.port or (443 if self._https else 80)
-        self._size = size
-        self._idle: list[http.client.HTTPConnection] = []
-        self._lock = threading.Lock()
-
-    def send(
-        self, method: str, path: str, body: bytes, headers: dict[str, str], timeout: float | None
-    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        """Send on an idle connection (or a new one).
-
-        An idle connection the provider closed while we held it fails before any reply;
-        that one case is retried once on a fresh connection.
-        """
-        conn, reused = self._take()
-        try:
-            return conn, self._exchange(conn, method, path, body, headers, timeout)
-        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-            conn.close()
-            if not reused:
-                raise
-        except BaseException:
-            conn.close()
-            raise
-        conn = self._connect()
-        try:
-            return conn, self._exchange(conn, method, path, body, headers, timeout)
-        except BaseException:
-            conn.close()
-            raise
-
-    @staticmethod
-    def _exchange(
-        conn: http.client.HTTPConnection, method: str, path: str, body: bytes, headers: dict[str, str],
-        timeout: float | None,
-    ) -> http.client.HTTPResponse:
-        assert conn.sock is not None
-        conn.sock.settimeout(timeout)
-        conn.putrequest(method, path, skip_accept_encoding=True)
-        for key, value in headers.items():
-            conn.putheader(key, value)
-        conn.endheaders(body or None)
-        return conn.getresponse()
-
-    def _take(self) -> tuple[http.client.HTTPConnection, bool]:
-        with self._lock:
-            while self._idle:
-                conn = self._idle.pop()
-                if conn.sock is not None and not _dropped(conn.sock):
-                    return conn, True
-                conn.close()
-        return self._connect(), False
-
-    def _connect(self) -> http.client.HTTPConnection:
-        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-        conn = cls(self._host, self._port, timeout=5.0)
-        conn.connect()
-        assert conn.sock is not None
-        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return conn
-
-    def give_back(self, conn: http.client.HTTPConnection) -> None:
-        with self._lock:
-            if len(self._idle) < self._size:
-                self._idle.append(conn)
-                return
-        conn.close()
-
-    def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
-
-
-def _dropped(sock: socket.socket) -> bool:
-    """An idle keep-alive socket that is readable has been closed by the other end."""
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-    except (OSError, ValueError):
-        return True
-    return bool(readable)
-
-
-def _relay(
-    upstream: http.client.HTTPResponse, conn: http.client.HTTPConnection, pool: _Connections,
-    provider_id: str, router: Router,
-) -> Iterator[bytes]:
-    """Pass the body on as it arrives; a stream that breaks mid-way marks its provider."""
-    complete = False
-    try:
-        while True:
-            chunk = upstream.read1(65536)
-            if not chunk:
-                break
-            yield chunk
-        complete = True
-    except (http.client.HTTPException, OSError) as e:
-        router._unreachable(provider_id, e)
-        # The response has started: end the stream the Connect way if we can say so.
-        if (upstream.getheader("Content-Type") or "").startswith("application/connect+"):
-            end = {"error": {"code": Code.UNAVAILABLE.value, "message": f"provider {provider_id} went away"}}
-            yield envelope(FLAG_END_STREAM, json.dumps(end).encode())
-    finally:
-        # Closing the response (not the socket) is what lets http.client send again on it;
-        # a body-less reply is otherwise never marked finished.
-        upstream.close()
-        if complete and not upstream.will_close:
-            pool.give_back(conn)
-        else:
-            conn.close()
-
-
 _UNARY_CAP = 300.0
 """Longest a unary call without its own timeout may hold a host thread, in seconds."""
+_MARGIN = 1.0
+"""Seconds the host waits past a caller's deadline, so the provider's own answer gets through."""
 
 
 def _upstream_timeout(timeout_ms: str | None, streaming: bool) -> float | None:
@@ -314,14 +216,17 @@ def _upstream_timeout(timeout_ms: str | None, streaming: bool) -> float | None:
 
     Without a deadline a unary call is still capped; a stream may stay quiet indefinitely.
     """
-    if timeout_ms and timeout_ms.isascii() and timeout_ms.isdigit():
-        return int(timeout_ms) / 1000.0 + 1.0
+    if timeout_ms:
+        try:
+            return _protocol.parse_timeout_ms(timeout_ms) + _MARGIN
+        except ConnectError:
+            pass  # the provider rejects it; until it has, the call is one without a deadline
     return None if streaming else _UNARY_CAP
 
 
 def _stream_error(start_response: Callable[..., Any], content_type: str, error: ConnectError) -> list[bytes]:
     """A streaming call's error: always a 200 whose body is only the end-of-stream message."""
-    body = envelope(FLAG_END_STREAM, json.dumps({"error": error.to_json()}).encode())
+    body = _protocol.end_stream(error)
     start_response("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))])
     return [body]
 
@@ -329,5 +234,5 @@ def _stream_error(start_response: Callable[..., Any], content_type: str, error: 
 def _headers(environ: dict) -> dict[str, str]:
     return {
         "authorization": environ.get("HTTP_AUTHORIZATION", ""),
-        RUNTIME_ID_HEADER.lower(): environ.get("HTTP_" + RUNTIME_ID_HEADER.upper().replace("-", "_"), ""),
+        RUNTIME_ID_HEADER.lower(): environ.get(_RUNTIME_ID, ""),
     }

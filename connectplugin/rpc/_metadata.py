@@ -29,6 +29,11 @@ def decode_value(key: str, value: str) -> Value:
         raise ConnectError(Code.INVALID_ARGUMENT, f"header {key!r} is not valid base64") from None
 
 
+def environ_key(name: str) -> str:
+    """Where WSGI puts a request header: ``Connect-Timeout-Ms`` is ``HTTP_CONNECT_TIMEOUT_MS``."""
+    return "HTTP_" + name.upper().replace("-", "_")
+
+
 def to_wire(items: Mapping[str, Value], prefix: str = "") -> list[tuple[str, str]]:
     return [(prefix + k, encode_value(k, v)) for k, v in items.items()]
 

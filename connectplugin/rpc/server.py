@@ -7,10 +7,7 @@ The app holds no mutable state after construction, so any number of server threa
 
 from __future__ import annotations
 
-import base64
-import binascii
 import http
-import json
 import logging
 import threading
 import time
@@ -24,7 +21,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Map, Rule
 
 from . import _protocol
-from ._metadata import Value, from_pairs
+from ._metadata import Value, environ_key, from_pairs
 from ._metadata import to_wire as _strict_to_wire
 from .errors import Code, ConnectError
 from .service import Method, Service
@@ -128,9 +125,17 @@ class _Route:
         self.output = method.output
 
 
-_UNARY_TYPES = {"application/proto": "proto", "application/json": "json"}
-_STREAM_TYPES = {"application/connect+proto": "proto", "application/connect+json": "json"}
-_UNARY_CONTENT_TYPE = {name: ("Content-Type", "application/" + name) for name in _protocol.CODECS}
+_UNARY_TYPES = _protocol.UNARY_TYPES
+_STREAM_TYPES = _protocol.STREAM_TYPES
+_UNARY_CONTENT_TYPE = {name: ("Content-Type", type_) for type_, name in _UNARY_TYPES.items()}
+_STREAM_CONTENT_TYPE = {name: ("Content-Type", type_) for type_, name in _STREAM_TYPES.items()}
+# The Connect request headers as WSGI environ keys, read in place on every call.
+_TIMEOUT = environ_key(_protocol.TIMEOUT_HEADER)
+_VERSION = environ_key(_protocol.VERSION_HEADER)
+_UNARY_ENCODING = environ_key(_protocol.UNARY_ENCODING_HEADER)
+_UNARY_ACCEPT_ENCODING = environ_key(_protocol.UNARY_ACCEPT_ENCODING_HEADER)
+_STREAM_ENCODING = environ_key(_protocol.STREAM_ENCODING_HEADER)
+_STREAM_ACCEPT_ENCODING = environ_key(_protocol.STREAM_ACCEPT_ENCODING_HEADER)
 
 
 class App:
@@ -201,30 +206,24 @@ class App:
         query: dict[str, list[str]] | None = None
         if is_get:
             query = parse_qs(environ.get("QUERY_STRING", ""))
-            codec_name = _first(query, "encoding")
+            codec_name = _protocol.get_codec(query)
         else:
             content_type = environ.get("CONTENT_TYPE", "")
             # The exact spelling first: it is what clients send, and needs no parsing.
-            codec_name = _UNARY_TYPES.get(content_type) or _codec_for(content_type, _UNARY_TYPES)
+            codec_name = _UNARY_TYPES.get(content_type) or _protocol.codec_for(content_type, _UNARY_TYPES)
         codec = _protocol.CODECS.get(codec_name)
         if codec is None:
             return _unsupported_media(start_response, _UNARY_TYPES)
         ctx: Context | None = None
         try:
-            timeout = environ.get("HTTP_CONNECT_TIMEOUT_MS")
+            timeout = environ.get(_TIMEOUT)
             deadline = None if timeout is None else _deadline(timeout)
             ctx = Context(route.method, environ, deadline, self.stopping)
             if query is not None:
-                if _first(query, "connect") not in ("", "v1"):
-                    raise ConnectError(Code.INVALID_ARGUMENT, "connect query parameter must be v1")
-                payload = self._get_payload(query)
+                payload = _protocol.get_payload(query, self.config.read_limit)
             else:
-                version = environ.get("HTTP_CONNECT_PROTOCOL_VERSION")
-                if version is not None and version != "1":
-                    raise _unsupported_version(version)
-                encoding = environ.get("HTTP_CONTENT_ENCODING") or _protocol.IDENTITY
-                if encoding not in _protocol.ENCODINGS:
-                    raise _protocol.unsupported_encoding(encoding)
+                _protocol.check_version(environ.get(_VERSION))
+                encoding = _protocol.check_encoding(environ.get(_UNARY_ENCODING))
                 payload = self._read_body(environ)
                 if encoding != _protocol.IDENTITY:
                     payload = _protocol.decompress(encoding, payload, self.config.read_limit)
@@ -249,32 +248,16 @@ class App:
 
         headers = [_UNARY_CONTENT_TYPE[codec_name]]
         if len(body) >= self.config.compress_min_bytes:
-            if _protocol.negotiate(environ.get("HTTP_ACCEPT_ENCODING")) == _protocol.GZIP:
+            if _protocol.negotiate(environ.get(_UNARY_ACCEPT_ENCODING)) == _protocol.GZIP:
                 body = _protocol.compress(_protocol.GZIP, body)
-                headers.append(("Content-Encoding", _protocol.GZIP))
+                headers.append((_protocol.UNARY_ENCODING_HEADER, _protocol.GZIP))
         headers.append(("Content-Length", str(len(body))))
         if ctx.response_headers:
             headers += to_wire(ctx.response_headers)
         if ctx.response_trailers:
-            headers += to_wire(ctx.response_trailers, "trailer-")
+            headers += to_wire(ctx.response_trailers, _protocol.TRAILER_PREFIX)
         start_response("200 OK", headers)
         return [body]
-
-    def _get_payload(self, query: dict[str, list[str]]) -> bytes:
-        message = _first(query, "message")
-        if _first(query, "base64") == "1":
-            try:
-                data = base64.urlsafe_b64decode(message + "=" * (-len(message) % 4))
-            except (binascii.Error, ValueError):
-                raise ConnectError(Code.INVALID_ARGUMENT, "message is not valid base64") from None
-        else:
-            data = message.encode()
-        encoding = _first(query, "compression") or _protocol.IDENTITY
-        if encoding not in _protocol.ENCODINGS:
-            raise _protocol.unsupported_encoding(encoding)
-        if len(data) > self.config.read_limit:
-            raise _protocol.too_large(self.config.read_limit)
-        return _protocol.decompress(encoding, data, self.config.read_limit)
 
     def _read_body(self, environ: dict, slack: int = 0) -> bytes:
         limit = self.config.read_limit + slack
@@ -295,23 +278,19 @@ class App:
     # --- server streaming ---------------------------------------------------------------------
 
     def _stream(self, route: _Route, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
-        codec_name = _codec_for(environ.get("CONTENT_TYPE", ""), _STREAM_TYPES)
+        codec_name = _protocol.codec_for(environ.get("CONTENT_TYPE", ""), _STREAM_TYPES)
         if codec_name not in _protocol.CODECS:
             return _unsupported_media(start_response, _STREAM_TYPES)
         codec = _protocol.CODECS[codec_name]
-        headers = [("Content-Type", "application/connect+" + codec_name)]
+        headers = [_STREAM_CONTENT_TYPE[codec_name]]
         ctx: Context | None = None
         # Past this point every failure is reported in the end-stream message of a 200.
         try:
-            timeout = environ.get("HTTP_CONNECT_TIMEOUT_MS")
+            timeout = environ.get(_TIMEOUT)
             deadline = None if timeout is None else _deadline(timeout)
             ctx = Context(route.method, environ, deadline, self.stopping)
-            version = environ.get("HTTP_CONNECT_PROTOCOL_VERSION")
-            if version is not None and version != "1":
-                raise _unsupported_version(version)
-            encoding = environ.get("HTTP_CONNECT_CONTENT_ENCODING") or _protocol.IDENTITY
-            if encoding not in _protocol.ENCODINGS:
-                raise _protocol.unsupported_encoding(encoding)
+            _protocol.check_version(environ.get(_VERSION))
+            encoding = _protocol.check_encoding(environ.get(_STREAM_ENCODING))
             request = codec.decode(self._read_stream_request(environ, encoding), route.input)
             messages = iter(route.call(request, ctx))
         except ConnectError as e:
@@ -320,9 +299,9 @@ class App:
             log.exception("unhandled error in %s", route.method.path)
             return _end_only(start_response, headers, ConnectError(Code.INTERNAL, "internal error"), ctx)
 
-        send_encoding = _protocol.negotiate(environ.get("HTTP_CONNECT_ACCEPT_ENCODING"))
+        send_encoding = _protocol.negotiate(environ.get(_STREAM_ACCEPT_ENCODING))
         if send_encoding != _protocol.IDENTITY:
-            headers.append(("Connect-Content-Encoding", send_encoding))
+            headers.append((_protocol.STREAM_ENCODING_HEADER, send_encoding))
         return self._stream_body(route, ctx, messages, codec, send_encoding, start_response, headers)
 
     def _read_stream_request(self, environ: dict, encoding: str) -> bytes:
@@ -403,34 +382,13 @@ def to_wire(items: Mapping[str, Value], prefix: str = "") -> list[tuple[str, str
         return pairs
 
 
-def _first(query: Mapping[str, list[str]], key: str) -> str:
-    values = query.get(key)
-    return values[0] if values else ""
-
-
-def _codec_for(content_type: str, table: Mapping[str, str]) -> str:
-    base, _, params = content_type.partition(";")
-    name = table.get(base.strip().lower(), "")
-    if name == "json" and params:
-        # Only UTF-8 JSON exists in Connect; any other charset is unsupported.
-        for param in params.split(";"):
-            key, _, value = param.strip().partition("=")
-            if key.lower() == "charset" and value.strip('"').lower() not in ("utf-8", "utf8"):
-                return ""
-    return name
-
-
 def _deadline(timeout_ms: str) -> float:
     """The absolute deadline of a call from its ``Connect-Timeout-Ms``.
 
-    Callers read that header, and Connect-Protocol-Version, from the environ in place: on
-    every call, calling a helper to do it would cost more than the reading.
+    Callers read that header from the environ in place and call this only when it is there:
+    most calls carry no timeout, and a call to learn that would cost more than the lookup.
     """
     return time.monotonic() + _protocol.parse_timeout_ms(timeout_ms)
-
-
-def _unsupported_version(version: str) -> ConnectError:
-    return ConnectError(Code.INVALID_ARGUMENT, f"unsupported Connect-Protocol-Version {version!r}")
 
 
 def _unsupported_media(start_response: StartResponse, table: Mapping[str, str]) -> list[bytes]:
@@ -453,26 +411,20 @@ def error_response(
     ctx: Context | None = None,
     status: int | None = None,
 ) -> list[bytes]:
-    body = json.dumps(error.to_json(), separators=(",", ":")).encode()
-    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+    body = _protocol.error_body(error)
+    headers = [("Content-Type", _protocol.ERROR_CONTENT_TYPE), ("Content-Length", str(len(body)))]
     if ctx is not None:
         headers += to_wire(ctx.response_headers)
-        headers += to_wire(ctx.response_trailers, "trailer-")
+        headers += to_wire(ctx.response_trailers, _protocol.TRAILER_PREFIX)
     headers += to_wire(error.metadata)
     start_response(_status(status or error.code.http_status), headers)
     return [body]
 
 
 def _end_stream(error: ConnectError | None, ctx: Context | None) -> bytes:
-    trailers: dict[str, list[str]] = {}
-    for key, value in to_wire(ctx.response_trailers if ctx else {}) + to_wire(error.metadata if error else {}):
-        trailers.setdefault(key, []).append(value)
-    end: dict[str, Any] = {}
-    if error is not None:
-        end["error"] = error.to_json()
-    if trailers:
-        end["metadata"] = trailers
-    return _protocol.envelope(_protocol.FLAG_END_STREAM, json.dumps(end, separators=(",", ":")).encode())
+    """The end-stream message: the handler's trailers, then the error's metadata."""
+    metadata = to_wire(ctx.response_trailers if ctx else {}) + to_wire(error.metadata if error else {})
+    return _protocol.end_stream(error, metadata)
 
 
 def _end_only(

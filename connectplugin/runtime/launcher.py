@@ -9,24 +9,19 @@ from __future__ import annotations
 
 import collections
 import enum
-import io
 import logging
 import os
-import queue
 import re
 import signal
 import subprocess
-import sys
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import requests
-from requests.adapters import BaseAdapter
-from requests.structures import CaseInsensitiveDict
 
+from ..rpc._transport import WSGIAdapter
 from . import handshake as hs
 from .health import Health
 from .hostlink import HostLink
@@ -379,172 +374,3 @@ class _InProcess:
         self._server.link.close()
         if self.session is not None:
             self.session.close()
-
-
-class WSGIAdapter(BaseAdapter):
-    """A ``requests`` transport that calls a WSGI app in this process instead of a socket."""
-
-    def __init__(self, app: Callable[..., Iterable[bytes]]) -> None:
-        super().__init__()
-        self.app = app
-
-    def send(self, request: requests.PreparedRequest, stream: bool = False, timeout: Any = None,
-             verify: Any = True, cert: Any = None, proxies: Any = None) -> requests.Response:
-        url = urlsplit(request.url or "")
-        raw_body = request.body or b""
-        body = raw_body.encode() if isinstance(raw_body, str) else bytes(raw_body)
-        environ: dict[str, Any] = {
-            "REQUEST_METHOD": request.method or "GET",
-            "SCRIPT_NAME": "",
-            "PATH_INFO": url.path or "/",
-            "QUERY_STRING": url.query,
-            "SERVER_NAME": url.hostname or "localhost",
-            "SERVER_PORT": str(url.port or 80),
-            "SERVER_PROTOCOL": "HTTP/1.1",
-            "REMOTE_ADDR": "in-process",
-            "CONTENT_LENGTH": str(len(body)),
-            "wsgi.version": (1, 0),
-            "wsgi.url_scheme": url.scheme or "http",
-            "wsgi.input": io.BytesIO(body),
-            "wsgi.errors": sys.stderr,
-            "wsgi.multithread": True,
-            "wsgi.multiprocess": False,
-            "wsgi.run_once": False,
-        }
-        for key, value in request.headers.items():
-            name = key.upper().replace("-", "_")
-            if name in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-                environ[name] = value
-            else:
-                environ["HTTP_" + name] = value
-        started: list[Any] = []
-
-        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
-            started[:] = [status, headers]
-            return lambda data: None
-
-        streaming = environ.get("CONTENT_TYPE", "").startswith("application/connect+")
-        if streaming:
-            # A stream runs on its own thread, as it would in a server, so the handler
-            # makes progress (and sees the caller leave) whether or not the caller reads.
-            raw: io.RawIOBase = _PumpedBody(self.app, environ, start_response)
-        else:
-            app_iter = self.app(environ, start_response)
-            chunks = iter(app_iter)
-            first = next(chunks, b"")  # runs the app far enough to call start_response
-            raw = _BodyReader(first, chunks, app_iter)
-        if not started:  # the app failed before it could answer: what a server would send
-            started[:] = ["500 Internal Server Error", [("Content-Length", "0")]]
-            raw = _BodyReader(b"", iter(()), ())
-        response = requests.Response()
-        status, headers = started
-        response.status_code = int(status.split(" ", 1)[0])
-        response.reason = status.split(" ", 1)[1] if " " in status else ""
-        response.headers = CaseInsensitiveDict(headers)
-        response.raw = raw
-        response.url = request.url or ""
-        response.request = request
-        response.connection = self  # type: ignore[assignment]
-        return response
-
-    def close(self) -> None:
-        pass
-
-
-class _BodyReader(io.RawIOBase):
-    """A file over a WSGI response iterable, read lazily so streams arrive as they are made."""
-
-    def __init__(self, first: bytes, rest: Iterable[bytes], app_iter: Iterable[bytes]) -> None:
-        super().__init__()
-        self._buffer = bytearray(first)
-        self._rest = iter(rest)
-        self._app_iter = app_iter
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, n: int | None = -1, **_: Any) -> bytes:
-        if n is None or n < 0:
-            for chunk in self._rest:
-                self._buffer += chunk
-            data = bytes(self._buffer)
-            self._buffer.clear()
-            return data
-        while len(self._buffer) < n:
-            more = next(self._rest, None)
-            if more is None:
-                break
-            self._buffer += more
-        data = bytes(self._buffer[:n])
-        del self._buffer[:n]
-        return data
-
-    def release_conn(self) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if not self.closed:
-            close = getattr(self._app_iter, "close", None)
-            if close is not None:
-                close()
-        super().close()
-
-
-class _PumpedBody(io.RawIOBase):
-    """A WSGI response produced on a worker thread and read through a queue."""
-
-    def __init__(self, app: Callable[..., Iterable[bytes]], environ: dict[str, Any], start_response: Any) -> None:
-        super().__init__()
-        self._chunks: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        self._buffer = bytearray()
-        self._eof = False
-        self._gone = threading.Event()
-        environ["connectplugin.client_disconnected"] = self._gone.is_set
-        started = threading.Event()
-
-        def marking_start_response(*args: Any) -> Any:
-            write = start_response(*args)
-            started.set()
-            return write
-
-        def pump() -> None:
-            app_iter: Iterable[bytes] = ()
-            try:
-                app_iter = app(environ, marking_start_response)
-                for chunk in app_iter:
-                    started.set()
-                    if self._gone.is_set():
-                        break
-                    if chunk:
-                        self._chunks.put(chunk)
-            finally:
-                close = getattr(app_iter, "close", None)
-                if close is not None:
-                    close()
-                started.set()
-                self._chunks.put(None)
-
-        threading.Thread(target=pump, name="inprocess-stream", daemon=True).start()
-        started.wait()
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, n: int | None = -1, **_: Any) -> bytes:
-        want = sys.maxsize if n is None or n < 0 else n
-        while len(self._buffer) < want and not self._eof:
-            chunk = self._chunks.get()
-            if chunk is None:
-                self._eof = True
-            else:
-                self._buffer += chunk
-        data = bytes(self._buffer[:want])
-        del self._buffer[:want]
-        return data
-
-    def release_conn(self) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._gone.set()
-        super().close()

@@ -1,0 +1,687 @@
+"""Transports: every way request bytes leave the process, behind one small contract.
+
+A :class:`Transport` reaches one base URL: ``send`` returns a :class:`Response` once its
+headers are in, ``close`` drops idle connections. Foreign failures (urllib3, requests,
+http.client, sockets) become :class:`TransportError` here and nowhere else, as requests'
+``HTTPAdapter.send`` does with its except ladder.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import queue
+import select
+import socket
+import sys
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import requests
+import urllib3
+from requests.adapters import BaseAdapter, HTTPAdapter
+from requests.structures import CaseInsensitiveDict
+from urllib3.exceptions import (
+    ClosedPoolError,
+    ConnectTimeoutError,
+    MaxRetryError,
+    NewConnectionError,
+    ReadTimeoutError,
+)
+from urllib3.exceptions import HTTPError as Urllib3Error
+
+from . import _protocol
+
+# --- the contract ---------------------------------------------------------------------------
+
+
+class TransportError(Exception):
+    """Bytes could not be exchanged with the peer.
+
+    ``reason`` is the innermost cause in its own words. ``refused`` is true when the peer
+    refused the connection: nothing listens at its address, and nothing was sent.
+    """
+
+    def __init__(self, reason: str, *, refused: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.refused = refused
+
+
+class TransportTimeout(TransportError):
+    """Connecting, or waiting for the peer's next bytes, took longer than its timeout."""
+
+
+class Response:
+    """An HTTP response whose headers have arrived; its body is read on demand.
+
+    ``headers`` are keyed by lower-cased name, a repeated field one entry with its values
+    joined by ", "; ``header_items()`` gives the fields as received, for a proxy to pass on.
+    ``read(n)`` returns up to ``n`` bytes of the body as sent (still compressed), fewer only at
+    its end; ``read1(n)`` returns what has arrived, waiting only when nothing has. Reads raise
+    :class:`TransportError`. ``close()`` returns the connection to its pool when the body was
+    read to its end, and drops it otherwise. One thread at a time reads a response.
+    """
+
+    __slots__ = ("status", "reason")
+
+    headers: Mapping[str, str]
+
+    def __init__(self, status: int, reason: str | None) -> None:
+        self.status = status
+        self.reason = reason
+
+    def header_items(self) -> list[tuple[str, str]]:
+        return list(self.headers.items())
+
+    def read(self, n: int) -> bytes:
+        raise NotImplementedError
+
+    def read1(self, n: int) -> bytes:
+        return self.read(n)
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class Transport(Protocol):
+    """Sends requests to one base URL. Implementations are safe from any thread."""
+
+    def send(
+        self,
+        method: str,
+        target: str,
+        headers: dict[str, str],
+        body: bytes | None,
+        connect_timeout: float,
+        read_timeout: float | None,
+    ) -> Response:
+        """Send ``method target`` (the path below the base URL, query included).
+
+        ``read_timeout`` bounds each wait for the peer (None: wait indefinitely). Raises
+        :class:`TransportError`.
+        """
+        ...
+
+    def close(self) -> None:
+        """Close idle connections; a later ``send`` opens new ones."""
+        ...
+
+
+def for_session(session: requests.Session, base_url: str) -> AdapterTransport | PoolTransport:
+    """The transport through ``session``'s adapter for ``base_url``; its urllib3 pool itself
+    when the adapter is requests' own, which sends a request the same way for less."""
+    adapter = session.get_adapter(base_url + "/")
+    parts = urlsplit(base_url)
+    if _is_stock(adapter) and not (parts.query or parts.fragment):
+        assert isinstance(adapter, HTTPAdapter)
+        return PoolTransport(adapter, session, base_url, parts.path)
+    return AdapterTransport(adapter, session, base_url)
+
+
+# --- foreign exceptions, translated once ----------------------------------------------------
+
+
+def _translate(e: BaseException) -> TransportError:
+    """The TransportError for a failure of urllib3, requests, http.client or a socket."""
+    if _timed_out(e):
+        return TransportTimeout(_reason(e))
+    return TransportError(_reason(e), refused=_refused(e))
+
+
+_FOREIGN = (requests.exceptions.RequestException, Urllib3Error, http.client.HTTPException, OSError)
+"""What a transport's collaborators raise when bytes cannot be exchanged."""
+
+
+def _timed_out(e: BaseException) -> bool:
+    """Whether a failure is a timeout, as requests' HTTPAdapter.send classifies it."""
+    if isinstance(e, MaxRetryError):
+        # urllib3 makes a refused connection (NewConnectionError) a ConnectTimeoutError too.
+        return isinstance(e.reason, ConnectTimeoutError) and not isinstance(e.reason, NewConnectionError)
+    return isinstance(e, (requests.exceptions.Timeout, ReadTimeoutError, TimeoutError))
+
+
+def _refused(e: BaseException | None) -> bool:
+    seen = 0
+    while e is not None and seen < 8:  # the chain is short; the bound guards against cycles
+        if isinstance(e, ConnectionRefusedError):
+            return True
+        if isinstance(e, MaxRetryError) and e.reason is not None:
+            e = e.reason
+        elif e.args and isinstance(e.args[0], BaseException):
+            e = e.args[0]
+        else:
+            e = e.__cause__ or e.__context__
+        seen += 1
+    return False
+
+
+def _reason(e: BaseException) -> str:
+    while e.args and isinstance(e.args[0], BaseException):
+        e = e.args[0]
+    return str(e) or type(e).__name__
+
+
+# --- requests' HTTPAdapter, its urllib3 pool called directly --------------------------------
+
+
+_SEND_STEPS = (
+    "send",
+    "get_connection_with_tls_context",
+    "build_connection_pool_key_attributes",
+    "cert_verify",
+    "request_url",
+    "add_headers",
+    "build_response",
+)
+"""The methods HTTPAdapter.send is made of; PoolTransport does what they do by default."""
+
+
+def _is_stock(adapter: BaseAdapter) -> bool:
+    """True for requests' HTTPAdapter and subclasses that change only its pool set-up
+    (``init_poolmanager``, as TLS customisations do): calling their pool directly is the
+    same as calling ``send``. A subclass that changes how a request is sent is called through
+    ``send``, and so is any other adapter (the in-process WSGIAdapter)."""
+    return isinstance(adapter, HTTPAdapter) and all(
+        getattr(type(adapter), name) is getattr(HTTPAdapter, name) for name in _SEND_STEPS
+    )
+
+
+class _FileResponse(Response):
+    """A response read through ``read(n)`` and let go of through ``close()``."""
+
+    __slots__ = ("headers", "_read", "_close")
+
+    def __init__(
+        self,
+        status: int,
+        reason: str | None,
+        headers: Mapping[str, str],
+        read: Callable[[int], bytes],
+        close: Callable[[], None],
+    ) -> None:
+        super().__init__(status, reason)
+        self.headers = headers
+        self._read = read
+        self._close = close
+
+    def read(self, n: int) -> bytes:
+        try:
+            return self._read(n)
+        except _FOREIGN as e:
+            raise _translate(e) from None
+
+    def close(self) -> None:
+        self._close()
+
+
+class PoolTransport:
+    """requests' HTTPAdapter, with its urllib3 pool for the base URL called directly.
+
+    Does for our requests what ``HTTPAdapter.send`` does (no proxies, which calls never had),
+    without building a ``requests.Response`` (its cookie jar and bookkeeping cost as much as
+    the rest of a call): the pool and its TLS settings come from the adapter, with the
+    session's ``verify`` and ``cert``, on the first call; the adapter's retry policy applies.
+    """
+
+    def __init__(self, adapter: HTTPAdapter, session: requests.Session, base_url: str, prefix: str) -> None:
+        self._adapter = adapter
+        self._session = session
+        self._base_url = base_url
+        self._prefix = prefix
+        """The base URL's path, which every request target starts with."""
+        # Set by one call or another; any thread may replace it with an equal pool.
+        self._pool: urllib3.HTTPConnectionPool | None = None
+
+    def send(
+        self,
+        method: str,
+        target: str,
+        headers: dict[str, str],
+        body: bytes | None,
+        connect_timeout: float,
+        read_timeout: float | None,
+    ) -> Response:
+        # The arguments HTTPAdapter.send passes.
+        arguments: dict[str, Any] = dict(
+            body=body,
+            headers=headers,
+            retries=self._adapter.max_retries,
+            redirect=False,
+            assert_same_host=False,
+            preload_content=False,
+            decode_content=False,
+            timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
+        )
+        try:
+            pool = self._pool or self._connect()
+            try:
+                response = pool.urlopen(method, self._prefix + target, **arguments)
+            except ClosedPoolError:
+                # The session closed the pool (Session.close(), or it was the least recently
+                # used of too many); nothing was sent. Fetch the session's new pool and go again.
+                response = self._connect().urlopen(method, self._prefix + target, **arguments)
+        except _FOREIGN as e:
+            raise _translate(e) from None
+
+        def close() -> None:
+            response.close()  # drops the connection, unless fully read (then already back)
+            response.release_conn()  # either way the pool gets its slot back, as with requests
+
+        headers = {key.lower(): value for key, value in response.headers.itermerged()}
+        return _FileResponse(response.status, response.reason, headers, response.read, close)
+
+    def close(self) -> None:
+        """Close the pool's idle connections; a later call takes a new pool from the session."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+    def _connect(self) -> urllib3.HTTPConnectionPool:
+        request = requests.PreparedRequest()
+        request.url = self._base_url + "/"
+        verify, cert = _tls_settings(self._session)
+        pool = self._adapter.get_connection_with_tls_context(request, verify, cert=cert)
+        self._adapter.cert_verify(pool, request.url, verify, cert)
+        assert isinstance(pool, urllib3.HTTPConnectionPool)
+        self._pool = pool
+        return pool
+
+
+def _tls_settings(session: requests.Session) -> tuple[bool | str, Any]:
+    """The session's ``verify`` and ``cert``; a ``verify`` of None verifies, as by default."""
+    verify = session.verify
+    return (True if verify is None else verify), session.cert
+
+
+# --- any requests transport adapter ---------------------------------------------------------
+
+
+class AdapterTransport:
+    """Any ``requests`` transport adapter (a customised HTTPAdapter, the in-process
+    :class:`WSGIAdapter`), called through ``send`` with the session's TLS settings."""
+
+    def __init__(self, adapter: BaseAdapter, session: requests.Session, base_url: str) -> None:
+        self._adapter = adapter
+        self._session = session
+        self._base_url = base_url
+
+    def send(
+        self,
+        method: str,
+        target: str,
+        headers: dict[str, str],
+        body: bytes | None,
+        connect_timeout: float,
+        read_timeout: float | None,
+    ) -> Response:
+        prepared = requests.PreparedRequest()
+        prepared.method = method
+        prepared.url = self._base_url + target
+        prepared.headers = CaseInsensitiveDict(headers)
+        prepared.body = body
+        prepared.hooks = {"response": []}
+        verify, cert = _tls_settings(self._session)
+        try:
+            response = self._adapter.send(
+                prepared,
+                stream=True,
+                timeout=(connect_timeout, read_timeout),  # type: ignore[arg-type]  # read may be None
+                verify=verify,
+                cert=cert,
+            )
+        except _FOREIGN as e:
+            raise _translate(e) from None
+        headers = {key.lower(): value for key, value in response.headers.items()}
+        return _FileResponse(response.status_code, response.reason, headers, response.raw.read, response.close)
+
+    def close(self) -> None:
+        pass  # the session closes its adapters
+
+
+# --- plain http.client keep-alive connections -----------------------------------------------
+
+
+class _ConnectionResponse(Response):
+    """A response on one pooled connection, which goes back to the pool if read to its end."""
+
+    __slots__ = ("_upstream", "_conn", "_pool", "_ended", "_failed", "_headers")
+
+    def __init__(
+        self, upstream: http.client.HTTPResponse, conn: http.client.HTTPConnection, pool: ConnectionPool
+    ) -> None:
+        super().__init__(upstream.status, upstream.reason)
+        self._upstream = upstream
+        self._conn = conn
+        self._pool = pool
+        self._ended = False
+        self._failed = False
+        self._headers: dict[str, str] | None = None
+
+    @property
+    def headers(self) -> Mapping[str, str]:  # type: ignore[override]  # built on first use: a proxy reads header_items()
+        if self._headers is None:
+            self._headers = {}
+            for key, value in self._upstream.getheaders():
+                key = key.lower()
+                previous = self._headers.get(key)
+                self._headers[key] = value if previous is None else f"{previous}, {value}"
+        return self._headers
+
+    def header_items(self) -> list[tuple[str, str]]:
+        return self._upstream.getheaders()
+
+    def read(self, n: int) -> bytes:
+        return self._read(self._upstream.read, n)
+
+    def read1(self, n: int) -> bytes:
+        return self._read(self._upstream.read1, n)
+
+    def _read(self, read: Callable[[int], bytes], n: int) -> bytes:
+        try:
+            data = read(n)
+        except _FOREIGN as e:
+            self._failed = True
+            raise _translate(e) from None
+        if not data and n:
+            self._ended = True
+        return data
+
+    def close(self) -> None:
+        # http.client lets go of a body read to its length by itself, but never of an empty
+        # one; closing the response (not the socket) is what lets it send again either way.
+        ended = self._ended or self._upstream.isclosed()
+        self._upstream.close()
+        if ended and not self._failed and not self._upstream.will_close:
+            self._pool.give_back(self._conn)
+        else:
+            self._conn.close()
+
+
+class ConnectionPool:
+    """Idle keep-alive connections to one base URL, on plain ``http.client``.
+
+    Lighter than urllib3 on the router's hot path: one write per request (headers and body
+    together), no URL parsing per call. Safe from any thread; ``_lock`` guards ``_idle``.
+    """
+
+    def __init__(self, base_url: str, size: int) -> None:
+        url = urlsplit(base_url)
+        self._https = url.scheme == "https"
+        self._host = url.hostname or "127.0.0.1"
+        self._port = url.port or (443 if self._https else 80)
+        self._prefix = url.path.rstrip("/")
+        self._size = size
+        self._idle: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+
+    def send(
+        self,
+        method: str,
+        target: str,
+        headers: dict[str, str],
+        body: bytes | None,
+        connect_timeout: float,
+        read_timeout: float | None,
+    ) -> Response:
+        """Send on an idle connection (or a new one).
+
+        An idle connection the peer closed while we held it fails before any reply; that one
+        case is retried once on a fresh connection.
+        """
+        target = self._prefix + target
+        try:
+            conn, reused = self._take(connect_timeout)
+            try:
+                return _ConnectionResponse(self._exchange(conn, method, target, body, headers, read_timeout), conn, self)
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                conn.close()
+                if not reused:
+                    raise
+            except BaseException:
+                conn.close()
+                raise
+            conn = self._connect(connect_timeout)
+            try:
+                return _ConnectionResponse(self._exchange(conn, method, target, body, headers, read_timeout), conn, self)
+            except BaseException:
+                conn.close()
+                raise
+        except _FOREIGN as e:
+            raise _translate(e) from None
+
+    @staticmethod
+    def _exchange(
+        conn: http.client.HTTPConnection,
+        method: str,
+        target: str,
+        body: bytes | None,
+        headers: dict[str, str],
+        timeout: float | None,
+    ) -> http.client.HTTPResponse:
+        assert conn.sock is not None
+        conn.sock.settimeout(timeout)
+        conn.putrequest(method, target, skip_accept_encoding=True)
+        for key, value in headers.items():
+            conn.putheader(key, value)
+        conn.endheaders(body or None)
+        return conn.getresponse()
+
+    def _take(self, connect_timeout: float) -> tuple[http.client.HTTPConnection, bool]:
+        with self._lock:
+            while self._idle:
+                conn = self._idle.pop()
+                if conn.sock is not None and not _dropped(conn.sock):
+                    return conn, True
+                conn.close()
+        return self._connect(connect_timeout), False
+
+    def _connect(self, timeout: float) -> http.client.HTTPConnection:
+        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        conn = cls(self._host, self._port, timeout=timeout)
+        conn.connect()
+        assert conn.sock is not None
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+
+    def give_back(self, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            if len(self._idle) < self._size:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+def _dropped(sock: socket.socket) -> bool:
+    """An idle keep-alive socket that is readable has been closed by the other end."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+# --- in process: a WSGI app called directly -------------------------------------------------
+
+
+class WSGIAdapter(BaseAdapter):
+    """A ``requests`` transport adapter that calls a WSGI app in this process instead of a socket.
+
+    Unary calls run on the caller's thread; a stream runs on a thread of its own, as it would
+    in a server. Safe from any thread if the app is.
+    """
+
+    def __init__(self, app: Callable[..., Iterable[bytes]]) -> None:
+        super().__init__()
+        self.app = app
+
+    def send(self, request: requests.PreparedRequest, stream: bool = False, timeout: Any = None,
+             verify: Any = True, cert: Any = None, proxies: Any = None) -> requests.Response:
+        url = urlsplit(request.url or "")
+        raw_body = request.body or b""
+        body = raw_body.encode() if isinstance(raw_body, str) else bytes(raw_body)
+        environ: dict[str, Any] = {
+            "REQUEST_METHOD": request.method or "GET",
+            "SCRIPT_NAME": "",
+            "PATH_INFO": url.path or "/",
+            "QUERY_STRING": url.query,
+            "SERVER_NAME": url.hostname or "localhost",
+            "SERVER_PORT": str(url.port or 80),
+            "SERVER_PROTOCOL": "HTTP/1.1",
+            "REMOTE_ADDR": "in-process",
+            "CONTENT_LENGTH": str(len(body)),
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": url.scheme or "http",
+            "wsgi.input": io.BytesIO(body),
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": False,
+            "wsgi.run_once": False,
+        }
+        for key, value in request.headers.items():
+            name = key.upper().replace("-", "_")
+            if name in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                environ[name] = value
+            else:
+                environ["HTTP_" + name] = value
+        started: list[Any] = []
+
+        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
+            started[:] = [status, headers]
+            return lambda data: None
+
+        if _protocol.is_streaming(environ.get("CONTENT_TYPE", "")):
+            # A stream runs on its own thread, as it would in a server, so the handler
+            # makes progress (and sees the caller leave) whether or not the caller reads.
+            raw: io.RawIOBase = _PumpedBody(self.app, environ, start_response)
+        else:
+            app_iter = self.app(environ, start_response)
+            chunks = iter(app_iter)
+            first = next(chunks, b"")  # runs the app far enough to call start_response
+            raw = _BodyReader(first, chunks, app_iter)
+        if not started:  # the app failed before it could answer: what a server would send
+            started[:] = ["500 Internal Server Error", [("Content-Length", "0")]]
+            raw = _BodyReader(b"", iter(()), ())
+        response = requests.Response()
+        status, headers = started
+        response.status_code = int(status.split(" ", 1)[0])
+        response.reason = status.split(" ", 1)[1] if " " in status else ""
+        merged: CaseInsensitiveDict[str] = CaseInsensitiveDict()
+        for key, value in headers:  # a repeated field is one, as requests' own adapter has it
+            merged[key] = f"{merged[key]}, {value}" if key in merged else value
+        response.headers = merged
+        response.raw = raw
+        response.url = request.url or ""
+        response.request = request
+        response.connection = self  # type: ignore[assignment]
+        return response
+
+    def close(self) -> None:
+        pass
+
+
+class _BodyReader(io.RawIOBase):
+    """A file over a WSGI response iterable, read lazily so streams arrive as they are made."""
+
+    def __init__(self, first: bytes, rest: Iterable[bytes], app_iter: Iterable[bytes]) -> None:
+        super().__init__()
+        self._buffer = bytearray(first)
+        self._rest = iter(rest)
+        self._app_iter = app_iter
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int | None = -1, **_: Any) -> bytes:
+        if n is None or n < 0:
+            for chunk in self._rest:
+                self._buffer += chunk
+            data = bytes(self._buffer)
+            self._buffer.clear()
+            return data
+        while len(self._buffer) < n:
+            more = next(self._rest, None)
+            if more is None:
+                break
+            self._buffer += more
+        data = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return data
+
+    def release_conn(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            close = getattr(self._app_iter, "close", None)
+            if close is not None:
+                close()
+        super().close()
+
+
+class _PumpedBody(io.RawIOBase):
+    """A WSGI response produced on a worker thread and read through a queue."""
+
+    def __init__(self, app: Callable[..., Iterable[bytes]], environ: dict[str, Any], start_response: Any) -> None:
+        super().__init__()
+        self._chunks: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._buffer = bytearray()
+        self._eof = False
+        self._gone = threading.Event()
+        environ["connectplugin.client_disconnected"] = self._gone.is_set
+        started = threading.Event()
+
+        def marking_start_response(*args: Any) -> Any:
+            write = start_response(*args)
+            started.set()
+            return write
+
+        def pump() -> None:
+            app_iter: Iterable[bytes] = ()
+            try:
+                app_iter = app(environ, marking_start_response)
+                for chunk in app_iter:
+                    started.set()
+                    if self._gone.is_set():
+                        break
+                    if chunk:
+                        self._chunks.put(chunk)
+            finally:
+                close = getattr(app_iter, "close", None)
+                if close is not None:
+                    close()
+                started.set()
+                self._chunks.put(None)
+
+        threading.Thread(target=pump, name="inprocess-stream", daemon=True).start()
+        started.wait()
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int | None = -1, **_: Any) -> bytes:
+        want = sys.maxsize if n is None or n < 0 else n
+        while len(self._buffer) < want and not self._eof:
+            chunk = self._chunks.get()
+            if chunk is None:
+                self._eof = True
+            else:
+                self._buffer += chunk
+        data = bytes(self._buffer[:want])
+        del self._buffer[:want]
+        return data
+
+    def release_conn(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._gone.set()
+        super().close()
