@@ -14,7 +14,8 @@ import requests
 
 import connectplugin
 from connectplugin import HealthReport, HealthState, HostConfig, HostLink, HTTPConfig, PluginHost
-from connectplugin.gen.connectplugin.v1 import registry_pb2
+from connectplugin.gen.connectplugin.v1 import lifecycle_pb2, registry_pb2
+from connectplugin.gen.connectplugin.v1.lifecycle_connect import PluginLifecycleClient
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.platform import HANDSHAKE
 from tests.helpers import ENV, HEALTHY, ROOT, free_port, module, provider_ids, wait_until
@@ -217,3 +218,14 @@ def test_health_listeners_get_each_report_as_a_health_report(host):
     assert runtime_id == host.runtime_id(client)
     assert isinstance(report, HealthReport) and report.state is HealthState.HEALTHY
     assert host.reported_health(runtime_id) == reports[-1][1]
+
+
+def test_a_health_report_with_an_unknown_state_is_invalid_argument_and_changes_nothing(host, peer):
+    caller = peer(host, "reporter")
+    lifecycle = PluginLifecycleClient(caller.api)
+
+    with pytest.raises(connectplugin.ConnectError) as e:
+        lifecycle.report_health(lifecycle_pb2.ReportHealthRequest(state=42))  # type: ignore[arg-type]
+
+    assert e.value.code is connectplugin.Code.INVALID_ARGUMENT
+    assert host.reported_health(caller.runtime_id) is None

@@ -136,7 +136,7 @@ class _Lifecycle(PluginLifecycleHandler):
         self, request: lifecycle_pb2.ReportHealthRequest, ctx: Context
     ) -> lifecycle_pb2.ReportHealthResponse:
         identity = self._host.identities.verify(ctx.request_headers)
-        self._host._record_health(identity.runtime_id, report_from_wire(request))
+        self._host._record_health(identity.runtime_id, report_from_wire(request, blame=Code.INVALID_ARGUMENT))
         return lifecycle_pb2.ReportHealthResponse()
 
 

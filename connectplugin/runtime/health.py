@@ -67,12 +67,15 @@ def report_to_wire(report: HealthReport, message: type[HealthMessage]) -> Health
     )
 
 
-def report_from_wire(message: lifecycle_pb2.GetHealthResponse | lifecycle_pb2.ReportHealthRequest) -> HealthReport:
-    """The report a peer sent; a state this side does not know is a broken answer (``internal``)."""
+def report_from_wire(
+    message: lifecycle_pb2.GetHealthResponse | lifecycle_pb2.ReportHealthRequest, blame: Code = Code.INTERNAL
+) -> HealthReport:
+    """The report a peer sent. A state this side does not know fails with ``blame``: ``internal``
+    for an answer (a broken server), ``invalid_argument`` for a request (a broken caller)."""
     try:
         state = HealthState(message.state)
     except ValueError:
-        raise ConnectError(Code.INTERNAL, f"unknown health state {message.state}") from None
+        raise ConnectError(blame, f"unknown health state {message.state}") from None
     return HealthReport(state, message.reason, tuple(message.unavailable_dependencies))
 
 
