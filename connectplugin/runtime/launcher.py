@@ -161,12 +161,14 @@ class ProcessStrategy:
             raise LaunchError(
                 ctx.name, LaunchFailure.NOT_EXECUTABLE, f"could not be executed ({' '.join(self.command)}): {e}"
             ) from None
-        return _Process(ctx, proc, self)
+        running = _Process(ctx, proc, self)
+        running.await_address()
+        return running
 
 
 class _Process:
-    """A plugin subprocess: started by ``ProcessStrategy.start``, which returns once it has
-    reported its address (or raises LaunchError). Three named threads per plugin read its
+    """A plugin subprocess: ``ProcessStrategy.start`` makes it, then ``await_address()`` returns
+    once it has reported its address (or raises LaunchError). Three named threads per plugin read its
     stdout and stderr and wait for its exit. ``stop()`` and ``alive()`` are safe from any thread.
     """
 
@@ -194,11 +196,16 @@ class _Process:
             threading.Thread(target=self._read_stdout, name=f"{ctx.name}-stdout", daemon=True),
             threading.Thread(target=self._read_stderr, name=f"{ctx.name}-stderr", daemon=True),
         ]
-        for t in [*self._readers, threading.Thread(target=self._await_exit, name=f"{ctx.name}-wait", daemon=True)]:
+
+    def await_address(self) -> None:
+        """Start reading its output and watching for its exit; return once it has reported
+        its address, or raise LaunchError (it exited, was refused, or stayed silent)."""
+        waiter = threading.Thread(target=self._await_exit, name=f"{self._ctx.name}-wait", daemon=True)
+        for t in [*self._readers, waiter]:
             t.start()
         with self._reported_or_exited:
             self._reported_or_exited.wait_for(
-                lambda: bool(self.url or self._refused or self._reaped), timeout=strategy.start_timeout
+                lambda: bool(self.url or self._refused or self._reaped), timeout=self._strategy.start_timeout
             )
             started = bool(self.url)
         if not started:
