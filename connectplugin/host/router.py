@@ -18,7 +18,7 @@ from ..rpc import _protocol
 from ..rpc._metadata import environ_key
 from ..rpc._transport import ConnectionPool, Response, TransportError
 from ..rpc.errors import Code, ConnectError
-from ..rpc.server import error_response
+from ..rpc.server import error_response, read_body, unsupported_media
 from ..runtime.credentials import RUNTIME_ID_HEADER
 from .identities import Identities
 from .registry import UNHEALTHY, Provider, Registry
@@ -31,6 +31,9 @@ ROUTE = "/services/<service_type>/<provider_id>/<path:method>"
 _CALLER = environ_key(CALLER_HEADER)
 _RUNTIME_ID = environ_key(RUNTIME_ID_HEADER)
 _TIMEOUT = environ_key(_protocol.TIMEOUT_HEADER)
+_VERSION = environ_key(_protocol.VERSION_HEADER)
+_UNARY_ENCODING = environ_key(_protocol.UNARY_ENCODING_HEADER)
+_STREAM_ENCODING = environ_key(_protocol.STREAM_ENCODING_HEADER)
 
 CONNECT_TIMEOUT = 5.0
 """Longest the host waits to open a connection to a provider, in seconds."""
@@ -57,9 +60,14 @@ _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer",
 class Router:
     """A WSGI app proxying routed calls to providers. Safe from any thread."""
 
-    def __init__(self, registry: Registry, identities: Identities, pool_size: int = 32) -> None:
+    def __init__(
+        self, registry: Registry, identities: Identities, pool_size: int = 32,
+        read_limit: int = _protocol.DEFAULT_READ_LIMIT,
+    ) -> None:
         self._registry = registry
         self._identities = identities
+        self.read_limit = read_limit
+        """Largest request body relayed, in bytes (envelope header aside); larger is resource_exhausted."""
         # Keep-alive connections, one pool per provider address, shared by all calls.
         self._pool_size = pool_size
         self._pools: dict[str, ConnectionPool] = {}
@@ -94,10 +102,26 @@ class Router:
         return app(inner, start_response)
 
     def __call__(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        try:
+            return self._route(environ, start_response)
+        except Exception:
+            log.exception("unhandled error routing %s", environ.get("PATH_INFO", ""))
+            return error_response(start_response, ConnectError(Code.INTERNAL, "internal error"))
+
+    def _route(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
         args = environ.get("connectplugin.route_args", {})
-        streaming = _protocol.is_streaming(environ.get("CONTENT_TYPE", ""))
+        content_type = environ.get("CONTENT_TYPE", "")
+        streaming = _protocol.is_streaming(content_type)
+        if environ.get("REQUEST_METHOD") not in ("GET", "POST"):
+            start_response("405 Method Not Allowed", [("Allow", "GET, POST"), ("Content-Length", "0")])
+            return [b""]
+        types = _protocol.STREAM_TYPES if streaming else _protocol.UNARY_TYPES
         try:
             caller = self._identities.verify(_headers(environ))
+            if environ["REQUEST_METHOD"] == "POST" and not _protocol.codec_for(content_type, types):
+                return unsupported_media(start_response, types)
+            timeout = _check_headers(environ, streaming)
+            body = read_body(environ, self.read_limit, _protocol.ENVELOPE_HEADER_SIZE if streaming else 0)
             headers = {
                 key[5:].replace("_", "-").title(): value
                 for key, value in environ.items()
@@ -106,10 +130,7 @@ class Router:
             if environ.get("CONTENT_TYPE"):
                 headers["Content-Type"] = environ["CONTENT_TYPE"]
             headers[CALLER_HEADER] = caller.runtime_id
-            length = int(environ.get("CONTENT_LENGTH") or 0)
-            body = environ["wsgi.input"].read(length) if length else environ["wsgi.input"].read()
             headers["Content-Length"] = str(len(body))
-            timeout = _upstream_timeout(environ.get(_TIMEOUT), streaming)
             tried = ""
             while True:
                 provider = self._resolve(args)
@@ -141,7 +162,7 @@ class Router:
                     tried = provider.provider_id
         except ConnectError as e:
             if streaming:
-                return _stream_error(start_response, environ.get("CONTENT_TYPE", ""), e)
+                return _stream_error(start_response, content_type, e)
             return error_response(start_response, e)
         out_headers = [(k, v) for k, v in upstream.header_items() if k.lower() not in _HOP_BY_HOP]
         start_response(f"{upstream.status} {upstream.reason or ''}".strip(), out_headers)
@@ -211,16 +232,18 @@ _MARGIN = 1.0
 """Seconds the host waits past a caller's deadline, so the provider's own answer gets through."""
 
 
-def _upstream_timeout(timeout_ms: str | None, streaming: bool) -> float | None:
-    """How long the host waits on the provider: the caller's deadline plus a margin.
+def _check_headers(environ: dict, streaming: bool) -> float | None:
+    """Check the Connect headers the way the provider's server will, so a bad call stops here.
 
-    Without a deadline a unary call is still capped; a stream may stay quiet indefinitely.
+    Returns how long the host waits on the provider: the caller's deadline plus a margin;
+    without a deadline a unary call is still capped, a stream may stay quiet indefinitely.
     """
-    if timeout_ms:
-        try:
-            return _protocol.parse_timeout_ms(timeout_ms) + _MARGIN
-        except ConnectError:
-            pass  # the provider rejects it; until it has, the call is one without a deadline
+    if environ["REQUEST_METHOD"] == "POST":
+        _protocol.check_version(environ.get(_VERSION))
+        _protocol.check_encoding(environ.get(_STREAM_ENCODING if streaming else _UNARY_ENCODING))
+    timeout_ms = environ.get(_TIMEOUT)
+    if timeout_ms is not None:
+        return _protocol.parse_timeout_ms(timeout_ms) + _MARGIN
     return None if streaming else _UNARY_CAP
 
 

@@ -54,6 +54,8 @@ def check_version(version: str | None) -> None:
 FLAG_COMPRESSED = 0x01
 FLAG_END_STREAM = 0x02
 _HEADER = struct.Struct(">BI")
+ENVELOPE_HEADER_SIZE = _HEADER.size
+"""Bytes before each envelope's payload: one of flags, four of length."""
 
 
 # --- message codecs -------------------------------------------------------------------------

@@ -213,7 +213,7 @@ class App:
             codec_name = _UNARY_TYPES.get(content_type) or _protocol.codec_for(content_type, _UNARY_TYPES)
         codec = _protocol.CODECS.get(codec_name)
         if codec is None:
-            return _unsupported_media(start_response, _UNARY_TYPES)
+            return unsupported_media(start_response, _UNARY_TYPES)
         ctx: Context | None = None
         try:
             timeout = environ.get(_TIMEOUT)
@@ -260,27 +260,14 @@ class App:
         return [body]
 
     def _read_body(self, environ: dict, slack: int = 0) -> bytes:
-        limit = self.config.read_limit + slack
-        length = environ.get("CONTENT_LENGTH")
-        if length:
-            try:
-                n = int(length)
-            except ValueError:
-                raise ConnectError(Code.INVALID_ARGUMENT, "bad Content-Length") from None
-            if n > limit:
-                raise _protocol.too_large(self.config.read_limit)
-            return environ["wsgi.input"].read(n) if n else b""
-        data = environ["wsgi.input"].read(limit + 1)
-        if len(data) > limit:
-            raise _protocol.too_large(self.config.read_limit)
-        return data
+        return read_body(environ, self.config.read_limit, slack)
 
     # --- server streaming ---------------------------------------------------------------------
 
     def _stream(self, route: _Route, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         codec_name = _protocol.codec_for(environ.get("CONTENT_TYPE", ""), _STREAM_TYPES)
         if codec_name not in _protocol.CODECS:
-            return _unsupported_media(start_response, _STREAM_TYPES)
+            return unsupported_media(start_response, _STREAM_TYPES)
         codec = _protocol.CODECS[codec_name]
         headers = [_STREAM_CONTENT_TYPE[codec_name]]
         ctx: Context | None = None
@@ -305,7 +292,7 @@ class App:
         return self._stream_body(route, ctx, messages, codec, send_encoding, start_response, headers)
 
     def _read_stream_request(self, environ: dict, encoding: str) -> bytes:
-        body = self._read_body(environ, slack=5)
+        body = self._read_body(environ, slack=_protocol.ENVELOPE_HEADER_SIZE)
         pos = 0
 
         def read(n: int) -> bytes:
@@ -382,6 +369,26 @@ def to_wire(items: Mapping[str, Value], prefix: str = "") -> list[tuple[str, str
         return pairs
 
 
+def read_body(environ: dict, limit: int, slack: int = 0) -> bytes:
+    """The whole request body; more than ``limit + slack`` bytes is refused before reading
+    (``slack``: framing around the message, such as an envelope header)."""
+    length = environ.get("CONTENT_LENGTH")
+    if length:
+        try:
+            n = int(length)
+        except ValueError:
+            raise ConnectError(Code.INVALID_ARGUMENT, "bad Content-Length") from None
+        if n < 0:
+            raise ConnectError(Code.INVALID_ARGUMENT, "bad Content-Length")
+        if n > limit + slack:
+            raise _protocol.too_large(limit)
+        return environ["wsgi.input"].read(n) if n else b""
+    data = environ["wsgi.input"].read(limit + slack + 1)
+    if len(data) > limit + slack:
+        raise _protocol.too_large(limit)
+    return data
+
+
 def _deadline(timeout_ms: str) -> float:
     """The absolute deadline of a call from its ``Connect-Timeout-Ms``.
 
@@ -391,7 +398,8 @@ def _deadline(timeout_ms: str) -> float:
     return time.monotonic() + _protocol.parse_timeout_ms(timeout_ms)
 
 
-def _unsupported_media(start_response: StartResponse, table: Mapping[str, str]) -> list[bytes]:
+def unsupported_media(start_response: StartResponse, table: Mapping[str, str]) -> list[bytes]:
+    """415 for a content type none of ``table`` (UNARY_TYPES or STREAM_TYPES) names (spec)."""
     start_response(
         _status(415), [("Accept-Post", ", ".join(table)), ("Content-Length", "0")]
     )
