@@ -493,13 +493,25 @@ def test_end_stream_flag_on_a_request_is_invalid_argument(url, kv):
 
 
 @pytest.mark.parametrize("count", [0, 2, 3])
-def test_server_streaming_request_with_other_than_one_message_is_invalid_argument(url, kv, count):
+def test_server_streaming_request_with_other_than_one_message_is_unimplemented(url, kv, count):
+    # gRPC's status-code table, which Connect follows: "Unimplemented ... a server-streaming
+    # RPC received zero or several request messages"; connect-go answers the same.
     kv.script("watch", streams(*events(1)))
     body = envelope(kv_pb2.WatchRequest(prefix="p").SerializeToString()) * count
 
     reply = post(url, WATCH, body, "application/connect+proto")
 
     assert reply.status == 200
+    assert reply.end_stream()["error"]["code"] == "unimplemented"
+    assert kv.calls == []
+
+
+def test_one_message_followed_by_a_truncated_envelope_is_invalid_argument(url, kv):
+    kv.script("watch", streams(*events(1)))
+    body = envelope(kv_pb2.WatchRequest(prefix="p").SerializeToString()) + b"\x00\x00"
+
+    reply = post(url, WATCH, body, "application/connect+proto")
+
     assert reply.end_stream()["error"]["code"] == "invalid_argument"
     assert kv.calls == []
 

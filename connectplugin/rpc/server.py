@@ -301,11 +301,15 @@ class App:
             pos += len(chunk)
             return chunk
 
+        # Zero or several messages are unimplemented, as gRPC's status table and connect-go
+        # have it; a malformed envelope (truncated, end-stream flag) is invalid_argument.
         first = _protocol.read_envelope(read, encoding, self.config.read_limit)
-        if first is None or first[0]:
-            raise ConnectError(Code.INVALID_ARGUMENT, "a server-streaming request carries one message")
-        if pos != len(body):
-            raise ConnectError(Code.INVALID_ARGUMENT, "a server-streaming request carries one message")
+        if first is None:
+            raise ConnectError(Code.UNIMPLEMENTED, "a server-streaming request carries one message, not none")
+        if first[0]:
+            raise ConnectError(Code.INVALID_ARGUMENT, "a request carries no end-stream message")
+        if pos != len(body) and _protocol.read_envelope(read, encoding, self.config.read_limit) is not None:
+            raise ConnectError(Code.UNIMPLEMENTED, "a server-streaming request carries one message, not several")
         return first[1]
 
     def _stream_body(
