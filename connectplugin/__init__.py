@@ -25,6 +25,7 @@ from .runtime.handshake import HandshakeConfig
 from .runtime.health import Health, HealthReport, HealthState, ServingStatus
 from .runtime.hostlink import HostLink, HostLinkConfig
 from .runtime.launcher import (
+    ForkedProcessError,
     InProcessStrategy,
     LaunchContext,
     LaunchError,
@@ -47,6 +48,7 @@ __all__ = [
     "Context",
     "DependencyError",
     "ErrorDetail",
+    "ForkedProcessError",
     "HTTPConfig",
     "HTTPServer",
     "HandshakeConfig",

@@ -8,17 +8,36 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import requests
+from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
 import connectplugin
-from connectplugin import HealthReport, HealthState, HostConfig, HostLink, HTTPConfig, PluginHost
+from connectplugin import (
+    ForkedProcessError,
+    HealthReport,
+    HealthState,
+    HostConfig,
+    HostLink,
+    HTTPConfig,
+    PluginHost,
+)
 from connectplugin.gen.connectplugin.v1 import lifecycle_pb2, registry_pb2
 from connectplugin.gen.connectplugin.v1.lifecycle_connect import PluginLifecycleClient
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.platform import HANDSHAKE
-from tests.helpers import ENV, HEALTHY, ROOT, free_port, module, provider_ids, wait_until
+from tests.helpers import (
+    ENV,
+    HEALTHY,
+    ROOT,
+    free_port,
+    module,
+    provider_ids,
+    provider_process,
+    wait_until,
+)
 from tests.platform_plugins.provider import PLUGINS
 
 # --- starting and stopping --------------------------------------------------------------------
@@ -229,3 +248,120 @@ def test_a_health_report_with_an_unknown_state_is_invalid_argument_and_changes_n
 
     assert e.value.code is connectplugin.Code.INVALID_ARGUMENT
     assert host.reported_health(caller.runtime_id) is None
+
+
+# --- fork safety: a child never touches its parent's plugins ----------------------------------
+
+
+def _in_forked_child(check) -> dict:
+    """Run ``check()`` (returning a JSON-able dict) in a forked child; its answer, once it exited."""
+    import json
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, then leave without running the parent's cleanup
+        try:
+            os.close(read_end)
+            os.write(write_end, json.dumps(check()).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as report:
+        answer = report.read()
+    _, status = os.waitpid(pid, 0)
+    assert status == 0 and answer, f"the forked child failed (status {status})"
+    return json.loads(answer)
+
+
+def test_a_forked_child_closing_its_copy_of_the_host_leaves_the_parents_plugin_running(host):
+    plugin = host.launch(provider_process("svc"))
+    pid = plugin.running.pid
+
+    def child() -> dict:
+        started = time.monotonic()
+        host.close()
+        connectplugin.host.pluginhost._exit_hooks._close_all()  # what atexit runs in the child
+        return {"seconds": time.monotonic() - started}
+
+    report = _in_forked_child(child)
+
+    assert report["seconds"] < 0.5
+    assert plugin.running.alive() and plugin.running.pid == pid
+    assert plugin.check_health() is connectplugin.ServingStatus.SERVING
+
+
+def test_a_forked_child_is_refused_the_parents_host_plugins_and_clients(host):
+    plugin = host.launch(provider_process("svc"))
+    parent = os.getpid()
+
+    def refused(action) -> list:
+        try:
+            action()
+        except ForkedProcessError as e:
+            return [e.owner_pid, e.pid]
+        return []
+
+    def child() -> dict:
+        return {
+            "start": refused(host.start),
+            "launch": refused(lambda: host.launch(provider_process("svc"))),
+            "stop": refused(lambda: host.stop(plugin)),
+            "call": refused(plugin.check_health),
+            "stdin_closed": plugin.running._proc.stdin.closed,
+        }
+
+    report = _in_forked_child(child)
+
+    forked = [parent, report["start"][1]]
+    assert forked[1] != parent
+    assert {k: v for k, v in report.items() if k != "stdin_closed"} == dict.fromkeys(
+        ("start", "launch", "stop", "call"), forked
+    )
+    assert report["stdin_closed"]  # the plugin still sees EOF when the parent dies
+    assert plugin.running.alive() and not plugin.running._proc.stdin.closed
+
+
+def test_a_host_constructed_before_a_fork_and_started_after_it_serves_in_the_child():
+    host = PluginHost(HANDSHAKE, PLUGINS, HostConfig(http=HTTPConfig(threads=2)))
+
+    def child() -> dict:
+        with host:
+            status = requests.get(host.url + "/healthz", timeout=5).status_code
+        return {"status": status}
+
+    assert _in_forked_child(child) == {"status": 200}
+    host.close()
+
+
+# --- mounted: the host's endpoints inside another WSGI stack ----------------------------------
+
+
+def test_a_mounted_host_serves_its_endpoints_under_the_prefix_without_a_server_of_its_own(serve):
+    host = PluginHost(HANDSHAKE, PLUGINS, HostConfig(stop_grace=1.0))
+    outer = serve(DispatcherMiddleware(_not_found, {"/_plugins": host.app}))
+    try:
+        assert host.mount(outer.url + "/_plugins/") is host
+        # The plugin registers and reports health through the outer server's port.
+        client = host.launch(module("samples.platform.logger"), name="logger")
+        runtime_id = host.runtime_id(client)
+        report = wait_until(lambda: host.reported_health(runtime_id), "a report through the mount")
+
+        assert host.url == outer.url + "/_plugins"
+        assert report.state == HEALTHY
+        assert [p.provider_id for p in host.registry.providers("logger")] == [runtime_id]
+        assert requests.get(host.url + "/readyz", timeout=5).status_code == 200
+        servers = [t.name for t in threading.enumerate() if t.name.startswith("waitress:")]
+        assert servers == [f"waitress:{outer.port}"]
+    finally:
+        host.close()
+
+
+def test_a_host_mounts_only_at_an_absolute_url():
+    host = PluginHost(HANDSHAKE, PLUGINS)
+    with pytest.raises(ValueError):
+        host.mount("/_plugins")
+
+
+def _not_found(environ, start_response):
+    start_response("404 Not Found", [("Content-Length", "0")])
+    return [b""]

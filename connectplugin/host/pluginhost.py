@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -28,7 +29,7 @@ from ..rpc.httpserver import HTTPConfig, HTTPServer
 from ..rpc.server import App, Context, text_response
 from ..runtime import handshake as hs
 from ..runtime.health import HealthReport, HealthState, report_from_wire
-from ..runtime.launcher import LaunchContext, Strategy
+from ..runtime.launcher import ForkedProcessError, LaunchContext, Strategy
 from ..runtime.plugin import Plugin, ServiceDeclaration
 from ..runtime.pluginclient import PluginClient
 from .broker import DEFAULT_TTL, Broker, BrokerService
@@ -195,10 +196,17 @@ class PluginHost:
     """Launches plugins and serves the host's side of the protocol; a context manager.
 
     Construction starts nothing: ``start()`` (or ``with``) binds the socket, starts serving
-    and the reaper of silent plugins, and registers an atexit hook. Closing it (explicitly,
-    at interpreter exit, or on SIGTERM/SIGINT with ``handle_signals``) stops every plugin it
-    started. Safe to use from any thread; ``_lock`` guards the launched plugins, their
-    health, the listeners and the open/closed state.
+    and the reaper of silent plugins, and registers an atexit hook; ``mount(url)`` does the
+    same without a server, for a host whose ``app`` another WSGI stack serves. Closing it
+    (explicitly, at interpreter exit, or on SIGTERM/SIGINT with ``handle_signals``) stops
+    every plugin it started. Safe to use from any thread; ``_lock`` guards the launched
+    plugins, their health, the listeners and the open/closed state.
+
+    A started host belongs to the process that started it. In a fork of that process
+    (a gunicorn ``--preload`` worker) ``close()`` and the atexit hook leave the parent's
+    plugins alone, and ``start()``, ``mount()``, ``launch()`` and ``stop()`` raise
+    :class:`ForkedProcessError`: a child builds and starts a host of its own. A host that
+    was constructed but never started may be started in any one process.
     """
 
     def __init__(
@@ -220,6 +228,8 @@ class PluginHost:
         self._health: dict[str, HealthReport] = {}
         self._health_listeners: list[HealthListener] = []
         self._http: HTTPServer | None = None
+        self._url = ""  # set once started: the server's URL, or the URL it is mounted at
+        self._owner_pid = 0  # the process that started it
         self._starting = False
         self._closed = False
         self._started = threading.Event()  # set once the first start() has finished, well or not
@@ -244,48 +254,79 @@ class PluginHost:
 
         Starting a started host does nothing (a concurrent caller waits until it serves).
         """
+        return self._open("")
+
+    def mount(self, url: str) -> PluginHost:
+        """Start without a server of its own: the caller serves ``self.app`` at ``url``.
+
+        ``url`` is where plugins reach the host's endpoints, e.g. ``http://127.0.0.1:8000/_plugins``
+        when a web application passes requests under ``/_plugins`` to ``app`` (with
+        ``SCRIPT_NAME``/``PATH_INFO`` split there, as WSGI dispatchers do). The reaper and the
+        exit hooks start as with ``start()``; returns self. Every call a plugin makes to its
+        host must reach this process, so mount only in a server with one serving process.
+        """
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"a mounted host needs an absolute http(s) URL, not {url!r}")
+        return self._open(url.rstrip("/"))
+
+    def _open(self, mounted_url: str) -> PluginHost:
         with self._lock:
+            if self._starting:
+                self._check_owner()
             if self._closed:
                 raise RuntimeError("this PluginHost is closed; make a new one")
             first = not self._starting
             self._starting = True
+            if first:
+                self._owner_pid = os.getpid()
         if not first:
             self._started.wait()
             with self._lock:
-                failed = self._http is None
+                failed = not self._url
             if failed:
                 raise RuntimeError("this PluginHost failed to start")
             return self
         config = self.config
-        # Each open watch holds a thread for its whole life: size the pool so that
-        # the capped number of watchers can never starve unary calls.
-        http = replace(config.http, threads=config.http.threads + config.registry.max_watchers)
+        server = None
         try:
-            server = HTTPServer(self.app, http).start()
+            if not mounted_url:
+                # Each open watch holds a thread for its whole life: size the pool so that
+                # the capped number of watchers can never starve unary calls.
+                http = replace(config.http, threads=config.http.threads + config.registry.max_watchers)
+                server = HTTPServer(self.app, http).start()
             with self._lock:
                 closed = self._closed
                 if not closed:
                     self._http = server
+                    self._url = server.url if server is not None else mounted_url
         finally:
             self._started.set()
         if closed:  # close() ran while the server was starting, and had nothing to close
-            server.close(grace=0)
+            if server is not None:
+                server.close(grace=0)
             raise RuntimeError("this PluginHost was closed while it started")
         threading.Thread(target=self._reap, name="host-reaper", daemon=True).start()
         _exit_hooks.add(self, config.handle_signals)
         return self
 
+    def _check_owner(self) -> None:
+        """Raise ForkedProcessError in a fork of the process that started this host."""
+        pid = os.getpid()
+        if self._owner_pid and pid != self._owner_pid:
+            raise ForkedProcessError("this PluginHost", self._owner_pid, pid)
+
     @property
     def url(self) -> str:
-        """The host's base URL; known once ``start()`` has returned."""
+        """The host's base URL; known once ``start()`` or ``mount()`` has returned."""
         with self._lock:
-            server = self._http
-        if server is None:
+            url = self._url
+        if not url:
             raise RuntimeError("this PluginHost is not started: call start() or use it in a with block")
-        return server.url
+        return url
 
     def launch(self, strategy: Strategy, name: str = "") -> PluginClient:
         """Start a plugin, give it a runtime identity, and return its client."""
+        self._check_owner()
         name = name or next(iter(self.plugins))
         holder: list[PluginClient] = []
 
@@ -365,6 +406,7 @@ class PluginHost:
 
     def stop(self, client: PluginClient, grace: float | None = None) -> None:
         """Stop one launched plugin: Shutdown, then SIGTERM, then SIGKILL after the grace period."""
+        self._check_owner()
         grace = self.config.stop_grace if grace is None else grace
         running = client.running
         identity = self._identity_of(client)
@@ -398,7 +440,17 @@ class PluginHost:
             self._roster.forget(identity.runtime_id)
 
     def close(self) -> None:
-        """Stop every plugin, then stop serving. Safe from any thread, more than once."""
+        """Stop every plugin, then stop serving. Safe from any thread, more than once.
+
+        In a fork of the process that started the host, only marks this copy closed: the
+        plugins and the server belong to the parent.
+        """
+        # Checked before taking the lock: another thread of the parent may have held it at
+        # the fork, and in the child nobody would ever release it.
+        if self._owner_pid and os.getpid() != self._owner_pid:
+            log.debug("closing a forked copy of a host of process %d: its plugins are left alone", self._owner_pid)
+            self._closed = True
+            return
         with self._lock:
             if self._closed:
                 return

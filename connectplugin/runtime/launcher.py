@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import threading
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -69,6 +70,24 @@ class LaunchError(Exception):
         self.stderr_tail = tuple(stderr_tail)
         tail = "\n".join(self.stderr_tail)
         super().__init__(f"plugin {plugin!r} {self.detail}" + (f"; its last stderr lines:\n{tail}" if tail else ""))
+
+
+class ForkedProcessError(RuntimeError):
+    """Something that belongs to one process was used in a fork of it.
+
+    A forked child (a gunicorn ``--preload`` worker, say) holds copies of its parent's hosts
+    and plugins but owns none of them: it never stops, signals or waits for them. ``what``
+    names the object, ``owner_pid`` the process that started it, ``pid`` the one that tried.
+    """
+
+    def __init__(self, what: str, owner_pid: int, pid: int) -> None:
+        self.what = what
+        self.owner_pid = owner_pid
+        self.pid = pid
+        super().__init__(
+            f"{what} belongs to process {owner_pid}; process {pid} is a fork of it and may not use "
+            "it: create and start hosts in the process that uses them (after the fork)"
+        )
 
 
 @dataclass(frozen=True)
@@ -178,6 +197,7 @@ class _Process:
     def __init__(self, ctx: LaunchContext, proc: subprocess.Popen[bytes], strategy: ProcessStrategy) -> None:
         self.pid = proc.pid
         self.url = ""
+        self.owner_pid = os.getpid()
         self._ctx = ctx
         self._proc = proc
         self._strategy = strategy
@@ -192,6 +212,7 @@ class _Process:
         self._launch_decided = threading.Event()  # _launched is final: the exit waiter may act
         self._exit_recorded = threading.Event()  # the exit has been recorded (on_exit run)
         self._stopping = False
+        _forks.track(self)
         self._readers = [
             threading.Thread(target=self._read_stdout, name=f"{ctx.name}-stdout", daemon=True),
             threading.Thread(target=self._read_stderr, name=f"{ctx.name}-stderr", daemon=True),
@@ -280,15 +301,24 @@ class _Process:
         for t in self._readers:
             t.join(timeout=self._strategy.output_timeout)
 
+    def _check_owner(self) -> None:
+        pid = os.getpid()
+        if pid != self.owner_pid:
+            raise ForkedProcessError(f"plugin {self._ctx.name!r} (pid {self.pid})", self.owner_pid, pid)
+
     def alive(self) -> bool:
+        self._check_owner()
         return self._proc.poll() is None
 
     def stop(self, grace: float) -> None:
         """SIGTERM, then SIGKILL after ``grace`` seconds. (The host tries Shutdown first.)
 
         Signals go to the plugin's whole process group, so helpers it started go too.
-        Returns once the exit has been recorded.
+        Returns once the exit has been recorded. In a fork of the owner, does nothing.
         """
+        if os.getpid() != self.owner_pid:
+            log.debug("not stopping plugin %r (pid %d): it belongs to process %d", self._ctx.name, self.pid, self.owner_pid)
+            return
         self._stopping = True
         if self._proc.poll() is None:
             self._signal(signal.SIGTERM)
@@ -301,6 +331,7 @@ class _Process:
         self._close_pipes()
 
     def wait(self, timeout: float) -> bool:
+        self._check_owner()
         try:
             self._proc.wait(timeout=timeout)
             return True
@@ -329,6 +360,39 @@ class _Process:
                     pipe.close()
                 except OSError:
                     pass
+
+
+class _Forks:
+    """Closes a forked child's copies of its parent's plugin stdin pipes, right after the fork.
+
+    A plugin exits on end-of-file on stdin, which comes only once every copy of the pipe's
+    write end is closed: a child that kept one would keep its parent's plugin alive after the
+    parent died. The fork hook is registered with the first plugin process, not at import.
+    ``_lock`` guards ``_processes`` and ``_hooked``.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._processes: weakref.WeakSet[_Process] = weakref.WeakSet()
+        self._hooked = False
+
+    def track(self, process: _Process) -> None:
+        with self._lock:
+            self._processes.add(process)
+            hook, self._hooked = not self._hooked, True
+        if hook:
+            os.register_at_fork(after_in_child=self._after_fork_in_child)
+
+    def _after_fork_in_child(self) -> None:
+        # Only this thread exists in the child, and the lock may have been held by another
+        # thread at the fork: take a fresh one rather than the inherited copy.
+        self._lock = threading.Lock()
+        for process in list(self._processes):
+            process._close_pipes()
+        self._processes = weakref.WeakSet()
+
+
+_forks = _Forks()
 
 
 # --- in-process -----------------------------------------------------------------------------
