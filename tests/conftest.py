@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import lzma
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -27,7 +29,7 @@ from connectplugin import (
 from samples.kv.gen.kv.v1.kv_connect import KVServiceClient
 from samples.platform import HANDSHAKE
 from samples.platform.capabilities import HostLogger
-from tests.helpers import ENV, ROOT, Peer, World, wait_until
+from tests.helpers import ENV, ROOT, GoProcess, Peer, World, wait_until
 from tests.platform_plugins.provider import PLUGINS, Recorder, declare
 from tests.services import IdentityRecorder, ScriptedKV
 
@@ -201,3 +203,38 @@ def world(make_host, peer) -> World:
     a = peer(host, "a", provides=("svc",))
     b = peer(host, "b")
     return World(host, a, b, a.register("svc"), logger)
+
+
+# --- the Go reference -------------------------------------------------------------------------
+
+GOREF = ROOT.parent / "shared" / "goref" / "goref.xz"
+"""The Go reference (masegraye/connect-plugin-go at 6f150b6) as one program; CI has
+``../shared`` beside the checkout."""
+
+
+@pytest.fixture(scope="session")
+def goref(tmp_path_factory) -> str:
+    """The unpacked ``goref`` program; the tests that need it skip on a checkout without it."""
+    if not GOREF.exists():
+        pytest.skip(
+            f"the Go reference is missing: {GOREF} (../shared/goref/goref.xz beside the checkout)"
+        )
+    program = tmp_path_factory.mktemp("goref") / "goref"
+    program.write_bytes(lzma.decompress(GOREF.read_bytes()))
+    program.chmod(program.stat().st_mode | stat.S_IXUSR)
+    return str(program)
+
+
+@pytest.fixture
+def go(goref) -> Iterator[Callable[..., GoProcess]]:
+    """``go("kv", "-addr", ...)``: a goref subcommand as a subprocess, stopped after the test."""
+    procs: list[GoProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> GoProcess:
+        proc = GoProcess([goref, *args], env)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in reversed(procs):
+        proc.stop()

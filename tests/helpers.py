@@ -14,10 +14,13 @@ Every host test runs a real :class:`PluginHost` on a real socket. Plugins are re
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,7 @@ from connectplugin import (
     Client,
     ClientConfig,
     ConnectError,
+    HandshakeConfig,
     Health,
     HostLink,
     InProcessStrategy,
@@ -49,6 +53,9 @@ from tests.platform_plugins.provider import Recorder, declare
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {"PYTHONPATH": str(ROOT)}
+
+GO_HANDSHAKE = HandshakeConfig("CONNECT_PLUGIN", "d3f40b3c2e1a5f8b9c4d7e6a1b2c3d4e")
+"""The Go reference's default magic cookie (``connectplugin.DefaultMagicCookieKey/Value``)."""
 
 HEALTHY = lifecycle_pb2.HEALTH_STATE_HEALTHY
 DEGRADED = lifecycle_pb2.HEALTH_STATE_DEGRADED
@@ -281,3 +288,74 @@ class World:
     b: Peer
     registration: str
     logger: HostLogger
+
+
+# --- the Go reference -------------------------------------------------------------------------
+
+
+class GoProcess:
+    """A ``goref`` subcommand (or anything else) run as a subprocess, its output collected.
+
+    A named thread reads its stdout and stderr (merged) until they close; :meth:`line`
+    waits for a line with a prefix (the machine-readable lines goref prints).
+    """
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            args,
+            env={**os.environ, **ENV, "CONNECTPLUGIN_DISABLE_TLS_WARNING": "1", **(env or {})},
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        self._reader = threading.Thread(target=self._read, name="go-output", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        with self.proc.stdout:
+            for raw in self.proc.stdout:
+                self.lines.append(raw.decode(errors="replace").rstrip("\r\n"))
+
+    def line(self, prefix: str, timeout: float = 10.0) -> str:
+        """The rest of the first output line starting with ``prefix``; waits for it."""
+
+        def found() -> str | None:
+            return next(
+                (ln[len(prefix) :].strip() for ln in list(self.lines) if ln.startswith(prefix)),
+                None,
+            )
+
+        wait_until(
+            lambda: found() is not None or self.proc.poll() is not None,
+            lambda: f"{prefix!r} from {self.args[1:2]}; its output: {self.lines[-20:]}",
+            timeout,
+        )
+        if found() is None:
+            self._reader.join(timeout=2)  # it exited: its last lines may still be in the pipe
+        rest = found()
+        if rest is None:
+            pytest.fail(f"{self.args[1:2]} exited without printing {prefix!r}: {self.lines[-20:]}")
+        return rest
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(timeout=5)
+
+
+def http_ok(url: str) -> bool:
+    """Whether ``GET url`` answers 200 (a server's readiness, for :func:`wait_until`)."""
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False

@@ -205,6 +205,16 @@ def test_use_get_still_posts_methods_with_side_effects(connect, url, kv):
     assert kv.last.http_method == "POST"
 
 
+@pytest.mark.parametrize("use_get", [False, True])
+def test_a_service_url_client_calls_its_base_url_plus_the_method_name(connect, url, kv, use_get):
+    # A router's endpoint_url names one service: ".../services/kv/<id>" + "/Get".
+    client = connect(url + "/kv.v1.KVService", service_url=True, use_get=use_get)
+
+    client.put(kv_pb2.PutRequest(key="a", value=b"1"))
+    assert client.get(kv_pb2.GetRequest(key="a")).value == b"1"
+    assert kv.last.http_method == ("GET" if use_get else "POST")
+
+
 # --- timeouts -------------------------------------------------------------------------------
 
 

@@ -120,6 +120,22 @@ def test_unary_calls_pass_through_the_router_both_ways(host, peer):
     assert e.value.code is Code.INVALID_ARGUMENT
 
 
+@pytest.mark.parametrize(
+    "service_url", [True, False], ids=["endpoint_url+method", "full-procedure-path"]
+)
+def test_router_serves_the_go_form_and_the_full_procedure_path(host, peer, service_url):
+    a = peer(host, "a", provides=("svc",))
+    a.register("svc")
+    caller = peer(host, "caller")
+    url = host.url + caller.discover("svc").endpoint_url
+    config = ClientConfig(timeout=5, headers=caller.credentials(), service_url=service_url)
+    with Client(url, config) as client:
+        kv = KVServiceClient(client)
+        kv.put(kv_pb2.PutRequest(key="k", value=b"v"))
+        assert kv.get(kv_pb2.GetRequest(key="whoami")).value == b"a"
+        assert kv.get(kv_pb2.GetRequest(key="k")).value == b"v"
+
+
 def test_routed_stream_delivers_each_message_before_the_stream_ends(host, peer):
     host.launch(provider_process("svc"), name="p")
     caller = peer(host, "caller")

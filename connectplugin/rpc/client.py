@@ -70,6 +70,9 @@ class ClientConfig:
     interceptors: Sequence[Interceptor] = ()
     headers: Mapping[str, str] = field(default_factory=dict)
     """Sent with every call (before per-call headers)."""
+    service_url: bool = False
+    """The base URL names one service (a router's ``endpoint_url``): calls go to
+    ``base_url + "/" + method name`` instead of the full procedure path."""
 
     def __post_init__(self) -> None:
         if self.codec not in _protocol.CODECS:
@@ -213,6 +216,9 @@ class Client:
             return self._stream(call)
         return self._unary(call)
 
+    def _path(self, method: Method) -> str:
+        return f"/{method.name}" if self.config.service_url else method.path
+
     def _send(
         self, call: Call, http_method: str, path: str, headers: _HeaderTable, body: bytes | None
     ) -> tuple[Response, float | None]:
@@ -242,14 +248,14 @@ class Client:
         method = call.method
         data = self._codec.encode(call.request)
         if self.config.use_get and method.idempotent:
-            target = method.path + "?" + _protocol.get_query(self.config.codec, data)
+            target = self._path(method) + "?" + _protocol.get_query(self.config.codec, data)
             response, deadline = self._send(call, "GET", target, self._get_headers.copy(), None)
         else:
             headers = self._post_headers.copy()
             if self.config.compression != _protocol.IDENTITY and len(data) >= self.config.compress_min_bytes:
                 data = _protocol.compress(self.config.compression, data)
                 headers[_UNARY_ENCODING_KEY] = (_protocol.UNARY_ENCODING_HEADER, self.config.compression)
-            response, deadline = self._send(call, "POST", method.path, headers, data)
+            response, deadline = self._send(call, "POST", self._path(method), headers, data)
         try:
             body = self._read_all(response, deadline)
         finally:
@@ -296,7 +302,7 @@ class Client:
             data = _protocol.compress(self.config.compression, data)
             headers[_STREAM_ENCODING_KEY] = (_protocol.STREAM_ENCODING_HEADER, self.config.compression)
             flags = _protocol.FLAG_COMPRESSED
-        response, deadline = self._send(call, "POST", call.method.path, headers, _protocol.envelope(flags, data))
+        response, deadline = self._send(call, "POST", self._path(call.method), headers, _protocol.envelope(flags, data))
         meta = from_pairs(response.headers.items())
         call.response_headers = meta
         if response.status != 200:

@@ -160,15 +160,17 @@ class HostLink:
         )
 
     def client(self, service_type: str, client_class: type[C], min_version: str = "", timeout: float | None = None) -> C:
-        """A typed client for a provider of ``service_type``, called through the host's router."""
+        """A typed client for a provider of ``service_type``, called through the host's router
+        at the discovered ``endpoint_url`` + ``/MethodName``."""
         endpoint = self.discover(service_type, min_version).endpoint
         base = self.host_url + endpoint.endpoint_url
         with self._lock:
             # One pooled client per provider endpoint, so repeated lookups reuse connections.
             peer = self._peers.get((base, timeout))
             if peer is None:
+                # endpoint_url + "/Method": the form both our router and the Go one serve.
                 peer = self._peers[(base, timeout)] = Client(
-                    base, ClientConfig(timeout=timeout, headers=self._auth())
+                    base, ClientConfig(timeout=timeout, headers=self._auth(), service_url=True)
                 )
         return client_class(peer)  # type: ignore[call-arg]
 

@@ -168,8 +168,10 @@ class PluginServer:
             _Control(self),
             _IdentityService(self.info, self.link),
         ]
-        for plugin in plugins.values():
+        for name, plugin in plugins.items():
+            # Under the service name, and under the plugin name as the Go reference does.
             self.health.set_service(plugin.service.name, SERVING)
+            self.health.set_service(name, SERVING)
         self.app = App(handlers, config.server, routes={"/healthz": self._live, "/readyz": self._ready})
         self._http = HTTPServer(self.app, config.http)
         self._stopped = threading.Event()  # stop() was called

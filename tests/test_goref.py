@@ -1,0 +1,106 @@
+"""Against the Go reference itself (masegraye/connect-plugin-go at 6f150b6, as ``goref``).
+
+Each test runs the real Go program next to ours, in both directions: Go plugins with our
+host, our plugins with the Go host, each launcher starting the other's plugins. They skip,
+naming the missing file, on a checkout without ``../shared/goref/goref.xz``.
+"""
+
+from __future__ import annotations
+
+from connectplugin import (
+    Client,
+    ClientConfig,
+    ConnectError,
+    Health,
+    HostLink,
+    PluginServer,
+)
+from connectplugin.gen.connectplugin.health.v1 import health_pb2
+from connectplugin.gen.connectplugin.health.v1.health_connect import HealthServiceClient
+from samples.kv.gen.kv.v1 import kv_pb2
+from samples.kv.gen.kv.v1.kv_connect import KV_PLUGIN, KVServiceClient
+from samples.kv.store import KVStore
+from tests.helpers import GO_HANDSHAKE, Reader, free_port, http_ok, wait_until
+
+GO_KV = "tests.platform_plugins.go_kv"
+"""Our sample KV store as a plugin under the Go reference's magic cookie."""
+
+SERVING = health_pb2.SERVING_STATUS_SERVING
+
+
+def go_address() -> tuple[str, str]:
+    """A free loopback address for a Go server, as its ``-addr`` flag and as a URL."""
+    addr = f"127.0.0.1:{free_port()}"
+    return addr, f"http://{addr}"
+
+
+def go_host(go) -> str:
+    """``goref host`` on a free port, once it answers; returns its URL."""
+    addr, url = go_address()
+    go("host", "-addr", addr)
+    wait_until(lambda: http_ok(url + "/health"), "the Go host to answer /health", timeout=10)
+    return url
+
+
+def check(url: str, service: str) -> int:
+    with Client(url, ClientConfig(timeout=5)) as client:
+        return (
+            HealthServiceClient(client).check(health_pb2.HealthCheckRequest(service=service)).status
+        )
+
+
+# --- health ------------------------------------------------------------------------------------
+
+
+def test_our_plugin_answers_health_for_its_plugin_name_as_the_go_plugin_does(go, serve):
+    addr, go_url = go_address()
+    go("kv", "-addr", addr)
+    wait_until(lambda: http_ok(go_url + "/healthz"), "the Go plugin to serve", timeout=10)
+    ours = serve(PluginServer({"kv": KV_PLUGIN}, {"kv": KVStore()}, GO_HANDSHAKE).app)
+    assert check(go_url, "kv") == check(ours.url, "kv") == SERVING
+    assert check(ours.url, "kv.v1.KVService") == SERVING
+
+
+# --- our plugin with the Go host ---------------------------------------------------------------
+
+
+def test_host_link_calls_a_peer_through_the_go_router_in_its_path_form(go, sidecar):
+    host_url = go_host(go)
+    sidecar(GO_KV, "--host-url", host_url)
+    link = HostLink()
+    link.attach(Health(), (), host_url)
+    try:
+        link.connect(GO_HANDSHAKE, "caller", "1.0.0", base_url="")
+        endpoint = wait_until(
+            lambda: _discovered(link, "kv"), "our plugin to register with the Go host"
+        )
+        assert endpoint.endpoint_url == f"/services/kv/{endpoint.provider_id}"
+        assert endpoint.provider_id.startswith("py-kv")
+        kv = link.client("kv", KVServiceClient, timeout=5)
+        watch = Reader(
+            lambda: link.client("kv", KVServiceClient).watch(kv_pb2.WatchRequest(prefix="a")),
+            limit=1,
+        )
+        kv.put(kv_pb2.PutRequest(key="a", value=b"through Go"))
+        assert kv.get(kv_pb2.GetRequest(key="a")) == kv_pb2.GetResponse(
+            value=b"through Go", found=True
+        )
+
+        # The watch may open after a put: put until it has seen one (each put is an event).
+        def put_seen() -> list:
+            kv.put(kv_pb2.PutRequest(key="a", value=b"through Go"))
+            return watch.messages
+
+        wait_until(put_seen, "a watch event")
+        event = watch.messages[0]
+        assert (event.key, event.value) == ("a", b"through Go")
+        watch.join()
+    finally:
+        link.close()
+
+
+def _discovered(link: HostLink, service_type: str):
+    try:
+        return link.discover(service_type).endpoint
+    except ConnectError:
+        return None
