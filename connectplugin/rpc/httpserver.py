@@ -24,7 +24,16 @@ class HTTPConfig:
     threads: int = 8
     """Worker threads: the number of calls (streams included) served at once."""
     connection_limit: int = 1000
-    """Open connections waitress accepts before it stops accepting more."""
+    """Open connections allowed at once. Near the limit the connections that hold a slot
+    without a call in progress (idle keep-alives, requests still arriving) are closed,
+    longest-unused first, so new callers are never locked out by ones that do nothing."""
+    idle_timeout: float = 120.0
+    """Seconds a kept-alive connection may wait for its next request before it is closed."""
+    request_timeout: float = 15.0
+    """Seconds a client has to send a whole request (head and body) once its first byte has
+    arrived; a slower one (a "slowloris" feeding a header line every few seconds) is closed."""
+    sweep_interval: float = 0.5
+    """Seconds between looks for idle and slow connections."""
     max_request_body_size: int = 64 * 1024 * 1024
     """Waitress buffers whole bodies before the app runs; cap it well above the read limit."""
     close_grace: float = 5.0
@@ -72,6 +81,9 @@ class HTTPServer:
                 port=cfg.port,
                 threads=cfg.threads,
                 connection_limit=cfg.connection_limit,
+                channel_timeout=cfg.idle_timeout,
+                # poll(), not select(): select cannot watch descriptors past 1023.
+                asyncore_use_poll=True,
                 max_request_body_size=cfg.max_request_body_size,
                 # Lets a handler see a vanished client (Context.is_active) without writing to it.
                 channel_request_lookahead=1,
@@ -124,8 +136,11 @@ class HTTPServer:
         cfg = self.config
         srv.task_dispatcher.set_thread_count(cfg.threads)
         loop = srv.asyncore.loop
+        sweeper = _Sweeper(srv, cfg)
+        wait = min(srv.adj.asyncore_loop_timeout, cfg.sweep_interval)
         while not self._stopping.is_set():
-            loop(timeout=srv.adj.asyncore_loop_timeout, map=srv._map, use_poll=srv.adj.asyncore_use_poll, count=1)
+            loop(timeout=wait, map=srv._map, use_poll=srv.adj.asyncore_use_poll, count=1)
+            sweeper.sweep()
         # Stop accepting, give running calls the grace period, then drop everything.
         srv.del_channel()
         srv.socket.close()
@@ -178,3 +193,62 @@ class HTTPServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Sweeper:
+    """Closes connections that hold a slot without using it; runs on the serving thread only.
+
+    waitress closes a connection only after ``channel_timeout`` without a single byte, so a
+    client trickling a header line every few seconds keeps its slot forever, and enough of
+    them lock everyone out. Here a request must arrive whole within ``request_timeout``, and
+    near ``connection_limit`` unused connections make room for new ones. A connection with a
+    call in progress, or a reply still being written, is never touched.
+    """
+
+    def __init__(self, server: Any, config: HTTPConfig) -> None:
+        self._server = server
+        self._config = config
+        self._next = 0.0
+        # Partly received requests by channel: the parser object and when it was first seen.
+        self._arriving: dict[Any, tuple[Any, float]] = {}
+        # Near the limit, close down to this many open connections: a 5% margin, so room is
+        # made before waitress stops accepting.
+        margin = max(1, config.connection_limit // 20)
+        self._crowded = max(1, config.connection_limit - margin)
+        self._roomy = max(1, config.connection_limit - 2 * margin)
+
+    def sweep(self) -> None:
+        server, cfg = self._server, self._config
+        now = time.monotonic()
+        crowded = len(server._map) >= self._crowded
+        if now < self._next and not crowded:
+            return
+        self._next = now + cfg.sweep_interval
+        wall = time.time()  # waitress stamps last_activity with time.time()
+        arriving: dict[Any, tuple[Any, float]] = {}
+        unused: list[tuple[float, Any]] = []  # (seconds unused, channel)
+        closing = 0
+        for channel in list(server.active_channels.values()):
+            if channel.requests or channel.total_outbufs_len or channel.will_close or channel.close_when_flushed:
+                continue
+            request = channel.request
+            if request is None:
+                age = wall - channel.last_activity
+                limit = cfg.idle_timeout
+            else:
+                seen = self._arriving.get(channel)
+                started = seen[1] if seen is not None and seen[0] is request else now
+                arriving[channel] = (request, started)
+                age = now - started
+                limit = cfg.request_timeout
+            if age > limit:
+                channel.will_close = True  # the loop closes it on its next pass
+                closing += 1
+            else:
+                unused.append((age, channel))
+        self._arriving = arriving
+        if crowded:
+            excess = len(server._map) - closing - self._roomy
+            unused.sort(key=lambda item: item[0], reverse=True)
+            for _, channel in unused[: max(0, excess)]:
+                channel.will_close = True
