@@ -5,6 +5,7 @@ from __future__ import annotations
 import lzma
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -238,3 +239,25 @@ def go(goref) -> Iterator[Callable[..., GoProcess]]:
     yield start
     for proc in reversed(procs):
         proc.stop()
+
+
+@pytest.fixture
+def hang_up() -> Iterator[str]:
+    """The URL of a live listener that reads each request and closes without an answer."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # the listener was shut down: the test is over
+                return
+            with conn:
+                conn.recv(65536)
+
+    thread = threading.Thread(target=serve, name="hang-up", daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    listener.shutdown(socket.SHUT_RDWR)  # wakes accept() (Linux), unlike close()
+    listener.close()
+    thread.join()

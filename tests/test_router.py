@@ -172,17 +172,33 @@ def test_provider_crash_during_a_routed_call_is_unavailable_and_withdraws_it(hos
         kv.get(kv_pb2.GetRequest(key="crash"))
 
     assert e.value.code is Code.UNAVAILABLE
-    # The failed call does not wait for the host to notice the exit; the withdrawal follows it.
-    wait_until(lambda: not provider_ids(host, "svc"), "the crashed provider to be removed")
+    # Withdrawn by the router before it answered, not when the host notices the exit.
     with pytest.raises(ConnectError) as gone:
         caller.discover("svc")
     assert gone.value.code is Code.UNAVAILABLE
+    wait_until(lambda: not provider_ids(host, "svc"), "the crashed provider to be removed")
     wait_until(lambda: client.exit_code == 3, "the exit status")
     watcher.wait_for(2)
     assert [(STATE(e.state), e.endpoint.provider_id) for e in watcher.messages] == [
         (AVAILABLE, runtime_id),
         (UNAVAILABLE, ""),
     ]
+
+
+def test_provider_that_drops_the_connection_is_withdrawn_before_the_caller_hears(host, peer, hang_up):
+    provider = peer(host, "p", provides=("svc",))
+    provider.unregister(provider.register("svc"))  # declared; now it listens at hang_up
+    provider.register("svc", base_url=hang_up)
+    caller = peer(host, "caller")
+    kv = caller.kv(caller.discover("svc"))
+
+    with pytest.raises(ConnectError) as e:
+        kv.get(kv_pb2.GetRequest(key="k"))
+
+    assert e.value.code is Code.UNAVAILABLE
+    with pytest.raises(ConnectError) as gone:
+        caller.discover("svc")
+    assert gone.value.code is Code.UNAVAILABLE
 
 
 def test_provider_crash_mid_stream_ends_the_routed_stream_as_unavailable(host, peer):

@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 from ..rpc import _protocol
 from ..rpc._metadata import environ_key
-from ..rpc._transport import ConnectionPool, Response, TransportError
+from ..rpc._transport import ConnectionPool, Response, TransportError, TransportTimeout
 from ..rpc.errors import Code, ConnectError
 from ..rpc.server import error_response, read_body, unsupported_media
 from ..runtime.credentials import RUNTIME_ID_HEADER
@@ -148,14 +148,21 @@ class Router:
                 try:
                     upstream = pool.send(environ["REQUEST_METHOD"], target, headers, body, CONNECT_TIMEOUT, timeout)
                     break
+                except TransportTimeout:
+                    # Slow is not gone: the provider stays, the caller's time is up.
+                    raise ConnectError(
+                        Code.DEADLINE_EXCEEDED, f"provider {provider.provider_id} did not answer in time"
+                    ) from None
                 except TransportError as e:
-                    if e.refused:
-                        self._unreachable(provider.provider_id, e)
+                    # Refused, or the connection dropped without an answer (the pool already
+                    # retried a stale keep-alive one): withdrawn now, before the caller hears
+                    # of it, so its next discovery does not pick the same dead provider.
+                    self._unreachable(provider.provider_id, e)
                     # Replaced while this call was on its way: the successor takes it. The
                     # old instance refused the connection, so it never saw the request.
                     with self._lock:
                         successor = self._aliases.get(provider.provider_id)
-                    if tried or successor is None:
+                    if tried or successor is None or not e.refused:
                         raise ConnectError(
                             Code.UNAVAILABLE, f"provider {provider.provider_id} is unreachable"
                         ) from None
