@@ -36,6 +36,7 @@ from connectplugin import (
     Health,
     HostLink,
     InProcessStrategy,
+    PluginClient,
     PluginHost,
     PluginServer,
     ProcessStrategy,
@@ -144,6 +145,13 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def host_secret(host: PluginHost, client: PluginClient) -> str:
+    """The secret ``host`` presents to the plugin it launched as ``client``."""
+    identity = host.identities.get(host.runtime_id(client))
+    assert identity is not None, f"{client.name} has no identity"
+    return identity.host_secret
 
 
 def provider_ids(host: PluginHost, service_type: str) -> list[str]:

@@ -60,7 +60,7 @@ from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KV_PLUGIN, KVServiceClient
 from samples.kv.plugin import HANDSHAKE, PLUGINS
 from samples.kv.store import KVStore
-from tests.helpers import free_port, port_is_free, wait_until
+from tests.helpers import free_port, host_secret, port_is_free, wait_until
 from tests.plugins.instrumented import InstrumentedStore
 from tests.services import envelope, split_envelopes
 
@@ -363,10 +363,11 @@ def test_no_common_app_version_fails_the_launch_naming_both_sides(make_host):
 
 
 def test_handshake_with_no_common_app_version_is_failed_precondition_naming_both_sides(make_host):
-    plugin = make_host(versions=(2, 3)).launch(script("versions_plugin.py"), name="kv")
+    host = make_host(versions=(2, 3))
+    plugin = host.launch(script("versions_plugin.py"), name="kv")
     old_host = dataclasses.replace(HANDSHAKE, app_protocol_versions=(1,))
 
-    client = PluginClient(plugin.url, PLUGINS, old_host)
+    client = PluginClient(plugin.url, PLUGINS, old_host, host_secret=host_secret(host, plugin))
     try:
         with pytest.raises(ConnectError) as info:
             client.handshake()
@@ -418,9 +419,10 @@ def test_handshake_with_the_wrong_cookie_is_invalid_argument(plugin, cookie):
     assert HANDSHAKE.magic_cookie_value not in info.value.message
 
 
-def test_requesting_a_plugin_the_server_does_not_serve_is_not_found(plugin):
+def test_requesting_a_plugin_the_server_does_not_serve_is_not_found(host, plugin):
     other = dataclasses.replace(KV_PLUGIN, name="cache")
-    client = PluginClient(plugin.url, {"kv": KV_PLUGIN, "cache": other}, HANDSHAKE)
+    secret = host_secret(host, plugin)
+    client = PluginClient(plugin.url, {"kv": KV_PLUGIN, "cache": other}, HANDSHAKE, host_secret=secret)
     try:
         with pytest.raises(ConnectError) as info:
             client.handshake()
@@ -692,13 +694,18 @@ def test_closing_the_host_stops_every_plugin_it_launched():
 # --- construction is inert; configs reach what they configure ------------------------------
 
 
+RUN_PLUGIN_SECRET = "run-plugin-secret"
+
+
 @pytest.fixture
 def run_plugin() -> Iterator[Callable[..., PluginServer]]:
-    """``run_plugin(config)``: the KV store served by a PluginServer on a thread until the test ends."""
+    """``run_plugin(config)``: the KV store served by a PluginServer on a thread until the test
+    ends, taking calls that present ``RUN_PLUGIN_SECRET``."""
     running: list[tuple[PluginServer, threading.Thread]] = []
 
     def run(config: ServeConfig | None = None) -> PluginServer:
         server = PluginServer(PLUGINS, {"kv": KVStore()}, HANDSHAKE, config)
+        server.link.expect_host(RUN_PLUGIN_SECRET)
         server.listen()
         runner = threading.Thread(target=server.run, name="plugin-under-test")
         runner.start()
@@ -748,7 +755,7 @@ def test_a_first_handshake_in_flight_does_not_hold_up_another(run_plugin):
         return proceed(call)
 
     config = PluginClientConfig(rpc=ClientConfig(interceptors=(hold_the_first_handshake,)))
-    client = PluginClient(url, PLUGINS, HANDSHAKE, config=config)
+    client = PluginClient(url, PLUGINS, HANDSHAKE, config=config, host_secret=RUN_PLUGIN_SECRET)
     first = threading.Thread(target=client.handshake)
     first.start()
     answers: list[handshake_pb2.HandshakeResponse] = []

@@ -5,19 +5,23 @@ from __future__ import annotations
 import secrets
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..rpc.errors import Code, ConnectError
-from ..runtime.credentials import RUNTIME_ID_HEADER, bearer_matches
+from ..runtime.credentials import RUNTIME_ID_HEADER, bearer_matches, new_secret
 
 
 @dataclass(frozen=True)
 class Identity:
+    """A plugin's runtime identity: ``token`` proves the plugin to the host, ``host_secret``
+    proves the host (and its router) to the plugin."""
+
     runtime_id: str
     token: str
     self_id: str
     self_version: str = ""
+    host_secret: str = ""
 
 
 class Identities:
@@ -27,13 +31,14 @@ class Identities:
         self._lock = threading.Lock()
         self._by_id: dict[str, Identity] = {}
 
-    def issue(self, self_id: str, self_version: str = "") -> Identity:
+    def issue(self, self_id: str, self_version: str = "", host_secret: str = "") -> Identity:
+        """A new identity; ``host_secret`` is the one a launched plugin was given (else a new one)."""
         # Opaque and unique: the plugin's own name plus randomness, never reused.
         runtime_id = f"{self_id or 'plugin'}-{secrets.token_hex(4)}"
-        identity = Identity(runtime_id, secrets.token_urlsafe(32), self_id, self_version)
+        identity = Identity(runtime_id, new_secret(), self_id, self_version, host_secret or new_secret())
         with self._lock:
             while identity.runtime_id in self._by_id:
-                identity = Identity(f"{self_id}-{secrets.token_hex(4)}", identity.token, self_id, self_version)
+                identity = replace(identity, runtime_id=f"{self_id}-{secrets.token_hex(4)}")
             self._by_id[identity.runtime_id] = identity
         return identity
 

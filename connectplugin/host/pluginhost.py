@@ -28,6 +28,7 @@ from ..rpc.errors import Code, ConnectError
 from ..rpc.httpserver import HTTPConfig, HTTPServer
 from ..rpc.server import App, Context, text_response
 from ..runtime import handshake as hs
+from ..runtime.credentials import HOST_SECRET_HEADER, HOST_SECRET_KEY, new_secret
 from ..runtime.health import HealthReport, HealthState, report_from_wire
 from ..runtime.launcher import ForkedProcessError, LaunchContext, Strategy
 from ..runtime.plugin import Plugin, ServiceDeclaration
@@ -126,6 +127,8 @@ class _HostHandshake(HandshakeServiceHandler):
             log.info("handshake from %s %s: runtime id %s", request.self_id, request.self_version, identity.runtime_id)
             response.runtime_id = identity.runtime_id
             response.runtime_token = identity.token
+            # What the host and its router will present when they call this plugin.
+            response.server_metadata[HOST_SECRET_KEY] = identity.host_secret
         return response
 
 
@@ -186,8 +189,9 @@ class _PluginInfo:
     def __init__(self, timeout: float) -> None:
         self._timeout = timeout
 
-    def service_types(self, base_url: str) -> list[str]:
-        with Client(base_url, ClientConfig(timeout=self._timeout)) as client:
+    def service_types(self, base_url: str, host_secret: str) -> list[str]:
+        config = ClientConfig(timeout=self._timeout, headers={HOST_SECRET_HEADER: host_secret})
+        with Client(base_url, config) as client:
             info = PluginIdentityClient(client).get_plugin_info(plugininfo_pb2.GetPluginInfoRequest())
         return [d.service_type for d in _declarations(info)]
 
@@ -339,15 +343,24 @@ class PluginHost:
                     report = HealthReport(HealthState.UNHEALTHY, f"exited with status {code}")
                     self._record_health(identity.runtime_id, report)
 
-        running = strategy.start(LaunchContext(name, self.handshake_config, self.plugins, self.url, on_exit))
+        # One secret per launch: what this plugin will accept from us and our router only.
+        secret = new_secret()
+        context = LaunchContext(name, self.handshake_config, self.plugins, self.url, on_exit, host_secret=secret)
+        running = strategy.start(context)
         client = PluginClient(
-            running.url, self.plugins, self.handshake_config, session=running.session, running=running, name=name
+            running.url,
+            self.plugins,
+            self.handshake_config,
+            session=running.session,
+            running=running,
+            name=name,
+            host_secret=secret,
         )
         holder.append(client)
         try:
             info = client.plugin_info()
             service_types = [d.service_type for d in _declarations(info)]
-            identity = self.identities.issue(info.self_id or name, info.self_version)
+            identity = self.identities.issue(info.self_id or name, info.self_version, host_secret=secret)
             self.registry.declare(identity.runtime_id, service_types)
             with self._lock:
                 self._launched.append((client, identity))

@@ -322,8 +322,9 @@ class Roster(Protocol):
 class PluginInfoReader(Protocol):
     """Reads what a plugin declares about itself, from its own ``GetPluginInfo``."""
 
-    def service_types(self, base_url: str) -> list[str]:
-        """The service types the plugin at ``base_url`` says it provides; raises ConnectError."""
+    def service_types(self, base_url: str, host_secret: str) -> list[str]:
+        """The service types the plugin at ``base_url`` says it provides, asked with the
+        secret the host presents to it; raises ConnectError."""
         ...
 
 
@@ -350,7 +351,7 @@ class RegistryService(ServiceRegistryHandler):
             )
         if not launched and not self._registry.has_declared(identity.runtime_id):
             try:
-                service_types = self._plugin_info.service_types(base_url)
+                service_types = self._plugin_info.service_types(base_url, identity.host_secret)
             except ConnectError as e:
                 raise ConnectError(
                     Code.FAILED_PRECONDITION, f"cannot read plugin info at {base_url}: {e.message}"

@@ -1,8 +1,9 @@
 """The router: plugin-to-plugin calls through the host, at ``/services/{type}/{provider}/{Method}``.
 
 The host checks the caller, picks the provider's address from the registry, and forwards
-the Connect request as is. The caller's credentials stop here: the provider sees only
-``X-Plugin-Caller-ID``. Responses, streams included, pass through chunk by chunk.
+the Connect request as is. The caller's credentials stop here: the provider sees
+``X-Plugin-Caller-ID`` and the host's own credential for it (``X-Plugin-Host-Secret``),
+never the caller's token. Responses, streams included, pass through chunk by chunk.
 """
 
 from __future__ import annotations
@@ -18,18 +19,18 @@ from ..rpc import _protocol
 from ..rpc._metadata import environ_key
 from ..rpc._transport import ConnectionPool, Response, TransportError, TransportTimeout
 from ..rpc.errors import Code, ConnectError
-from ..rpc.server import error_response, read_body, unsupported_media
-from ..runtime.credentials import RUNTIME_ID_HEADER
+from ..rpc.server import error_response, read_body, refusal, unsupported_media
+from ..runtime.credentials import CALLER_HEADER, HOST_SECRET_HEADER, RUNTIME_ID_HEADER
 from .identities import Identities
 from .registry import UNHEALTHY, Provider, Registry
 
 log = logging.getLogger("connectplugin.router")
 
-CALLER_HEADER = "X-Plugin-Caller-ID"
 ROUTE = "/services/<service_type>/<provider_id>/<path:method>"
 
 _CALLER = environ_key(CALLER_HEADER)
 _RUNTIME_ID = environ_key(RUNTIME_ID_HEADER)
+_HOST_SECRET = environ_key(HOST_SECRET_HEADER)
 _TIMEOUT = environ_key(_protocol.TIMEOUT_HEADER)
 _VERSION = environ_key(_protocol.VERSION_HEADER)
 _UNARY_ENCODING = environ_key(_protocol.UNARY_ENCODING_HEADER)
@@ -40,11 +41,13 @@ CONNECT_TIMEOUT = 5.0
 RELAY_CHUNK = 65536
 """Most bytes passed on at once; a response is relayed as it arrives, never whole."""
 
-# Never forwarded: the caller's credentials, and what belongs to one HTTP hop only.
+# Never forwarded: the caller's credentials, what only the host may say (who calls, and the
+# host's own credential), and what belongs to one HTTP hop only.
 _DROP = {
     "HTTP_AUTHORIZATION",
     _RUNTIME_ID,
     _CALLER,
+    _HOST_SECRET,
     "HTTP_HOST",
     "HTTP_CONNECTION",
     "HTTP_KEEP_ALIVE",
@@ -145,6 +148,7 @@ class Router:
                 if environ.get("QUERY_STRING"):
                     target += "?" + environ["QUERY_STRING"]
                 pool = self._pool_for(provider.base_url)
+                headers[HOST_SECRET_HEADER] = self._host_secret(provider.provider_id)
                 try:
                     upstream = pool.send(environ["REQUEST_METHOD"], target, headers, body, CONNECT_TIMEOUT, timeout)
                     break
@@ -168,9 +172,7 @@ class Router:
                         ) from None
                     tried = provider.provider_id
         except ConnectError as e:
-            if streaming:
-                return _stream_error(start_response, content_type, e)
-            return error_response(start_response, e)
+            return refusal(start_response, content_type, e)
         out_headers = [(k, v) for k, v in upstream.header_items() if k.lower() not in _HOP_BY_HOP]
         start_response(f"{upstream.status} {upstream.reason or ''}".strip(), out_headers)
         return self._relay(upstream, provider.provider_id)
@@ -200,6 +202,13 @@ class Router:
         if provider.health == UNHEALTHY:
             raise ConnectError(Code.UNAVAILABLE, f"provider {provider.provider_id} is unhealthy")
         return provider
+
+    def _host_secret(self, provider_id: str) -> str:
+        """What proves the host to this provider (it refuses calls without it)."""
+        identity = self._identities.get(provider_id)
+        if identity is None:
+            raise ConnectError(Code.UNAVAILABLE, f"provider {provider_id} is gone")
+        return identity.host_secret
 
     @staticmethod
     def _path(provider: Provider, method: str) -> str:
@@ -252,13 +261,6 @@ def _check_headers(environ: dict, streaming: bool) -> float | None:
     if timeout_ms is not None:
         return _protocol.parse_timeout_ms(timeout_ms) + _MARGIN
     return None if streaming else _UNARY_CAP
-
-
-def _stream_error(start_response: Callable[..., Any], content_type: str, error: ConnectError) -> list[bytes]:
-    """A streaming call's error: always a 200 whose body is only the end-of-stream message."""
-    body = _protocol.end_stream(error)
-    start_response("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))])
-    return [body]
 
 
 def _headers(environ: dict) -> dict[str, str]:

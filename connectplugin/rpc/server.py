@@ -433,6 +433,17 @@ def error_response(
     return [body]
 
 
+def refusal(start_response: StartResponse, content_type: str, error: ConnectError) -> list[bytes]:
+    """A call refused before any handler ran, answered the Connect way for its kind: an
+    error status and JSON body for a unary call, a 200 carrying only the end-of-stream
+    message for a stream (a streaming client reads its error nowhere else)."""
+    if not _protocol.is_streaming(content_type):
+        return error_response(start_response, error)
+    body = _protocol.end_stream(error)
+    start_response("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))])
+    return [body]
+
+
 def _end_stream(error: ConnectError | None, ctx: Context | None) -> bytes:
     """The end-stream message: the handler's trailers, then the error's metadata."""
     metadata = to_wire(ctx.response_trailers if ctx else {}) + to_wire(error.metadata if error else {})

@@ -20,7 +20,7 @@ from ..gen.connectplugin.v1.lifecycle_connect import PluginLifecycleClient
 from ..gen.connectplugin.v1.registry_connect import ServiceRegistryClient
 from ..rpc.client import Client, ClientConfig, ServerStream
 from ..rpc.errors import Code, ConnectError
-from .credentials import RUNTIME_ID_HEADER, bearer_matches
+from .credentials import HOST_SECRET_KEY, RUNTIME_ID_HEADER, bearer_matches, secret_matches
 from .handshake import HandshakeConfig, check_response, request_for
 from .health import Health, HealthReport, report_to_wire
 from .plugin import ServiceDeclaration
@@ -64,6 +64,7 @@ class HostLink:
         self.host_url = ""
         self.runtime_id = ""
         self._token = ""
+        self._host_secret = ""  # what the host presents when it calls us
         self._base_url = ""
         self._registrations: list[str] = []
         self._host_client: Client | None = None
@@ -112,9 +113,23 @@ class HostLink:
             request = request_for(handshake, (), self_id=self_id, self_version=self_version)
             response = HandshakeServiceClient(client).handshake(request)
         check_response(handshake, response, them="host")
-        if not response.runtime_token:
-            raise ConnectError(Code.FAILED_PRECONDITION, "the host gave no runtime identity")
+        host_secret = response.server_metadata.get(HOST_SECRET_KEY, "")
+        if not response.runtime_token or not host_secret:
+            raise ConnectError(Code.FAILED_PRECONDITION, "the host gave no runtime identity or no host secret")
+        # Before registering: the host reads our plugin info while it registers us.
+        self.expect_host(host_secret)
         self.assign(response.runtime_id, response.runtime_token, self.host_url, base_url)
+
+    def expect_host(self, secret: str) -> None:
+        """Accept calls presenting ``secret`` as the host's (given at launch or by the handshake)."""
+        with self._lock:
+            self._host_secret = secret
+
+    def is_host(self, secret: object) -> bool:
+        """Whether ``secret`` is the current host's credential (constant time); False with none."""
+        with self._lock:
+            expected = self._host_secret
+        return secret_matches(secret, expected)
 
     @property
     def connected(self) -> bool:
@@ -132,9 +147,11 @@ class HostLink:
         return bearer_matches(authorization, token)
 
     def reset(self) -> None:
-        """Forget the identity (the host no longer knows it); a self-registering plugin rejoins."""
+        """Forget the identity (the host no longer knows it); a self-registering plugin rejoins.
+
+        The host's secret goes too: until the rejoin, nobody may call this plugin."""
         with self._lock:
-            self.runtime_id, self._token = "", ""
+            self.runtime_id, self._token, self._host_secret = "", "", ""
 
     def headers(self) -> dict[str, str]:
         """The credentials host API calls carry."""

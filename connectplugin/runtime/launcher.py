@@ -27,7 +27,14 @@ from . import handshake as hs
 from .health import Health
 from .hostlink import HostLink
 from .plugin import Plugin
-from .serving import ENV_APP_VERSIONS, ENV_HOST_URL, ENV_WATCH_STDIN, PluginServer, ServeConfig
+from .serving import (
+    ENV_APP_VERSIONS,
+    ENV_HOST_URL,
+    ENV_SECRET_ON_STDIN,
+    ENV_WATCH_STDIN,
+    PluginServer,
+    ServeConfig,
+)
 
 log = logging.getLogger("connectplugin.launcher")
 
@@ -100,6 +107,9 @@ class LaunchContext:
     host_url: str = ""
     on_exit: Callable[[int | None], None] = lambda code: None
     """Called once when the plugin stops by itself or crashes (with its exit code)."""
+    host_secret: str = field(default="", repr=False)
+    """What the host will present on every call to the plugin; a strategy hands it over
+    where no other process can read it (a subprocess: the first line of its stdin)."""
 
 
 class Running(Protocol):
@@ -135,7 +145,8 @@ class ProcessStrategy:
     """Run ``command`` as a child process with a clean, explicit environment.
 
     The child gets only the variables in ``_PASSED_ENV`` from the host, then ``env``, then the
-    handshake settings. Its stdout and stderr lines go to the logger
+    handshake settings; the host's secret is the first line written to its stdin (a pipe the
+    host holds until the plugin stops). Its stdout and stderr lines go to the logger
     ``connectplugin.plugin.<name>``.
     """
 
@@ -164,6 +175,8 @@ class ProcessStrategy:
         )
         if ctx.host_url:
             env[ENV_HOST_URL] = ctx.host_url
+        if ctx.host_secret:
+            env[ENV_SECRET_ON_STDIN] = "1"
         try:
             proc = subprocess.Popen(
                 list(self.command),
@@ -180,9 +193,22 @@ class ProcessStrategy:
             raise LaunchError(
                 ctx.name, LaunchFailure.NOT_EXECUTABLE, f"could not be executed ({' '.join(self.command)}): {e}"
             ) from None
+        if ctx.host_secret:
+            _hand_over(proc, ctx.host_secret)
         running = _Process(ctx, proc, self)
         running.await_address()
         return running
+
+
+def _hand_over(proc: subprocess.Popen[bytes], secret: str) -> None:
+    """Write the secret line to the child's stdin: a pipe buffer holds it, so this never
+    blocks; a child that already exited fails its launch on its own."""
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(secret.encode() + b"\n")
+        proc.stdin.flush()
+    except OSError:
+        pass
 
 
 class _Process:
@@ -403,7 +429,8 @@ class InProcessStrategy:
     """Run the plugin inside the host's process: no subprocess and no socket.
 
     Calls go through a ``requests`` transport adapter that invokes the plugin's WSGI app
-    directly, on the caller's thread.
+    directly, on the caller's thread. No other process can reach such a plugin, so it
+    takes no host secret: only the host's own clients and router hold its app.
     """
 
     impls: Mapping[str, Any]

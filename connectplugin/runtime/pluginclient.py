@@ -17,6 +17,7 @@ from ..gen.connectplugin.v1.plugininfo_connect import PluginIdentityClient
 from ..rpc.client import Call, Client, ClientConfig, ServerStream
 from ..rpc.errors import Code, ConnectError
 from . import handshake as hs
+from .credentials import HOST_SECRET_HEADER
 from .health import HealthReport, ServingStatus, report_from_wire, status_from_wire
 from .launcher import Running
 from .plugin import Plugin
@@ -38,7 +39,9 @@ class PluginClient:
     """A connection to one plugin endpoint. Safe to share between threads.
 
     The handshake runs on first use (``dispense`` or ``handshake``); ``dispense(name)``
-    returns the generated typed client for that plugin.
+    returns the generated typed client for that plugin. With ``host_secret`` every call,
+    dispensed clients' included, presents it as ``X-Plugin-Host-Secret``: our plugins refuse
+    calls without it, and peers that do not check it (a Go plugin) ignore it.
     """
 
     def __init__(
@@ -51,6 +54,7 @@ class PluginClient:
         session: Any = None,
         running: Running | None = None,
         name: str = "",
+        host_secret: str = "",
     ) -> None:
         self.url = url
         self.name = name or next(iter(plugins), "plugin")
@@ -60,7 +64,9 @@ class PluginClient:
         self._handshake_config = handshake
         self._exit_code: int | None = None
         interceptors = (self._check_alive, *config.rpc.interceptors)
-        self.rpc = Client(url, dataclasses.replace(config.rpc, interceptors=interceptors), session=session)
+        headers = {**config.rpc.headers, HOST_SECRET_HEADER: host_secret} if host_secret else config.rpc.headers
+        rpc_config = dataclasses.replace(config.rpc, interceptors=interceptors, headers=headers)
+        self.rpc = Client(url, rpc_config, session=session)
         self._lock = threading.Lock()  # guards _handshake and _dispensed
         self._handshake: handshake_pb2.HandshakeResponse | None = None
         self._dispensed: dict[str, Any] = {}

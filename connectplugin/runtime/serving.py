@@ -1,18 +1,22 @@
 """The plugin side: ``serve()`` turns a blocking script into a plugin a host can launch.
 
-A launched plugin listens on an ephemeral port, tells the host where with one line on
-stdout (``<core version>|<app version>|<url>``), and from then on everything it prints is
-just log output. It stops on SIGTERM, SIGINT or ``PluginControl.Shutdown`` (in-flight calls
+A launched plugin reads the host's secret from the first line of its stdin, listens on an
+ephemeral port, tells the host where with one line on stdout (``<core version>|<app
+version>|<url>``), and from then on everything it prints is just log output. Only calls
+carrying that secret reach its procedures (see ``gate``). It stops on SIGTERM, SIGINT or ``PluginControl.Shutdown`` (in-flight calls
 get a grace period), and by itself when its host goes away, however the host died.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import select
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +28,7 @@ from ..rpc.errors import Code, ConnectError
 from ..rpc.httpserver import HTTPConfig, HTTPServer
 from ..rpc.server import App, Context, ServerConfig, text_response
 from . import handshake as hs
+from .gate import HostGate, warn_unauthenticated
 from .health import NOT_SERVING, SERVING, Health, HealthService, report_to_wire
 from .hostlink import HostLink
 from .plugin import Plugin, Requirement, ServiceDeclaration
@@ -35,6 +40,14 @@ ENV_APP_VERSIONS = "CONNECTPLUGIN_APP_PROTOCOL_VERSIONS"
 ENV_HOST_URL = "CONNECTPLUGIN_HOST_URL"
 ENV_WATCH_STDIN = "CONNECTPLUGIN_WATCH_STDIN"
 """Set to 1 when stdin is a pipe from the host: its end of file means the host is gone."""
+ENV_SECRET_ON_STDIN = "CONNECTPLUGIN_SECRET_ON_STDIN"
+"""Set to 1 when the first line on stdin is the host's secret for this launch. Never in the
+environment or argv, which other local processes can read (``/proc/<pid>/environ``, ``ps``)
+and which the plugin's own children would inherit."""
+ENV_ALLOW_UNAUTHENTICATED = "CONNECTPLUGIN_ALLOW_UNAUTHENTICATED"
+"""Set to 1 to run a plugin by hand with no host secret (``ServeConfig.allow_unauthenticated``)."""
+PROBE_PATHS = ("/healthz", "/readyz")
+"""Plain-text probes any caller may read; every other path needs the host's secret."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,12 @@ class ServeConfig:
     provides: Sequence[ServiceDeclaration] = ()
     requires: Sequence[Requirement] = ()
     metadata: Mapping[str, str] = field(default_factory=dict)
+    allow_unauthenticated: bool = False
+    """Development only: serve every procedure to any caller, with no host secret, logging a
+    warning (``X-Plugin-Caller-ID`` is then stripped, as no host vouches for it). ``serve()``
+    also turns it on when ``CONNECTPLUGIN_ALLOW_UNAUTHENTICATED=1`` is in the environment."""
+    secret_timeout: float = 10.0
+    """Seconds a launched plugin waits for its host's secret on stdin before giving up."""
 
 
 def _declaration_to_wire(declaration: ServiceDeclaration) -> handshake_pb2.ServiceDeclaration:
@@ -96,9 +115,10 @@ class _Control(PluginControlHandler):
 
 
 class _IdentityService(PluginIdentityHandler):
-    def __init__(self, info: plugininfo_pb2.GetPluginInfoResponse, link: HostLink) -> None:
+    def __init__(self, info: plugininfo_pb2.GetPluginInfoResponse, link: HostLink, self_registering: bool) -> None:
         self._info = info
         self._link = link
+        self._self_registering = self_registering
 
     def get_plugin_info(
         self, request: plugininfo_pb2.GetPluginInfoRequest, ctx: Context
@@ -108,6 +128,9 @@ class _IdentityService(PluginIdentityHandler):
     def set_runtime_identity(
         self, request: plugininfo_pb2.SetRuntimeIdentityRequest, ctx: Context
     ) -> plugininfo_pb2.SetRuntimeIdentityResponse:
+        if self._self_registering:
+            # Its identity and host come from its own configuration and handshake, never a caller.
+            raise ConnectError(Code.FAILED_PRECONDITION, "this plugin joins its host by itself")
         if not request.runtime_id or not request.runtime_token:
             raise ConnectError(Code.INVALID_ARGUMENT, "runtime_id and runtime_token are required")
         # Only the first assignment is free; changing it takes the identity being replaced.
@@ -136,6 +159,11 @@ class PluginServer:
     Constructing one binds no port and starts no thread: ``listen()`` binds, ``run()``
     serves on the caller's thread. Exposed so tests and in-process launches can run a
     plugin on a thread or call its WSGI ``app`` directly. ``stop()`` is safe from any thread.
+
+    What listens on the socket is ``wsgi``: ``app`` behind a :class:`HostGate` that admits
+    only calls carrying the secret ``link`` holds (``link.expect_host``; a self-registering
+    plugin gets it from its host's handshake). ``app`` itself checks nothing: it is for
+    callers in this process, such as an in-process launch.
     """
 
     def __init__(
@@ -160,27 +188,32 @@ class PluginServer:
             metadata=dict(config.metadata),
         )
         self.link = link or HostLink()
+        self_registering = bool(config.host_url)
         self.link.attach(self.health, config.provides, config.host_url or os.environ.get(ENV_HOST_URL, ""))
         handlers: list[Any] = [impls[name] for name in plugins]
         handlers += [
             hs.PluginHandshake(handshake, plugins),
             HealthService(self.health),
             _Control(self),
-            _IdentityService(self.info, self.link),
+            _IdentityService(self.info, self.link, self_registering),
         ]
         for name, plugin in plugins.items():
             # Under the service name, and under the plugin name as the Go reference does.
             self.health.set_service(plugin.service.name, SERVING)
             self.health.set_service(name, SERVING)
         self.app = App(handlers, config.server, routes={"/healthz": self._live, "/readyz": self._ready})
-        self._http = HTTPServer(self.app, config.http)
+        self.wsgi = HostGate(self.app, self.link, PROBE_PATHS, config.allow_unauthenticated)
+        self._http = HTTPServer(self.wsgi, config.http)
         self._stopped = threading.Event()  # stop() was called
         self._finished = threading.Event()  # run() returned: drained, link closed
         self._unregister: threading.Thread | None = None
 
     def listen(self) -> str:
         """Bind the port (without serving yet) and return the base URL."""
-        return self._http.bind()
+        url = self._http.bind()
+        if self.config.allow_unauthenticated:
+            warn_unauthenticated(url)
+        return url
 
     def run(self) -> None:
         """Serve on this thread until stopped, then drain in-flight calls."""
@@ -253,14 +286,23 @@ def serve(
     """Serve ``impls`` (name -> handler object) as the plugins ``plugins`` describe; blocks.
 
     Must be started by a host: without the magic cookie in the environment it explains
-    that it is a plugin and exits with status 1; with ``config.host_url`` it joins that
-    host on its own instead. Returns after a graceful shutdown. Pass ``health`` to set
+    that it is a plugin and exits with status 1, and so it does without the host's secret
+    on stdin unless ``allow_unauthenticated``; with ``config.host_url`` it joins that host
+    on its own instead, and answers calls only once the host's handshake has given it the
+    secret the host calls it with. Returns after a graceful shutdown. Pass ``health`` to set
     this plugin's health from your code, and ``link`` to call other plugins through the host.
     The entry point: it alone installs SIGTERM/SIGINT handlers.
     """
     config = config or ServeConfig()
-    version = 0 if config.host_url else _launched_version(handshake)
+    if os.environ.get(ENV_ALLOW_UNAUTHENTICATED) == "1":
+        config = dataclasses.replace(config, allow_unauthenticated=True)
+    version, secret = 0, ""
+    if not config.host_url:
+        version = _launched_version(handshake)
+        secret = _launch_secret(config)
     server = PluginServer(plugins, impls, handshake, config, health, link)
+    if secret:
+        server.link.expect_host(secret)
     url = server.listen()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: server.stop(reason="signal"))
@@ -292,6 +334,37 @@ def _launched_version(handshake: hs.HandshakeConfig) -> int:
     except ConnectError as e:
         sys.stderr.write(f"connectplugin: {e.message}\n")
         sys.exit(1)
+
+
+def _launch_secret(config: ServeConfig) -> str:
+    """The host's secret from stdin's first line; exits 1 when there is none and it is needed."""
+    secret = ""
+    if os.environ.get(ENV_SECRET_ON_STDIN) == "1":
+        secret = _read_line(0, config.secret_timeout).strip()
+    if not secret and not config.allow_unauthenticated:
+        sys.stderr.write(
+            "connectplugin: no host secret on stdin, so no caller could be trusted. A host starts\n"
+            "this plugin and hands it one; to try the plugin by hand with no authentication at all\n"
+            f"(development only), set {ENV_ALLOW_UNAUTHENTICATED}=1.\n"
+        )
+        sys.exit(1)
+    return secret
+
+
+def _read_line(fd: int, timeout: float) -> str:
+    """One line from ``fd``, read a byte at a time so nothing after it is consumed; "" when
+    nothing complete arrives within ``timeout`` seconds or the pipe ends first."""
+    line = bytearray()
+    deadline = time.monotonic() + timeout
+    while not line.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            return ""
+        byte = os.read(fd, 1)
+        if not byte:
+            return ""
+        line += byte
+    return line.decode(errors="replace")
 
 
 def _watch_host(server: PluginServer) -> None:

@@ -7,6 +7,7 @@ only SIGKILL (or the host closing the pipe after killing it) ends it.
 
 import os
 import signal
+import sys
 import threading
 
 from instrumented import HANDSHAKE, PLUGINS, InstrumentedStore
@@ -18,6 +19,8 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     health = Health()
     server = PluginServer(PLUGINS, {"kv": InstrumentedStore(health)}, HANDSHAKE, health=health)
+    # The host's secret is the first line on stdin; the rest of the pipe only ever ends.
+    server.link.expect_host(sys.stdin.readline().strip())
     url = server.listen()
     threading.Thread(target=server.run, daemon=True).start()
     print(f"{CORE_PROTOCOL_VERSION}|{max(HANDSHAKE.app_protocol_versions)}|{url}", flush=True)
