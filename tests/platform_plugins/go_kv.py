@@ -23,5 +23,7 @@ if __name__ == "__main__":
         host_url=args.host_url,
         provides=[ServiceDeclaration("kv", "1.0.0", KV_PLUGIN.service_path)],
         grace_period=2.0,
+        # The Go reference host presents no credential when it calls or routes to a plugin.
+        allow_unauthenticated=bool(args.host_url),
     )
     serve({"kv": KV_PLUGIN}, {"kv": KVStore()}, handshake=GO_HANDSHAKE, config=config)
