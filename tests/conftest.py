@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import lzma
 import os
 import signal
@@ -27,6 +28,7 @@ from connectplugin import (
     RegistryConfig,
     ServeConfig,
 )
+from connectplugin.rpc import tls
 from samples.kv.gen.kv.v1.kv_connect import KVServiceClient
 from samples.platform import HANDSHAKE
 from samples.platform.capabilities import HostLogger
@@ -53,13 +55,40 @@ def no_leaked_threads():
     )
 
 
+@pytest.fixture(scope="session")
+def pki() -> tls.DevPKI:
+    """A development CA with a host certificate and plugin certificates ``kv`` and ``other``."""
+    return tls.make_dev_pki(["kv", "other"])
+
+
+@pytest.fixture(scope="session")
+def ca_file(pki, tmp_path_factory) -> str:
+    """The development CA as a PEM file, for ``requests``' ``verify``."""
+    path = tmp_path_factory.mktemp("pki") / "ca.pem"
+    path.write_bytes(pki.ca.certificate_pem())
+    return str(path)
+
+
 @pytest.fixture
-def serve():
-    """``serve(app, threads=4)`` runs a WSGI app on waitress at 127.0.0.1:0 until the test ends."""
+def server_kind(request) -> str:
+    """``plain`` (waitress) unless a test parametrizes it with ``BOTH_SERVERS``."""
+    return getattr(request, "param", "plain")
+
+
+@pytest.fixture
+def http_config(server_kind, pki) -> HTTPConfig:
+    """The HTTPConfig of ``server_kind``: TLS with the development host certificate, or none."""
+    return HTTPConfig(tls=tls.TLSConfig(key_pair=pki.host) if server_kind == "tls" else None)
+
+
+@pytest.fixture
+def serve(http_config):
+    """``serve(app, threads=4)`` runs a WSGI app at 127.0.0.1:0 until the test ends (on
+    waitress, or cheroot over TLS for tests parametrized with ``BOTH_SERVERS``)."""
     servers: list[HTTPServer] = []
 
     def start(app: WSGIApp, threads: int = 4) -> HTTPServer:
-        server = HTTPServer(app, HTTPConfig(threads=threads)).start()
+        server = HTTPServer(app, dataclasses.replace(http_config, threads=threads)).start()
         servers.append(server)
         return server
 
@@ -94,11 +123,14 @@ def url(server) -> str:
 
 
 @pytest.fixture
-def connect():
-    """``connect(url, **ClientConfig fields)`` -> KVServiceClient, closed after the test."""
+def connect(pki):
+    """``connect(url, **ClientConfig fields)`` -> KVServiceClient, closed after the test; an
+    https URL is verified against the development CA."""
     clients: list[Client] = []
 
     def make(base_url: str, **config: Any) -> KVServiceClient:
+        if base_url.startswith("https:"):
+            config.setdefault("tls", tls.TLSConfig(trust=tls.Trust(cas=(pki.ca.certificate,))))
         client = Client(base_url, ClientConfig(**config))
         clients.append(client)
         return KVServiceClient(client)

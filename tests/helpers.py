@@ -52,6 +52,9 @@ from samples.platform import HANDSHAKE
 from samples.platform.capabilities import HostLogger
 from tests.platform_plugins.provider import Recorder, declare
 
+BOTH_SERVERS = pytest.mark.parametrize("server_kind", ["plain", "tls"], indirect=True)
+"""Runs a test on waitress and on cheroot over TLS (the ``serve`` fixture and those built on it)."""
+
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {"PYTHONPATH": str(ROOT)}
 

@@ -28,7 +28,7 @@ from connectplugin import (
 )
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KVServiceClient
-from tests.helpers import wait_until
+from tests.helpers import BOTH_SERVERS, wait_until
 from tests.services import envelope, events
 
 MiB = 1024 * 1024
@@ -124,6 +124,7 @@ def test_unary_round_trip_in_each_codec(connect, url, kv, codec):
     assert kv.last.headers["content-type"] == f"application/{codec}"
 
 
+@BOTH_SERVERS
 @pytest.mark.parametrize("codec", ["proto", "json"])
 def test_server_stream_in_each_codec(connect, url, kv, codec):
     kv.script("watch", returns(iter(events(3, b"\x01"))))
@@ -761,6 +762,7 @@ def test_response_metadata_captures_unary_headers_and_trailers(kv_client, kv):
     assert not any(k.startswith("trailer-") for k in md.headers)
 
 
+@BOTH_SERVERS
 def test_stream_headers_now_and_trailers_at_the_end(kv_client, kv):
     def watch(request, ctx):
         ctx.response_headers["x-served-by"] = "kv"
@@ -801,6 +803,7 @@ def one_worker(serve, kv):
     return server.url, finished
 
 
+@BOTH_SERVERS
 def test_closing_a_stream_early_ends_the_handler(connect, one_worker):
     url, finished = one_worker
     stream = connect(url).watch(kv_pb2.WatchRequest())
@@ -811,6 +814,7 @@ def test_closing_a_stream_early_ends_the_handler(connect, one_worker):
     assert finished.wait(5)
 
 
+@BOTH_SERVERS
 def test_leaving_a_stream_block_ends_the_handler(connect, one_worker):
     url, finished = one_worker
 
@@ -820,6 +824,7 @@ def test_leaving_a_stream_block_ends_the_handler(connect, one_worker):
     assert finished.wait(5)
 
 
+@BOTH_SERVERS
 def test_calls_after_an_early_close_still_work(connect, one_worker):
     url, finished = one_worker
     client = connect(url, pool_size=1)
@@ -832,6 +837,7 @@ def test_calls_after_an_early_close_still_work(connect, one_worker):
     assert got == kv_pb2.GetResponse(found=False)
 
 
+@BOTH_SERVERS
 def test_iterating_a_closed_stream_stops(connect, one_worker):
     url, finished = one_worker
     stream = connect(url).watch(kv_pb2.WatchRequest())

@@ -1,7 +1,9 @@
-"""HTTPServer: construction is inert; bind, start and close do what their names say."""
+"""HTTPServer: construction is inert; bind, start and close do what their names say; waitress
+(plaintext) and cheroot (TLS) behave alike: limits, streams, disconnections, graceful close."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -9,8 +11,11 @@ from typing import Any
 import pytest
 import requests
 
-from connectplugin import HTTPConfig, HTTPServer
-from tests.helpers import free_port, port_is_free
+from connectplugin import App, HTTPServer
+from samples.kv.gen.kv.v1 import kv_pb2
+from tests.helpers import BOTH_SERVERS, free_port, port_is_free, wait_until
+
+pytestmark = BOTH_SERVERS
 
 
 def hello(environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -18,11 +23,11 @@ def hello(environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
     return [b"hello"]
 
 
-def test_constructing_a_server_binds_no_port_and_starts_no_thread():
+def test_constructing_a_server_binds_no_port_and_starts_no_thread(http_config):
     port = free_port()
     before = set(threading.enumerate())
 
-    server = HTTPServer(hello, HTTPConfig(port=port))
+    server = HTTPServer(hello, dataclasses.replace(http_config, port=port))
 
     assert set(threading.enumerate()) == before
     assert port_is_free(port)
@@ -31,13 +36,14 @@ def test_constructing_a_server_binds_no_port_and_starts_no_thread():
     server.close()
 
 
-def test_bind_takes_the_port_without_serving_and_returns_the_url():
-    server = HTTPServer(hello)
+def test_bind_takes_the_port_without_serving_and_returns_the_url(http_config, server_kind):
+    server = HTTPServer(hello, http_config)
     before = set(threading.enumerate())
     try:
         url = server.bind()
 
-        assert url == server.url == f"http://127.0.0.1:{server.port}"
+        scheme = "https" if server_kind == "tls" else "http"
+        assert url == server.url == f"{scheme}://127.0.0.1:{server.port}"
         assert server.bind() == url  # idempotent
         assert not port_is_free(server.port)
         assert set(threading.enumerate()) == before
@@ -45,20 +51,20 @@ def test_bind_takes_the_port_without_serving_and_returns_the_url():
         server.close()
 
 
-def test_start_serves_on_a_thread_named_for_its_port_at_the_bound_url():
-    server = HTTPServer(hello)
+def test_start_serves_on_a_thread_named_for_its_port_at_the_bound_url(http_config, ca_file):
+    server = HTTPServer(hello, http_config)
     url = server.bind()
     try:
         server.start()
 
-        assert requests.get(url, timeout=5).text == "hello"
-        assert f"waitress:{server.port}" in {t.name for t in threading.enumerate()}
+        assert requests.get(url, timeout=5, verify=ca_file).text == "hello"
+        assert server._thread is not None and server._thread.name.endswith(f":{server.port}")
     finally:
         server.close(grace=1.0)
 
 
-def test_close_of_a_bound_server_that_never_served_releases_its_port():
-    server = HTTPServer(hello)
+def test_close_of_a_bound_server_that_never_served_releases_its_port(http_config):
+    server = HTTPServer(hello, http_config)
     server.bind()
     port = server.port
 
@@ -67,11 +73,91 @@ def test_close_of_a_bound_server_that_never_served_releases_its_port():
     assert port_is_free(port)
 
 
-def test_config_limits_reach_waitress():
-    server = HTTPServer(hello, HTTPConfig(max_request_body_size=1024)).start()
+def test_close_of_a_serving_server_releases_its_port_and_threads(http_config, ca_file):
+    before = set(threading.enumerate())
+    server = HTTPServer(hello, http_config).start()
+    requests.get(server.url, timeout=5, verify=ca_file)
+    port = server.port
+
+    server.close(grace=1.0)
+
+    assert port_is_free(port)
+    wait_until(lambda: set(threading.enumerate()) <= before, "the server's threads to end", timeout=5)
+
+
+def test_config_limits_reach_the_server(http_config, ca_file):
+    server = HTTPServer(hello, dataclasses.replace(http_config, max_request_body_size=1024)).start()
     try:
-        reply = requests.post(server.url, data=b"x" * 4096, timeout=5)
+        reply = requests.post(server.url, data=b"x" * 4096, timeout=5, verify=ca_file)
 
         assert reply.status_code == 413
     finally:
         server.close(grace=1.0)
+
+
+# --- streams ------------------------------------------------------------------------------------
+
+
+def test_stream_headers_arrive_before_the_first_message(connect, serve, kv):
+    first_sent = threading.Event()
+
+    def quiet(request, ctx):
+        ctx.response_headers["x-early"] = "yes"
+
+        def messages():
+            kv.released.wait(5)  # says nothing until the test has seen the headers
+            first_sent.set()
+            yield kv_pb2.WatchEvent(key="late")
+
+        return messages()
+
+    kv.script("watch", quiet)
+    client = connect(serve(App([kv])).url)
+
+    with client.watch(kv_pb2.WatchRequest(), timeout=10) as stream:
+        assert stream.headers["x-early"] == "yes"
+        assert not first_sent.is_set()
+        kv.released.set()
+        assert next(stream).key == "late"
+
+
+def test_a_handler_sees_its_client_leave(connect, serve, kv):
+    entered, ended = threading.Event(), threading.Event()
+
+    def waiting(request, ctx):
+        entered.set()
+        while ctx.is_active() and not kv.released.is_set():
+            kv.pause(0.01)
+        ended.set()
+        yield from ()
+
+    kv.script("watch", waiting)
+    client = connect(serve(App([kv])).url)
+    stream = client.watch(kv_pb2.WatchRequest())
+    assert entered.wait(5)
+
+    stream.close()
+
+    assert ended.wait(5)
+
+
+def test_close_lets_a_call_in_flight_finish_within_the_grace(http_config, connect, kv):
+    entered = threading.Event()
+
+    def slow_get(request, ctx):
+        entered.set()
+        kv.pause(0.3)
+        return kv_pb2.GetResponse(found=True, value=b"done")
+
+    kv.script("get", slow_get)
+    server = HTTPServer(App([kv]), http_config).start()
+    client = connect(server.url)
+    result: list[Any] = []
+    caller = threading.Thread(target=lambda: result.append(client.get(kv_pb2.GetRequest(key="a"), timeout=10)))
+    caller.start()
+    assert entered.wait(5)
+
+    server.close(grace=5.0)
+    caller.join(10)
+
+    assert result and result[0].value == b"done"

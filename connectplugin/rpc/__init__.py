@@ -8,9 +8,12 @@ from .errors import Code, ConnectError, ErrorDetail
 from .httpserver import HTTPConfig, HTTPServer
 from .server import App, Context, ServerConfig
 from .service import Method, Service
+from .tls import DevPKI, KeyPair, TLSConfig, Trust, make_dev_pki
 
 __all__ = [
     "App",
+    "DevPKI",
+    "KeyPair",
     "Call",
     "Client",
     "ClientConfig",
@@ -26,4 +29,7 @@ __all__ = [
     "ServerConfig",
     "ServerStream",
     "Service",
+    "TLSConfig",
+    "Trust",
+    "make_dev_pki",
 ]

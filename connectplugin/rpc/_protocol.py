@@ -363,7 +363,15 @@ def read_error(
             return ConnectError.from_json(json.loads(body), fallback, metadata)
         except (ValueError, ConnectError):
             pass
-    return ConnectError(fallback, f"HTTP {status} {reason or ''}".strip(), metadata=metadata)
+    message = f"HTTP {status} {reason or ''}".strip()
+    if content_type == "text/plain" and body:
+        # A proxy's or server's own words (e.g. "this server only speaks HTTPS on this port").
+        message += ": " + body[:PLAIN_ERROR_CHARS].decode("utf-8", "replace").strip()
+    return ConnectError(fallback, message, metadata=metadata)
+
+
+PLAIN_ERROR_CHARS = 200
+"""How much of a plain-text error body a non-Connect error message quotes."""
 
 
 # --- timeouts (spec: Connect-Timeout-Ms, at most 10 digits) ---------------------------------

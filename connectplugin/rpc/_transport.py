@@ -8,11 +8,13 @@ http.client, sockets) become :class:`TransportError` here and nowhere else, as r
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import io
 import queue
 import select
 import socket
+import ssl
 import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -33,6 +35,7 @@ from urllib3.exceptions import (
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from . import _protocol
+from . import tls as _tls
 
 # --- the contract ---------------------------------------------------------------------------
 
@@ -159,8 +162,13 @@ def _refused(e: BaseException | None) -> bool:
 
 
 def _reason(e: BaseException) -> str:
-    while e.args and isinstance(e.args[0], BaseException):
-        e = e.args[0]
+    while True:
+        if isinstance(e, MaxRetryError) and e.reason is not None:
+            e = e.reason
+        elif e.args and isinstance(e.args[0], BaseException):
+            e = e.args[0]
+        else:
+            break
     return str(e) or type(e).__name__
 
 
@@ -232,6 +240,7 @@ class PoolTransport:
         self._base_url = base_url
         self._prefix = prefix
         """The base URL's path, which every request target starts with."""
+        self._retries: Any = adapter.max_retries
         # Set by one call or another; any thread may replace it with an equal pool.
         self._pool: urllib3.HTTPConnectionPool | None = None
 
@@ -248,7 +257,7 @@ class PoolTransport:
         arguments: dict[str, Any] = dict(
             body=body,
             headers=headers,
-            retries=self._adapter.max_retries,
+            retries=self._retries,
             redirect=False,
             assert_same_host=False,
             preload_content=False,
@@ -286,6 +295,46 @@ class PoolTransport:
         pool = self._adapter.get_connection_with_tls_context(request, verify, cert=cert)
         self._adapter.cert_verify(pool, request.url, verify, cert)
         assert isinstance(pool, urllib3.HTTPConnectionPool)
+        self._pool = pool
+        return pool
+
+
+class TLSPoolTransport(PoolTransport):
+    """An HTTPS urllib3 pool of its own for a :class:`~connectplugin.rpc.tls.TLSConfig`.
+
+    requests' adapter would add its CA bundle to any context, accepting every public CA; this
+    pool verifies the server against exactly the configured CAs, or its one pinned
+    certificate, and presents our key pair, loaded once without touching a disk.
+    """
+
+    def __init__(self, base_url: str, config: _tls.TLSConfig, pool_size: int) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme != "https":
+            raise ValueError(f"TLS settings need an https:// URL, not {base_url!r}")
+        self._base_url = base_url
+        self._prefix = parts.path
+        self._retries = 0
+        self._host = parts.hostname or "localhost"
+        self._port = parts.port or 443
+        self._config = config
+        self._pool_size = pool_size
+        self._context = _tls.client_context(config)
+        self._pin = _tls.pin_fingerprint(config.trust)
+        self._pool: urllib3.HTTPConnectionPool | None = None
+
+    def _connect(self) -> urllib3.HTTPConnectionPool:
+        extra: dict[str, Any] = {}
+        if self._config.server_name:
+            extra["server_hostname"] = self._config.server_name
+        pool = urllib3.HTTPSConnectionPool(
+            self._host,
+            self._port,
+            maxsize=self._pool_size,
+            ssl_context=self._context,
+            assert_fingerprint=self._pin,
+            assert_hostname=False if self._pin else None,
+            **extra,
+        )
         self._pool = pool
         return pool
 
@@ -407,9 +456,12 @@ class ConnectionPool:
     together), no URL parsing per call. Safe from any thread; ``_lock`` guards ``_idle``.
     """
 
-    def __init__(self, base_url: str, size: int) -> None:
+    def __init__(self, base_url: str, size: int, tls: _tls.TLSConfig | None = None) -> None:
         url = urlsplit(base_url)
         self._https = url.scheme == "https"
+        # Built once: loading our key pair costs more than a call.
+        self._context = _tls.client_context(tls) if self._https and tls is not None else None
+        self._pin = _tls.pin_fingerprint(tls.trust) if tls is not None else None
         self._host = url.hostname or "127.0.0.1"
         self._port = url.port or (443 if self._https else 80)
         self._prefix = url.path.rstrip("/")
@@ -479,10 +531,15 @@ class ConnectionPool:
         return self._connect(connect_timeout), False
 
     def _connect(self, timeout: float) -> http.client.HTTPConnection:
-        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-        conn = cls(self._host, self._port, timeout=timeout)
+        conn: http.client.HTTPConnection
+        if self._https:
+            conn = http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self._context)
+        else:
+            conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
         conn.connect()
         assert conn.sock is not None
+        if self._pin is not None:
+            _check_pin(conn, self._pin)
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn
 
@@ -498,6 +555,15 @@ class ConnectionPool:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+
+def _check_pin(conn: http.client.HTTPConnection, pin: str) -> None:
+    """The server's certificate must be the pinned one (its chain was verified already)."""
+    assert isinstance(conn.sock, ssl.SSLSocket)
+    der = conn.sock.getpeercert(binary_form=True) or b""
+    if hashlib.sha256(der).hexdigest() != pin:
+        conn.close()
+        raise ssl.SSLError("the server's certificate is not the pinned one")
 
 
 def _dropped(sock: socket.socket) -> bool:

@@ -22,6 +22,7 @@ from ._metadata import Value, from_pairs, split_prefixed, to_wire
 from ._transport import Response, TransportError, TransportTimeout
 from .errors import Code, ConnectError
 from .service import Method
+from .tls import TLSConfig
 
 Res = TypeVar("Res", bound=Message)
 
@@ -73,6 +74,9 @@ class ClientConfig:
     service_url: bool = False
     """The base URL names one service (a router's ``endpoint_url``): calls go to
     ``base_url + "/" + method name`` instead of the full procedure path."""
+    tls: TLSConfig | None = None
+    """For an https:// URL: verify the server against exactly ``tls.trust`` (CAs or one pinned
+    certificate) and present ``tls.key_pair``. Without it, the session's settings apply."""
 
     def __post_init__(self) -> None:
         if self.codec not in _protocol.CODECS:
@@ -138,7 +142,13 @@ class Client:
             session.mount("http://", adapter)
             session.mount("https://", adapter)
         self.session = session
-        self._transport = _transport.for_session(session, self.base_url)
+        self._transport: _transport.Transport
+        if self.config.tls is not None:
+            if not self._owns_session:
+                raise ValueError("ClientConfig.tls and a session of your own: give one or the other")
+            self._transport = _transport.TLSPoolTransport(self.base_url, self.config.tls, self.config.pool_size)
+        else:
+            self._transport = _transport.for_session(session, self.base_url)
         codec = self.config.codec
         self._codec = _protocol.CODECS[codec]
         self._unary_type = _protocol.UNARY_PREFIX + codec

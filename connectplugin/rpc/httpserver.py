@@ -1,16 +1,32 @@
-"""Running a WSGI app on waitress: on a thread for hosts and tests, or in the foreground."""
+"""Running a WSGI app over HTTP: on a thread for hosts and tests, or in the foreground.
+
+Plaintext is served by waitress; TLS (waitress has none) by cheroot with its pyOpenSSL
+adapter. Both behave the same to an app: limits, streams whose headers leave at once, a
+client's disconnection visible to ``Context.is_active()``, and a graceful close.
+"""
 
 from __future__ import annotations
 
+import _pyio  # cheroot's socket files are built on it
 import logging
+import select
+import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from cheroot import connections as cheroot_connections
+from cheroot import errors as cheroot_errors
+from cheroot import makefile as cheroot_makefile
+from cheroot import wsgi as cheroot_wsgi
+from cheroot.ssl.pyopenssl import pyOpenSSLAdapter
+from OpenSSL import SSL
 from waitress.server import create_server
 from waitress.task import ThreadedTaskDispatcher
+
+from . import tls as _tls
 
 log = logging.getLogger("connectplugin.httpserver")
 
@@ -44,26 +60,31 @@ class HTTPConfig:
     """After the grace, seconds the worker threads get to leave once pending calls are dropped."""
     close_margin: float = 2.0
     """Seconds beyond the grace ``close()`` waits for the serving thread to release its sockets."""
+    tls: _tls.TLSConfig | None = None
+    """Serve HTTPS with this certificate (and, with its ``trust``, require client certificates)."""
 
 
 class HTTPServer:
-    """A WSGI app on waitress. Constructing one binds nothing and starts nothing.
+    """A WSGI app on waitress (plaintext) or cheroot (``config.tls``). Constructing one binds
+    nothing and starts nothing.
 
     ``bind()`` takes the port (so ``url`` is known before serving) and starts no thread;
     ``start()`` serves on a daemon thread named for the port, ``serve_forever()`` on the
-    caller's thread; both bind first if needed, and start waitress's worker pool. Call those three from the thread that owns the server. ``close()`` is safe to
-    call from any thread, more than once.
+    caller's thread; both bind first if needed, and start the worker pool. Call those three
+    from the thread that owns the server. ``close()`` is safe to call from any thread, more
+    than once.
     """
 
     def __init__(self, app: Callable[..., Any], config: HTTPConfig | None = None) -> None:
         self.app = app
         self.config = config or HTTPConfig()
-        # _lock guards _server, _address, _serving and _grace, and keeps close() from pulling the
-        # trigger once the serving thread has closed its pipe.
+        # _lock guards _server, _address, _serving, _prepared and _grace, and keeps close() from
+        # pulling waitress's trigger once the serving thread has closed its pipe.
         self._lock = threading.Lock()
         self._server: Any = None
         self._address: tuple[str, int] | None = None
         self._serving = False
+        self._prepared = False  # cheroot: its workers run, so stop() has something to stop
         self._grace = self.config.close_grace
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -74,26 +95,9 @@ class HTTPServer:
         if self._address is None:
             if self._stopping.is_set():
                 raise RuntimeError("this HTTPServer is closed")
-            cfg = self.config
-            server = create_server(
-                self.app,
-                host=cfg.host,
-                port=cfg.port,
-                threads=cfg.threads,
-                connection_limit=cfg.connection_limit,
-                channel_timeout=cfg.idle_timeout,
-                # poll(), not select(): select cannot watch descriptors past 1023.
-                asyncore_use_poll=True,
-                max_request_body_size=cfg.max_request_body_size,
-                # Lets a handler see a vanished client (Context.is_active) without writing to it.
-                channel_request_lookahead=1,
-                clear_untrusted_proxy_headers=True,
-                ident="connectplugin",
-                # An empty pool: the workers start when serving does, not at bind time.
-                _dispatcher=ThreadedTaskDispatcher(),
+            server, address = _bind_waitress(self.app, self.config) if self.config.tls is None else _bind_cheroot(
+                self.app, self.config
             )
-            host, port = server.getsockname()[:2]  # waitress gives the port as a string
-            address = (host, int(port))
             with self._lock:
                 self._server, self._address = server, address
         return self.url
@@ -108,10 +112,11 @@ class HTTPServer:
 
     @property
     def url(self) -> str:
-        """``http://host:port``; known once bound."""
+        """``http://host:port`` (``https://`` with TLS); known once bound."""
         host, port = self._bound()
         host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{port}"
+        scheme = "http" if self.config.tls is None else "https"
+        return f"{scheme}://{host}:{port}"
 
     def _bound(self) -> tuple[str, int]:
         if self._address is None:
@@ -121,7 +126,8 @@ class HTTPServer:
     def start(self) -> HTTPServer:
         """Bind if needed, then serve on a daemon thread named for the port."""
         self.bind()
-        self._thread = threading.Thread(target=self.serve_forever, name=f"waitress:{self.port}", daemon=True)
+        name = f"{'waitress' if self.config.tls is None else 'cheroot'}:{self.port}"
+        self._thread = threading.Thread(target=self.serve_forever, name=name, daemon=True)
         self._thread.start()
         return self
 
@@ -132,6 +138,12 @@ class HTTPServer:
             if self._stopping.is_set():  # closed before it ever served: close() released it
                 return
             self._serving = True
+        if self.config.tls is None:
+            self._serve_waitress()
+        else:
+            self._serve_cheroot()
+
+    def _serve_waitress(self) -> None:
         srv = self._server
         cfg = self.config
         srv.task_dispatcher.set_thread_count(cfg.threads)
@@ -159,6 +171,30 @@ class HTTPServer:
             srv.trigger.close()
             self._done.set()
 
+    def _serve_cheroot(self) -> None:
+        srv = self._server
+        srv.prepare()
+        with self._lock:
+            self._prepared = True
+            stopping = self._stopping.is_set()
+        if stopping:  # close() came before the workers ran, so it left the stopping to us
+            self._stop_cheroot()
+            return
+        srv.serve()  # returns once _stop_cheroot has stopped the server
+        cfg = self.config
+        self._done.wait(self._grace + cfg.worker_stop_timeout + cfg.close_margin)
+
+    def _stop_cheroot(self) -> None:
+        """cheroot's stop: no new connections, idle ones closed, calls in flight get the grace
+        (then their sockets are shut), workers joined."""
+        srv = self._server
+        with self._lock:
+            srv.shutdown_timeout = self._grace
+        try:
+            srv.stop()
+        finally:
+            self._done.set()
+
     def _busy(self) -> bool:
         dispatcher = self._server.task_dispatcher
         if dispatcher.active_count or dispatcher.queue:
@@ -168,24 +204,30 @@ class HTTPServer:
     def close(self, grace: float | None = None) -> None:
         """Stop serving: calls in flight get ``grace`` seconds (default ``config.close_grace``)."""
         grace = self.config.close_grace if grace is None else grace
+        tls = self.config.tls is not None
         with self._lock:
             first = not self._stopping.is_set()
             if first:
                 self._grace = grace
                 self._stopping.set()
-                if self._serving and not self._done.is_set():
+                if self._serving and not self._done.is_set() and not tls:
                     # A one-byte write to waitress's own wake-up pipe, under the lock on
                     # purpose: the serving thread closes that pipe under the same lock.
                     self._server.pull_trigger()
-            server, serving = self._server, self._serving
+            server, serving, prepared = self._server, self._serving, self._prepared
         wait = grace + self.config.close_margin
         if not first:
             self._done.wait(wait)
-        elif not serving:  # never served: nothing to drain
+            return
+        if not serving:  # never served: nothing to drain
             if server is not None:
-                server.close()
+                server.socket.close() if tls else server.close()
             self._done.set()
-        elif self._thread is not None and self._thread is not threading.current_thread():
+            return
+        if prepared:
+            # From its own thread: stopping joins the workers, and close() may run on one.
+            threading.Thread(target=self._stop_cheroot, name=f"cheroot-stop:{self.port}", daemon=True).start()
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=wait)
 
     def __enter__(self) -> HTTPServer:
@@ -252,3 +294,185 @@ class _Sweeper:
             unused.sort(key=lambda item: item[0], reverse=True)
             for _, channel in unused[: max(0, excess)]:
                 channel.will_close = True
+
+
+# --- waitress: plaintext ----------------------------------------------------------------------
+
+
+def _bind_waitress(app: Callable[..., Any], cfg: HTTPConfig) -> tuple[Any, tuple[str, int]]:
+    server = create_server(
+        app,
+        host=cfg.host,
+        port=cfg.port,
+        threads=cfg.threads,
+        connection_limit=cfg.connection_limit,
+        channel_timeout=cfg.idle_timeout,
+        # poll(), not select(): select cannot watch descriptors past 1023.
+        asyncore_use_poll=True,
+        max_request_body_size=cfg.max_request_body_size,
+        # Lets a handler see a vanished client (Context.is_active) without writing to it.
+        channel_request_lookahead=1,
+        clear_untrusted_proxy_headers=True,
+        ident="connectplugin",
+        # An empty pool: the workers start when serving does, not at bind time.
+        _dispatcher=ThreadedTaskDispatcher(),
+    )
+    host, port = server.getsockname()[:2]  # waitress gives the port as a string
+    return server, (host, int(port))
+
+
+# --- cheroot: TLS -----------------------------------------------------------------------------
+
+CLIENT_DISCONNECTED_KEY = "connectplugin.client_disconnected"
+"""WSGI environ key: a callable true once the client has gone (waitress has its own)."""
+_TLS_ALERT = 0x15
+"""The first byte of a TLS alert record: a client's close_notify before it hangs up."""
+
+
+class _CherootServer(cheroot_wsgi.Server):
+    def prepare(self) -> None:
+        # cheroot's prepare() also binds; HTTPServer.bind() has, so this is the rest of it.
+        self._interrupt = None
+        self.software = self.software or f"{self.version} Server"
+        self._connections = cheroot_connections.ConnectionManager(self)
+        self.requests.start()
+        self.ready = True
+        self._start_time = time.time()
+
+
+class _Gateway(cheroot_wsgi.Gateway_10):
+    """cheroot's WSGI 1.0 gateway, adding what waitress offers: a disconnection check, and
+    the verified client certificate."""
+
+    def get_environ(self) -> dict:  # type: ignore[override]  # cheroot's stub says None
+        environ = super().get_environ()
+        conn = self.req.conn.socket
+        fd = conn.fileno()
+        environ[CLIENT_DISCONNECTED_KEY] = lambda: _peer_gone(fd)
+        environ[_tls.PEER_CERTIFICATE_KEY] = lambda: _peer_certificate(conn)
+        return environ
+
+
+class _TLSSocketIO(socket.SocketIO):
+    """A pyOpenSSL connection read and written as a socket with a timeout would be.
+
+    pyOpenSSL raises WantRead/WantWrite where such a socket waits (cheroot's own reader
+    retries whole buffered reads, losing the bytes already taken, and polls with sleeps);
+    here the raw calls wait on the descriptor, up to the socket's timeout, and the TLS
+    errors become the socket errors cheroot knows.
+    """
+
+    _sock: Any
+
+    def readinto(self, b: Any) -> int:
+        return self._retry(lambda: self._sock.recv_into(b), reading=True)
+
+    def write(self, b: Any) -> int:
+        return self._retry(lambda: self._sock.send(bytes(b)), reading=False)
+
+    def _retry(self, call: Callable[[], int], reading: bool) -> int:
+        sock = self._sock
+        timeout = sock.gettimeout()
+        while True:
+            try:
+                return call()
+            except SSL.WantReadError:
+                ready = _wait(sock.fileno(), select.POLLIN, timeout)
+            except SSL.WantWriteError:
+                ready = _wait(sock.fileno(), select.POLLOUT, timeout)
+            except SSL.ZeroReturnError:  # the client's close_notify
+                return 0
+            except SSL.SysCallError as e:
+                if reading and e.args[0] in (-1, 0):  # end of file without close_notify
+                    return 0
+                raise ConnectionResetError(str(e)) from None
+            except SSL.Error as e:
+                if "http request" in str(e):
+                    raise cheroot_errors.NoSSLError from None  # cheroot answers 400 in plaintext
+                raise cheroot_errors.FatalSSLAlert(str(e)) from None  # handshake refused: dropped
+            if not ready:
+                raise TimeoutError("timed out")  # cheroot's words for a timeout (408 mid-request)
+
+
+class _TLSReader(cheroot_makefile.StreamReader):
+    def __init__(self, sock: Any, mode: str = "rb", bufsize: int = _pyio.DEFAULT_BUFFER_SIZE) -> None:
+        _pyio.BufferedReader.__init__(self, _TLSSocketIO(sock, "rb"), bufsize)
+        self.bytes_read = 0
+
+
+class _TLSWriter(cheroot_makefile.StreamWriter):
+    def __init__(self, sock: Any, mode: str = "wb", bufsize: int = _pyio.DEFAULT_BUFFER_SIZE) -> None:
+        _pyio.BufferedWriter.__init__(self, _TLSSocketIO(sock, "wb"), bufsize)
+        self.bytes_written = 0
+
+
+class _TLSAdapter(pyOpenSSLAdapter):
+    """cheroot's pyOpenSSL adapter with a context built in memory and our socket files."""
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(None, None)
+        self.context = context
+
+    def makefile(self, sock: Any, mode: str = "r", bufsize: int = -1) -> Any:
+        size = bufsize if bufsize > 0 else _pyio.DEFAULT_BUFFER_SIZE
+        return _TLSReader(sock, mode, size) if "r" in mode else _TLSWriter(sock, mode, size)
+
+
+def _wait(fd: int, event: int, timeout: float | None) -> bool:
+    """Whether ``fd`` became ready for ``event`` within ``timeout`` seconds (poll: select
+    cannot watch descriptors past 1023)."""
+    poller = select.poll()
+    poller.register(fd, event)
+    return bool(poller.poll(None if timeout is None else timeout * 1000))
+
+
+def _peer_gone(fd: int) -> bool:
+    """Whether the client hung up: its socket reads as end of file (or a TLS alert) without
+    touching the TLS stream, which a worker may be writing to."""
+    try:
+        if not _wait(fd, select.POLLIN, 0):
+            return False
+        probe = socket.socket(fileno=fd)
+        try:
+            data = probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        finally:
+            probe.detach()
+    except BlockingIOError:
+        return False
+    except (OSError, ValueError):
+        return True
+    return not data or data[0] == _TLS_ALERT
+
+
+def _peer_certificate(conn: Any) -> Any:
+    certificate = conn.get_peer_certificate()
+    return None if certificate is None else certificate.to_cryptography()
+
+
+def _bind_cheroot(app: Callable[..., Any], cfg: HTTPConfig) -> tuple[Any, tuple[str, int]]:
+    assert cfg.tls is not None
+    server = _CherootServer(
+        (cfg.host, cfg.port),
+        app,
+        numthreads=cfg.threads,
+        max=cfg.threads,
+        server_name="connectplugin",
+        request_queue_size=cfg.connection_limit,
+        # One timeout in cheroot: for each read of a request and for an idle keep-alive.
+        timeout=min(cfg.request_timeout, cfg.idle_timeout),  # type: ignore[arg-type]  # any number
+        shutdown_timeout=cfg.close_grace,  # type: ignore[arg-type]
+        accepted_queue_size=cfg.connection_limit,
+    )
+    server.gateway = _Gateway
+    server.max_request_body_size = cfg.max_request_body_size
+    server.keep_alive_conn_limit = cfg.connection_limit  # cheroot's default keeps only 10
+    server.expiration_interval = cfg.tls.stop_poll_interval
+    server.ssl_adapter = _TLSAdapter(_tls.server_context(cfg.tls))
+    family, kind, proto, _, _ = socket.getaddrinfo(
+        cfg.host, cfg.port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+    )[0]
+    server.bind(family, kind, proto)
+    server.socket.settimeout(1)  # as cheroot's prepare(): its accept loop wakes to check for stop
+    server.socket.listen(server.request_queue_size)
+    host, port = server.bind_addr[:2]
+    return server, (host, int(port))

@@ -1,0 +1,404 @@
+"""TLS settings: who we are (a certificate and its key) and whom we accept (CAs, pinned certificates).
+
+Loaded from PEM files or bytes, or made here (a development CA, certificates it signs, the
+short-lived self-signed pairs of automatic mTLS), and turned into the contexts the TLS server
+(pyOpenSSL under cheroot) and the clients (the ``ssl`` module under urllib3 and http.client)
+use. Keys stay in memory: pyOpenSSL takes key objects, and the ``ssl`` module, which only
+reads keys from files, reads them from an anonymous in-memory file (Linux ``memfd``) or,
+elsewhere, from a temporary file holding the key encrypted under a one-time password.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import ipaddress
+import os
+import secrets
+import ssl
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import SSL, crypto
+
+DEV_LIFETIME = datetime.timedelta(days=30)
+"""How long the certificates of ``make_dev_pki`` are valid."""
+CLOCK_SKEW = datetime.timedelta(minutes=5)
+"""Certificates made here are valid from this long before they were made."""
+URI_SCHEME = "connectplugin"
+"""A plugin certificate's SAN URI names its self id: ``connectplugin://plugin/<self id>``."""
+
+
+def fingerprint(certificate: x509.Certificate) -> str:
+    """The SHA-256 fingerprint of a certificate's DER bytes, as lower-case hex."""
+    return certificate.fingerprint(hashes.SHA256()).hex()
+
+
+def load_certificates(pem: bytes | str) -> tuple[x509.Certificate, ...]:
+    """Every certificate in a PEM text; ValueError when there is none."""
+    data = pem.encode() if isinstance(pem, str) else pem
+    certificates = tuple(x509.load_pem_x509_certificates(data))
+    if not certificates:
+        raise ValueError("no PEM certificate found")
+    return certificates
+
+
+def certificates_pem(certificates: Iterable[x509.Certificate]) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certificates)
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """A certificate (with the intermediates that lead to its CA) and its private key."""
+
+    certificate: x509.Certificate
+    private_key: CertificateIssuerPrivateKeyTypes = field(repr=False)
+    chain: tuple[x509.Certificate, ...] = ()
+    """Intermediate certificates sent after ``certificate``; not the root."""
+
+    @classmethod
+    def from_pem(cls, certificate: bytes | str, private_key: bytes | str, password: bytes | None = None) -> KeyPair:
+        """From PEM text: the certificate first, then any intermediates; the key, maybe encrypted."""
+        leaf, *chain = load_certificates(certificate)
+        key_data = private_key.encode() if isinstance(private_key, str) else private_key
+        key = serialization.load_pem_private_key(key_data, password)
+        return cls(leaf, key, tuple(chain))  # type: ignore[arg-type]  # any signing key type
+
+    @classmethod
+    def from_files(cls, certificate: str | os.PathLike, private_key: str | os.PathLike,
+                   password: bytes | None = None) -> KeyPair:
+        return cls.from_pem(Path(certificate).read_bytes(), Path(private_key).read_bytes(), password)
+
+    def certificate_pem(self) -> bytes:
+        """The certificate, then the chain, as PEM."""
+        return certificates_pem((self.certificate, *self.chain))
+
+    def private_key_pem(self, password: bytes | None = None) -> bytes:
+        encryption: serialization.KeySerializationEncryption = (
+            serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
+        )
+        return self.private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.certificate)
+
+
+@dataclass(frozen=True)
+class Trust:
+    """Whom one side accepts: a peer whose chain leads to one of ``cas`` or ``pinned``, and,
+    when only ``pinned`` is given, whose certificate is one of them. ``revoked`` lists the
+    SHA-256 fingerprints (see :func:`fingerprint`) of certificates refused all the same."""
+
+    cas: tuple[x509.Certificate, ...] = ()
+    pinned: tuple[x509.Certificate, ...] = ()
+    revoked: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        if not self.cas and not self.pinned:
+            raise ValueError("a Trust needs at least one CA or pinned certificate")
+
+    @classmethod
+    def from_pem(cls, cas: bytes | str = b"", pinned: bytes | str = b"") -> Trust:
+        return cls(load_certificates(cas) if cas else (), load_certificates(pinned) if pinned else ())
+
+    @classmethod
+    def from_files(cls, cas: str | os.PathLike | None = None, pinned: str | os.PathLike | None = None) -> Trust:
+        return cls.from_pem(Path(cas).read_bytes() if cas else b"", Path(pinned).read_bytes() if pinned else b"")
+
+    @property
+    def pins_only(self) -> bool:
+        return not self.cas
+
+    def anchors(self) -> tuple[x509.Certificate, ...]:
+        return self.cas + self.pinned
+
+    def accepts_leaf(self, certificate: x509.Certificate) -> bool:
+        """The checks beyond the chain: pinned (when pins only) and not revoked."""
+        print_ = fingerprint(certificate)
+        if print_ in self.revoked:
+            return False
+        return not self.pins_only or print_ in {fingerprint(c) for c in self.pinned}
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """One side's TLS. A server needs ``key_pair``; with ``trust`` it requires a client
+    certificate that trust accepts. A client presents ``key_pair`` when the server asks and
+    verifies the server against ``trust`` (None: the system's CAs)."""
+
+    key_pair: KeyPair | None = None
+    trust: Trust | None = None
+    server_name: str | None = None
+    """Client: the name the server's certificate must carry, when not the URL's host. Not
+    checked against pinned certificates, which are the identity themselves."""
+    minimum_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2
+    stop_poll_interval: float = 0.1
+    """Server: how often cheroot's connection loop wakes to notice ``close()`` (it has no
+    wake-up pipe), so the longest a close waits on it."""
+
+
+# --- making certificates ----------------------------------------------------------------------
+
+
+def generate_key_pair(
+    common_name: str,
+    *,
+    issuer: KeyPair | None = None,
+    is_ca: bool = False,
+    dns_names: Sequence[str] = (),
+    ip_addresses: Sequence[str] = (),
+    uris: Sequence[str] = (),
+    lifetime: datetime.timedelta = DEV_LIFETIME,
+    not_before: datetime.datetime | None = None,
+) -> KeyPair:
+    """A fresh P-256 key and a certificate for it, signed by ``issuer`` (self-signed without).
+
+    A self-signed certificate is a CA (it anchors its own chain, as a pinned certificate
+    must). ``not_before`` defaults to now less :data:`CLOCK_SKEW`; tests pass a past time
+    to make an expired certificate.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    start = not_before or datetime.datetime.now(datetime.timezone.utc) - CLOCK_SKEW
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    self_signed = issuer is None
+    ca = is_ca or self_signed
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name if issuer is None else issuer.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + lifetime)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+    if not is_ca:
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+    names: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
+    names += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
+    names += [x509.UniformResourceIdentifier(u) for u in uris]
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    signer = key if issuer is None else issuer.private_key
+    if issuer is not None:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.certificate.public_key()),  # type: ignore[arg-type]
+            critical=False,
+        )
+    certificate = builder.sign(signer, hashes.SHA256())
+    return KeyPair(certificate, key, issuer.chain if issuer and issuer.chain else ())
+
+
+def plugin_uri(self_id: str) -> str:
+    """The SAN URI a plugin certificate carries for its self id."""
+    return f"{URI_SCHEME}://plugin/{self_id}"
+
+
+def certificate_ids(certificate: x509.Certificate) -> list[str]:
+    """The self ids a certificate names: its ``connectplugin://plugin/<id>`` SAN URIs, else its CN."""
+    try:
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        prefix = plugin_uri("")
+        ids = [u[len(prefix):] for u in san.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith(prefix)]
+    except x509.ExtensionNotFound:
+        ids = []
+    if ids:
+        return ids
+    return [str(a.value) for a in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+
+
+LOOPBACK_NAMES = ("localhost",)
+LOOPBACK_ADDRESSES = ("127.0.0.1", "::1")
+
+
+@dataclass(frozen=True)
+class DevPKI:
+    """A development CA, a host certificate and one certificate per plugin, all signed by it."""
+
+    ca: KeyPair
+    host: KeyPair
+    plugins: dict[str, KeyPair]
+
+    def write(self, directory: str | os.PathLike) -> list[Path]:
+        """Write ``ca.pem``, ``ca-key.pem``, ``host.pem``, ``host-key.pem`` and ``<plugin>.pem``,
+        ``<plugin>-key.pem``; keys readable by the owner only. Returns the paths written."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        written = []
+        for name, pair in [("ca", self.ca), ("host", self.host), *self.plugins.items()]:
+            cert_path, key_path = out / f"{name}.pem", out / f"{name}-key.pem"
+            cert_path.write_bytes(pair.certificate_pem())
+            fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(pair.private_key_pem())
+            written += [cert_path, key_path]
+        return written
+
+
+def make_dev_pki(
+    plugins: Sequence[str] = (),
+    *,
+    host_names: Sequence[str] = LOOPBACK_NAMES,
+    host_addresses: Sequence[str] = LOOPBACK_ADDRESSES,
+    lifetime: datetime.timedelta = DEV_LIFETIME,
+) -> DevPKI:
+    """A development CA and certificates it signs, for demos and tests: never for production.
+
+    Every certificate (host and plugins) is good for serving at ``host_names`` /
+    ``host_addresses`` and as a client certificate; a plugin's names its self id
+    (``connectplugin://plugin/<name>``) and has the name as CN.
+    """
+    ca = generate_key_pair("connectplugin development CA", is_ca=True, lifetime=lifetime)
+    host = generate_key_pair(
+        "connectplugin host", issuer=ca, dns_names=host_names, ip_addresses=host_addresses, lifetime=lifetime
+    )
+    pairs = {
+        name: generate_key_pair(
+            name, issuer=ca, dns_names=host_names, ip_addresses=host_addresses, uris=[plugin_uri(name)],
+            lifetime=lifetime,
+        )
+        for name in plugins
+    }
+    return DevPKI(ca, host, pairs)
+
+
+# --- contexts ---------------------------------------------------------------------------------
+
+
+def client_context(config: TLSConfig) -> ssl.SSLContext:
+    """The ``ssl`` context a client uses for ``config``: verifies the server, presents our pair."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = config.minimum_version
+    trust = config.trust
+    if trust is None:
+        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    else:
+        context.load_verify_locations(cadata=certificates_pem(trust.anchors()).decode())
+        # A pinned certificate is the server's identity; its names do not matter, and it
+        # anchors a chain by itself even when a CA issued it.
+        context.check_hostname = not trust.pins_only
+        if trust.pinned:
+            context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    if config.key_pair is not None:
+        load_key_pair(context, config.key_pair)
+    return context
+
+
+def load_key_pair(context: ssl.SSLContext, pair: KeyPair) -> None:
+    """``context.load_cert_chain`` for a pair held in memory, without the key touching a disk."""
+    pem = pair.certificate_pem()
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("connectplugin-tls", getattr(os, "MFD_CLOEXEC", 0))
+        try:
+            os.write(fd, pem + pair.private_key_pem())
+            context.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        return
+    # No anonymous files here: the key goes to a private temporary file encrypted under a
+    # password that lives only in this frame, and the file is removed once read.
+    password = secrets.token_bytes(32)
+    with tempfile.NamedTemporaryFile(suffix=".pem", delete=False) as f:
+        f.write(pem + pair.private_key_pem(password))
+    try:
+        context.load_cert_chain(f.name, password=password)
+    finally:
+        os.unlink(f.name)
+
+
+def pin_fingerprint(trust: Trust | None) -> str | None:
+    """urllib3's ``assert_fingerprint`` for a client pinned to one certificate."""
+    if trust is None or not trust.pins_only:
+        return None
+    if len(trust.pinned) != 1:
+        raise ValueError("a client pins exactly one server certificate")
+    return fingerprint(trust.pinned[0])
+
+
+def server_context(config: TLSConfig) -> Any:
+    """The pyOpenSSL context the TLS server uses: our pair from memory, and when ``trust`` is
+    set, a client certificate that trust accepts is required."""
+    if config.key_pair is None:
+        raise ValueError("a TLS server needs a key pair")
+    pair = config.key_pair
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    context.set_min_proto_version(_OPENSSL_VERSIONS[config.minimum_version])
+    context.use_certificate(pair.certificate)
+    context.use_privatekey(pair.private_key)  # type: ignore[arg-type]  # pyOpenSSL takes cryptography keys
+    for extra in pair.chain:
+        context.add_extra_chain_cert(crypto.X509.from_cryptography(extra))  # takes no other type yet
+    context.check_privatekey()
+    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+    trust = config.trust
+    if trust is not None:
+        store = context.get_cert_store()
+        assert store is not None
+        for anchor in trust.anchors():
+            store.add_cert(crypto.X509.from_cryptography(anchor))
+        if trust.pinned:  # a pinned certificate anchors a chain by itself even when a CA issued it
+            store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
+
+        def verify(conn: Any, certificate: Any, errno: int, depth: int, ok: int) -> bool:
+            if not ok:
+                return False
+            return depth > 0 or trust.accepts_leaf(certificate.to_cryptography())
+
+        context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
+    return context
+
+
+_OPENSSL_VERSIONS = {ssl.TLSVersion.TLSv1_2: SSL.TLS1_2_VERSION, ssl.TLSVersion.TLSv1_3: SSL.TLS1_3_VERSION}
+
+
+def peer_certificate(environ: dict) -> x509.Certificate | None:
+    """The verified client certificate of the connection a TLS-served request came on."""
+    get = environ.get(PEER_CERTIFICATE_KEY)
+    return get() if get is not None else None
+
+
+PEER_CERTIFICATE_KEY = "connectplugin.peer_certificate"
+"""WSGI environ key of the TLS server: a callable returning the client's certificate (or None)."""
+
+
+# --- the command ------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m connectplugin.rpc.tls --out DIR [--plugin NAME ...]``: a development PKI."""
+    parser = argparse.ArgumentParser(
+        prog="connectplugin-devpki",
+        description="Write a development CA, a host certificate and plugin certificates (PEM), "
+        "for demos and tests. Not for production.",
+    )
+    parser.add_argument("--out", required=True, help="directory to write the PEM files to")
+    parser.add_argument("--plugin", action="append", default=[], help="a plugin self id (repeat)")
+    parser.add_argument("--host-name", action="append", default=None, help="a DNS name to serve at (repeat)")
+    parser.add_argument("--host-address", action="append", default=None, help="an IP address to serve at (repeat)")
+    parser.add_argument("--days", type=int, default=DEV_LIFETIME.days, help="validity in days")
+    args = parser.parse_args(argv)
+    pki = make_dev_pki(
+        args.plugin,
+        host_names=args.host_name or LOOPBACK_NAMES,
+        host_addresses=args.host_address or LOOPBACK_ADDRESSES,
+        lifetime=datetime.timedelta(days=args.days),
+    )
+    for path in pki.write(args.out):
+        sys.stdout.write(f"{path}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""TLS and mTLS with real certificates and real handshakes: who is accepted, who is refused,
+and that a refusal is a clear error while the server keeps serving."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import stat
+from collections.abc import Iterator
+
+import pytest
+
+from connectplugin import App, Client, ClientConfig, Code, ConnectError, HTTPConfig, HTTPServer
+from connectplugin.rpc import tls
+from connectplugin.rpc._transport import ConnectionPool
+from samples.kv.gen.kv.v1 import kv_pb2
+from samples.kv.gen.kv.v1.kv_connect import KVServiceClient
+from tests.services import ScriptedKV
+
+A_YEAR_AGO = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=365)
+
+
+@pytest.fixture
+def kv() -> Iterator[ScriptedKV]:
+    handler = ScriptedKV()
+    yield handler
+    handler.released.set()
+
+
+@pytest.fixture
+def mtls_server(pki, kv) -> Iterator[HTTPServer]:
+    """A TLS server that requires a client certificate from the development CA."""
+    config = tls.TLSConfig(key_pair=pki.host, trust=tls.Trust(cas=(pki.ca.certificate,)))
+    server = HTTPServer(App([kv]), HTTPConfig(threads=2, tls=config)).start()
+    yield server
+    server.close(grace=1.0)
+
+
+@pytest.fixture
+def plain_server(kv) -> Iterator[HTTPServer]:
+    server = HTTPServer(App([kv]), HTTPConfig(threads=2)).start()
+    yield server
+    server.close(grace=1.0)
+
+
+def put(url: str, config: tls.TLSConfig | None, connect_timeout: float = 5.0) -> kv_pb2.PutResponse:
+    with Client(url, ClientConfig(tls=config, timeout=10, connect_timeout=connect_timeout)) as client:
+        return KVServiceClient(client).put(kv_pb2.PutRequest(key="a", value=b"1"))
+
+
+def as_plugin(pki: tls.DevPKI, name: str = "kv") -> tls.TLSConfig:
+    return tls.TLSConfig(key_pair=pki.plugins[name], trust=tls.Trust(cas=(pki.ca.certificate,)))
+
+
+# --- accepted ---------------------------------------------------------------------------------
+
+
+def test_a_client_with_a_certificate_from_the_ca_calls_an_mtls_server(mtls_server, pki, kv):
+    put(mtls_server.url, as_plugin(pki))
+
+    assert kv.last.request.key == "a"
+
+
+def test_a_client_pinned_to_the_server_certificate_needs_no_ca(mtls_server, pki):
+    pinned = tls.TLSConfig(key_pair=pki.plugins["kv"], trust=tls.Trust(pinned=(pki.host.certificate,)))
+
+    put(mtls_server.url, pinned)
+
+
+def test_the_handler_sees_the_client_certificate(mtls_server, pki, kv):
+    seen = []
+
+    def get(request, ctx):
+        seen.append(tls.peer_certificate(ctx.environ))
+        return kv_pb2.GetResponse()
+
+    kv.script("get", get)
+    with Client(mtls_server.url, ClientConfig(tls=as_plugin(pki, "other"))) as client:
+        KVServiceClient(client).get(kv_pb2.GetRequest(key="a"))
+
+    assert seen == [pki.plugins["other"].certificate]
+    assert tls.certificate_ids(seen[0]) == ["other"]
+
+
+def test_the_router_pool_verifies_and_presents_certificates(mtls_server, pki):
+    pool = ConnectionPool(mtls_server.url, size=2, tls=as_plugin(pki))
+    try:
+        response = pool.send("GET", "/readyz-missing", {}, None, 5.0, 5.0)
+        response.read(1024)
+        response.close()
+    finally:
+        pool.close()
+
+    assert response.status == 404  # reached the app over mTLS
+
+
+# --- refused, clearly, and the server keeps serving -------------------------------------------
+
+
+def refused_configs(pki: tls.DevPKI) -> dict[str, tls.TLSConfig | None]:
+    other = tls.make_dev_pki(["kv"])
+    ca = tls.Trust(cas=(pki.ca.certificate,))
+    expired = tls.generate_key_pair(
+        "kv", issuer=pki.ca, uris=[tls.plugin_uri("kv")], not_before=A_YEAR_AGO, lifetime=datetime.timedelta(days=1)
+    )
+    return {
+        "no client certificate": tls.TLSConfig(trust=ca),
+        "client certificate from another CA": tls.TLSConfig(key_pair=other.plugins["kv"], trust=ca),
+        "expired client certificate": tls.TLSConfig(key_pair=expired, trust=ca),
+        "server checked against another CA": tls.TLSConfig(
+            key_pair=pki.plugins["kv"], trust=tls.Trust(cas=(other.ca.certificate,))
+        ),
+        "server pinned to another certificate": tls.TLSConfig(
+            key_pair=pki.plugins["kv"], trust=tls.Trust(pinned=(other.host.certificate,))
+        ),
+        "system CAs only": tls.TLSConfig(key_pair=pki.plugins["kv"]),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "no client certificate",
+        "client certificate from another CA",
+        "expired client certificate",
+        "server checked against another CA",
+        "server pinned to another certificate",
+        "system CAs only",
+    ],
+)
+def test_a_refused_handshake_is_unavailable_and_the_server_keeps_serving(mtls_server, pki, case):
+    config = refused_configs(pki)[case]
+
+    with pytest.raises(ConnectError) as refused:
+        put(mtls_server.url, config)
+
+    assert refused.value.code is Code.UNAVAILABLE
+    assert "SSL" in refused.value.message or "EOF" in refused.value.message
+    put(mtls_server.url, as_plugin(pki))
+
+
+def test_a_revoked_client_certificate_is_refused(pki, kv):
+    revoked = tls.Trust(cas=(pki.ca.certificate,), revoked=frozenset({pki.plugins["kv"].fingerprint}))
+    config = tls.TLSConfig(key_pair=pki.host, trust=revoked)
+    with HTTPServer(App([kv]), HTTPConfig(threads=2, tls=config)) as server:
+        with pytest.raises(ConnectError) as refused:
+            put(server.url, as_plugin(pki, "kv"))
+        put(server.url, as_plugin(pki, "other"))
+
+    assert refused.value.code is Code.UNAVAILABLE
+
+
+def test_a_plaintext_client_at_a_tls_port_is_told_to_use_https(mtls_server, pki):
+    plain_url = mtls_server.url.replace("https://", "http://")
+
+    with pytest.raises(ConnectError) as refused:
+        put(plain_url, None)
+
+    assert "HTTPS" in refused.value.message
+    put(mtls_server.url, as_plugin(pki))
+
+
+def test_a_tls_client_at_a_plaintext_port_fails_and_the_server_keeps_serving(plain_server, pki):
+    tls_url = plain_server.url.replace("http://", "https://")
+
+    # waitress waits for a request line that never comes: the handshake's connect timeout
+    # ends the wait (short here, to keep the test fast).
+    with pytest.raises(ConnectError) as refused:
+        put(tls_url, as_plugin(pki), connect_timeout=0.3)
+
+    assert refused.value.code in (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED)
+    put(plain_server.url, None)
+
+
+def test_tls_settings_with_an_http_url_are_refused_at_once():
+    with pytest.raises(ValueError):
+        Client("http://127.0.0.1:1", ClientConfig(tls=tls.TLSConfig()))
+
+
+# --- configuration helpers --------------------------------------------------------------------
+
+
+def test_key_pairs_and_trust_load_from_pem_bytes_and_files(pki, tmp_path):
+    pki.write(tmp_path)
+
+    from_files = tls.KeyPair.from_files(tmp_path / "kv.pem", tmp_path / "kv-key.pem")
+    from_bytes = tls.KeyPair.from_pem(pki.plugins["kv"].certificate_pem(), pki.plugins["kv"].private_key_pem())
+    trust = tls.Trust.from_files(cas=tmp_path / "ca.pem")
+
+    assert from_files.certificate == from_bytes.certificate == pki.plugins["kv"].certificate
+    assert trust.cas == (pki.ca.certificate,)
+
+
+def test_an_encrypted_key_loads_with_its_password(pki):
+    pair = pki.plugins["kv"]
+
+    loaded = tls.KeyPair.from_pem(pair.certificate_pem(), pair.private_key_pem(b"secret"), password=b"secret")
+
+    assert loaded.fingerprint == pair.fingerprint
+
+
+def test_the_devpki_command_writes_a_ca_host_and_plugins_with_private_keys(tmp_path):
+    assert tls.main(["--out", str(tmp_path), "--plugin", "kv", "--plugin", "logger"]) == 0
+
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(
+        f"{n}{suffix}.pem" for n in ("ca", "host", "kv", "logger") for suffix in ("", "-key")
+    )
+    assert stat.S_IMODE(os.stat(tmp_path / "kv-key.pem").st_mode) == 0o600
+    kv_cert = tls.KeyPair.from_files(tmp_path / "kv.pem", tmp_path / "kv-key.pem").certificate
+    assert tls.certificate_ids(kv_cert) == ["kv"]
+
+
+def test_a_trust_without_anchors_is_refused():
+    with pytest.raises(ValueError):
+        tls.Trust()
