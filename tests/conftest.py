@@ -35,6 +35,7 @@ from samples.platform.capabilities import HostLogger
 from tests.helpers import ENV, ROOT, GoProcess, Peer, World, wait_until
 from tests.platform_plugins.provider import PLUGINS, Recorder, declare
 from tests.services import IdentityRecorder, ScriptedKV
+from tests.webapps import WebServer, serve_app
 
 WSGIApp = Callable[[dict, Callable[..., Any]], Iterable[bytes]]
 
@@ -293,3 +294,22 @@ def hang_up() -> Iterator[str]:
     listener.shutdown(socket.SHUT_RDWR)  # wakes accept() (Linux), unlike close()
     listener.close()
     thread.join()
+
+
+# --- web applications embedding hosts ---------------------------------------------------------
+
+
+@pytest.fixture
+def webserver(tmp_path) -> Iterator[Callable[..., WebServer]]:
+    """``webserver(argv, env=None, port=None)``: a test web app served for real (see
+    ``tests.webapps.serve_app``); its session and every plugin it ran are killed after the test."""
+    servers: list[WebServer] = []
+
+    def start(argv: list[str], env: dict[str, str] | None = None, port: int | None = None) -> WebServer:
+        server = serve_app(tmp_path, argv, env, port)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()

@@ -1,0 +1,222 @@
+"""The Flask extension under real servers: gunicorn (2 workers, with and without --preload),
+waitress with the host mounted inside the app, and ``flask run``'s reloader."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import pytest
+import requests
+from flask import Flask
+
+from connectplugin import ProcessStrategy
+from connectplugin.contrib import AppPluginsConfig
+from connectplugin.contrib.flask import ConnectPlugin
+from samples.kv.plugin import HANDSHAKE, PLUGINS
+from tests.helpers import ROOT, free_port, wait_until
+from tests.webapps import KV_COMMAND, running
+
+GUNICORN = [
+    sys.executable,
+    "-m",
+    "gunicorn",
+    "-w",
+    "2",
+    "-b",
+    "127.0.0.1:{port}",
+    "--graceful-timeout",
+    "10",
+]
+
+FLASK_RUN = [
+    sys.executable,
+    "-m",
+    "flask",
+    "--app",
+    "tests.webapps.flaskapp",
+    "run",
+    "--reload",
+    "-p",
+    "{port}",
+]
+
+
+def _plugins_by_worker(server, requests_made: int = 8) -> dict[int, list[int]]:
+    """Call the plugin through the app a few times; which process launched which plugins."""
+    server.put("a", b"1")
+    by_worker: dict[int, list[int]] = {}
+    for _ in range(requests_made):
+        assert server.get("a") in (b"1", b"")  # each worker's plugin is its own store
+        answer = server.pids()
+        by_worker[answer["pid"]] = answer["plugins"]
+    return by_worker
+
+
+# --- gunicorn ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preload", [False, True], ids=["forked-then-imported", "preload"])
+def test_gunicorn_workers_each_launch_one_plugin_on_first_use_and_stop_it_within_5_s(
+    webserver, preload
+):
+    server = webserver(
+        [*GUNICORN, *(["--preload"] if preload else []), "tests.webapps.flaskapp:app"]
+    )
+
+    by_worker = _plugins_by_worker(server)
+
+    plugins = {pid for pids in by_worker.values() for pid in pids}
+    assert plugins and all(
+        len(pids) <= 1 for pids in by_worker.values()
+    )  # one launch per serving process
+    assert server.plugin_processes() == plugins  # and none in the master
+    server.stop(signal.SIGTERM)
+    assert not [pid for pid in plugins if running(pid)]
+
+
+def test_a_host_started_at_import_under_preload_is_left_to_the_master_and_refused_to_workers(
+    webserver,
+):
+    server = webserver([*GUNICORN, "--preload", "tests.webapps.handmade:app"])
+    [plugin] = server.pids()["plugins"]
+
+    refused = requests.get(server.url + "/kv", timeout=10)
+
+    owner, worker = map(int, refused.text.split())
+    assert refused.status_code == 409 and owner == server.proc.pid and worker != owner
+    assert server.plugin_processes() == {plugin}
+    server.stop(signal.SIGTERM)  # the issue: 30 s, with every worker stopping the master's plugin
+    assert not running(plugin)
+
+
+# --- waitress, the host mounted inside the app ------------------------------------------------
+
+
+def test_waitress_serves_the_mounted_host_on_the_apps_own_port(webserver):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = webserver(
+        [
+            sys.executable,
+            "-m",
+            "waitress",
+            "--listen=127.0.0.1:{port}",
+            "tests.webapps.flaskapp:app",
+        ],
+        env={"WEBAPP_HOST_URL": url + "/_plugins"},
+        port=port,
+    )
+
+    server.put("a", b"1")
+    answer = server.pids()
+
+    assert server.get("a") == b"1"
+    assert answer["host_url"] == url + "/_plugins"
+    assert requests.get(url + "/_plugins/readyz", timeout=5).status_code == 200
+    assert requests.get(url + "/elsewhere", timeout=5).status_code == 404  # the app's own 404
+    # The only listening sockets of the serving process are the app's.
+    assert _listening_ports(server.proc.pid) == {port}
+    [plugin] = answer["plugins"]
+    server.stop(signal.SIGTERM)  # waitress exits at once; the plugin sees its stdin close
+    wait_until(lambda: not running(plugin), "the plugin to exit after its host", 5.0)
+
+
+def _listening_ports(pid: int) -> set[int]:
+    """TCP ports ``pid`` listens on (its sockets' inodes matched against /proc/net/tcp)."""
+    from pathlib import Path
+
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        target = str(fd.readlink()) if fd.is_symlink() else ""
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+            ports.add(int(fields[1].split(":")[1], 16))
+    return ports
+
+
+# --- the reloader -----------------------------------------------------------------------------
+
+
+def test_flask_run_with_the_reloader_launches_once_in_the_serving_process_and_stops_on_ctrl_c(
+    webserver,
+):
+    server = webserver(FLASK_RUN)
+
+    server.put("a", b"1")
+    answer = server.pids()
+
+    assert server.get("a") == b"1"
+    assert answer["pid"] != server.proc.pid  # served by the reloader's child, not its watcher
+    assert server.plugin_processes() == set(answer["plugins"]) and len(answer["plugins"]) == 1
+    server.stop(signal.SIGINT, group=True)
+    assert not running(answer["plugins"][0])
+
+
+def test_a_reload_stops_the_old_serving_processs_plugin_and_the_new_one_launches_its_own(webserver):
+    server = webserver(FLASK_RUN)
+    server.put("a", b"1")
+    [old] = server.pids()["plugins"]
+
+    os.utime(ROOT / "tests" / "webapps" / "flaskapp.py")  # what saving the file does
+    wait_until(lambda: not running(old), "the reloaded process's plugin to stop", 10.0)
+    fresh = wait_until(
+        lambda: _answer_from_a_new_process(server, old), "a new serving process", 10.0
+    )
+    server.put("b", b"2")
+
+    [new] = server.pids()["plugins"]
+    assert fresh["plugins"] == [] and new != old
+    assert server.plugin_processes() == {new}
+    server.stop(signal.SIGINT, group=True)
+    assert not running(new)
+
+
+def _answer_from_a_new_process(server, old_plugin: int) -> dict | None:
+    try:
+        answer = server.pids()
+    except requests.ConnectionError:
+        return None
+    return answer if old_plugin not in answer["plugins"] else None
+
+
+# --- the extension itself ---------------------------------------------------------------------
+
+
+def test_init_app_starts_nothing_and_reads_its_settings_from_app_config():
+    app = Flask(__name__)
+    app.config.update(
+        CONNECTPLUGIN_HANDSHAKE="samples.kv.plugin:HANDSHAKE",
+        CONNECTPLUGIN_PLUGINS=PLUGINS,
+        CONNECTPLUGIN_LAUNCH={"kv": KV_COMMAND},
+        CONNECTPLUGIN_URL="http://127.0.0.1:8000/_plugins/",
+    )
+    extension = ConnectPlugin()
+    extension.init_app(app)
+
+    plugins = ConnectPlugin.plugins(app)
+    assert plugins.config.handshake is HANDSHAKE
+    assert plugins.config.launch == {"kv": ProcessStrategy(KV_COMMAND)}
+    assert plugins.config.mount_path == "/_plugins"
+    assert plugins.launched() == {}
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"plugins": PLUGINS},
+        {"handshake": HANDSHAKE, "plugins": PLUGINS, "launch": {"other": KV_COMMAND}},
+        {"handshake": HANDSHAKE, "plugins": PLUGINS, "launch": {"kv": "python -m samples.kv"}},
+        {"handshake": HANDSHAKE, "plugins": PLUGINS, "url": "http://127.0.0.1:8000"},
+        {"handshake": HANDSHAKE, "plugins": PLUGINS, "launchh": {}},
+    ],
+    ids=["no-handshake", "unknown-plugin", "command-as-string", "url-without-path", "typo"],
+)
+def test_bad_settings_are_refused_when_the_app_is_set_up(settings):
+    with pytest.raises((ValueError, TypeError)):
+        AppPluginsConfig.from_settings(settings)

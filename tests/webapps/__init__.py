@@ -1,0 +1,169 @@
+"""Small web applications that embed plugin hosts, and a harness that serves them for real.
+
+``flaskapp`` uses the Flask extension, ``djangoproject`` the Django app, ``handmade`` a host
+started at import as people hand-embed one. Each answers ``/kv/<key>`` through the sample
+KV plugin and ``/pids`` with its serving process and the plugins that process launched.
+
+:class:`WebServer` runs one under a real server (gunicorn, waitress, a framework's reloader)
+in its own session, and finds plugin processes by pid through ``/proc``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import requests
+
+from tests.helpers import ROOT, free_port, wait_until
+
+KV_COMMAND = [sys.executable, "-m", "samples.kv"]
+KV_ENV = {"PYTHONPATH": str(ROOT)}
+STARTUP_TIMEOUT = 30.0
+"""Seconds a server gets to answer its first request (imports, forks, a loaded machine)."""
+SHUTDOWN_PROMISE = 5.0
+"""Seconds within which a server and its plugins are gone after the stop signal."""
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (a dead process nobody reaped yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _parents() -> dict[int, int]:
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int(
+                    (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+                )
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                pass
+    return parents
+
+
+def descendants(root: int) -> set[int]:
+    """Every live process below ``root`` (plugins run in their own sessions, but stay children)."""
+    parents = _parents()
+    found: set[int] = set()
+    frontier = {root}
+    while frontier:
+        frontier = {
+            pid for pid, ppid in parents.items() if ppid in frontier and running(pid)
+        } - found
+        found |= frontier
+    return found
+
+
+def is_kv_plugin(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return b"samples.kv" in cmdline
+
+
+class WebServer:
+    """A web server in its own session on a free loopback port; ``url`` once it answers."""
+
+    def __init__(self, argv: Sequence[str], port: int, env: dict[str, str], log: Path) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+        self.seen_plugins: set[int] = set()  # every plugin pid a response named, for cleanup
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(
+                list(argv),
+                cwd=ROOT,
+                env={**os.environ, **KV_ENV, **env},
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def wait_ready(self) -> WebServer:
+        def answers() -> bool:
+            assert self.proc.poll() is None, f"the server exited: {self.log.read_text()[-3000:]}"
+            try:
+                return requests.get(self.url + "/pids", timeout=5).status_code == 200
+            except requests.ConnectionError:
+                return False
+
+        wait_until(
+            answers,
+            lambda: f"{self.url} to answer; its log:\n{self.log.read_text()[-3000:]}",
+            STARTUP_TIMEOUT,
+        )
+        return self
+
+    def put(self, key: str, value: bytes) -> None:
+        response = requests.post(f"{self.url}/kv/{key}", data=value, timeout=30)
+        assert response.status_code == 200, response.text
+
+    def get(self, key: str) -> bytes:
+        response = requests.get(f"{self.url}/kv/{key}", timeout=30)
+        assert response.status_code == 200, response.text
+        return response.content
+
+    def pids(self) -> dict:
+        """The answering process: ``{"pid": ..., "plugins": [...], "host_url": ...}``."""
+        answer = requests.get(self.url + "/pids", timeout=10).json()
+        self.seen_plugins.update(answer["plugins"])
+        return answer
+
+    def plugin_processes(self) -> set[int]:
+        """The KV plugin processes running anywhere under the server."""
+        return {pid for pid in descendants(self.proc.pid) if is_kv_plugin(pid)}
+
+    def stop(self, signum: int = signal.SIGTERM, group: bool = False) -> float:
+        """Send ``signum`` (to the whole session with ``group``, as a terminal's Ctrl-C does);
+        the seconds until the server exited, failing past the shutdown promise."""
+        started = time.monotonic()
+        if group:
+            os.killpg(self.proc.pid, signum)
+        else:
+            self.proc.send_signal(signum)
+        try:
+            self.proc.wait(timeout=SHUTDOWN_PROMISE)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"the server did not exit within {SHUTDOWN_PROMISE:g} s: {self.log.read_text()[-3000:]}"
+            ) from None
+        return time.monotonic() - started
+
+    def close(self) -> None:
+        """Kill whatever is left: the server's session and every plugin it was seen to run."""
+        for kill in (
+            lambda: os.killpg(self.proc.pid, signal.SIGKILL),
+            *[(lambda p=p: os.kill(p, signal.SIGKILL)) for p in self.seen_plugins],
+        ):
+            try:
+                kill()
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+
+
+def serve_app(
+    tmp_path: Path, argv: Sequence[str], env: dict[str, str] | None = None, port: int | None = None
+) -> WebServer:
+    """Start ``argv`` (``{port}`` in it replaced) and wait until it answers ``/pids``."""
+    port = port or free_port()
+    argv = [a.replace("{port}", str(port)) for a in argv]
+    server = WebServer(argv, port, env or {}, tmp_path / f"server-{port}.log")
+    try:
+        return server.wait_ready()
+    except BaseException:
+        server.close()
+        raise
