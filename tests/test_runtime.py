@@ -39,6 +39,7 @@ from connectplugin import (
     HostLink,
     HTTPConfig,
     InProcessStrategy,
+    LaunchContext,
     LaunchError,
     LaunchFailure,
     PluginClient,
@@ -481,7 +482,61 @@ def test_plugin_announcing_an_app_version_the_host_does_not_offer_fails_at_once(
     assert "app protocol 9" in info.value.detail
 
 
+def test_endless_stdout_line_before_the_address_fails_the_launch_without_buffering_it(host):
+    # The flood never ends and has no newline: the host must stop reading at line_limit.
+    flood = ProcessStrategy(
+        [sys.executable, "-c", "import sys\nwhile True: sys.stdout.write('x' * 65536)"], line_limit=4096
+    )
+
+    with pytest.raises(LaunchError) as info:
+        host.launch(flood, name="flood")
+
+    assert (info.value.plugin, info.value.reason) == ("flood", LaunchFailure.LINE_TOO_LONG)
+    assert "4096" in info.value.detail
+
+
+def test_plugin_reporting_an_address_where_nothing_listens_is_a_launch_error_naming_it(host):
+    dead_url = f"http://127.0.0.1:{free_port()}"
+    deaf = ProcessStrategy(
+        [sys.executable, "-c", f"import time; print('1|1|{dead_url}', flush=True); time.sleep(30)"]
+    )
+
+    with pytest.raises(LaunchError) as info:
+        host.launch(deaf, name="deaf")
+
+    assert (info.value.plugin, info.value.reason) == ("deaf", LaunchFailure.UNREACHABLE)
+    assert dead_url in info.value.detail
+    assert isinstance(info.value.__cause__, ConnectError)
+    assert info.value.__cause__.code is Code.UNAVAILABLE
+
+
 # --- plugin output ----------------------------------------------------------------------------
+
+
+def test_long_output_lines_after_the_address_are_logged_in_pieces_of_line_limit(host, plugin_logs):
+    program = (
+        "import sys, time\n"
+        "print('1|1|http://127.0.0.1:9', flush=True)\n"
+        "print('o' * 2500, flush=True)\n"
+        "print('e' * 2500, file=sys.stderr, flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    strategy = ProcessStrategy([sys.executable, "-c", program], line_limit=1000)
+    running = strategy.start(LaunchContext("long", HANDSHAKE, PLUGINS))
+    try:
+        name = "connectplugin.plugin.long"
+
+        def pieces(letter: str) -> list[int]:
+            return [
+                len(r.getMessage()) for r in list(plugin_logs.records)
+                if r.name == name and r.getMessage().startswith(letter)
+            ]
+
+        wait_until(lambda: sum(pieces("o")) == 2500 and sum(pieces("e")) == 2500, "both lines, whole")
+    finally:
+        running.stop(0.5)
+
+    assert pieces("o") == pieces("e") == [1000, 1000, 500]
 
 
 def test_plugin_stdout_and_stderr_lines_are_logged_under_its_name(host, plugin_logs):

@@ -30,7 +30,13 @@ from ..rpc.server import App, Context, text_response
 from ..runtime import handshake as hs
 from ..runtime.credentials import HOST_SECRET_HEADER, HOST_SECRET_KEY, new_secret
 from ..runtime.health import HealthReport, HealthState, report_from_wire
-from ..runtime.launcher import ForkedProcessError, LaunchContext, Strategy
+from ..runtime.launcher import (
+    ForkedProcessError,
+    LaunchContext,
+    LaunchError,
+    LaunchFailure,
+    Strategy,
+)
 from ..runtime.plugin import Plugin, ServiceDeclaration
 from ..runtime.pluginclient import PluginClient
 from .broker import DEFAULT_TTL, Broker, BrokerService
@@ -375,6 +381,12 @@ class PluginHost:
                 timeout=self.config.control_timeout,
             )
             self._await_registration(identity.runtime_id, service_types)
+        except ConnectError as e:
+            self.stop(client, grace=self.config.failed_launch_grace)
+            reason = LaunchFailure.UNREACHABLE if e.code is Code.UNAVAILABLE else LaunchFailure.SETUP
+            raise LaunchError(
+                name, reason, f"{reason.value} ({running.url}): {e.code.value}: {e.message}", client.exit_code
+            ) from e
         except BaseException:
             self.stop(client, grace=self.config.failed_launch_grace)
             raise
@@ -441,9 +453,11 @@ class PluginHost:
                     timeout=self.config.shutdown_timeout,
                 )
             except ConnectError as e:
+                # Unheard (unreachable, say): signals come at once, SIGTERM still drains.
                 if running.alive():
                     log.warning("shutdown request to %s failed: %s", client.name, e)
-            running.wait(max(0.0, deadline - time.monotonic()) + EXIT_SLACK)
+            else:
+                running.wait(max(0.0, deadline - time.monotonic()) + EXIT_SLACK)
         # Whatever is left of the grace period, then SIGTERM, then SIGKILL.
         running.stop(max(MIN_SIGNAL_GRACE, deadline - time.monotonic()))
         client.close()

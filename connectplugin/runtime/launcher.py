@@ -16,9 +16,9 @@ import signal
 import subprocess
 import threading
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 import requests
 
@@ -52,6 +52,9 @@ class LaunchFailure(enum.Enum):
     EXITED = "exited before reporting its address"
     SILENT = "did not report its address in time"
     REFUSED = "reported an address line the host refuses (protocol versions)"
+    LINE_TOO_LONG = "wrote a line longer than an address line may be before reporting its address"
+    UNREACHABLE = "reported an address where it cannot be reached"
+    SETUP = "failed its setup with the host (plugin info, runtime identity, registration)"
 
 
 class LaunchError(Exception):
@@ -161,6 +164,10 @@ class ProcessStrategy:
     exit_record_timeout: float = 5.0
     """Seconds ``stop()`` waits, once the process is gone, for its exit to be recorded
     (``LaunchContext.on_exit`` run)."""
+    line_limit: int = 16384
+    """Longest line, in bytes, read from the plugin's stdout or stderr. Before its address
+    line a longer stdout line fails the launch (an address line is far shorter); output
+    after it, and on stderr, is logged in pieces of at most this size, never held whole."""
 
     def start(self, ctx: LaunchContext) -> Running:
         env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
@@ -229,10 +236,12 @@ class _Process:
         self._strategy = strategy
         self._logger = logging.getLogger(f"connectplugin.plugin.{ctx.name}")
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
-        # The lock of _reported_or_exited guards url, _refused and _reaped; it is notified
-        # when the address line arrives (accepted or refused) or the process exits.
+        # The lock of _reported_or_exited guards url, _refused, _overlong and _reaped; it is
+        # notified when the address line arrives (accepted or refused), an overlong line
+        # comes first, or the process exits.
         self._reported_or_exited = threading.Condition(threading.Lock())
         self._refused = ""
+        self._overlong = False
         self._reaped = False
         self._launched = False
         self._launch_decided = threading.Event()  # _launched is final: the exit waiter may act
@@ -252,7 +261,8 @@ class _Process:
             t.start()
         with self._reported_or_exited:
             self._reported_or_exited.wait_for(
-                lambda: bool(self.url or self._refused or self._reaped), timeout=self._strategy.start_timeout
+                lambda: bool(self.url or self._refused or self._overlong or self._reaped),
+                timeout=self._strategy.start_timeout,
             )
             started = bool(self.url)
         if not started:
@@ -265,6 +275,10 @@ class _Process:
         if self._refused:
             self._kill()
             reason, detail = LaunchFailure.REFUSED, f"was refused: {self._refused}"
+        elif self._overlong:
+            self._kill()
+            reason = LaunchFailure.LINE_TOO_LONG
+            detail = f"wrote a stdout line over {self._strategy.line_limit} bytes before reporting its address"
         elif code is None:
             self._kill()
             reason = LaunchFailure.SILENT
@@ -279,14 +293,20 @@ class _Process:
 
     def _read_stdout(self) -> None:
         assert self._proc.stdout is not None
-        for raw in self._proc.stdout:
-            line = raw.decode(errors="replace").rstrip("\r\n")
+        for raw in _lines(self._proc.stdout, self._strategy.line_limit):
             if not self.url:
-                match = _LINE.match(line)
+                if not raw.endswith(b"\n") and len(raw) == self._strategy.line_limit:
+                    # Not an address line, and maybe endless: stop reading. The launch fails;
+                    # a plugin still writing blocks on the full pipe until it is killed.
+                    with self._reported_or_exited:
+                        self._overlong = True
+                        self._reported_or_exited.notify_all()
+                    return
+                match = _LINE.match(raw.decode(errors="replace").rstrip("\r\n"))
                 if match:
                     self._accept(int(match[1]), int(match[2]), match[3])
                     continue
-            self._logger.info("%s", line)
+            self._logger.info("%s", raw.decode(errors="replace").rstrip("\r\n"))
 
     def _accept(self, core: int, app: int, url: str) -> None:
         refused = ""
@@ -305,7 +325,7 @@ class _Process:
 
     def _read_stderr(self) -> None:
         assert self._proc.stderr is not None
-        for raw in self._proc.stderr:
+        for raw in _lines(self._proc.stderr, self._strategy.line_limit):
             line = raw.decode(errors="replace").rstrip("\r\n")
             self._stderr_tail.append(line)
             self._logger.info("%s", line)
@@ -419,6 +439,15 @@ class _Forks:
 
 
 _forks = _Forks()
+
+
+def _lines(pipe: IO[bytes], limit: int) -> Iterator[bytes]:
+    """The pipe's lines, newline kept; one longer than ``limit`` bytes comes in pieces."""
+    while True:
+        line = pipe.readline(limit)
+        if not line:
+            return
+        yield line
 
 
 # --- in-process -----------------------------------------------------------------------------
