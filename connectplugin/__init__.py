@@ -2,6 +2,7 @@
 
 from .host.platform import DependencyError, Platform, PluginSpec
 from .host.pluginhost import HostConfig, PluginHost
+from .host.ratelimit import Rate
 from .host.registry import RegistryConfig
 from .rpc import (
     App,
@@ -79,6 +80,7 @@ __all__ = [
     "PluginServer",
     "PluginSpec",
     "ProcessStrategy",
+    "Rate",
     "RegistryConfig",
     "Requirement",
     "ResponseMetadata",

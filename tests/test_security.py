@@ -10,8 +10,24 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from connectplugin import HTTPConfig, HTTPServer
-from tests.helpers import in_process, wait_until
+from connectplugin import (
+    Client,
+    ClientConfig,
+    Code,
+    ConnectError,
+    HTTPConfig,
+    HTTPServer,
+    Rate,
+    RegistryConfig,
+)
+from connectplugin.gen.connectplugin.v1 import broker_pb2, handshake_pb2, lifecycle_pb2
+from connectplugin.gen.connectplugin.v1.broker_connect import CapabilityBrokerClient
+from connectplugin.gen.connectplugin.v1.handshake_connect import HandshakeServiceClient
+from connectplugin.host.ratelimit import RateLimiter
+from connectplugin.runtime import handshake as hs
+from samples.platform import HANDSHAKE
+from samples.platform.capabilities import HostLogger
+from tests.helpers import Clock, in_process, provider_ids, wait_until
 
 # --- resource bounds (sec-bounds) -------------------------------------------------------------
 
@@ -209,3 +225,218 @@ def test_a_connection_with_a_call_in_progress_is_never_closed_as_slow():
         response = requests.get(server.url + "/", timeout=5)
 
     assert response.status_code == 200
+
+
+# Rate limits and caps: what unauthenticated and authenticated callers can make the host hold.
+
+
+def _handshake(host, self_id: str = "joiner") -> handshake_pb2.HandshakeResponse:
+    with Client(host.url, ClientConfig(timeout=5)) as client:
+        request = hs.request_for(HANDSHAKE, (), self_id=self_id, self_version="1.0.0")
+        return HandshakeServiceClient(client).handshake(request)
+
+
+def _refused(call) -> ConnectError:
+    with pytest.raises(ConnectError) as e:
+        call()
+    return e.value
+
+
+def test_handshakes_past_the_rate_limit_are_refused_naming_the_limit(make_host):
+    host = make_host(handshake_rate=Rate(per_second=0, burst=5))
+    for _ in range(5):
+        _handshake(host)
+
+    error = _refused(lambda: _handshake(host))
+
+    assert error.code is Code.RESOURCE_EXHAUSTED
+    assert "HostConfig.handshake_rate" in error.message
+    assert len(host.identities) == 5
+
+
+def test_a_handshake_flood_leaves_only_the_burst_of_identities(make_host):
+    host = make_host()
+    refused = 0
+    for _ in range(200):
+        try:
+            _handshake(host)
+        except ConnectError as e:
+            assert e.code is Code.RESOURCE_EXHAUSTED
+            refused += 1
+
+    # The loop is fast, but the bucket refills while it runs: a few beyond the burst pass.
+    assert refused > 100
+    assert len(host.identities) < 200 - refused + 1
+
+
+def test_the_host_holds_at_most_max_identities(make_host):
+    host = make_host(max_identities=3)
+    for _ in range(3):
+        _handshake(host)
+
+    error = _refused(lambda: _handshake(host))
+
+    assert (error.code, len(host.identities)) == (Code.RESOURCE_EXHAUSTED, 3)
+    assert "HostConfig.max_identities" in error.message
+
+
+def test_an_identity_that_handshook_and_did_nothing_is_dropped_but_a_launched_one_stays(make_host):
+    host = make_host(identity_idle_timeout=0.3, reap_interval=0.05)
+    client = host.launch(in_process("p", "svc"), name="p")
+    idle = _handshake(host)
+
+    wait_until(lambda: host.identities.get(idle.runtime_id) is None, "the unused identity to be dropped")
+
+    assert host.identities.get(host.runtime_id(client)) is not None
+
+
+def test_an_identity_in_use_is_kept_past_the_idle_timeout(make_host, peer):
+    host = make_host(identity_idle_timeout=0.5, reap_interval=0.05)
+    busy = peer(host, "busy")
+    idle = _handshake(host)
+
+    def busy_and_idle_gone() -> bool:
+        busy.report(lifecycle_pb2.HEALTH_STATE_HEALTHY)  # an authenticated call: a use
+        return host.identities.get(idle.runtime_id) is None
+
+    wait_until(busy_and_idle_gone, "the unused identity, issued after the busy one, to be dropped")
+
+    assert host.identities.get(busy.runtime_id) is not None
+
+
+def test_registrations_past_the_rate_limit_are_refused(make_host, peer):
+    host = make_host(registration_rate=Rate(per_second=0, burst=2))
+    joiner = peer(host, "joiner", provides=("a", "b", "c"))
+    joiner.register("a")
+    joiner.register("b")
+
+    error = _refused(lambda: joiner.register("c"))
+
+    assert error.code is Code.RESOURCE_EXHAUSTED
+    assert "HostConfig.registration_rate" in error.message
+    assert provider_ids(host, "c") == []
+
+
+def test_registrations_per_identity_are_capped(make_host, peer):
+    host = make_host(registry=RegistryConfig(max_watchers=8, max_registrations_per_identity=2))
+    joiner = peer(host, "joiner", provides=("a", "b"))
+    joiner.register("a")
+    joiner.register("b")
+
+    error = _refused(lambda: joiner.register("a"))
+
+    assert error.code is Code.RESOURCE_EXHAUSTED
+    assert "RegistryConfig.max_registrations_per_identity" in error.message
+    assert len(host.registry.providers()) == 2
+
+
+def test_a_plugin_declaring_more_services_than_the_cap_cannot_register(make_host, peer):
+    host = make_host(registry=RegistryConfig(max_watchers=8, max_registrations_per_identity=2))
+    joiner = peer(host, "joiner", provides=("a", "b", "c"))
+
+    error = _refused(lambda: joiner.register("a"))
+
+    assert error.code is Code.RESOURCE_EXHAUSTED
+    assert host.registry.providers() == []
+
+
+def test_registration_metadata_over_the_size_cap_is_refused(make_host, peer):
+    host = make_host(registry=RegistryConfig(max_watchers=8, max_metadata_bytes=1024))
+    joiner = peer(host, "joiner", provides=("svc",))
+
+    error = _refused(lambda: joiner.register("svc", padding="x" * 1024))
+
+    assert error.code is Code.RESOURCE_EXHAUSTED
+    assert "RegistryConfig.max_metadata_bytes" in error.message
+    assert host.registry.providers() == []
+
+
+def test_watchers_per_type_are_capped_and_other_types_still_watchable(make_host, peer):
+    host = make_host(registry=RegistryConfig(max_watchers=8, max_watchers_per_type=2))
+    watcher = peer(host, "watcher")
+    first, second = watcher.watch("svc"), watcher.watch("svc")
+    first.wait_for(1)
+    second.wait_for(1)
+
+    third = watcher.watch("svc")
+    other = watcher.watch("other")
+
+    third.join()
+    assert third.error is not None and third.error.code is Code.RESOURCE_EXHAUSTED
+    other.wait_for(1)
+    assert host.registry.watching() == {"svc": 2, "other": 1}
+
+
+def test_the_registry_keeps_no_entry_for_a_type_no_longer_watched(host, peer):
+    watcher = peer(host, "watcher")
+    for n in range(20):
+        events = watcher.watch(f"type-{n}", limit=1)
+        events.join()
+
+    wait_until(lambda: host.registry.watching() == {}, "every finished watch to leave the registry")
+
+
+def _grant(holder) -> broker_pb2.CapabilityGrant:
+    request = broker_pb2.RequestCapabilityRequest(capability_type="logger", reason="test")
+    return CapabilityBrokerClient(holder.api).request_capability(request).grant
+
+
+def test_grant_requests_past_the_rate_limit_are_refused(make_host, peer):
+    host = make_host(grant_rate=Rate(per_second=0, burst=2))
+    host.broker.add("logger", "1.0.0", HostLogger())
+    holder = peer(host, "holder")
+    _grant(holder)
+    _grant(holder)
+
+    error = _refused(lambda: _grant(holder))
+
+    assert error.code is Code.RESOURCE_EXHAUSTED
+    assert "HostConfig.grant_rate" in error.message
+
+
+def test_unexpired_grants_per_identity_are_capped(make_host, peer):
+    host = make_host(max_grants_per_identity=2)
+    host.broker.add("logger", "1.0.0", HostLogger())
+    holder = peer(host, "holder")
+    _grant(holder)
+    _grant(holder)
+
+    error = _refused(lambda: _grant(holder))
+
+    assert error.code is Code.RESOURCE_EXHAUSTED
+    assert "HostConfig.max_grants_per_identity" in error.message
+
+
+# The token bucket itself, on a clock the test moves.
+
+
+def test_a_bucket_refills_at_its_rate_up_to_its_burst():
+    clock = Clock()
+    limiter = RateLimiter(Rate(per_second=2, burst=2), "test_rate", clock=clock)
+    limiter.check("peer")
+    limiter.check("peer")
+    assert _refused(lambda: limiter.check("peer")).code is Code.RESOURCE_EXHAUSTED
+
+    clock.advance(0.5)
+    limiter.check("peer")
+    clock.advance(60)
+    limiter.check("peer")
+    limiter.check("peer")
+
+    assert _refused(lambda: limiter.check("peer")).code is Code.RESOURCE_EXHAUSTED
+    limiter.check("another peer")
+
+
+def test_a_limiter_tracks_at_most_max_keys_peers():
+    clock = Clock()
+    limiter = RateLimiter(Rate(per_second=1, burst=1), "test_rate", max_keys=3, clock=clock)
+    for n in range(3):
+        limiter.check(f"peer-{n}")
+
+    limiter.check("peer-3")  # no room: shares the overflow bucket
+    assert _refused(lambda: limiter.check("peer-4")).code is Code.RESOURCE_EXHAUSTED
+    assert len(limiter) == 4  # three peers and the overflow bucket
+
+    clock.advance(10)  # every bucket full again: the same as none
+    limiter.check("peer-5")
+    assert len(limiter) <= 3

@@ -23,6 +23,7 @@ from ..rpc.errors import Code, ConnectError
 from ..rpc.server import App, Context, error_response
 from ..runtime.credentials import bearer_matches
 from .identities import Identities
+from .ratelimit import RateLimiter
 from .registry import version_key
 
 log = logging.getLogger("connectplugin.broker")
@@ -31,6 +32,8 @@ CAPABILITIES_PREFIX = "/capabilities"
 ROUTE = f"{CAPABILITIES_PREFIX}/<capability_type>/<grant_id>/<path:rest>"
 DEFAULT_TTL = 3600.0
 """Seconds a capability grant stays valid unless revoked (``HostConfig.grant_ttl``)."""
+DEFAULT_MAX_GRANTS = 64
+"""Unexpired grants one plugin may hold at once (``HostConfig.max_grants_per_identity``)."""
 
 
 @dataclass(frozen=True)
@@ -58,10 +61,12 @@ class Broker:
     """
 
     def __init__(
-        self, identities: Identities, ttl: float = DEFAULT_TTL, clock: Callable[[], float] = time.monotonic
+        self, identities: Identities, ttl: float = DEFAULT_TTL, clock: Callable[[], float] = time.monotonic,
+        max_grants_per_identity: int = DEFAULT_MAX_GRANTS,
     ) -> None:
         self._identities = identities
         self.ttl = ttl
+        self.max_grants_per_identity = max_grants_per_identity
         self._clock = clock
         self._lock = threading.Lock()
         self._capabilities: dict[str, _Capability] = {}
@@ -104,7 +109,15 @@ class Broker:
         with self._lock:
             for gid in [g.grant_id for g in self._grants.values() if g.expires_at <= now]:
                 del self._grants[gid]  # expired grants go when new ones come, not only when used
-            self._grants[grant.grant_id] = grant
+            held = sum(1 for g in self._grants.values() if g.runtime_id == runtime_id)
+            if held < self.max_grants_per_identity:
+                self._grants[grant.grant_id] = grant
+        if held >= self.max_grants_per_identity:
+            raise ConnectError(
+                Code.RESOURCE_EXHAUSTED,
+                f"{runtime_id} holds {held} unexpired grants, HostConfig.max_grants_per_identity; "
+                "reuse one or wait for one to expire",
+            )
         log.info("granted %s to %s (%s)", capability_type, runtime_id, reason or "no reason given")
         return grant, capability.version
 
@@ -156,15 +169,18 @@ class HostAddress(Protocol):
 class BrokerService(CapabilityBrokerHandler):
     """``connectplugin.v1.CapabilityBroker``: authenticated plugins request grants."""
 
-    def __init__(self, broker: Broker, identities: Identities, host: HostAddress) -> None:
+    def __init__(self, broker: Broker, identities: Identities, host: HostAddress, rate: RateLimiter) -> None:
+        """``rate``: requests allowed per plugin, by runtime id."""
         self._broker = broker
         self._identities = identities
         self._host = host
+        self._rate = rate
 
     def request_capability(
         self, request: broker_pb2.RequestCapabilityRequest, ctx: Context
     ) -> broker_pb2.RequestCapabilityResponse:
         identity = self._identities.verify(ctx.request_headers)
+        self._rate.check(identity.runtime_id)
         grant, version = self._broker.grant(identity.runtime_id, request.capability_type, request.min_version, request.reason)
         return broker_pb2.RequestCapabilityResponse(
             grant=broker_pb2.CapabilityGrant(

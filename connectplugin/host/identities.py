@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import secrets
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -25,26 +26,57 @@ class Identity:
 
 
 class Identities:
-    """Issued identities by runtime id. Safe from any thread; tokens compare in constant time."""
+    """Issued identities by runtime id. Safe from any thread; tokens compare in constant time.
 
-    def __init__(self) -> None:
+    ``_lock`` guards both tables. Each identity remembers when it was last used (issued, or
+    verified on a call, read on ``clock``), so the host can drop ones nobody uses.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self._lock = threading.Lock()
         self._by_id: dict[str, Identity] = {}
+        self._used: dict[str, float] = {}  # runtime id -> last use
 
-    def issue(self, self_id: str, self_version: str = "", host_secret: str = "") -> Identity:
-        """A new identity; ``host_secret`` is the one a launched plugin was given (else a new one)."""
+    def issue(
+        self, self_id: str, self_version: str = "", host_secret: str = "", limit: int | None = None,
+        limit_name: str = "",
+    ) -> Identity:
+        """A new identity; ``host_secret`` is the one a launched plugin was given (else a new one).
+
+        With ``limit``, ``resource_exhausted`` once that many are held (``limit_name``, the
+        config field, is named in the refusal).
+        """
         # Opaque and unique: the plugin's own name plus randomness, never reused.
         runtime_id = f"{self_id or 'plugin'}-{secrets.token_hex(4)}"
         identity = Identity(runtime_id, new_secret(), self_id, self_version, host_secret or new_secret())
+        now = self._clock()
         with self._lock:
-            while identity.runtime_id in self._by_id:
-                identity = replace(identity, runtime_id=f"{self_id}-{secrets.token_hex(4)}")
-            self._by_id[identity.runtime_id] = identity
+            full = limit is not None and len(self._by_id) >= limit
+            if not full:
+                while identity.runtime_id in self._by_id:
+                    identity = replace(identity, runtime_id=f"{self_id}-{secrets.token_hex(4)}")
+                self._by_id[identity.runtime_id] = identity
+                self._used[identity.runtime_id] = now
+        if full:
+            raise ConnectError(
+                Code.RESOURCE_EXHAUSTED, f"the host holds its limit of {limit} identities ({limit_name}); try again later"
+            )
         return identity
+
+    def unused_since(self, cutoff: float) -> list[str]:
+        """Runtime ids neither issued nor verified since ``cutoff`` (a ``clock`` reading)."""
+        with self._lock:
+            return [rid for rid, used in self._used.items() if used < cutoff]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._by_id)
 
     def revoke(self, runtime_id: str) -> None:
         with self._lock:
             self._by_id.pop(runtime_id, None)
+            self._used.pop(runtime_id, None)
 
     def get(self, runtime_id: str) -> Identity | None:
         with self._lock:
@@ -67,4 +99,8 @@ class Identities:
         identity = self.get(runtime_id)
         if not bearer_matches(auth, identity.token if identity is not None else None) or identity is None:
             raise ConnectError(Code.UNAUTHENTICATED, "invalid runtime identity or token")
+        now = self._clock()
+        with self._lock:
+            if runtime_id in self._used:
+                self._used[runtime_id] = now
         return identity

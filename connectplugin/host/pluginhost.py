@@ -39,9 +39,10 @@ from ..runtime.launcher import (
 )
 from ..runtime.plugin import Plugin, ServiceDeclaration
 from ..runtime.pluginclient import PluginClient
-from .broker import DEFAULT_TTL, Broker, BrokerService
+from .broker import DEFAULT_MAX_GRANTS, DEFAULT_TTL, Broker, BrokerService
 from .broker import ROUTE as BROKER_ROUTE
 from .identities import Identities, Identity
+from .ratelimit import Rate, RateLimiter
 from .registry import Provider, Registry, RegistryConfig, RegistryService
 from .router import ROUTE as ROUTER_ROUTE
 from .router import Router
@@ -97,6 +98,23 @@ class HostConfig:
     """Grace period of a plugin stopped because its launch failed half-way."""
     close_grace: float = 1.0
     """Seconds the host's own in-flight calls get to finish when the host closes."""
+    # Bounds on what callers can make the host hold (README "Security" lists them).
+    handshake_rate: Rate = Rate(per_second=2.0, burst=20)
+    """Handshakes allowed per peer address (the only thing an unauthenticated caller has)."""
+    registration_rate: Rate = Rate(per_second=5.0, burst=40)
+    """``RegisterService`` calls allowed per plugin."""
+    grant_rate: Rate = Rate(per_second=10.0, burst=20)
+    """``RequestCapability`` calls allowed per plugin."""
+    max_identities: int = 1024
+    """Identities the host holds at once before it refuses self-registering plugins
+    (launched plugins always get one: the host chose to start them)."""
+    identity_idle_timeout: float = 120.0
+    """A self-registered identity unused this long (no authenticated call, heartbeats
+    included) is revoked: a plugin that handshook and went away does not live on."""
+    max_grants_per_identity: int = DEFAULT_MAX_GRANTS
+    """Unexpired capability grants one plugin may hold at once."""
+    max_rate_keys: int = 10_000
+    """Peers (addresses, runtime ids) each rate limit tracks; beyond, new ones share one bucket."""
 
     @property
     def reap_every(self) -> float:
@@ -124,12 +142,16 @@ class _HostHandshake(HandshakeServiceHandler):
             server_metadata={hs.VERSIONS_KEY: hs.format_versions(self._host.handshake_config.app_protocol_versions)},
             host_capabilities=self._host.broker.advertised(self._host.url),
         )
+        self._host.handshake_rate.check(ctx.peer)
         if request.self_id:
             if not self._host.config.allow_self_registration:
                 raise ConnectError(Code.PERMISSION_DENIED, "this host does not accept self-registering plugins")
             # Watched for silence from its first registration or health report on; an
             # identity that only calls others has nothing to withdraw, so it is not reaped.
-            identity = self._host.identities.issue(request.self_id, request.self_version)
+            identity = self._host.identities.issue(
+                request.self_id, request.self_version,
+                limit=self._host.config.max_identities, limit_name="HostConfig.max_identities",
+            )
             log.info("handshake from %s %s: runtime id %s", request.self_id, request.self_version, identity.runtime_id)
             response.runtime_id = identity.runtime_id
             response.runtime_token = identity.token
@@ -230,7 +252,10 @@ class PluginHost:
         self.config = config = config or HostConfig()
         self.identities = Identities()
         self.registry = Registry(config.registry)
-        self.broker = Broker(self.identities, config.grant_ttl, config.grant_clock)
+        self.broker = Broker(self.identities, config.grant_ttl, config.grant_clock, config.max_grants_per_identity)
+        self.handshake_rate = RateLimiter(config.handshake_rate, "HostConfig.handshake_rate", config.max_rate_keys)
+        self.registration_rate = RateLimiter(config.registration_rate, "HostConfig.registration_rate", config.max_rate_keys)
+        self.grant_rate = RateLimiter(config.grant_rate, "HostConfig.grant_rate", config.max_rate_keys)
         self.router = Router(self.registry, self.identities)
         self._roster = Roster()
         self._lock = threading.Lock()
@@ -248,8 +273,11 @@ class PluginHost:
             [
                 _HostHandshake(self),
                 _Lifecycle(self),
-                RegistryService(self.registry, self.identities, self._roster, _PluginInfo(config.control_timeout)),
-                BrokerService(self.broker, self.identities, self),
+                RegistryService(
+                    self.registry, self.identities, self._roster, _PluginInfo(config.control_timeout),
+                    self.registration_rate,
+                ),
+                BrokerService(self.broker, self.identities, self, self.grant_rate),
             ],
             routes={
                 ROUTER_ROUTE: self.router,
@@ -525,9 +553,23 @@ class PluginHost:
             providing = {p.provider_id for p in self.registry.providers()}
             for rid in [rid for rid in silent if rid in providing]:
                 log.warning("%s stopped reporting; dropping it from the registry", rid)
-                self.registry.remove_provider(rid)
-                self.broker.revoke_all(rid)
-                self.identities.revoke(rid)
+                self._drop_joined(rid)
+            # However quiet a caller may be, an identity nobody uses at all is dropped.
+            unused = self.identities.unused_since(time.monotonic() - self.config.identity_idle_timeout)
+            for rid in [rid for rid in unused if not self._roster.launched_url(rid)]:
+                log.info("%s unused for %g s; revoking its identity", rid, self.config.identity_idle_timeout)
+                self._drop_joined(rid)
+
+    def _drop_joined(self, runtime_id: str) -> None:
+        """Forget a self-registered plugin: registrations, grants, identity, health, limits."""
+        self.registry.remove_provider(runtime_id)
+        self.broker.revoke_all(runtime_id)
+        self.identities.revoke(runtime_id)
+        self._roster.forget(runtime_id)
+        self.registration_rate.forget(runtime_id)
+        self.grant_rate.forget(runtime_id)
+        with self._lock:
+            self._health.pop(runtime_id, None)
 
     def _record_health(self, runtime_id: str, report: HealthReport) -> None:
         self._roster.heard_from(runtime_id)

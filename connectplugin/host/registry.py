@@ -23,6 +23,7 @@ from ..rpc.errors import Code, ConnectError
 from ..rpc.server import Context
 from ..runtime.health import DEGRADED, HEALTHY, UNHEALTHY, HealthState
 from .identities import Identities
+from .ratelimit import RateLimiter
 
 AVAILABLE = registry_pb2.SERVICE_STATE_AVAILABLE
 UNAVAILABLE = registry_pb2.SERVICE_STATE_UNAVAILABLE
@@ -73,6 +74,15 @@ class RegistryConfig:
     """How to pick among usable providers: first, round_robin, random or weighted."""
     max_watchers: int = 32
     """Open WatchService streams allowed at once; each holds a server thread."""
+    max_watchers_per_type: int = 8
+    """Open WatchService streams of one service type, so one type cannot take every watcher."""
+    max_registrations_per_identity: int = 32
+    """Services one plugin may declare, and registrations it may hold at once."""
+    max_metadata_bytes: int = 4096
+    """Largest metadata of one registration: its keys and values, in UTF-8 bytes."""
+    max_service_types: int = 1024
+    """Service types remembered as known (``not_found`` vs ``unavailable``); types with no
+    provider left are forgotten first when it is reached."""
     watch_check_interval: float = 0.25
     """Seconds an idle watch waits between checks that its caller is still connected."""
 
@@ -110,6 +120,12 @@ class Registry:
 
     def declare(self, runtime_id: str, service_types: Sequence[str]) -> None:
         """Record the service types a plugin said it provides (handshake or plugin info)."""
+        limit = self.config.max_registrations_per_identity
+        if len(set(service_types)) > limit:
+            raise ConnectError(
+                Code.RESOURCE_EXHAUSTED,
+                f"a plugin may declare at most {limit} services (RegistryConfig.max_registrations_per_identity)",
+            )
         with self._lock:
             self._declared[runtime_id] = set(service_types)
 
@@ -121,12 +137,30 @@ class Registry:
     ) -> Provider:
         if not service_type:
             raise ConnectError(Code.INVALID_ARGUMENT, "service_type is required")
+        config = self.config
+        size = sum(len(k.encode()) + len(v.encode()) for k, v in (metadata or {}).items())
+        if size > config.max_metadata_bytes:
+            raise ConnectError(
+                Code.RESOURCE_EXHAUSTED,
+                f"registration metadata is {size} bytes, over RegistryConfig.max_metadata_bytes ({config.max_metadata_bytes})",
+            )
         with self._lock:
             declared = self._declared.get(provider_id)
             if declared is None or service_type not in declared:
                 raise ConnectError(
                     Code.PERMISSION_DENIED,
                     f"{provider_id} did not declare that it provides {service_type!r}",
+                )
+            held = sum(1 for p in self._providers.values() if p.provider_id == provider_id)
+            if held >= config.max_registrations_per_identity:
+                raise ConnectError(
+                    Code.RESOURCE_EXHAUSTED,
+                    f"{provider_id} holds {held} registrations, RegistryConfig.max_registrations_per_identity",
+                )
+            if service_type not in self._known_types and not self._make_room_for_a_type():
+                raise ConnectError(
+                    Code.RESOURCE_EXHAUSTED,
+                    f"the registry knows {len(self._known_types)} service types, RegistryConfig.max_service_types",
                 )
             provider = Provider(
                 registration_id=f"reg-{secrets.token_hex(6)}",
@@ -232,7 +266,13 @@ class Registry:
             if open_watchers >= self.config.max_watchers:
                 raise ConnectError(
                     Code.RESOURCE_EXHAUSTED,
-                    f"too many service watchers ({self.config.max_watchers}); try again later",
+                    f"too many service watchers (RegistryConfig.max_watchers, {self.config.max_watchers}); try again later",
+                )
+            if len(self._watchers.get(service_type, ())) >= self.config.max_watchers_per_type:
+                raise ConnectError(
+                    Code.RESOURCE_EXHAUSTED,
+                    f"too many watchers of {service_type!r} (RegistryConfig.max_watchers_per_type, "
+                    f"{self.config.max_watchers_per_type}); try again later",
                 )
             self._watchers.setdefault(service_type, []).append(events)
             events.put(self._event(service_type))
@@ -250,6 +290,15 @@ class Registry:
                 watchers = self._watchers.get(service_type, [])
                 if events in watchers:
                     watchers.remove(events)
+                if not watchers:
+                    # No key per type ever watched: the table holds only types watched now.
+                    self._watchers.pop(service_type, None)
+                    self._forget_quiet(service_type)
+
+    def watching(self) -> dict[str, int]:
+        """Open watchers by service type; only types watched now appear."""
+        with self._lock:
+            return {service_type: len(w) for service_type, w in self._watchers.items()}
 
     def close_watchers(self) -> None:
         with self._lock:
@@ -258,6 +307,23 @@ class Registry:
                     events.put(None)
 
     # --- internals (lock held) ----------------------------------------------------------------
+
+    def _make_room_for_a_type(self) -> bool:
+        """Whether one more known type fits, forgetting types nobody provides if needed."""
+        if len(self._known_types) < self.config.max_service_types:
+            return True
+        provided = {p.service_type for p in self._providers.values()}
+        for service_type in self._known_types - provided - set(self._watchers):
+            self._known_types.discard(service_type)
+            self._last_event.pop(service_type, None)
+        return len(self._known_types) < self.config.max_service_types
+
+    def _forget_quiet(self, service_type: str) -> None:
+        """Drop the last event of a type nobody provides or watches (it is UNAVAILABLE anyway)."""
+        if service_type not in self._watchers and not any(
+            p.service_type == service_type for p in self._providers.values()
+        ):
+            self._last_event.pop(service_type, None)
 
     def _health_of(self, provider_id: str) -> HealthState:
         for p in self._providers.values():
@@ -305,6 +371,7 @@ class Registry:
         self._last_event[service_type] = key
         for events in self._watchers.get(service_type, ()):
             events.put(event)
+        self._forget_quiet(service_type)
 
 
 class Roster(Protocol):
@@ -332,15 +399,19 @@ class RegistryService(ServiceRegistryHandler):
     """``connectplugin.v1.ServiceRegistry`` for plugins: every call is authenticated."""
 
     def __init__(
-        self, registry: Registry, identities: Identities, roster: Roster, plugin_info: PluginInfoReader
+        self, registry: Registry, identities: Identities, roster: Roster, plugin_info: PluginInfoReader,
+        rate: RateLimiter,
     ) -> None:
+        """``rate``: registrations allowed per plugin, by runtime id."""
         self._registry = registry
         self._identities = identities
         self._roster = roster
         self._plugin_info = plugin_info
+        self._rate = rate
 
     def register_service(self, request: registry_pb2.RegisterServiceRequest, ctx: Context) -> registry_pb2.RegisterServiceResponse:
         identity = self._identities.verify(ctx.request_headers)
+        self._rate.check(identity.runtime_id)
         self._roster.heard_from(identity.runtime_id)
         # Self-registering plugins (model B) say where they listen in metadata["base_url"].
         launched = self._roster.launched_url(identity.runtime_id)
