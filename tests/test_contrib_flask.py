@@ -16,19 +16,7 @@ from connectplugin.contrib import AppPluginsConfig
 from connectplugin.contrib.flask import ConnectPlugin
 from samples.kv.plugin import HANDSHAKE, PLUGINS
 from tests.helpers import ROOT, free_port, wait_until
-from tests.webapps import KV_COMMAND, running
-
-GUNICORN = [
-    sys.executable,
-    "-m",
-    "gunicorn",
-    "-w",
-    "2",
-    "-b",
-    "127.0.0.1:{port}",
-    "--graceful-timeout",
-    "10",
-]
+from tests.webapps import GUNICORN, KV_COMMAND, running
 
 FLASK_RUN = [
     sys.executable,
@@ -43,17 +31,6 @@ FLASK_RUN = [
 ]
 
 
-def _plugins_by_worker(server, requests_made: int = 8) -> dict[int, list[int]]:
-    """Call the plugin through the app a few times; which process launched which plugins."""
-    server.put("a", b"1")
-    by_worker: dict[int, list[int]] = {}
-    for _ in range(requests_made):
-        assert server.get("a") in (b"1", b"")  # each worker's plugin is its own store
-        answer = server.pids()
-        by_worker[answer["pid"]] = answer["plugins"]
-    return by_worker
-
-
 # --- gunicorn ---------------------------------------------------------------------------------
 
 
@@ -65,13 +42,13 @@ def test_gunicorn_workers_each_launch_one_plugin_on_first_use_and_stop_it_within
         [*GUNICORN, *(["--preload"] if preload else []), "tests.webapps.flaskapp:app"]
     )
 
-    by_worker = _plugins_by_worker(server)
+    by_worker = server.plugins_by_process()
 
     plugins = {pid for pids in by_worker.values() for pid in pids}
     assert plugins and all(
         len(pids) <= 1 for pids in by_worker.values()
     )  # one launch per serving process
-    assert server.plugin_processes() == plugins  # and none in the master
+    assert server.plugin_processes() == plugins == set(server.launches())  # none in the master
     server.stop(signal.SIGTERM)
     assert not [pid for pid in plugins if running(pid)]
 
@@ -109,35 +86,13 @@ def test_waitress_serves_the_mounted_host_on_the_apps_own_port(webserver):
         port=port,
     )
 
-    server.put("a", b"1")
-    answer = server.pids()
+    answer = server.use_mounted_host("/_plugins")
 
-    assert server.get("a") == b"1"
-    assert answer["host_url"] == url + "/_plugins"
-    assert requests.get(url + "/_plugins/readyz", timeout=5).status_code == 200
     assert requests.get(url + "/elsewhere", timeout=5).status_code == 404  # the app's own 404
-    # The only listening sockets of the serving process are the app's.
-    assert _listening_ports(server.proc.pid) == {port}
+    assert server.listening_ports() == {port}  # the host has no server of its own
     [plugin] = answer["plugins"]
     server.stop(signal.SIGTERM)  # waitress exits at once; the plugin sees its stdin close
     wait_until(lambda: not running(plugin), "the plugin to exit after its host", 5.0)
-
-
-def _listening_ports(pid: int) -> set[int]:
-    """TCP ports ``pid`` listens on (its sockets' inodes matched against /proc/net/tcp)."""
-    from pathlib import Path
-
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        target = str(fd.readlink()) if fd.is_symlink() else ""
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    ports = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
-            ports.add(int(fields[1].split(":")[1], 16))
-    return ports
 
 
 # --- the reloader -----------------------------------------------------------------------------
@@ -153,7 +108,8 @@ def test_flask_run_with_the_reloader_launches_once_in_the_serving_process_and_st
 
     assert server.get("a") == b"1"
     assert answer["pid"] != server.proc.pid  # served by the reloader's child, not its watcher
-    assert server.plugin_processes() == set(answer["plugins"]) and len(answer["plugins"]) == 1
+    assert server.launches() == answer["plugins"] and len(answer["plugins"]) == 1
+    assert server.plugin_processes() == set(answer["plugins"])
     server.stop(signal.SIGINT, group=True)
     assert not running(answer["plugins"][0])
 
@@ -172,7 +128,7 @@ def test_a_reload_stops_the_old_serving_processs_plugin_and_the_new_one_launches
 
     [new] = server.pids()["plugins"]
     assert fresh["plugins"] == [] and new != old
-    assert server.plugin_processes() == {new}
+    assert server.plugin_processes() == {new} and server.launches() == [old, new]
     server.stop(signal.SIGINT, group=True)
     assert not running(new)
 

@@ -22,8 +22,15 @@ import requests
 
 from tests.helpers import ROOT, free_port, wait_until
 
-KV_COMMAND = [sys.executable, "-m", "samples.kv"]
-KV_ENV = {"PYTHONPATH": str(ROOT)}
+KV_COMMAND = [sys.executable, "-m", "tests.webapps.kv"]
+KV_ENV = {"PYTHONPATH": str(ROOT), "WEBAPP_LAUNCH_LOG": os.environ.get("WEBAPP_LAUNCH_LOG", "")}
+"""What the apps launch; ``WEBAPP_LAUNCH_LOG`` is the file their plugins note each launch in."""
+GUNICORN = [
+    sys.executable, "-m", "gunicorn", "-w", "2", "-b", "127.0.0.1:{port}", "--graceful-timeout", "10",
+    # Its control socket has one path per user: servers running side by side would share it.
+    "--no-control-socket",
+]  # fmt: skip
+"""Two sync workers; the app goes last."""
 STARTUP_TIMEOUT = 30.0
 """Seconds a server gets to answer its first request (imports, forks, a loaded machine)."""
 SHUTDOWN_PROMISE = 5.0
@@ -70,7 +77,7 @@ def is_kv_plugin(pid: int) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (FileNotFoundError, ProcessLookupError):
         return False
-    return b"samples.kv" in cmdline
+    return b"tests.webapps.kv" in cmdline
 
 
 class WebServer:
@@ -81,11 +88,13 @@ class WebServer:
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
         self.seen_plugins: set[int] = set()  # every plugin pid a response named, for cleanup
+        self.launch_log = log.with_suffix(".launches")
+        self.launch_log.touch()
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
                 list(argv),
                 cwd=ROOT,
-                env={**os.environ, **KV_ENV, **env},
+                env={**os.environ, **KV_ENV, "WEBAPP_LAUNCH_LOG": str(self.launch_log), **env},
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -121,6 +130,51 @@ class WebServer:
         answer = requests.get(self.url + "/pids", timeout=10).json()
         self.seen_plugins.update(answer["plugins"])
         return answer
+
+    def launches(self) -> list[int]:
+        """The pid of every plugin launched for this server so far, running or not."""
+        return [int(line) for line in self.launch_log.read_text().split()]
+
+    def plugins_by_process(self, requests_made: int = 8) -> dict[int, list[int]]:
+        """Call the plugin through the app a few times (gunicorn spreads them over its
+        workers); the plugins each answering process has launched, by its pid."""
+        self.put("a", b"1")
+        by_process: dict[int, list[int]] = {}
+        for _ in range(requests_made):
+            assert self.get("a") in (b"1", b"")  # each worker's plugin is a store of its own
+            answer = self.pids()
+            by_process[answer["pid"]] = answer["plugins"]
+        return by_process
+
+    def use_mounted_host(self, prefix: str = "/_plugins") -> dict:
+        """With the host's endpoints served by the app under ``prefix``: call the plugin through
+        the app, wait until its health report reached the host through the app's own port,
+        check the host answers there; the ``/pids`` answer."""
+        self.put("a", b"1")
+
+        def reported() -> dict | None:
+            answer = self.pids()
+            return answer if answer["reported"] == ["HEALTHY"] else None
+
+        answer = wait_until(reported, "the plugin's health report through the mount")
+        assert self.get("a") == b"1"
+        assert answer["host_url"] == self.url + prefix
+        assert requests.get(self.url + prefix + "/readyz", timeout=5).status_code == 200
+        return answer
+
+    def listening_ports(self) -> set[int]:
+        """The TCP ports the server process listens on (its socket inodes in /proc/net/tcp)."""
+        inodes = set()
+        for fd in Path(f"/proc/{self.proc.pid}/fd").iterdir():
+            target = str(fd.readlink()) if fd.is_symlink() else ""
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        ports = set()
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].split(":")[1], 16))
+        return ports
 
     def plugin_processes(self) -> set[int]:
         """The KV plugin processes running anywhere under the server."""

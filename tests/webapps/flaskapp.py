@@ -39,9 +39,11 @@ def get(key: str) -> bytes:
 @app.get("/pids")
 def pids() -> dict:
     launched = ConnectPlugin.plugins().launched()
-    host_url = plugins.host().url if launched else ""
+    host = plugins.host() if launched else None
+    reported = [host.reported_health(host.runtime_id(c)) for c in launched.values()] if host else []
     return {
         "pid": os.getpid(),
-        "plugins": [c.running.pid for c in launched.values()],
-        "host_url": host_url,
+        "plugins": [c.running.pid for c in launched.values() if c.running],
+        "host_url": host.url if host else "",
+        "reported": [r.state.name if r else None for r in reported],
     }

@@ -1,0 +1,149 @@
+"""The Django app under real servers: gunicorn (2 workers, with and without --preload),
+waitress with the host included in urls.py or wrapped around the WSGI application,
+runserver's autoreloader, and management commands that must launch nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT, free_port, wait_until
+from tests.webapps import GUNICORN, KV_ENV, running
+
+SETTINGS = "tests.webapps.djangoproject.settings"
+DJANGO = [sys.executable, "-m", "django"]
+WSGI = "tests.webapps.djangoproject.wsgi:application"
+ENV = {"DJANGO_SETTINGS_MODULE": SETTINGS}
+
+
+def manage(tmp_path, *args: str, launch_log: str = "") -> subprocess.CompletedProcess[str]:
+    """``manage.py args`` in a subprocess, its plugins noting their launches in ``launch_log``."""
+    env = {
+        **os.environ,
+        **KV_ENV,
+        **ENV,
+        "WEBAPP_DB": str(tmp_path / "db.sqlite3"),
+        "WEBAPP_LAUNCH_LOG": launch_log,
+    }
+    return subprocess.run(
+        [*DJANGO, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+# --- gunicorn ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preload", [False, True], ids=["forked-then-imported", "preload"])
+def test_gunicorn_workers_each_launch_one_plugin_on_first_use_and_stop_it_within_5_s(
+    webserver, preload
+):
+    server = webserver([*GUNICORN, *(["--preload"] if preload else []), WSGI], env=ENV)
+
+    by_worker = server.plugins_by_process()
+
+    plugins = {pid for pids in by_worker.values() for pid in pids}
+    assert plugins and all(len(pids) <= 1 for pids in by_worker.values())
+    assert server.plugin_processes() == plugins == set(server.launches())  # none in the master
+    server.stop(signal.SIGTERM)
+    assert not [pid for pid in plugins if running(pid)]
+
+
+# --- waitress, the host's endpoints inside the project ----------------------------------------
+
+
+@pytest.mark.parametrize("mount", ["urls", "wsgi"])
+def test_waitress_serves_the_hosts_endpoints_on_the_projects_own_port(webserver, mount):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = webserver(
+        [sys.executable, "-m", "waitress", "--listen=127.0.0.1:{port}", WSGI],
+        env={**ENV, "WEBAPP_MOUNT": mount, "WEBAPP_HOST_URL": url + "/_plugins"},
+        port=port,
+    )
+
+    answer = server.use_mounted_host("/_plugins")  # through Django's middleware (CSRF) too
+
+    assert server.listening_ports() == {port}  # the host has no server of its own
+    [plugin] = answer["plugins"]
+    server.stop(signal.SIGTERM)  # waitress exits at once; the plugin sees its stdin close
+    wait_until(lambda: not running(plugin), "the plugin to exit after its host", 5.0)
+
+
+# --- runserver and management commands --------------------------------------------------------
+
+
+def test_runserver_launches_once_in_the_serving_process_and_stops_on_ctrl_c(webserver):
+    server = webserver([*DJANGO, "runserver", "127.0.0.1:{port}"], env=ENV)
+
+    server.put("a", b"1")
+    answer = server.pids()
+
+    assert server.get("a") == b"1"
+    assert answer["pid"] != server.proc.pid  # served by the autoreloader's child
+    assert server.launches() == answer["plugins"] and len(answer["plugins"]) == 1
+    server.stop(signal.SIGINT, group=True)
+    assert not running(answer["plugins"][0])
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["check"], ["migrate", "--no-input"], ["shell", "-c", "print('ok')"]],
+    ids=lambda c: c[0],
+)
+def test_management_commands_launch_no_plugin(tmp_path, command):
+    launches = tmp_path / "launches"
+    launches.touch()
+
+    done = manage(tmp_path, *command, launch_log=str(launches))
+
+    assert done.returncode == 0, done.stderr
+    assert launches.read_text() == ""
+
+
+def test_plugins_list_names_each_plugin_its_service_and_command(tmp_path):
+    done = manage(tmp_path, "plugins", "list")
+
+    assert done.returncode == 0, done.stderr
+    name, service, command = done.stdout.strip().split("\t")
+    assert (name, service) == ("kv", "kv.v1.KVService") and command.endswith("-m tests.webapps.kv")
+
+
+def test_plugins_health_and_call_launch_the_plugin_then_stop_it(tmp_path):
+    launches = tmp_path / "launches"
+    launches.touch()
+
+    health = manage(tmp_path, "plugins", "health", launch_log=str(launches))
+    call = manage(
+        tmp_path, "plugins", "call", "kv", "Get", '{"key": "nothing"}', launch_log=str(launches)
+    )
+
+    assert health.returncode == 0, health.stderr
+    assert health.stdout.split() == ["kv", "SERVING", "HEALTHY"]
+    assert call.returncode == 0, call.stderr
+    assert json.loads(call.stdout) == {}  # not found: every field at its default
+    pids = [int(p) for p in launches.read_text().split()]
+    assert len(pids) == 2 and not [p for p in pids if running(p)]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["Fetch", "{}"], ["Get", "{not json"], ["Get", '{"nokey": 1}']],
+    ids=["unknown-method", "bad-json", "unknown-field"],
+)
+def test_plugins_call_refuses_a_bad_call_with_a_message_not_a_traceback(tmp_path, args):
+    done = manage(tmp_path, "plugins", "call", "kv", *args)
+
+    assert done.returncode == 1
+    assert "CommandError" in done.stderr or done.stderr.startswith("CommandError")
+    assert "Traceback" not in done.stderr
