@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 
 import pytest
 import requests
+from google.protobuf.message import Message
 
 from connectplugin import (
     Client,
@@ -17,17 +22,40 @@ from connectplugin import (
     ConnectError,
     HTTPConfig,
     HTTPServer,
+    PluginClient,
+    PluginHost,
+    PluginServer,
     Rate,
     RegistryConfig,
+    ServeConfig,
 )
-from connectplugin.gen.connectplugin.v1 import broker_pb2, handshake_pb2, lifecycle_pb2
+from connectplugin.gen.connectplugin.v1 import (
+    broker_pb2,
+    handshake_pb2,
+    lifecycle_pb2,
+    plugininfo_pb2,
+)
 from connectplugin.gen.connectplugin.v1.broker_connect import CapabilityBrokerClient
 from connectplugin.gen.connectplugin.v1.handshake_connect import HandshakeServiceClient
 from connectplugin.host.ratelimit import RateLimiter
 from connectplugin.runtime import handshake as hs
+from connectplugin.runtime.credentials import HOST_SECRET_HEADER
+from samples.kv.gen.kv.v1 import kv_pb2
 from samples.platform import HANDSHAKE
 from samples.platform.capabilities import HostLogger
-from tests.helpers import Clock, in_process, provider_ids, wait_until
+from tests.helpers import (
+    ENV,
+    ROOT,
+    Clock,
+    free_port,
+    host_secret,
+    http_ok,
+    in_process,
+    provider_ids,
+    provider_process,
+    wait_until,
+)
+from tests.platform_plugins.provider import PLUGINS, Recorder
 
 # --- resource bounds (sec-bounds) -------------------------------------------------------------
 
@@ -440,3 +468,255 @@ def test_a_limiter_tracks_at_most_max_keys_peers():
     clock.advance(10)  # every bucket full again: the same as none
     limiter.check("peer-5")
     assert len(limiter) <= 3
+
+
+# --- plugin endpoints (sec-plugin) ------------------------------------------------------------
+# A plugin answers its host (and the host's router) only: every procedure needs the secret
+# the host gave it (X-Plugin-Host-Secret); /healthz and /readyz stay open. Each test attacks
+# a real launched or self-registered plugin process with a client holding no credentials,
+# then checks that nothing changed: the plugin is alive, registered, and serving its host.
+
+PLUGIN_SHUTDOWN = "/connectplugin.v1.PluginControl/Shutdown"
+KV_PUT = "/kv.v1.KVService/Put"
+SET_IDENTITY = "/connectplugin.v1.PluginIdentity/SetRuntimeIdentity"
+
+
+def attack(url: str, procedure: str, message: Message | None = None, **headers: str) -> requests.Response:
+    """A stranger's call: ``message`` (empty by default) posted with only ``headers``."""
+    body = message.SerializeToString() if message is not None else b""
+    return requests.post(url + procedure, data=body, headers={**UNARY, **headers}, timeout=10)
+
+
+def refused(response: requests.Response) -> bool:
+    return (response.status_code, response.json()["code"]) == (401, "unauthenticated")
+
+
+def serving_its_host(host: PluginHost, client: PluginClient, service_type: str = "svc") -> bool:
+    """The plugin is alive, still registered, and answers its host and routed callers."""
+    kv = client.dispense("kv")
+    kv.put(kv_pb2.PutRequest(key="after", value=b"attack"))
+    return (
+        client.running is not None
+        and client.running.alive()
+        and kv.get(kv_pb2.GetRequest(key="after")).value == b"attack"
+        and provider_ids(host, service_type) == [host.runtime_id(client)]
+    )
+
+
+@pytest.fixture
+def launched(host) -> PluginClient:
+    """A provider of ``svc`` launched by the host as a subprocess."""
+    return host.launch(provider_process("svc"), name="p")
+
+
+def test_shutdown_by_a_stranger_is_unauthenticated_and_the_plugin_keeps_serving(host, launched):
+    response = attack(launched.url, PLUGIN_SHUTDOWN, lifecycle_pb2.ShutdownRequest(reason="attacker"))
+
+    assert refused(response)
+    assert serving_its_host(host, launched)
+
+
+@pytest.mark.parametrize(
+    "credentials",
+    [
+        {},
+        {HOST_SECRET_HEADER: ""},
+        {HOST_SECRET_HEADER: "not-the-secret"},
+        {HOST_SECRET_HEADER: "x" * 43},
+    ],
+    ids=["no-header", "empty", "wrong", "wrong-same-length"],
+)
+@pytest.mark.parametrize("procedure", [PLUGIN_SHUTDOWN, KV_PUT])
+def test_a_call_without_the_right_host_secret_is_unauthenticated(host, launched, credentials, procedure):
+    response = attack(launched.url, procedure, **credentials)
+
+    assert refused(response)
+    assert serving_its_host(host, launched)
+
+
+def test_the_host_secret_in_authorization_or_the_plugins_own_token_is_no_credential(host, launched):
+    """The header cannot be confused with the caller's Authorization, or the plugin's token."""
+    secret = host_secret(host, launched)
+    identity = host.identities.get(host.runtime_id(launched))
+    assert identity is not None
+
+    as_bearer = attack(launched.url, PLUGIN_SHUTDOWN, Authorization=f"Bearer {secret}")
+    as_token = attack(launched.url, PLUGIN_SHUTDOWN, **{HOST_SECRET_HEADER: identity.token})
+
+    assert refused(as_bearer) and refused(as_token)
+    assert serving_its_host(host, launched)
+
+
+def test_the_secret_of_another_plugin_is_unauthenticated(host, launched):
+    other = host.launch(provider_process("other"), name="other")
+
+    response = attack(launched.url, PLUGIN_SHUTDOWN, **{HOST_SECRET_HEADER: host_secret(host, other)})
+
+    assert refused(response)
+    assert serving_its_host(host, launched)
+    assert serving_its_host(host, other, "other")
+
+
+def test_a_forged_caller_id_without_the_host_secret_is_unauthenticated(host, launched):
+    request = kv_pb2.GetRequest(key="headers")
+
+    response = attack(launched.url, "/kv.v1.KVService/Get", request, **{"X-Plugin-Caller-ID": "the-host"})
+
+    assert refused(response)
+
+
+def test_a_plugin_serving_without_authentication_strips_the_caller_id_no_host_vouches_for(caplog):
+    config = ServeConfig(allow_unauthenticated=True)
+    server = PluginServer(PLUGINS, {"kv": Recorder("dev")}, HANDSHAKE, config)
+    with caplog.at_level(logging.WARNING, logger="connectplugin.plugin"):
+        url = server.listen()
+    runner = threading.Thread(target=server.run, name="dev-plugin")
+    runner.start()
+    try:
+        request = kv_pb2.GetRequest(key="headers")
+        reply = attack(url, "/kv.v1.KVService/Get", request, **{"X-Plugin-Caller-ID": "the-host"})
+    finally:
+        server.stop(grace=0)
+        runner.join(10)
+
+    seen = json.loads(kv_pb2.GetResponse.FromString(reply.content).value)
+    assert reply.status_code == 200
+    assert "x-plugin-caller-id" not in seen
+    assert "WITHOUT AUTHENTICATION" in caplog.text
+
+
+def test_the_handler_never_sees_the_host_secret(host, launched):
+    reply = launched.dispense("kv").get(kv_pb2.GetRequest(key="headers"))
+
+    assert HOST_SECRET_HEADER.lower() not in json.loads(reply.value)
+
+
+def test_probes_stay_open_to_anyone(launched):
+    assert [requests.get(launched.url + p, timeout=10).status_code for p in ("/healthz", "/readyz")] == [200, 200]
+
+
+def test_the_launch_secret_is_in_neither_the_plugins_environment_nor_its_command_line(host, launched):
+    secret = host_secret(host, launched).encode()
+    pid = launched.running.pid
+
+    with open(f"/proc/{pid}/environ", "rb") as environ, open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+        assert secret not in environ.read()
+        assert secret not in cmdline.read()
+
+
+def test_a_plugin_started_without_a_secret_exits_naming_the_development_opt_out():
+    env = {"PATH": os.environ.get("PATH", ""), **ENV, HANDSHAKE.magic_cookie_key: HANDSHAKE.magic_cookie_value}
+
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.platform_plugins.provider", "--type", "svc"],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert (done.returncode, done.stdout) == (1, "")
+    assert "CONNECTPLUGIN_ALLOW_UNAUTHENTICATED=1" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+# Self-registering plugins (model B) have no launch secret: the host's handshake gives them
+# the secret it will present, and until then they answer nobody.
+
+
+def joining(sidecar, host_url: str, port: int) -> subprocess.Popen[bytes]:
+    """A provider of ``joined`` started by hand, joining ``host_url``, listening on ``port``."""
+    proc = sidecar(
+        "tests.platform_plugins.provider", "--type", "joined", "--host-url", host_url, "--port", str(port)
+    )
+    wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/healthz"), "the joining plugin to listen", timeout=15)
+    return proc
+
+
+class Trap:
+    """A fake host on a real socket: records every request anyone sends it."""
+
+    def __init__(self) -> None:
+        self.requests: list[str] = []
+
+    def __call__(self, environ, start_response):
+        self.requests.append(environ["PATH_INFO"])
+        start_response("404 Not Found", [("Content-Length", "0")])
+        return [b""]
+
+
+def test_set_runtime_identity_before_the_host_is_up_is_refused_and_the_plugin_joins_its_real_host(
+    make_host, sidecar, serve
+):
+    host_port, plugin_port = free_port(), free_port()
+    joining(sidecar, f"http://127.0.0.1:{host_port}", plugin_port)
+    trap = Trap()
+    trap_url = serve(trap).url
+    plugin_url = f"http://127.0.0.1:{plugin_port}"
+    hijack = plugininfo_pb2.SetRuntimeIdentityRequest(
+        runtime_id="evil", runtime_token="t" * 43, host_url=trap_url
+    )
+
+    response = attack(plugin_url, SET_IDENTITY, hijack)
+
+    assert refused(response)
+    host = make_host(http=HTTPConfig(port=host_port, threads=8))
+    wait_until(lambda: provider_ids(host, "joined"), "the plugin to join its real host", timeout=15)
+    assert trap.requests == []
+
+
+def test_a_self_registered_plugin_answers_only_its_host_and_takes_no_identity_from_it(host, sidecar, peer):
+    port = free_port()
+    joining(sidecar, host.url, port)
+    (provider_id,) = wait_until(lambda: provider_ids(host, "joined"), "the plugin to register", timeout=15)
+    plugin_url = f"http://127.0.0.1:{port}"
+    identity = host.identities.get(provider_id)
+    assert identity is not None
+    as_host = {HOST_SECRET_HEADER: identity.host_secret}
+    hijack = plugininfo_pb2.SetRuntimeIdentityRequest(runtime_id="evil", runtime_token="t" * 43, host_url=host.url)
+
+    stranger = attack(plugin_url, PLUGIN_SHUTDOWN)
+    from_host = attack(plugin_url, SET_IDENTITY, hijack, **as_host)
+
+    assert refused(stranger)
+    assert (from_host.status_code, from_host.json()["code"]) == (400, "failed_precondition")
+    caller = peer(host, "caller")
+    routed = caller.kv(caller.discover("joined"))
+    routed.put(kv_pb2.PutRequest(key="k", value=b"v"))
+    assert routed.get(kv_pb2.GetRequest(key="k")).value == b"v"
+    assert provider_ids(host, "joined") == [provider_id]
+
+
+def test_a_port_scan_finds_our_servers_and_a_stranger_reaches_no_procedure_but_the_hosts_handshake(
+    host, launched, sidecar
+):
+    port = free_port()
+    joined = joining(sidecar, host.url, port)
+    wait_until(lambda: provider_ids(host, "joined"), "the plugin to register", timeout=15)
+    pids = [os.getpid(), launched.running.pid, joined.pid]
+
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.attacker", *map(str, pids)],
+        cwd=ROOT,
+        env={**os.environ, **ENV},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    plugins = {launched.url, f"http://127.0.0.1:{port}"}
+    assert set(report["servers"]) == plugins | {host.url}
+    for url, calls in report["calls"].items():
+        if url == host.url:
+            # The host's handshake is its open door by design; the rest needs a runtime token,
+            # and what the host does not serve is simply not there.
+            let_through = {path for path, code in calls.items() if code not in ("unauthenticated", "unimplemented")}
+            assert let_through <= {"/connectplugin.v1.HandshakeService/Handshake"}, calls
+        else:
+            # A plugin tells a stranger nothing, not even which procedures it serves.
+            assert set(calls.values()) == {"unauthenticated"}, calls
+    assert serving_its_host(host, launched)

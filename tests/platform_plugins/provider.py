@@ -1,6 +1,6 @@
 """A KV provider for the platform tests: launched by a host, or joining one by itself.
 
-``python -m tests.platform_plugins.provider --type T [--version V] [--host-url URL]``
+``python -m tests.platform_plugins.provider --type T [--version V] [--host-url URL] [--port P]``
 serves the sample KV store as service type ``T``. With ``--host-url`` it joins that host
 on its own (self-registering); without, a host must launch it. Three test hooks, all
 reached through ordinary ``Get`` calls:
@@ -16,7 +16,7 @@ import argparse
 import json
 import os
 
-from connectplugin import Context, ServeConfig, ServiceDeclaration, serve
+from connectplugin import Context, HTTPConfig, ServeConfig, ServiceDeclaration, serve
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KV_PLUGIN
 from samples.kv.store import KVStore
@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--type", required=True, help="the service type to provide")
     parser.add_argument("--version", default="1.0.0")
     parser.add_argument("--host-url", default="", help="join this host on its own")
+    parser.add_argument("--port", type=int, default=0, help="listen on this port (0: any free one)")
     args = parser.parse_args()
     serve(
         PLUGINS,
@@ -67,6 +68,7 @@ def main() -> None:
             self_id=args.type,
             self_version=args.version,
             host_url=args.host_url,
+            http=HTTPConfig(port=args.port),
             grace_period=1.0,
             provides=[declare(args.type, args.version)],
         ),
