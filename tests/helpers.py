@@ -157,6 +157,13 @@ def host_secret(host: PluginHost, client: PluginClient) -> str:
     return identity.host_secret
 
 
+def listening(port: int) -> bool:
+    """Whether a server accepts connections on 127.0.0.1:``port`` (unlike :func:`port_is_free`,
+    not fooled by the TIME_WAIT sockets a closed server leaves behind)."""
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def provider_ids(host: PluginHost, service_type: str) -> list[str]:
     return [p.provider_id for p in host.registry.providers(service_type)]
 

@@ -7,6 +7,8 @@ naming the missing file, on a checkout without ``../shared/goref/goref.xz``.
 
 from __future__ import annotations
 
+import sys
+
 from connectplugin import (
     Client,
     ClientConfig,
@@ -20,7 +22,7 @@ from connectplugin.gen.connectplugin.health.v1.health_connect import HealthServi
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KV_PLUGIN, KVServiceClient
 from samples.kv.store import KVStore
-from tests.helpers import GO_HANDSHAKE, Reader, free_port, http_ok, wait_until
+from tests.helpers import GO_HANDSHAKE, Reader, free_port, http_ok, listening, wait_until
 
 GO_KV = "tests.platform_plugins.go_kv"
 """Our sample KV store as a plugin under the Go reference's magic cookie."""
@@ -40,6 +42,18 @@ def go_host(go) -> str:
     go("host", "-addr", addr)
     wait_until(lambda: http_ok(url + "/health"), "the Go host to answer /health", timeout=10)
     return url
+
+
+def caller(host_url: str) -> HostLink:
+    """A plugin's link to the host at ``host_url``, joined as ``caller`` (close it after)."""
+    link = HostLink()
+    link.attach(Health(), (), host_url)
+    try:
+        link.connect(GO_HANDSHAKE, "caller", "1.0.0", base_url="")
+    except BaseException:
+        link.close()
+        raise
+    return link
 
 
 def check(url: str, service: str) -> int:
@@ -67,10 +81,8 @@ def test_our_plugin_answers_health_for_its_plugin_name_as_the_go_plugin_does(go,
 def test_host_link_calls_a_peer_through_the_go_router_in_its_path_form(go, sidecar):
     host_url = go_host(go)
     sidecar(GO_KV, "--host-url", host_url)
-    link = HostLink()
-    link.attach(Health(), (), host_url)
+    link = caller(host_url)
     try:
-        link.connect(GO_HANDSHAKE, "caller", "1.0.0", base_url="")
         endpoint = wait_until(
             lambda: _discovered(link, "kv"), "our plugin to register with the Go host"
         )
@@ -104,3 +116,29 @@ def _discovered(link: HostLink, service_type: str):
         return link.discover(service_type).endpoint
     except ConnectError:
         return None
+
+
+# --- launch models -----------------------------------------------------------------------------
+
+
+def test_the_go_launcher_starts_our_plugin_which_joins_the_go_host(go, tmp_path):
+    host_url = go_host(go)
+    # The Go launcher runs a program without arguments, as PluginSpec.BinaryPath.
+    program = tmp_path / "py-kv"
+    program.write_text(f"#!/bin/sh\nexec {sys.executable} -m {GO_KV}\n")
+    program.chmod(0o755)
+    port = free_port()
+    launcher = go("launch", "-binary", str(program), "-port", str(port), "-host-url", host_url, "-hold", "60s")
+
+    assert launcher.line("LAUNCHED").split()[0] == f"http://localhost:{port}"
+    link = caller(host_url)
+    try:
+        endpoint = wait_until(lambda: _discovered(link, "kv"), "our plugin to join the Go host")
+        assert endpoint.metadata["base_url"] == f"http://127.0.0.1:{port}"
+        kv = link.client("kv", KVServiceClient, timeout=5)
+        kv.put(kv_pb2.PutRequest(key="launched", value=b"by Go"))
+        assert kv.get(kv_pb2.GetRequest(key="launched")).value == b"by Go"
+    finally:
+        link.close()
+    launcher.stop()  # the Go launcher stops its plugin with SIGINT
+    wait_until(lambda: not listening(port), "our plugin to exit with its launcher", timeout=10)

@@ -402,6 +402,29 @@ def test_plugin_run_by_hand_explains_itself_on_stderr_and_exits_nonzero():
 
 
 @pytest.mark.parametrize(
+    "go_env",
+    [{"PORT": "8080"}, {"HOST_URL": "http://127.0.0.1:9"}, {"PORT": "http", "HOST_URL": "http://127.0.0.1:9"}],
+    ids=["port-alone", "host-url-alone", "bad-port"],
+)
+def test_plugin_without_the_cookie_or_the_whole_go_launch_environment_exits_nonzero(go_env):
+    # Only PORT and HOST_URL together are the Go launcher's model (PORT alone is common).
+    env = {"PATH": os.environ.get("PATH", ""), **ENV, **go_env}
+
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / "kv_plugin.py")],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
     "cookie",
     [
         {"magic_cookie_value": "not-the-cookie"},

@@ -48,6 +48,10 @@ ENV_ALLOW_UNAUTHENTICATED = "CONNECTPLUGIN_ALLOW_UNAUTHENTICATED"
 """Set to 1 to run a plugin by hand with no host secret (``ServeConfig.allow_unauthenticated``)."""
 PROBE_PATHS = ("/healthz", "/readyz")
 """Plain-text probes any caller may read; every other path needs the host's secret."""
+# The Go launch model (the Go reference's ProcessStrategy): a plugin gets only these two,
+# listens on PORT, and joins the host at HOST_URL by itself; no cookie, no address line.
+ENV_GO_PORT = "PORT"
+ENV_GO_HOST_URL = "HOST_URL"
 
 
 @dataclass(frozen=True)
@@ -285,15 +289,22 @@ def serve(
 ) -> None:
     """Serve ``impls`` (name -> handler object) as the plugins ``plugins`` describe; blocks.
 
-    Must be started by a host: without the magic cookie in the environment it explains
-    that it is a plugin and exits with status 1, and so it does without the host's secret
-    on stdin unless ``allow_unauthenticated``; with ``config.host_url`` it joins that host
-    on its own instead, and answers calls only once the host's handshake has given it the
-    secret the host calls it with. Returns after a graceful shutdown. Pass ``health`` to set
+    Must be started by a host: with the magic cookie in the environment and the host's
+    secret on stdin it is a plugin our host launched (without the cookie it explains that it
+    is a plugin and exits with status 1, and so it does without the secret unless
+    ``allow_unauthenticated``); with ``config.host_url`` it joins that host on its own, and
+    answers calls only once the host's handshake has given it the secret the host calls it
+    with. Started by the Go reference's launcher (``PORT`` and ``HOST_URL`` in the
+    environment, no cookie) it listens on ``PORT``, joins ``HOST_URL`` on its own and,
+    since Go hosts present no credential, answers any caller (``allow_unauthenticated``);
+    the cookie is then checked in the handshake, as Go does. Returns after a graceful
+    shutdown. Pass ``health`` to set
     this plugin's health from your code, and ``link`` to call other plugins through the host.
     The entry point: it alone installs SIGTERM/SIGINT handlers.
     """
     config = config or ServeConfig()
+    if not config.host_url and handshake.magic_cookie_key not in os.environ:
+        config = _go_launched(config)
     if os.environ.get(ENV_ALLOW_UNAUTHENTICATED) == "1":
         config = dataclasses.replace(config, allow_unauthenticated=True)
     version, secret = 0, ""
@@ -306,16 +317,30 @@ def serve(
     url = server.listen()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: server.stop(reason="signal"))
+    if os.environ.get(ENV_WATCH_STDIN) == "1":
+        threading.Thread(target=_watch_host, args=(server,), name="host-watch", daemon=True).start()
     if config.host_url:
         log.info("serving at %s; joining host %s", url, config.host_url)
         base_url = config.advertise_url or url
         threading.Thread(target=server._stay_joined, args=(base_url,), name="host-join", daemon=True).start()
     else:
-        if os.environ.get(ENV_WATCH_STDIN) == "1":
-            threading.Thread(target=_watch_host, args=(server,), name="host-watch", daemon=True).start()
         sys.stdout.write(f"{hs.CORE_PROTOCOL_VERSION}|{version}|{url}\n")
         sys.stdout.flush()
     server.run()
+
+
+def _go_launched(config: ServeConfig) -> ServeConfig:
+    """``config`` for the Go launch model when ``PORT`` and ``HOST_URL`` say we are in it."""
+    port, host_url = os.environ.get(ENV_GO_PORT, ""), os.environ.get(ENV_GO_HOST_URL, "")
+    if not port or not host_url:
+        return config
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        sys.stderr.write(f"connectplugin: {ENV_GO_PORT}={port!r} is not a port number\n")
+        sys.exit(1)
+    log.info("started in the Go launch model: listening on port %s, joining %s", port, host_url)
+    # Go hosts call and route to plugins with no credential: the plugin must answer them.
+    http = dataclasses.replace(config.http, port=int(port))
+    return dataclasses.replace(config, http=http, host_url=host_url, allow_unauthenticated=True)
 
 
 def _launched_version(handshake: hs.HandshakeConfig) -> int:
