@@ -14,6 +14,7 @@ Every host test runs a real :class:`PluginHost` on a real socket. Plugins are re
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -97,6 +98,24 @@ def wait_until(check: Callable[[], T], what: str | Callable[[], str], timeout: f
                 f"timed out after {timeout:g} s waiting for {what() if callable(what) else what}"
             )
         time.sleep(POLL_INTERVAL)
+
+
+def in_forked_child(check: Callable[[], dict]) -> dict:
+    """Run ``check()`` (returning a JSON-able dict) in a forked child; its answer, once it exited."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, then leave without running the parent's cleanup
+        try:
+            os.close(read_end)
+            os.write(write_end, json.dumps(check()).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as report:
+        answer = report.read()
+    _, status = os.waitpid(pid, 0)
+    assert status == 0 and answer, f"the forked child failed (status {status})"
+    return json.loads(answer)
 
 
 class Clock:

@@ -14,9 +14,10 @@ from flask import Flask
 from connectplugin import ProcessStrategy
 from connectplugin.contrib import AppPluginsConfig
 from connectplugin.contrib.flask import ConnectPlugin
+from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.plugin import HANDSHAKE, PLUGINS
-from tests.helpers import ROOT, free_port, wait_until
-from tests.webapps import GUNICORN, KV_COMMAND, running
+from tests.helpers import ROOT, free_port, in_forked_child, wait_until
+from tests.webapps import GUNICORN, KV_COMMAND, KV_ENV, running
 
 FLASK_RUN = [
     sys.executable,
@@ -176,3 +177,36 @@ def test_init_app_starts_nothing_and_reads_its_settings_from_app_config():
 def test_bad_settings_are_refused_when_the_app_is_set_up(settings):
     with pytest.raises((ValueError, TypeError)):
         AppPluginsConfig.from_settings(settings)
+
+
+def test_a_child_forked_after_first_use_launches_its_own_plugin_and_leaves_the_parents_alone():
+    app = Flask(__name__)
+    app.config.update(
+        CONNECTPLUGIN_HANDSHAKE=HANDSHAKE,
+        CONNECTPLUGIN_PLUGINS=PLUGINS,
+        CONNECTPLUGIN_LAUNCH={"kv": ProcessStrategy(KV_COMMAND, env=KV_ENV)},
+    )
+    plugins = ConnectPlugin(app).plugins(app)
+    try:
+        parent = plugins.client("kv")
+        parent.dispense("kv").put(kv_pb2.PutRequest(key="a", value=b"parent"))
+
+        def child() -> dict:
+            try:
+                mine = plugins.client("kv")
+                value = mine.dispense("kv").get(kv_pb2.GetRequest(key="a")).value
+                return {
+                    "plugin": mine.running.pid,
+                    "value": value.decode(),
+                    "host": plugins.host().url,
+                }
+            finally:
+                plugins.close()
+
+        report = in_forked_child(child)
+
+        assert report["plugin"] != parent.running.pid and report["value"] == ""
+        assert report["host"] != plugins.host().url and not running(report["plugin"])
+        assert parent.dispense("kv").get(kv_pb2.GetRequest(key="a")).value == b"parent"
+    finally:
+        plugins.close()

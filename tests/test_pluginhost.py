@@ -33,6 +33,7 @@ from tests.helpers import (
     HEALTHY,
     ROOT,
     free_port,
+    in_forked_child,
     module,
     provider_ids,
     provider_process,
@@ -253,26 +254,6 @@ def test_a_health_report_with_an_unknown_state_is_invalid_argument_and_changes_n
 # --- fork safety: a child never touches its parent's plugins ----------------------------------
 
 
-def _in_forked_child(check) -> dict:
-    """Run ``check()`` (returning a JSON-able dict) in a forked child; its answer, once it exited."""
-    import json
-
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: report, then leave without running the parent's cleanup
-        try:
-            os.close(read_end)
-            os.write(write_end, json.dumps(check()).encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as report:
-        answer = report.read()
-    _, status = os.waitpid(pid, 0)
-    assert status == 0 and answer, f"the forked child failed (status {status})"
-    return json.loads(answer)
-
-
 def test_a_forked_child_closing_its_copy_of_the_host_leaves_the_parents_plugin_running(host):
     plugin = host.launch(provider_process("svc"))
     pid = plugin.running.pid
@@ -283,7 +264,7 @@ def test_a_forked_child_closing_its_copy_of_the_host_leaves_the_parents_plugin_r
         connectplugin.host.pluginhost._exit_hooks._close_all()  # what atexit runs in the child
         return {"seconds": time.monotonic() - started}
 
-    report = _in_forked_child(child)
+    report = in_forked_child(child)
 
     assert report["seconds"] < 0.5
     assert plugin.running.alive() and plugin.running.pid == pid
@@ -310,7 +291,7 @@ def test_a_forked_child_is_refused_the_parents_host_plugins_and_clients(host):
             "stdin_closed": plugin.running._proc.stdin.closed,
         }
 
-    report = _in_forked_child(child)
+    report = in_forked_child(child)
 
     forked = [parent, report["start"][1]]
     assert forked[1] != parent
@@ -329,7 +310,7 @@ def test_a_host_constructed_before_a_fork_and_started_after_it_serves_in_the_chi
             status = requests.get(host.url + "/healthz", timeout=5).status_code
         return {"status": status}
 
-    assert _in_forked_child(child) == {"status": 200}
+    assert in_forked_child(child) == {"status": 200}
     host.close()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,9 +27,12 @@ from ..runtime.launcher import ProcessStrategy, Strategy
 from ..runtime.plugin import Plugin
 from ..runtime.pluginclient import PluginClient
 
-EMBEDDED_HOST = HostConfig(http=HTTPConfig(threads=4), registry=RegistryConfig(max_watchers=4))
+EMBEDDED_HOST = HostConfig(
+    http=HTTPConfig(threads=4), registry=RegistryConfig(max_watchers=4), allow_self_registration=False
+)
 """The host of an application that names none: a small pool on a loopback port (8 threads
-with its watchers), since each serving process of the application runs one."""
+with its watchers), since each serving process of the application runs one, accepting only
+the plugins it launched (a mounted host answers on the application's public port)."""
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict, StartResponse], Iterable[bytes]]
@@ -119,15 +123,20 @@ class AppPlugins:
     Constructing one starts nothing. ``dispense(name)`` (or ``client(name)``) starts this
     process's host and launches the plugin on first use; callers racing on a first use
     wait for the one launch. In a forked child the first use starts a new host and new
-    plugins; the parent's are left to the parent. ``_lock`` guards ``_pid``, ``_host``,
-    ``_clients`` and ``_launching``; ``_launched`` is notified when a launch ends.
+    plugins; the parent's are left to the parent. ``_lock`` guards ``_host``, ``_clients``
+    and ``_launching``; ``_launched`` is notified when a launch ends.
     """
 
     def __init__(self, config: AppPluginsConfig) -> None:
         self.config = config
+        self._forget()
+        self._fork_hook = False
+
+    def _forget(self) -> None:
+        """Drop every per-process thing: at construction, and in a forked child."""
+        # New locks too: another thread of the parent may have held the old ones at the fork.
         self._lock = threading.Lock()
         self._launched = threading.Condition(self._lock)
-        self._pid = 0
         self._host: PluginHost | None = None
         self._clients: dict[str, PluginClient] = {}
         self._launching: set[str] = set()
@@ -135,16 +144,16 @@ class AppPlugins:
     def _current_host(self) -> PluginHost:
         """This process's host, constructed (not started) if it has none yet."""
         with self._lock:
-            pid = os.getpid()
-            if pid != self._pid:
-                # A fork (or the first use): nothing of the parent's is ours. Fresh lock
-                # state too: another thread may have held the lock at the fork.
-                self._pid, self._host, self._clients, self._launching = pid, None, {}, set()
+            hook, self._fork_hook = not self._fork_hook, True
             if self._host is None:
                 self._host = PluginHost(
                     self.config.handshake, self.config.plugins, self.config.host
                 )
-            return self._host
+            host = self._host
+        if hook:  # registered on first use, not at construction; holds no reference to self
+            ref = weakref.ref(self)
+            os.register_at_fork(after_in_child=lambda: _forget_in_child(ref))
+        return host
 
     def host(self) -> PluginHost:
         """This process's host, started (or mounted at ``config.url``) on first use."""
@@ -184,7 +193,7 @@ class AppPlugins:
     def launched(self) -> dict[str, PluginClient]:
         """The plugins this process has launched, by name."""
         with self._lock:
-            return dict(self._clients) if self._pid == os.getpid() else {}
+            return dict(self._clients)
 
     def wsgi(self, app: WSGIApp) -> WSGIApp:
         """``app`` with the host's endpoints served under ``config.url``'s path (when set)."""
@@ -193,10 +202,15 @@ class AppPlugins:
     def close(self) -> None:
         """Stop this process's plugins and host (the atexit hook does it otherwise)."""
         with self._lock:
-            host = self._host if self._pid == os.getpid() else None
-            self._host, self._clients = None, {}
+            host, self._host, self._clients = self._host, None, {}
         if host is not None:
             host.close()
+
+
+def _forget_in_child(ref: weakref.ref[AppPlugins]) -> None:
+    plugins = ref()
+    if plugins is not None:
+        plugins._forget()
 
 
 class _Mounted:

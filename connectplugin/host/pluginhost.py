@@ -308,9 +308,9 @@ class PluginHost:
         return self._open(url.rstrip("/"))
 
     def _open(self, mounted_url: str) -> PluginHost:
+        # Before the lock: in a fork, another thread of the parent may have held it.
+        self._check_owner()
         with self._lock:
-            if self._starting:
-                self._check_owner()
             if self._closed:
                 raise RuntimeError("this PluginHost is closed; make a new one")
             first = not self._starting
