@@ -6,15 +6,29 @@ from __future__ import annotations
 import datetime
 import os
 import stat
+import sys
 from collections.abc import Iterator
 
 import pytest
 
-from connectplugin import App, Client, ClientConfig, Code, ConnectError, HTTPConfig, HTTPServer
+from connectplugin import (
+    App,
+    Client,
+    ClientConfig,
+    Code,
+    ConnectError,
+    HTTPConfig,
+    HTTPServer,
+    LaunchError,
+    LaunchFailure,
+    ProcessStrategy,
+    ServingStatus,
+)
 from connectplugin.rpc import tls
 from connectplugin.rpc._transport import ConnectionPool
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KVServiceClient
+from tests.helpers import provider_process
 from tests.services import ScriptedKV
 
 A_YEAR_AGO = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=365)
@@ -214,3 +228,67 @@ def test_the_devpki_command_writes_a_ca_host_and_plugins_with_private_keys(tmp_p
 def test_a_trust_without_anchors_is_refused():
     with pytest.raises(ValueError):
         tls.Trust()
+
+
+# --- automatic mTLS for launched plugins -----------------------------------------------------
+
+
+@pytest.fixture
+def mtls_host(make_host):
+    return make_host(auto_mtls=True)
+
+
+def test_a_launched_plugin_serves_mtls_and_dispense_works_unchanged(mtls_host):
+    plugin = mtls_host.launch(provider_process("svc"), name="p")
+
+    assert plugin.url.startswith("https://")
+    kv = plugin.dispense("kv")
+    kv.put(kv_pb2.PutRequest(key="k", value=b"v"))
+    assert kv.get(kv_pb2.GetRequest(key="k")).value == b"v"
+    assert plugin.check_health() is ServingStatus.SERVING
+
+
+def test_the_router_reaches_a_launched_plugin_over_mtls(mtls_host, peer):
+    mtls_host.launch(provider_process("svc"), name="p")
+    caller = peer(mtls_host, "caller")
+    kv = caller.kv(caller.discover("svc"))
+
+    kv.put(kv_pb2.PutRequest(key="k", value=b"routed"))
+    assert kv.get(kv_pb2.GetRequest(key="k")).value == b"routed"
+
+
+def test_a_launched_plugin_refuses_a_client_without_the_hosts_certificate(mtls_host, pki):
+    plugin = mtls_host.launch(provider_process("svc"), name="p")
+    assert plugin.running is not None and plugin.running.tls is not None
+    plugin_certificate = plugin.running.tls.trust.pinned[0]  # type: ignore[union-attr]
+    strangers = {
+        "no client certificate": tls.TLSConfig(trust=tls.Trust(pinned=(plugin_certificate,))),
+        "another certificate": tls.pinned_to(tls.auto_key_pair(), plugin_certificate),
+        "a CA-signed certificate": tls.pinned_to(pki.plugins["kv"], plugin_certificate),
+    }
+
+    for name, config in strangers.items():
+        with pytest.raises(ConnectError) as refused:
+            put(plugin.url, config)
+        assert refused.value.code is Code.UNAVAILABLE, name
+    assert plugin.check_health() is ServingStatus.SERVING
+
+
+def test_a_launched_plugin_refuses_plaintext(mtls_host):
+    plugin = mtls_host.launch(provider_process("svc"), name="p")
+
+    with pytest.raises(ConnectError):
+        put(plugin.url.replace("https://", "http://"), None)
+    assert plugin.check_health() is ServingStatus.SERVING
+
+
+def test_the_host_refuses_a_plugin_that_does_not_announce_a_certificate(mtls_host):
+    liar = ProcessStrategy(
+        [sys.executable, "-c", "import sys, time; sys.stdin.readline(); print('1|1|https://127.0.0.1:9', flush=True); time.sleep(30)"],
+        start_timeout=10,
+    )
+
+    with pytest.raises(LaunchError) as failed:
+        mtls_host.launch(liar, name="liar")
+
+    assert failed.value.reason is LaunchFailure.REFUSED

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..rpc.errors import Code, ConnectError
+from ..rpc.tls import TLSConfig
 from ..runtime.credentials import RUNTIME_ID_HEADER, bearer_matches, new_secret
 
 
@@ -23,6 +24,8 @@ class Identity:
     self_id: str
     self_version: str = ""
     host_secret: str = ""
+    tls: TLSConfig | None = None
+    """How the host (and its router) reach the plugin over TLS: a launch's automatic mTLS."""
 
 
 class Identities:
@@ -40,16 +43,17 @@ class Identities:
 
     def issue(
         self, self_id: str, self_version: str = "", host_secret: str = "", limit: int | None = None,
-        limit_name: str = "",
+        limit_name: str = "", tls: TLSConfig | None = None,
     ) -> Identity:
-        """A new identity; ``host_secret`` is the one a launched plugin was given (else a new one).
+        """A new identity; ``host_secret`` is the one a launched plugin was given (else a new
+        one), ``tls`` how to reach it when it serves TLS.
 
         With ``limit``, ``resource_exhausted`` once that many are held (``limit_name``, the
         config field, is named in the refusal).
         """
         # Opaque and unique: the plugin's own name plus randomness, never reused.
         runtime_id = f"{self_id or 'plugin'}-{secrets.token_hex(4)}"
-        identity = Identity(runtime_id, new_secret(), self_id, self_version, host_secret or new_secret())
+        identity = Identity(runtime_id, new_secret(), self_id, self_version, host_secret or new_secret(), tls)
         now = self._clock()
         with self._lock:
             full = limit is not None and len(self._by_id) >= limit

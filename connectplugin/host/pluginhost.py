@@ -8,6 +8,7 @@ plugins through a strategy, and returns a :class:`PluginClient` for each.
 from __future__ import annotations
 
 import atexit
+import datetime
 import logging
 import math
 import os
@@ -23,6 +24,7 @@ from ..gen.connectplugin.v1 import handshake_pb2, lifecycle_pb2, plugininfo_pb2
 from ..gen.connectplugin.v1.handshake_connect import HandshakeServiceHandler
 from ..gen.connectplugin.v1.lifecycle_connect import PluginControlClient, PluginLifecycleHandler
 from ..gen.connectplugin.v1.plugininfo_connect import PluginIdentityClient
+from ..rpc import tls
 from ..rpc.client import Client, ClientConfig
 from ..rpc.errors import Code, ConnectError
 from ..rpc.httpserver import HTTPConfig, HTTPServer
@@ -38,7 +40,7 @@ from ..runtime.launcher import (
     Strategy,
 )
 from ..runtime.plugin import Plugin, ServiceDeclaration
-from ..runtime.pluginclient import PluginClient
+from ..runtime.pluginclient import PluginClient, PluginClientConfig
 from .broker import DEFAULT_MAX_GRANTS, DEFAULT_TTL, Broker, BrokerService
 from .broker import ROUTE as BROKER_ROUTE
 from .identities import Identities, Identity
@@ -115,6 +117,13 @@ class HostConfig:
     """Unexpired capability grants one plugin may hold at once."""
     max_rate_keys: int = 10_000
     """Peers (addresses, runtime ids) each rate limit tracks; beyond, new ones share one bucket."""
+    auto_mtls: bool = False
+    """Automatic mTLS with launched subprocess plugins: per launch the host makes a key pair
+    and the plugin another (in memory, never on disk); each accepts only the other's
+    certificate, so no other local process can call or impersonate the plugin, nor read
+    the calls. Plugins must support it (connectplugin's ``serve()`` does)."""
+    auto_mtls_lifetime: datetime.timedelta = tls.AUTO_LIFETIME
+    """Validity of the host's automatic-mTLS certificates."""
 
     @property
     def reap_every(self) -> float:
@@ -379,13 +388,18 @@ class PluginHost:
 
         # One secret per launch: what this plugin will accept from us and our router only.
         secret = new_secret()
-        context = LaunchContext(name, self.handshake_config, self.plugins, self.url, on_exit, host_secret=secret)
+        pair = tls.auto_key_pair(self.config.auto_mtls_lifetime) if self.config.auto_mtls else None
+        context = LaunchContext(
+            name, self.handshake_config, self.plugins, self.url, on_exit, host_secret=secret, auto_mtls=pair
+        )
         running = strategy.start(context)
+        running_tls = getattr(running, "tls", None)
         client = PluginClient(
             running.url,
             self.plugins,
             self.handshake_config,
-            session=running.session,
+            config=PluginClientConfig(rpc=ClientConfig(tls=running_tls)) if running_tls else None,
+            session=None if running_tls else running.session,
             running=running,
             name=name,
             host_secret=secret,
@@ -394,7 +408,7 @@ class PluginHost:
         try:
             info = client.plugin_info()
             service_types = [d.service_type for d in _declarations(info)]
-            identity = self.identities.issue(info.self_id or name, info.self_version, host_secret=secret)
+            identity = self.identities.issue(info.self_id or name, info.self_version, host_secret=secret, tls=running_tls)
             self.registry.declare(identity.runtime_id, service_types)
             with self._lock:
                 self._launched.append((client, identity))

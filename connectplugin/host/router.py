@@ -20,8 +20,9 @@ from ..rpc._metadata import environ_key
 from ..rpc._transport import ConnectionPool, Response, TransportError, TransportTimeout
 from ..rpc.errors import Code, ConnectError
 from ..rpc.server import error_response, read_body, refusal, unsupported_media
+from ..rpc.tls import TLSConfig
 from ..runtime.credentials import CALLER_HEADER, HOST_SECRET_HEADER, RUNTIME_ID_HEADER
-from .identities import Identities
+from .identities import Identities, Identity
 from .registry import UNHEALTHY, Provider, Registry
 
 log = logging.getLogger("connectplugin.router")
@@ -73,7 +74,7 @@ class Router:
         """Largest request body relayed, in bytes (envelope header aside); larger is resource_exhausted."""
         # Keep-alive connections, one pool per provider address, shared by all calls.
         self._pool_size = pool_size
-        self._pools: dict[str, ConnectionPool] = {}
+        self._pools: dict[tuple[str, TLSConfig | None], ConnectionPool] = {}
         self._pools_lock = threading.Lock()
         self._lock = threading.Lock()  # guards _local and _aliases
         self._local: dict[str, Callable[..., Iterable[bytes]]] = {}
@@ -147,8 +148,9 @@ class Router:
                 target = quote(path, safe="/")
                 if environ.get("QUERY_STRING"):
                     target += "?" + environ["QUERY_STRING"]
-                pool = self._pool_for(provider.base_url)
-                headers[HOST_SECRET_HEADER] = self._host_secret(provider.provider_id)
+                identity = self._identity(provider.provider_id)
+                pool = self._pool_for(provider.base_url, identity.tls)
+                headers[HOST_SECRET_HEADER] = identity.host_secret
                 try:
                     upstream = pool.send(environ["REQUEST_METHOD"], target, headers, body, CONNECT_TIMEOUT, timeout)
                     break
@@ -203,12 +205,13 @@ class Router:
             raise ConnectError(Code.UNAVAILABLE, f"provider {provider.provider_id} is unhealthy")
         return provider
 
-    def _host_secret(self, provider_id: str) -> str:
-        """What proves the host to this provider (it refuses calls without it)."""
+    def _identity(self, provider_id: str) -> Identity:
+        """The provider's identity: its ``host_secret`` proves the host to it (it refuses
+        calls without), its ``tls`` says how to reach it."""
         identity = self._identities.get(provider_id)
         if identity is None:
             raise ConnectError(Code.UNAVAILABLE, f"provider {provider_id} is gone")
-        return identity.host_secret
+        return identity
 
     @staticmethod
     def _path(provider: Provider, method: str) -> str:
@@ -228,11 +231,14 @@ class Router:
         log.warning("provider %s unreachable: %s; marking it unhealthy", provider_id, error)
         self._registry.set_health(provider_id, UNHEALTHY)
 
-    def _pool_for(self, base_url: str) -> ConnectionPool:
-        pool = self._pools.get(base_url)
+    def _pool_for(self, base_url: str, tls: TLSConfig | None) -> ConnectionPool:
+        # Keyed by both: a relaunch may reuse a port with new certificates.
+        key = (base_url, tls)
+        pool = self._pools.get(key)
         if pool is None:
+            fresh = ConnectionPool(base_url, self._pool_size, tls)  # loads our key: not under the lock
             with self._pools_lock:
-                pool = self._pools.setdefault(base_url, ConnectionPool(base_url, self._pool_size))
+                pool = self._pools.setdefault(key, fresh)
         return pool
 
     def close(self) -> None:

@@ -11,6 +11,8 @@ elsewhere, from a temporary file holding the key encrypted under a one-time pass
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import datetime
 import ipaddress
 import os
@@ -34,6 +36,9 @@ DEV_LIFETIME = datetime.timedelta(days=30)
 """How long the certificates of ``make_dev_pki`` are valid."""
 CLOCK_SKEW = datetime.timedelta(minutes=5)
 """Certificates made here are valid from this long before they were made."""
+AUTO_LIFETIME = datetime.timedelta(days=30)
+"""How long the self-signed certificates of automatic mTLS are valid: keys live only in the
+two processes' memory and die with the launch; a launch that outlives this must be renewed."""
 URI_SCHEME = "connectplugin"
 """A plugin certificate's SAN URI names its self id: ``connectplugin://plugin/<self id>``."""
 
@@ -222,6 +227,34 @@ def certificate_ids(certificate: x509.Certificate) -> list[str]:
 
 LOOPBACK_NAMES = ("localhost",)
 LOOPBACK_ADDRESSES = ("127.0.0.1", "::1")
+
+
+# --- automatic mTLS between a host and the plugin it launches ---------------------------------
+
+
+def auto_key_pair(lifetime: datetime.timedelta = AUTO_LIFETIME) -> KeyPair:
+    """A fresh self-signed pair for one side of a launch; the other side pins its certificate."""
+    return generate_key_pair(
+        "connectplugin auto-mTLS", dns_names=LOOPBACK_NAMES, ip_addresses=LOOPBACK_ADDRESSES, lifetime=lifetime
+    )
+
+
+def pinned_to(own: KeyPair, peer: x509.Certificate) -> TLSConfig:
+    """Present ``own`` and accept exactly ``peer``: either side of automatic mTLS."""
+    return TLSConfig(key_pair=own, trust=Trust(pinned=(peer,)))
+
+
+def encode_certificate(certificate: x509.Certificate) -> str:
+    """A certificate as one token for a line of text (base64 of its DER, no ``|``)."""
+    return base64.b64encode(certificate.public_bytes(serialization.Encoding.DER)).decode()
+
+
+def decode_certificate(text: str) -> x509.Certificate:
+    """The certificate :func:`encode_certificate` made; ValueError for anything else."""
+    try:
+        return x509.load_der_x509_certificate(base64.b64decode(text.strip(), validate=True))
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"not a base64 DER certificate: {e}") from None
 
 
 @dataclass(frozen=True)

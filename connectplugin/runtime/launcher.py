@@ -23,12 +23,14 @@ from typing import IO, Any, Protocol
 import requests
 
 from ..rpc._transport import WSGIAdapter
+from ..rpc.tls import KeyPair, TLSConfig, decode_certificate, encode_certificate, pinned_to
 from . import handshake as hs
 from .health import Health
 from .hostlink import HostLink
 from .plugin import Plugin
 from .serving import (
     ENV_APP_VERSIONS,
+    ENV_AUTO_MTLS,
     ENV_HOST_URL,
     ENV_SECRET_ON_STDIN,
     ENV_WATCH_STDIN,
@@ -38,7 +40,8 @@ from .serving import (
 
 log = logging.getLogger("connectplugin.launcher")
 
-_LINE = re.compile(r"^(\d+)\|(\d+)\|(https?://\S+)$")
+_LINE = re.compile(r"^(\d+)\|(\d+)\|(https?://[^\s|]+)(?:\|([A-Za-z0-9+/=]+))?$")
+"""``<core>|<app>|<url>``, then ``|<certificate>`` (base64 DER) under automatic mTLS."""
 _STDERR_TAIL_LINES = 20
 """How many of a plugin's last stderr lines a LaunchError carries."""
 _PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "SYSTEMROOT", "PYTHONPATH", "VIRTUAL_ENV")
@@ -113,6 +116,9 @@ class LaunchContext:
     host_secret: str = field(default="", repr=False)
     """What the host will present on every call to the plugin; a strategy hands it over
     where no other process can read it (a subprocess: the first line of its stdin)."""
+    auto_mtls: KeyPair | None = field(default=None, repr=False)
+    """The host's pair for automatic mTLS with this launch: a subprocess gets its certificate
+    after the secret, serves TLS accepting only it, and announces its own certificate."""
 
 
 class Running(Protocol):
@@ -122,6 +128,9 @@ class Running(Protocol):
     session: requests.Session | None
     """A session whose adapter reaches ``url``; None means plain HTTP."""
     pid: int | None
+    tls: TLSConfig | None
+    """How a client reaches ``url`` over automatic mTLS (our pair, its pinned certificate);
+    None when it is not served over TLS."""
 
     def alive(self) -> bool: ...
 
@@ -184,6 +193,10 @@ class ProcessStrategy:
             env[ENV_HOST_URL] = ctx.host_url
         if ctx.host_secret:
             env[ENV_SECRET_ON_STDIN] = "1"
+        if ctx.auto_mtls is not None:
+            if not ctx.host_secret:
+                raise ValueError("automatic mTLS hands the host's certificate over with the host secret")
+            env[ENV_AUTO_MTLS] = "1"
         try:
             proc = subprocess.Popen(
                 list(self.command),
@@ -201,21 +214,35 @@ class ProcessStrategy:
                 ctx.name, LaunchFailure.NOT_EXECUTABLE, f"could not be executed ({' '.join(self.command)}): {e}"
             ) from None
         if ctx.host_secret:
-            _hand_over(proc, ctx.host_secret)
+            lines = [ctx.host_secret]
+            if ctx.auto_mtls is not None:
+                lines.append(encode_certificate(ctx.auto_mtls.certificate))
+            _hand_over(proc, lines)
         running = _Process(ctx, proc, self)
         running.await_address()
         return running
 
 
-def _hand_over(proc: subprocess.Popen[bytes], secret: str) -> None:
-    """Write the secret line to the child's stdin: a pipe buffer holds it, so this never
-    blocks; a child that already exited fails its launch on its own."""
+def _hand_over(proc: subprocess.Popen[bytes], lines: Sequence[str]) -> None:
+    """Write the secret line (and the host's certificate line) to the child's stdin: a pipe
+    buffer holds them, so this never blocks; a child that already exited fails its launch
+    on its own."""
     assert proc.stdin is not None
     try:
-        proc.stdin.write(secret.encode() + b"\n")
+        proc.stdin.write("".join(line + "\n" for line in lines).encode())
         proc.stdin.flush()
     except OSError:
         pass
+
+
+def _auto_mtls_peer(own: KeyPair, url: str, certificate: str) -> tuple[TLSConfig | None, str]:
+    """How to reach a plugin that announced ``certificate`` at ``url``, or why it is refused."""
+    if not certificate or not url.startswith("https://"):
+        return None, "it did not announce a TLS certificate (it does not support automatic mTLS)"
+    try:
+        return pinned_to(own, decode_certificate(certificate)), ""
+    except ValueError as e:
+        return None, f"it announced a certificate the host cannot read ({e})"
 
 
 class _Process:
@@ -230,6 +257,7 @@ class _Process:
     def __init__(self, ctx: LaunchContext, proc: subprocess.Popen[bytes], strategy: ProcessStrategy) -> None:
         self.pid = proc.pid
         self.url = ""
+        self.tls: TLSConfig | None = None
         self.owner_pid = os.getpid()
         self._ctx = ctx
         self._proc = proc
@@ -304,22 +332,26 @@ class _Process:
                     return
                 match = _LINE.match(raw.decode(errors="replace").rstrip("\r\n"))
                 if match:
-                    self._accept(int(match[1]), int(match[2]), match[3])
+                    self._accept(int(match[1]), int(match[2]), match[3], match[4] or "")
                     continue
             self._logger.info("%s", raw.decode(errors="replace").rstrip("\r\n"))
 
-    def _accept(self, core: int, app: int, url: str) -> None:
+    def _accept(self, core: int, app: int, url: str, certificate: str) -> None:
         refused = ""
+        tls = None
         if core != hs.CORE_PROTOCOL_VERSION:
             refused = f"it speaks core protocol {core}, not {hs.CORE_PROTOCOL_VERSION}"
         elif app not in self._ctx.handshake_config.app_protocol_versions:
             refused = f"it chose app protocol {app}; the host offers {sorted(self._ctx.handshake_config.app_protocol_versions)}"
+        elif self._ctx.auto_mtls is not None:
+            tls, refused = _auto_mtls_peer(self._ctx.auto_mtls, url, certificate)
         with self._reported_or_exited:
             # A refusal fails the launch now rather than at the start timeout.
             if refused:
                 self._refused = refused
             else:
                 self.app_protocol_version = app
+                self.tls = tls
                 self.url = url
             self._reported_or_exited.notify_all()
 
@@ -477,6 +509,7 @@ class InProcessStrategy:
 
 class _InProcess:
     pid: int | None = None
+    tls: TLSConfig | None = None  # no socket: nothing to encrypt
 
     def __init__(self, ctx: LaunchContext, server: PluginServer) -> None:
         self._ctx = ctx

@@ -24,6 +24,7 @@ from typing import Any
 from ..gen.connectplugin.v1 import handshake_pb2, lifecycle_pb2, plugininfo_pb2
 from ..gen.connectplugin.v1.lifecycle_connect import PluginControlHandler
 from ..gen.connectplugin.v1.plugininfo_connect import PluginIdentityHandler
+from ..rpc import tls
 from ..rpc.errors import Code, ConnectError
 from ..rpc.httpserver import HTTPConfig, HTTPServer
 from ..rpc.server import App, Context, ServerConfig, text_response
@@ -44,6 +45,9 @@ ENV_SECRET_ON_STDIN = "CONNECTPLUGIN_SECRET_ON_STDIN"
 """Set to 1 when the first line on stdin is the host's secret for this launch. Never in the
 environment or argv, which other local processes can read (``/proc/<pid>/environ``, ``ps``)
 and which the plugin's own children would inherit."""
+ENV_AUTO_MTLS = "CONNECTPLUGIN_AUTO_MTLS"
+"""Set to 1 when the host asks for automatic mTLS: its certificate is the line after the
+secret on stdin, and the plugin announces its own after its URL in the address line."""
 ENV_ALLOW_UNAUTHENTICATED = "CONNECTPLUGIN_ALLOW_UNAUTHENTICATED"
 """Set to 1 to run a plugin by hand with no host secret (``ServeConfig.allow_unauthenticated``)."""
 PROBE_PATHS = ("/healthz", "/readyz")
@@ -307,10 +311,12 @@ def serve(
         config = _go_launched(config)
     if os.environ.get(ENV_ALLOW_UNAUTHENTICATED) == "1":
         config = dataclasses.replace(config, allow_unauthenticated=True)
-    version, secret = 0, ""
+    version, secret, announced = 0, "", ""
     if not config.host_url:
         version = _launched_version(handshake)
         secret = _launch_secret(config)
+        if os.environ.get(ENV_AUTO_MTLS) == "1":
+            config, announced = _auto_mtls(config)
     server = PluginServer(plugins, impls, handshake, config, health, link)
     if secret:
         server.link.expect_host(secret)
@@ -324,7 +330,8 @@ def serve(
         base_url = config.advertise_url or url
         threading.Thread(target=server._stay_joined, args=(base_url,), name="host-join", daemon=True).start()
     else:
-        sys.stdout.write(f"{hs.CORE_PROTOCOL_VERSION}|{version}|{url}\n")
+        certificate = f"|{announced}" if announced else ""
+        sys.stdout.write(f"{hs.CORE_PROTOCOL_VERSION}|{version}|{url}{certificate}\n")
         sys.stdout.flush()
     server.run()
 
@@ -374,6 +381,19 @@ def _launch_secret(config: ServeConfig) -> str:
         )
         sys.exit(1)
     return secret
+
+
+def _auto_mtls(config: ServeConfig) -> tuple[ServeConfig, str]:
+    """Serve TLS accepting only the host's certificate (the line after the secret on stdin),
+    with a key pair made now, in memory; returns the config and our certificate to announce."""
+    try:
+        host_certificate = tls.decode_certificate(_read_line(0, config.secret_timeout))
+    except ValueError as e:
+        sys.stderr.write(f"connectplugin: automatic mTLS without the host's certificate on stdin: {e}\n")
+        sys.exit(1)
+    own = tls.auto_key_pair()
+    http = dataclasses.replace(config.http, tls=tls.pinned_to(own, host_certificate))
+    return dataclasses.replace(config, http=http), tls.encode_certificate(own.certificate)
 
 
 def _read_line(fd: int, timeout: float) -> str:
