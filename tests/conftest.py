@@ -25,7 +25,6 @@ from connectplugin import (
     HTTPServer,
     PluginHost,
     PluginServer,
-    RegistryConfig,
     ServeConfig,
 )
 from connectplugin.rpc import tls
@@ -157,8 +156,7 @@ def make_host() -> Iterator[Callable[..., PluginHost]]:
     def make(**fields: Any) -> PluginHost:
         fields.setdefault("handle_signals", False)
         fields.setdefault("stop_grace", 1.0)
-        fields.setdefault("http", HTTPConfig(threads=8))
-        fields.setdefault("registry", RegistryConfig(max_watchers=8))
+        fields.setdefault("http", HTTPConfig(threads=8, max_streams=8))
         host = PluginHost(HANDSHAKE, PLUGINS, HostConfig(**fields)).start()
         hosts.append(host)
         return host

@@ -278,7 +278,7 @@ def test_launched_plugins_own_health_changes_reach_watchers(host, peer):
 def test_watchers_beyond_the_cap_are_resource_exhausted_while_unary_calls_keep_working(
     make_host, peer
 ):
-    host = make_host(http=HTTPConfig(threads=2), registry=RegistryConfig(max_watchers=2))
+    host = make_host(http=HTTPConfig(threads=2, max_streams=2))
     _providers(host, peer, 1)
     caller = peer(host, "caller")
     open_watchers = [caller.watch("svc") for _ in range(2)]
@@ -295,7 +295,7 @@ def test_watchers_beyond_the_cap_are_resource_exhausted_while_unary_calls_keep_w
 
 
 def test_a_watcher_that_leaves_frees_its_slot(make_host, peer):
-    host = make_host(registry=RegistryConfig(max_watchers=1))
+    host = make_host(http=HTTPConfig(max_streams=1))
     _providers(host, peer, 1)
     caller = peer(host, "caller")
     caller.watch("svc", limit=1).join()  # reads the current state, then hangs up

@@ -346,7 +346,7 @@ def test_registrations_past_the_rate_limit_are_refused(make_host, peer):
 
 
 def test_registrations_per_identity_are_capped(make_host, peer):
-    host = make_host(registry=RegistryConfig(max_watchers=8, max_registrations_per_identity=2))
+    host = make_host(registry=RegistryConfig(max_registrations_per_identity=2))
     joiner = peer(host, "joiner", provides=("a", "b"))
     joiner.register("a")
     joiner.register("b")
@@ -359,7 +359,7 @@ def test_registrations_per_identity_are_capped(make_host, peer):
 
 
 def test_a_plugin_declaring_more_services_than_the_cap_cannot_register(make_host, peer):
-    host = make_host(registry=RegistryConfig(max_watchers=8, max_registrations_per_identity=2))
+    host = make_host(registry=RegistryConfig(max_registrations_per_identity=2))
     joiner = peer(host, "joiner", provides=("a", "b", "c"))
 
     error = _refused(lambda: joiner.register("a"))
@@ -369,7 +369,7 @@ def test_a_plugin_declaring_more_services_than_the_cap_cannot_register(make_host
 
 
 def test_registration_metadata_over_the_size_cap_is_refused(make_host, peer):
-    host = make_host(registry=RegistryConfig(max_watchers=8, max_metadata_bytes=1024))
+    host = make_host(registry=RegistryConfig(max_metadata_bytes=1024))
     joiner = peer(host, "joiner", provides=("svc",))
 
     error = _refused(lambda: joiner.register("svc", padding="x" * 1024))
@@ -380,7 +380,7 @@ def test_registration_metadata_over_the_size_cap_is_refused(make_host, peer):
 
 
 def test_watchers_per_type_are_capped_and_other_types_still_watchable(make_host, peer):
-    host = make_host(registry=RegistryConfig(max_watchers=8, max_watchers_per_type=2))
+    host = make_host(registry=RegistryConfig(max_watchers_per_type=2))
     watcher = peer(host, "watcher")
     first, second = watcher.watch("svc"), watcher.watch("svc")
     first.wait_for(1)

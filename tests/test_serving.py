@@ -1,13 +1,25 @@
-"""The plugin side of serving, as its host sees it: the identity a plugin accepts."""
+"""The plugin side of serving, as its host sees it: the identity a plugin accepts, the
+threads it keeps for unary calls while streams are open."""
 
 from __future__ import annotations
 
 import pytest
+import requests
 
-from connectplugin import Code, ConnectError
+from connectplugin import (
+    Client,
+    ClientConfig,
+    Code,
+    ConnectError,
+    ServeConfig,
+    ServingStatus,
+)
 from connectplugin.gen.connectplugin.v1 import plugininfo_pb2
 from connectplugin.gen.connectplugin.v1.plugininfo_connect import PluginIdentityClient
-from tests.helpers import provider_ids, provider_process
+from connectplugin.runtime.credentials import HOST_SECRET_HEADER
+from samples.kv.gen.kv.v1 import kv_pb2
+from samples.kv.gen.kv.v1.kv_connect import KVServiceClient
+from tests.helpers import host_secret, provider_ids, provider_process, wait_until
 
 # --- runtime identity -------------------------------------------------------------------------
 
@@ -24,3 +36,63 @@ def test_a_plugin_refuses_a_second_runtime_identity_without_its_current_token(ho
 
     assert e.value.code is Code.PERMISSION_DENIED
     assert provider_ids(host, "svc") == [host.runtime_id(client)]
+
+
+# --- streams and threads ----------------------------------------------------------------------
+
+
+def test_open_streams_up_to_the_cap_leave_unary_calls_and_probes_served_and_one_more_is_refused(
+    host,
+):
+    client = host.launch(provider_process("svc"), name="p")
+    assert ServeConfig().http.max_streams == 8
+    secret = {HOST_SECRET_HEADER: host_secret(host, client)}
+    streams_client = Client(client.url, ClientConfig(headers=secret))  # no deadline: watches stay open
+    kv = KVServiceClient(streams_client)
+    watches = []
+    try:
+        # watch() returns once the stream's headers are in, so each of these holds its slot.
+        watches = [kv.watch(kv_pb2.WatchRequest(prefix="w")) for _ in range(8)]
+
+        with pytest.raises(ConnectError) as refused:
+            next(iter(kv.watch(kv_pb2.WatchRequest(prefix="w"))))
+
+        unary = KVServiceClient(Client(client.url, ClientConfig(timeout=5, headers=secret)))
+        unary.put(kv_pb2.PutRequest(key="w1", value=b"v"))
+        assert unary.get(kv_pb2.GetRequest(key="w1")).value == b"v"
+        assert client.check_health() is ServingStatus.SERVING
+        assert requests.get(client.url + "/healthz", timeout=5).status_code == 200
+        assert [next(iter(w)).key for w in watches] == ["w1"] * 8
+    finally:
+        for w in watches:
+            w.close()
+        streams_client.close()
+    assert refused.value.code is Code.RESOURCE_EXHAUSTED
+
+
+def test_a_stream_the_caller_closes_gives_its_slot_back(host):
+    client = host.launch(provider_process("svc"), name="p")
+    secret = {HOST_SECRET_HEADER: host_secret(host, client)}
+    streams_client = Client(client.url, ClientConfig(headers=secret))
+    kv = KVServiceClient(streams_client)
+    unary = KVServiceClient(Client(client.url, ClientConfig(timeout=5, headers=secret)))
+    cap = ServeConfig().http.max_streams
+    watches = [kv.watch(kv_pb2.WatchRequest(prefix="w")) for _ in range(cap)]
+
+    def admitted() -> bool:
+        with kv.watch(kv_pb2.WatchRequest(prefix="w")) as stream:
+            unary.put(kv_pb2.PutRequest(key="w", value=b"v"))
+            try:
+                return next(iter(stream)).key == "w"
+            except ConnectError as e:
+                assert e.code is Code.RESOURCE_EXHAUSTED
+                return False
+
+    try:
+        assert not admitted()
+        watches.pop().close()
+        wait_until(admitted, "the closed stream's slot to admit a new one")
+    finally:
+        for w in watches:
+            w.close()
+        streams_client.close()

@@ -20,16 +20,13 @@ from urllib.parse import urlsplit
 from werkzeug.utils import import_string
 
 from ..host.pluginhost import HostConfig, PluginHost
-from ..host.registry import RegistryConfig
 from ..rpc.httpserver import HTTPConfig
 from ..runtime.handshake import HandshakeConfig
 from ..runtime.launcher import ProcessStrategy, Strategy
 from ..runtime.plugin import Plugin
 from ..runtime.pluginclient import PluginClient
 
-EMBEDDED_HOST = HostConfig(
-    http=HTTPConfig(threads=4), registry=RegistryConfig(max_watchers=4), allow_self_registration=False
-)
+EMBEDDED_HOST = HostConfig(http=HTTPConfig(threads=4, max_streams=4), allow_self_registration=False)
 """The host of an application that names none: a small pool on a loopback port (8 threads
 with its watchers), since each serving process of the application runs one, accepting only
 the plugins it launched (a mounted host answers on the application's public port)."""

@@ -17,7 +17,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..gen.connectplugin.v1 import handshake_pb2, lifecycle_pb2, plugininfo_pb2
@@ -67,9 +67,10 @@ HealthListener = Callable[[str, HealthReport], None]
 class HostConfig:
     """How the host listens, picks providers, and starts and stops its plugins."""
 
-    http: HTTPConfig = field(default_factory=lambda: HTTPConfig(threads=16))
-    """Where the host listens. ``http.threads`` serve unary calls; the host adds
-    ``registry.max_watchers`` more on top, one per open watch."""
+    http: HTTPConfig = field(default_factory=lambda: HTTPConfig(threads=16, max_streams=32))
+    """Where the host listens. ``http.threads`` serve unary calls; ``http.max_streams`` caps the
+    streams open at once (service watches and routed streams together), each on a thread of
+    its own."""
     stop_grace: float = 5.0
     """Seconds a plugin gets to finish in-flight calls when it is stopped."""
     handle_signals: bool = False
@@ -337,10 +338,7 @@ class PluginHost:
         server = None
         try:
             if not mounted_url:
-                # Each open watch holds a thread for its whole life: size the pool so that
-                # the capped number of watchers can never starve unary calls.
-                http = replace(config.http, threads=config.http.threads + config.registry.max_watchers)
-                server = HTTPServer(self.app, http).start()
+                server = HTTPServer(self.app, config.http).start()
             with self._lock:
                 closed = self._closed
                 if not closed:

@@ -68,12 +68,10 @@ def version_key(version: str) -> tuple:
 
 @dataclass(frozen=True)
 class RegistryConfig:
-    """How the registry picks providers and how many watchers it serves."""
+    """How the registry picks providers and watches them."""
 
     strategy: str = "first"
     """How to pick among usable providers: first, round_robin, random or weighted."""
-    max_watchers: int = 32
-    """Open WatchService streams allowed at once; each holds a server thread."""
     max_watchers_per_type: int = 8
     """Open WatchService streams of one service type, so one type cannot take every watcher."""
     max_registrations_per_identity: int = 32
@@ -262,12 +260,6 @@ class Registry:
         poll = self.config.watch_check_interval
         events: queue.SimpleQueue[registry_pb2.WatchServiceEvent | None] = queue.SimpleQueue()
         with self._lock:
-            open_watchers = sum(len(w) for w in self._watchers.values())
-            if open_watchers >= self.config.max_watchers:
-                raise ConnectError(
-                    Code.RESOURCE_EXHAUSTED,
-                    f"too many service watchers (RegistryConfig.max_watchers, {self.config.max_watchers}); try again later",
-                )
             if len(self._watchers.get(service_type, ())) >= self.config.max_watchers_per_type:
                 raise ConnectError(
                     Code.RESOURCE_EXHAUSTED,

@@ -13,7 +13,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,10 @@ from OpenSSL import SSL
 from waitress.server import create_server
 from waitress.task import ThreadedTaskDispatcher
 
+from . import _protocol
 from . import tls as _tls
+from .errors import Code, ConnectError
+from .server import refusal
 
 log = logging.getLogger("connectplugin.httpserver")
 
@@ -38,7 +41,11 @@ class HTTPConfig:
     host: str = "127.0.0.1"
     port: int = 0
     threads: int = 8
-    """Worker threads: the number of calls (streams included) served at once."""
+    """Worker threads for unary calls, probes and everything else that is not a stream."""
+    max_streams: int = 8
+    """Streams (Connect streaming calls, routed ones included) served at once. Each holds a
+    worker thread of its own, on top of ``threads``, for its whole life, so open streams never
+    starve unary calls; one more is answered ``resource_exhausted`` at once."""
     connection_limit: int = 1000
     """Open connections allowed at once. Near the limit the connections that hold a slot
     without a call in progress (idle keep-alives, requests still arriving) are closed,
@@ -62,6 +69,11 @@ class HTTPConfig:
     """Seconds beyond the grace ``close()`` waits for the serving thread to release its sockets."""
     tls: _tls.TLSConfig | None = None
     """Serve HTTPS with this certificate (and, with its ``trust``, require client certificates)."""
+
+    @property
+    def workers(self) -> int:
+        """All worker threads: ``threads`` plus the ``max_streams`` reserved for streams."""
+        return self.threads + self.max_streams
 
 
 class HTTPServer:
@@ -95,8 +107,9 @@ class HTTPServer:
         if self._address is None:
             if self._stopping.is_set():
                 raise RuntimeError("this HTTPServer is closed")
-            server, address = _bind_waitress(self.app, self.config) if self.config.tls is None else _bind_cheroot(
-                self.app, self.config
+            app = _StreamSlots(self.app, self.config.max_streams)
+            server, address = _bind_waitress(app, self.config) if self.config.tls is None else _bind_cheroot(
+                app, self.config
             )
             with self._lock:
                 self._server, self._address = server, address
@@ -146,7 +159,7 @@ class HTTPServer:
     def _serve_waitress(self) -> None:
         srv = self._server
         cfg = self.config
-        srv.task_dispatcher.set_thread_count(cfg.threads)
+        srv.task_dispatcher.set_thread_count(cfg.workers)
         loop = srv.asyncore.loop
         sweeper = _Sweeper(srv, cfg)
         wait = min(srv.adj.asyncore_loop_timeout, cfg.sweep_interval)
@@ -304,7 +317,7 @@ def _bind_waitress(app: Callable[..., Any], cfg: HTTPConfig) -> tuple[Any, tuple
         app,
         host=cfg.host,
         port=cfg.port,
-        threads=cfg.threads,
+        threads=cfg.workers,
         connection_limit=cfg.connection_limit,
         channel_timeout=cfg.idle_timeout,
         # poll(), not select(): select cannot watch descriptors past 1023.
@@ -454,8 +467,8 @@ def _bind_cheroot(app: Callable[..., Any], cfg: HTTPConfig) -> tuple[Any, tuple[
     server = _CherootServer(
         (cfg.host, cfg.port),
         app,
-        numthreads=cfg.threads,
-        max=cfg.threads,
+        numthreads=cfg.workers,
+        max=cfg.workers,
         server_name="connectplugin",
         request_queue_size=cfg.connection_limit,
         # One timeout in cheroot: for each read of a request and for an idle keep-alive.
@@ -476,3 +489,64 @@ def _bind_cheroot(app: Callable[..., Any], cfg: HTTPConfig) -> tuple[Any, tuple[
     server.socket.listen(server.request_queue_size)
     host, port = server.bind_addr[:2]
     return server, (host, int(port))
+
+
+# --- streams ---------------------------------------------------------------------------------
+
+
+class _StreamSlots:
+    """A WSGI app admitting at most ``limit`` streams at once; one more is refused at once.
+
+    A stream holds its slot until the server closes its response iterable, which waitress
+    does on the worker thread that served it, however the stream ended. Safe from any
+    thread; ``_lock`` guards ``_open``.
+    """
+
+    def __init__(self, app: Callable[..., Any], limit: int) -> None:
+        self._app = app
+        self._limit = limit
+        self._open = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        content_type = environ.get("CONTENT_TYPE", "")
+        if not _protocol.is_streaming(content_type):
+            return self._app(environ, start_response)
+        with self._lock:
+            admitted = self._open < self._limit
+            if admitted:
+                self._open += 1
+        if not admitted:
+            error = ConnectError(Code.RESOURCE_EXHAUSTED, f"too many open streams ({self._limit}); try again later")
+            return refusal(start_response, content_type, error)
+        try:
+            body = self._app(environ, start_response)
+        except BaseException:
+            self._release()
+            raise
+        return _Admitted(body, self._release)
+
+    def _release(self) -> None:
+        with self._lock:
+            self._open -= 1
+
+
+class _Admitted:
+    """A stream's response iterable that gives its slot back when closed (once)."""
+
+    def __init__(self, body: Iterable[bytes], release: Callable[[], None]) -> None:
+        self._body = body
+        self._release: Callable[[], None] | None = release
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._body)
+
+    def close(self) -> None:
+        release, self._release = self._release, None
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            if release is not None:
+                release()
