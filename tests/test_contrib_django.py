@@ -4,6 +4,7 @@ runserver's autoreloader, and management commands that must launch nothing."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import sys
 import pytest
 
 from tests.helpers import ROOT, free_port, wait_until
-from tests.webapps import GUNICORN, KV_ENV, running
+from tests.webapps import GUNICORN, KV_ENV, descendants, is_kv_plugin, running
 
 SETTINGS = "tests.webapps.djangoproject.settings"
 DJANGO = [sys.executable, "-m", "django"]
@@ -111,39 +112,61 @@ def test_management_commands_launch_no_plugin(tmp_path, command):
     assert launches.read_text() == ""
 
 
-def test_plugins_list_names_each_plugin_its_service_and_command(tmp_path):
-    done = manage(tmp_path, "plugins", "list")
+# --- manage.py plugins (in this process: the command's own work needs no server) ------------
 
-    assert done.returncode == 0, done.stderr
-    name, service, command = done.stdout.strip().split("\t")
+
+@pytest.fixture(scope="module")
+def django_project():
+    """The test project's settings loaded in this process, for ``call_command``."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", SETTINGS)
+    import django
+
+    django.setup()
+
+
+def plugins_command(*args: str) -> str:
+    from django.core.management import call_command
+
+    out = io.StringIO()
+    call_command("plugins", *args, stdout=out)
+    return out.getvalue()
+
+
+def kv_plugins_running() -> set[int]:
+    return {pid for pid in descendants(os.getpid()) if is_kv_plugin(pid)}
+
+
+def test_plugins_list_names_each_plugin_its_service_and_command(django_project):
+    name, service, command = plugins_command("list").strip().split("\t")
+
     assert (name, service) == ("kv", "kv.v1.KVService") and command.endswith("-m tests.webapps.kv")
 
 
-def test_plugins_health_and_call_launch_the_plugin_then_stop_it(tmp_path):
-    launches = tmp_path / "launches"
-    launches.touch()
+def test_plugins_health_and_call_launch_the_plugin_then_stop_it(django_project):
+    health = plugins_command("health")
+    assert not kv_plugins_running()
+    call = plugins_command("call", "kv", "Get", '{"key": "nothing"}')
 
-    health = manage(tmp_path, "plugins", "health", launch_log=str(launches))
-    call = manage(
-        tmp_path, "plugins", "call", "kv", "Get", '{"key": "nothing"}', launch_log=str(launches)
-    )
-
-    assert health.returncode == 0, health.stderr
-    assert health.stdout.split() == ["kv", "SERVING", "HEALTHY"]
-    assert call.returncode == 0, call.stderr
-    assert json.loads(call.stdout) == {}  # not found: every field at its default
-    pids = [int(p) for p in launches.read_text().split()]
-    assert len(pids) == 2 and not [p for p in pids if running(p)]
+    assert health.split() == ["kv", "SERVING", "HEALTHY"]
+    assert json.loads(call) == {}  # not found: every field at its default
+    assert not kv_plugins_running()
 
 
 @pytest.mark.parametrize(
     "args",
-    [["Fetch", "{}"], ["Get", "{not json"], ["Get", '{"nokey": 1}']],
-    ids=["unknown-method", "bad-json", "unknown-field"],
+    [
+        ["kv", "Fetch", "{}"],
+        ["kv", "Get", "{not json"],
+        ["kv", "Get", '{"nokey": 1}'],
+        ["nope", "Get"],
+    ],
+    ids=["unknown-method", "bad-json", "unknown-field", "unknown-plugin"],
 )
-def test_plugins_call_refuses_a_bad_call_with_a_message_not_a_traceback(tmp_path, args):
-    done = manage(tmp_path, "plugins", "call", "kv", *args)
+def test_plugins_call_refuses_a_bad_call_with_a_command_error_before_launching(
+    django_project, args
+):
+    from django.core.management import CommandError
 
-    assert done.returncode == 1
-    assert "CommandError" in done.stderr or done.stderr.startswith("CommandError")
-    assert "Traceback" not in done.stderr
+    with pytest.raises(CommandError):
+        plugins_command("call", *args)
+    assert not kv_plugins_running()
