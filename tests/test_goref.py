@@ -9,16 +9,23 @@ from __future__ import annotations
 
 import sys
 
+import pytest
+
 from connectplugin import (
     Client,
     ClientConfig,
     ConnectError,
     Health,
     HostLink,
+    LaunchContext,
+    LaunchError,
+    LaunchFailure,
     PluginServer,
+    ProcessStrategy,
 )
 from connectplugin.gen.connectplugin.health.v1 import health_pb2
 from connectplugin.gen.connectplugin.health.v1.health_connect import HealthServiceClient
+from connectplugin.runtime.launcher import PORT_ENV
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KV_PLUGIN, KVServiceClient
 from samples.kv.store import KVStore
@@ -142,3 +149,47 @@ def test_the_go_launcher_starts_our_plugin_which_joins_the_go_host(go, tmp_path)
         link.close()
     launcher.stop()  # the Go launcher stops its plugin with SIGINT
     wait_until(lambda: not listening(port), "our plugin to exit with its launcher", timeout=10)
+
+
+def go_plugin_program(goref: str, tmp_path, *flags: str) -> str:
+    """A program written for the Go launcher: ``goref kv`` told its port and host by PORT and
+    HOST_URL (what a Go plugin's main reads), with ``flags`` added."""
+    program = tmp_path / "go-kv"
+    extra = " ".join(flags)
+    program.write_text(f'#!/bin/sh\nexec {goref} kv -addr "127.0.0.1:$PORT" -host-url "$HOST_URL" {extra}\n')
+    program.chmod(0o755)
+    return str(program)
+
+
+def test_our_port_env_launcher_starts_a_go_plugin_which_joins_the_go_host(go, goref, tmp_path):
+    host_url = go_host(go)
+    strategy = ProcessStrategy(
+        [go_plugin_program(goref, tmp_path)], env={"CONNECTPLUGIN_DISABLE_TLS_WARNING": "1"}, protocol=PORT_ENV
+    )
+    running = strategy.start(LaunchContext("kv", GO_HANDSHAKE, {"kv": KV_PLUGIN}, host_url))
+    try:
+        assert running.joins_by_itself
+        link = caller(host_url)
+        try:
+            endpoint = wait_until(lambda: _discovered(link, "kv"), "the Go plugin to join the Go host")
+            assert endpoint.metadata["base_url"] == running.url
+            kv = link.client("kv", KVServiceClient, timeout=5)
+            kv.put(kv_pb2.PutRequest(key="k", value=b"v"))
+            assert kv.get(kv_pb2.GetRequest(key="k")).value == b"v"
+        finally:
+            link.close()
+    finally:
+        running.stop(grace=5)
+    assert not running.alive()
+
+
+def test_a_port_env_plugin_that_never_listens_fails_its_launch_as_silent(tmp_path):
+    program = tmp_path / "deaf"
+    program.write_text("#!/bin/sh\nexec sleep 30\n")
+    program.chmod(0o755)
+    strategy = ProcessStrategy([str(program)], protocol=PORT_ENV, start_timeout=0.5)
+
+    with pytest.raises(LaunchError) as e:
+        strategy.start(LaunchContext("deaf", GO_HANDSHAKE, {"kv": KV_PLUGIN}, "http://127.0.0.1:9"))
+    assert e.value.reason is LaunchFailure.SILENT
+    assert "answer on port" in e.value.detail

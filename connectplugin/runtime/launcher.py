@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import collections
 import enum
+import http.client
 import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +34,8 @@ from .plugin import Plugin
 from .serving import (
     ENV_APP_VERSIONS,
     ENV_AUTO_MTLS,
+    ENV_GO_HOST_URL,
+    ENV_GO_PORT,
     ENV_HOST_URL,
     ENV_SECRET_ON_STDIN,
     ENV_WATCH_STDIN,
@@ -46,6 +51,15 @@ _STDERR_TAIL_LINES = 20
 """How many of a plugin's last stderr lines a LaunchError carries."""
 _PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "SYSTEMROOT", "PYTHONPATH", "VIRTUAL_ENV")
 """Host variables a plugin inherits; everything else must be given explicitly."""
+
+ADDRESS_LINE = "address-line"
+"""Our launch protocol: the cookie and the secret go in, one ``<core>|<app>|<url>`` line comes out."""
+PORT_ENV = "port-env"
+"""The Go reference's launch protocol: ``PORT`` and ``HOST_URL`` go in; the plugin is ready
+once the port accepts a connection and answers ``GET /``, and joins the host by itself."""
+PROTOCOLS = (ADDRESS_LINE, PORT_ENV)
+READY_GET_TIMEOUT = 1.0
+"""``PORT_ENV``: seconds the readiness ``GET /`` may take once the port accepts (Go's 1 s)."""
 
 
 class LaunchFailure(enum.Enum):
@@ -131,6 +145,9 @@ class Running(Protocol):
     tls: TLSConfig | None
     """How a client reaches ``url`` over automatic mTLS (our pair, its pinned certificate);
     None when it is not served over TLS."""
+    joins_by_itself: bool
+    """It joins the host on its own (the Go launch model): the host waits for its
+    registration instead of giving it an identity."""
 
     def alive(self) -> bool: ...
 
@@ -177,10 +194,24 @@ class ProcessStrategy:
     """Longest line, in bytes, read from the plugin's stdout or stderr. Before its address
     line a longer stdout line fails the launch (an address line is far shorter); output
     after it, and on stderr, is logged in pieces of at most this size, never held whole."""
+    protocol: str = ADDRESS_LINE
+    """How the plugin is told its settings and says it is ready: ``ADDRESS_LINE`` (ours) or
+    ``PORT_ENV`` (the Go reference's launcher: a plugin written for it joins the host by
+    itself, and ``PluginHost.launch`` waits for that registration)."""
+    port: int = 0
+    """``PORT_ENV`` only: the port the plugin is told to listen on; 0 picks a free one."""
+    ready_poll_interval: float = 0.1
+    """``PORT_ENV`` only: seconds between looks at the port (the Go launcher's 100 ms)."""
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, not {self.protocol!r}")
 
     def start(self, ctx: LaunchContext) -> Running:
         env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
         env.update(self.env)
+        if self.protocol == PORT_ENV:
+            return self._start_port_env(ctx, env)
         env.update(
             {
                 ctx.handshake_config.magic_cookie_key: ctx.handshake_config.magic_cookie_value,
@@ -197,8 +228,29 @@ class ProcessStrategy:
             if not ctx.host_secret:
                 raise ValueError("automatic mTLS hands the host's certificate over with the host secret")
             env[ENV_AUTO_MTLS] = "1"
+        proc = self._popen(ctx, env)
+        if ctx.host_secret:
+            lines = [ctx.host_secret]
+            if ctx.auto_mtls is not None:
+                lines.append(encode_certificate(ctx.auto_mtls.certificate))
+            _hand_over(proc, lines)
+        running = _Process(ctx, proc, self)
+        running.await_address()
+        return running
+
+    def _start_port_env(self, ctx: LaunchContext, env: dict[str, str]) -> Running:
+        # As the Go launcher does: no cookie and no secret (a Go plugin reads neither); our
+        # own plugins recognise this model by PORT and HOST_URL. Stdin is still our pipe.
+        port = self.port or _free_port()
+        env.update({ENV_GO_PORT: str(port), ENV_GO_HOST_URL: ctx.host_url, ENV_WATCH_STDIN: "1", "PYTHONUNBUFFERED": "1"})
+        proc = self._popen(ctx, env)
+        running = _Process(ctx, proc, self)
+        running.await_port(port)
+        return running
+
+    def _popen(self, ctx: LaunchContext, env: dict[str, str]) -> subprocess.Popen[bytes]:
         try:
-            proc = subprocess.Popen(
+            return subprocess.Popen(
                 list(self.command),
                 env=env,
                 cwd=self.cwd,
@@ -213,14 +265,31 @@ class ProcessStrategy:
             raise LaunchError(
                 ctx.name, LaunchFailure.NOT_EXECUTABLE, f"could not be executed ({' '.join(self.command)}): {e}"
             ) from None
-        if ctx.host_secret:
-            lines = [ctx.host_secret]
-            if ctx.auto_mtls is not None:
-                lines.append(encode_certificate(ctx.auto_mtls.certificate))
-            _hand_over(proc, lines)
-        running = _Process(ctx, proc, self)
-        running.await_address()
-        return running
+
+
+def _free_port() -> int:
+    """A loopback port nobody listens on now (the plugin is told to take it; a race with
+    another process is possible, as with the Go launcher's configured ports)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _answers(host: str, port: int, timeout: float) -> bool:
+    """Whether the port accepts a connection and then answers ``GET /`` with any status
+    (the Go launcher's readiness: even a 404 means the server is up)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+        conn = http.client.HTTPConnection(host, port, timeout=max(timeout, READY_GET_TIMEOUT))
+        try:
+            conn.request("GET", "/")
+            conn.getresponse().read(0)
+        finally:
+            conn.close()
+        return True
+    except (OSError, http.client.HTTPException):
+        return False
 
 
 def _hand_over(proc: subprocess.Popen[bytes], lines: Sequence[str]) -> None:
@@ -275,6 +344,8 @@ class _Process:
         self._launch_decided = threading.Event()  # _launched is final: the exit waiter may act
         self._exit_recorded = threading.Event()  # the exit has been recorded (on_exit run)
         self._stopping = False
+        self.joins_by_itself = strategy.protocol == PORT_ENV
+        self._port = 0
         _forks.track(self)
         self._readers = [
             threading.Thread(target=self._read_stdout, name=f"{ctx.name}-stdout", daemon=True),
@@ -284,14 +355,43 @@ class _Process:
     def await_address(self) -> None:
         """Start reading its output and watching for its exit; return once it has reported
         its address, or raise LaunchError (it exited, was refused, or stayed silent)."""
-        waiter = threading.Thread(target=self._await_exit, name=f"{self._ctx.name}-wait", daemon=True)
-        for t in [*self._readers, waiter]:
-            t.start()
+        self._watch()
         with self._reported_or_exited:
             self._reported_or_exited.wait_for(
                 lambda: bool(self.url or self._refused or self._overlong or self._reaped),
                 timeout=self._strategy.start_timeout,
             )
+        self._decide()
+
+    def await_port(self, port: int) -> None:
+        """``PORT_ENV``: return once the plugin answers on ``port`` (polled, as the Go launcher
+        does), or raise LaunchError (it exited or never answered)."""
+        self._port = port
+        self._watch()
+        deadline = time.monotonic() + self._strategy.start_timeout
+        interval = self._strategy.ready_poll_interval
+        while True:
+            with self._reported_or_exited:
+                if self._reaped:
+                    break
+            if _answers("127.0.0.1", port, interval):
+                with self._reported_or_exited:
+                    self.url = f"http://127.0.0.1:{port}"
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            with self._reported_or_exited:  # an exit ends the wait at once
+                self._reported_or_exited.wait_for(lambda: self._reaped, timeout=min(interval, remaining))
+        self._decide()
+
+    def _watch(self) -> None:
+        waiter = threading.Thread(target=self._await_exit, name=f"{self._ctx.name}-wait", daemon=True)
+        for t in [*self._readers, waiter]:
+            t.start()
+
+    def _decide(self) -> None:
+        with self._reported_or_exited:
             started = bool(self.url)
         if not started:
             self._fail()
@@ -310,7 +410,8 @@ class _Process:
         elif code is None:
             self._kill()
             reason = LaunchFailure.SILENT
-            detail = f"did not report its address within {self._strategy.start_timeout:g} s"
+            where = f"answer on port {self._port}" if self.joins_by_itself else "report its address"
+            detail = f"did not {where} within {self._strategy.start_timeout:g} s"
         else:
             for t in self._readers:  # its last words are in the pipes still
                 t.join(timeout=self._strategy.output_timeout)
@@ -322,7 +423,7 @@ class _Process:
     def _read_stdout(self) -> None:
         assert self._proc.stdout is not None
         for raw in _lines(self._proc.stdout, self._strategy.line_limit):
-            if not self.url:
+            if not self.url and not self.joins_by_itself:
                 if not raw.endswith(b"\n") and len(raw) == self._strategy.line_limit:
                     # Not an address line, and maybe endless: stop reading. The launch fails;
                     # a plugin still writing blocks on the full pipe until it is killed.
@@ -510,6 +611,7 @@ class InProcessStrategy:
 class _InProcess:
     pid: int | None = None
     tls: TLSConfig | None = None  # no socket: nothing to encrypt
+    joins_by_itself = False
 
     def __init__(self, ctx: LaunchContext, server: PluginServer) -> None:
         self._ctx = ctx
