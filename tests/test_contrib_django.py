@@ -12,7 +12,13 @@ import subprocess
 import sys
 
 import pytest
+import requests
 
+from connectplugin import Client, ClientConfig, Code, ConnectError
+from connectplugin.gen.connectplugin.v1 import lifecycle_pb2, registry_pb2
+from connectplugin.gen.connectplugin.v1.lifecycle_connect import PluginLifecycleClient
+from connectplugin.gen.connectplugin.v1.registry_connect import ServiceRegistryClient
+from connectplugin.rpc._transport import WSGIAdapter
 from tests.helpers import ROOT, free_port, wait_until
 from tests.webapps import GUNICORN, KV_ENV, descendants, is_kv_plugin, running
 
@@ -170,3 +176,61 @@ def test_plugins_call_refuses_a_bad_call_with_a_command_error_before_launching(
     with pytest.raises(CommandError):
         plugins_command("call", *args)
     assert not kv_plugins_running()
+
+
+# --- the host's endpoints through Django's own stack (in this process) -----------------------
+
+
+@pytest.fixture
+def through_django(django_project):
+    """A Connect client whose calls go through the project's WSGI application, middleware and
+    ``urls.py`` include, to this process's host (a requests adapter instead of a socket)."""
+    from django.core.wsgi import get_wsgi_application
+
+    from connectplugin.contrib import django as connectplugin
+
+    session = requests.Session()
+    session.mount("http://127.0.0.1", WSGIAdapter(get_wsgi_application()))
+    clients: list[Client] = []
+
+    def make(headers: dict[str, str] | None = None) -> Client:
+        client = Client(
+            "http://127.0.0.1/_plugins",
+            ClientConfig(timeout=5, headers=headers or {}),
+            session=session,
+        )
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+    connectplugin.plugins().close()
+
+
+def test_a_call_without_credentials_gets_the_hosts_connect_error_not_a_csrf_page(through_django):
+    lifecycle = PluginLifecycleClient(through_django())
+
+    with pytest.raises(ConnectError) as refused:
+        lifecycle.report_health(lifecycle_pb2.ReportHealthRequest())
+
+    assert refused.value.code is Code.UNAUTHENTICATED
+
+
+def test_a_server_stream_passes_through_the_include_message_by_message(through_django):
+    from connectplugin.contrib import django as connectplugin
+
+    caller = connectplugin.host().identities.issue("test-caller", "1.0.0")
+    credentials = {
+        "X-Plugin-Runtime-ID": caller.runtime_id,
+        "Authorization": f"Bearer {caller.token}",
+    }
+    registry = ServiceRegistryClient(through_django(credentials))
+
+    stream = registry.watch_service(registry_pb2.WatchServiceRequest(service_type="kv"))
+    try:
+        first = next(iter(stream))  # the current state, while the stream stays open
+    finally:
+        stream.close()
+
+    assert first.service_type == "kv"

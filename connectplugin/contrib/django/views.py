@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from django.http import HttpRequest, StreamingHttpResponse
@@ -21,28 +21,43 @@ def host_endpoint(request: HttpRequest, path: str) -> StreamingHttpResponse:
     # Django reads the body lazily through the request; nothing has read it for this view.
     environ["wsgi.input"] = request
     started: list[Any] = []
+    written: list[bytes] = []  # what the app passed to WSGI's write(), sent before its next chunk
 
-    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
         started[:] = [status, headers]
+        return written.append
 
-    body: Iterable[bytes] = plugins().host().app(environ, start_response)
+    chunks = _relay(plugins().host().app(environ, start_response), written)
+    first = b""
     if not started:  # a WSGI app may start its response on the first chunk (streams do)
-        iterator = iter(body)
-        first = next(iterator, b"")
-        body = _chain(first, iterator, body)
+        first = next(chunks, b"")
     status, headers = started
     code, _, reason = status.partition(" ")
-    response = StreamingHttpResponse(body, status=int(code), reason=reason or None)
+    response = StreamingHttpResponse(_prepend(first, chunks), status=int(code), reason=reason or None)
     for name, value in headers:
         response[name] = value
     return response
 
 
-def _chain(first: bytes, rest: Any, original: Iterable[bytes]) -> Iterable[bytes]:
+def _relay(body: Iterable[bytes], written: list[bytes]) -> Iterator[bytes]:
     try:
-        yield first
-        yield from rest
+        for chunk in body:
+            if written:
+                yield b"".join(written)
+                written.clear()
+            yield chunk
+        if written:
+            yield b"".join(written)
     finally:
-        close = getattr(original, "close", None)
+        close = getattr(body, "close", None)
         if close is not None:
             close()
+
+
+def _prepend(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
+    try:
+        if first:
+            yield first
+        yield from rest
+    finally:
+        rest.close()  # type: ignore[attr-defined]
