@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from bench import client, codec, launch, report, router
+from bench import client, codec, launch, report, router, tls
 from bench.settings import Settings
 
 SECTIONS: dict[str, tuple[Callable[[Settings], bool], str]] = {
@@ -22,6 +22,7 @@ SECTIONS: dict[str, tuple[Callable[[Settings], bool], str]] = {
     "client": (client.run, "sequential client latency: raw http.client vs requests vs ours"),
     "launch": (launch.run, "plugin launch time vs a bare interpreter; 10 plugins at once"),
     "router": (router.run, "plugin-to-plugin Get through the host's router vs direct"),
+    "tls": (tls.run, "unary Get plaintext vs mTLS (keep-alive); launch with and without auto-mTLS"),
 }
 
 
