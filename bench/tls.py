@@ -48,13 +48,14 @@ TARGET = 0.8
 def run(settings: Settings) -> bool:
     report.title("TLS: unary Get, plaintext vs mTLS with keep-alive; launch with and without auto-mTLS")
     server_cpu, client_cpu = placement(settings.pin_cpus)
+    pinning = f"server CPU {server_cpu}, clients CPU {client_cpu}" if server_cpu is not None else "none"
     print(
         f"server  : connectplugin.App (fixed KV) in its own process, HTTPServer threads={settings.server_threads};\n"
         "          plain = waitress; mtls = cheroot + pyOpenSSL, P-256 certificates from a dev CA,\n"
         "          client certificate required\n"
         f"load    : {CLIENTS} client threads in this process, each its own connectplugin.Client"
         f" (keep-alive), {ROUNDS} x {ROUND_SECONDS:g} s rounds per server, interleaved\n"
-        f"pinning : {'server CPU %s, clients CPU %s' % (server_cpu, client_cpu) if server_cpu is not None else 'none'}"
+        f"pinning : {pinning}"
     )
     report.load_warning()
     pki = tls.make_dev_pki(["bench"])
