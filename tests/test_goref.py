@@ -26,10 +26,11 @@ from connectplugin import (
 from connectplugin.gen.connectplugin.health.v1 import health_pb2
 from connectplugin.gen.connectplugin.health.v1.health_connect import HealthServiceClient
 from connectplugin.runtime.launcher import PORT_ENV
+from connectplugin.runtime.serving import ENV_ALLOW_UNAUTHENTICATED, ENV_HOST_URL
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KV_PLUGIN, KVServiceClient
 from samples.kv.store import KVStore
-from tests.helpers import GO_HANDSHAKE, Reader, free_port, http_ok, listening, wait_until
+from tests.helpers import GO_HANDSHAKE, GoProcess, Reader, free_port, http_ok, listening, wait_until
 
 GO_KV = "tests.platform_plugins.go_kv"
 """Our sample KV store as a plugin under the Go reference's magic cookie."""
@@ -123,6 +124,38 @@ def _discovered(link: HostLink, service_type: str):
         return link.discover(service_type).endpoint
     except ConnectError:
         return None
+
+
+def test_the_go_platform_adds_our_running_plugin_which_registers_and_reports_health(go):
+    addr, host_url = go_address()
+    # Started by hand for a Go platform: the cookie, the host's URL (the Go Platform sends
+    # none with the identity), and no host secret, since a Go host presents none.
+    plugin = GoProcess(
+        [sys.executable, "-m", GO_KV],
+        {
+            GO_HANDSHAKE.magic_cookie_key: GO_HANDSHAKE.magic_cookie_value,
+            ENV_HOST_URL: host_url,
+            ENV_ALLOW_UNAUTHENTICATED: "1",
+        },
+    )
+    try:
+        plugin_url = plugin.line("1|1|")
+        # GetPluginInfo, SetRuntimeIdentity, then it waits for our HEALTHY report.
+        added = go("platform", "-plugin", plugin_url, "-addr", addr).line("ADDED", timeout=40)
+        runtime_id, path = added.strip("[]").split()
+        assert runtime_id.startswith("py-kv-") and path == KV_PLUGIN.service_path
+        link = caller(host_url)
+        try:
+            endpoint = wait_until(lambda: _discovered(link, "kv"), "our plugin's registration")
+            assert endpoint.provider_id == runtime_id
+            kv = link.client("kv", KVServiceClient, timeout=5)
+            kv.put(kv_pb2.PutRequest(key="model", value=b"A"))
+            assert kv.get(kv_pb2.GetRequest(key="model")).value == b"A"
+        finally:
+            link.close()
+        assert check(plugin_url, "kv") == SERVING
+    finally:
+        plugin.stop()
 
 
 # --- launch models -----------------------------------------------------------------------------

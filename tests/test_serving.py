@@ -11,6 +11,7 @@ from connectplugin import (
     ClientConfig,
     Code,
     ConnectError,
+    PluginServer,
     ServeConfig,
     ServingStatus,
 )
@@ -19,7 +20,9 @@ from connectplugin.gen.connectplugin.v1.plugininfo_connect import PluginIdentity
 from connectplugin.runtime.credentials import HOST_SECRET_HEADER
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KVServiceClient
+from samples.platform import HANDSHAKE
 from tests.helpers import host_secret, provider_ids, provider_process, wait_until
+from tests.platform_plugins.provider import PLUGINS, Recorder
 
 # --- runtime identity -------------------------------------------------------------------------
 
@@ -36,6 +39,20 @@ def test_a_plugin_refuses_a_second_runtime_identity_without_its_current_token(ho
 
     assert e.value.code is Code.PERMISSION_DENIED
     assert provider_ids(host, "svc") == [host.runtime_id(client)]
+
+
+def test_a_runtime_identity_with_no_host_url_for_a_plugin_that_knows_none_is_refused(serve):
+    # What the Go reference's Platform sends: its plugins are told the host URL at start.
+    server = PluginServer(PLUGINS, {"kv": Recorder("p")}, HANDSHAKE, ServeConfig(allow_unauthenticated=True))
+    url = serve(server.wsgi).url
+    request = plugininfo_pb2.SetRuntimeIdentityRequest(runtime_id="p-1", runtime_token="t" * 32)
+
+    with Client(url, ClientConfig(timeout=5)) as client, pytest.raises(ConnectError) as e:
+        PluginIdentityClient(client).set_runtime_identity(request)
+
+    assert e.value.code is Code.FAILED_PRECONDITION
+    assert not server.link.connected
+    server.link.close()
 
 
 # --- streams and threads ----------------------------------------------------------------------

@@ -141,6 +141,11 @@ class _IdentityService(PluginIdentityHandler):
             raise ConnectError(Code.FAILED_PRECONDITION, "this plugin joins its host by itself")
         if not request.runtime_id or not request.runtime_token:
             raise ConnectError(Code.INVALID_ARGUMENT, "runtime_id and runtime_token are required")
+        if not request.host_url and not self._link.host_url:
+            # The Go reference's Platform sends no host_url: its plugins are told it at start.
+            raise ConnectError(
+                Code.FAILED_PRECONDITION, f"no host_url given, and this plugin was started without {ENV_HOST_URL}"
+            )
         # Only the first assignment is free; changing it takes the identity being replaced.
         if self._link.connected and not self._link.is_current(ctx.request_headers.get("authorization", "")):
             raise ConnectError(Code.PERMISSION_DENIED, "this plugin already has a runtime identity")
