@@ -4,9 +4,13 @@ from .host.platform import DependencyError, Platform, PluginSpec
 from .host.pluginhost import HostConfig, PluginHost
 from .host.ratelimit import Rate
 from .host.registry import RegistryConfig
+from .host.router import RouterConfig
 from .rpc import (
     App,
+    BreakerConfig,
+    BreakerState,
     Call,
+    CircuitBreaker,
     Client,
     ClientConfig,
     Code,
@@ -20,6 +24,8 @@ from .rpc import (
     KeyPair,
     Method,
     ResponseMetadata,
+    Retry,
+    RetryConfig,
     ServerConfig,
     ServerStream,
     Service,
@@ -46,7 +52,10 @@ from .runtime.serving import PluginServer, ServeConfig, serve
 
 __all__ = [
     "App",
+    "BreakerConfig",
+    "BreakerState",
     "Call",
+    "CircuitBreaker",
     "Client",
     "ClientConfig",
     "Code",
@@ -84,6 +93,9 @@ __all__ = [
     "RegistryConfig",
     "Requirement",
     "ResponseMetadata",
+    "Retry",
+    "RetryConfig",
+    "RouterConfig",
     "Running",
     "ServeConfig",
     "ServerConfig",

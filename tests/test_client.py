@@ -26,6 +26,7 @@ from connectplugin import (
     ResponseMetadata,
     ServerStream,
 )
+from connectplugin.rpc.client import DEFAULT_TIMEOUT
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KVServiceClient
 from tests.helpers import BOTH_SERVERS, wait_until
@@ -238,9 +239,33 @@ def test_per_call_timeout_overrides_the_default(connect, url, kv):
     assert kv.last.headers["connect-timeout-ms"] == "4000"
 
 
-def test_no_timeout_sends_no_header(kv_client, kv):
+def test_every_unary_call_has_a_deadline_by_default(kv_client, kv):
     kv_client.get(kv_pb2.GetRequest(key="a"))
 
+    assert kv.last.headers["connect-timeout-ms"] == str(int(DEFAULT_TIMEOUT * 1000))
+
+
+def test_no_timeout_sends_no_header(connect, url, kv):
+    connect(url, timeout=None).get(kv_pb2.GetRequest(key="a"))
+
+    assert "connect-timeout-ms" not in kv.last.headers
+
+
+def test_streams_have_no_deadline_by_default(kv_client, kv):
+    kv.script("watch", lambda request, ctx: iter(events(1)))
+
+    drain(kv_client.watch(kv_pb2.WatchRequest()))
+
+    assert "connect-timeout-ms" not in kv.last.headers
+
+
+def test_stream_timeout_is_the_default_of_streams_only(connect, url, kv):
+    kv.script("watch", lambda request, ctx: iter(events(1)))
+    client = connect(url, timeout=None, stream_timeout=2.5)
+
+    drain(client.watch(kv_pb2.WatchRequest()))
+    assert kv.last.headers["connect-timeout-ms"] == "2500"
+    client.get(kv_pb2.GetRequest(key="a"))
     assert "connect-timeout-ms" not in kv.last.headers
 
 

@@ -10,7 +10,15 @@ import pytest
 import requests
 
 import connectplugin
-from connectplugin import Client, ClientConfig, Code, ConnectError
+from connectplugin import (
+    BreakerConfig,
+    BreakerState,
+    Client,
+    ClientConfig,
+    Code,
+    ConnectError,
+    RouterConfig,
+)
 from connectplugin.gen.connectplugin.v1 import lifecycle_pb2
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KVServiceClient
@@ -19,6 +27,7 @@ from tests.helpers import (
     STATE,
     UNAVAILABLE,
     UNHEALTHY,
+    Clock,
     Reader,
     in_process,
     provider_ids,
@@ -239,3 +248,63 @@ def test_routing_to_an_unhealthy_provider_is_unavailable(world):
         with pytest.raises(ConnectError) as e:
             KVServiceClient(c).get(kv_pb2.GetRequest(key="whoami"))
     assert e.value.code is Code.UNAVAILABLE
+
+
+# --- deadlines and circuit breakers -------------------------------------------------------------
+
+
+def test_routed_call_without_a_deadline_ends_at_the_routers_unary_timeout(make_host, peer):
+    host = make_host(router=RouterConfig(unary_timeout=0.3))
+    provider = peer(host, "p", provides=("svc",))
+    provider.register("svc")
+    caller = peer(host, "caller")
+    endpoint = caller.discover("svc")
+    patient = KVServiceClient(caller.client(caller.host_url + endpoint.endpoint_url, timeout=None))
+
+    with pytest.raises(ConnectError) as e:
+        patient.get(kv_pb2.GetRequest(key="sleep/1"))
+
+    assert e.value.code is Code.DEADLINE_EXCEEDED
+    assert caller.discover("svc").provider_id == provider.runtime_id  # slow is not gone
+
+
+def test_router_breaker_opens_per_provider_fails_fast_and_closes_after_probes(make_host, peer):
+    clock = Clock()
+    breakers = BreakerConfig(failure_threshold=2, reset_timeout=10, success_threshold=2, clock=clock)
+    host = make_host(router=RouterConfig(breaker=breakers))
+    failing, healthy = peer(host, "p", provides=("svc",)), peer(host, "q", provides=("svc",))
+    failing.register("svc")
+    healthy.register("svc")
+    caller = peer(host, "caller")
+    to_failing, to_healthy = (
+        caller.kv(host.registry.endpoint(host.registry.provider(p.runtime_id, "svc"))) for p in (failing, healthy)
+    )
+    for _ in range(2):
+        with pytest.raises(ConnectError):
+            to_failing.get(kv_pb2.GetRequest(key="fail/unavailable"))
+
+    with pytest.raises(ConnectError) as e:
+        to_failing.get(kv_pb2.GetRequest(key="k"))
+
+    assert e.value.code is Code.UNAVAILABLE
+    assert f"circuit breaker open for provider {failing.runtime_id}" in e.value.message
+    assert to_healthy.get(kv_pb2.GetRequest(key="whoami")).value == b"q"  # its own breaker
+    assert failing.runtime_id in provider_ids(host, "svc")  # open, not withdrawn
+    clock.advance(10)
+    for _ in range(2):
+        to_failing.get(kv_pb2.GetRequest(key="k"))
+    assert host.router.breaker(failing.runtime_id).state is BreakerState.CLOSED
+
+
+def test_a_providers_answers_to_bad_calls_do_not_open_its_breaker(make_host, peer):
+    host = make_host(router=RouterConfig(breaker=BreakerConfig(failure_threshold=2)))
+    provider = peer(host, "p", provides=("svc",))
+    provider.register("svc")
+    caller = peer(host, "caller")
+    kv = caller.kv(caller.discover("svc"))
+    for _ in range(3):
+        with pytest.raises(ConnectError):
+            kv.get(kv_pb2.GetRequest(key="fail/not_found"))
+
+    assert kv.get(kv_pb2.GetRequest(key="whoami")).value == b"p"
+    assert host.router.breaker(provider.runtime_id).state is BreakerState.CLOSED

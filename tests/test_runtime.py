@@ -29,6 +29,7 @@ from werkzeug.test import EnvironBuilder
 
 from connectplugin import (
     App,
+    Call,
     Client,
     ClientConfig,
     Code,
@@ -179,13 +180,14 @@ def credentials(runtime_id: str, token: str) -> dict[str, str]:
 
 @pytest.fixture
 def make_host() -> Iterator[Callable[..., PluginHost]]:
-    """``make_host(versions=(1,))``: a host offering those app versions, closed after the test."""
+    """``make_host(versions=(1,), **HostConfig fields)``: a host offering those app versions,
+    closed after the test."""
     hosts: list[PluginHost] = []
 
-    def make(versions: tuple[int, ...] = (1,), stop_grace: float = 1.0) -> PluginHost:
+    def make(versions: tuple[int, ...] = (1,), stop_grace: float = 1.0, **fields: Any) -> PluginHost:
         handshake = dataclasses.replace(HANDSHAKE, app_protocol_versions=versions)
         host = PluginHost(
-            handshake, PLUGINS, HostConfig(stop_grace=stop_grace, handle_signals=False)
+            handshake, PLUGINS, HostConfig(stop_grace=stop_grace, handle_signals=False, **fields)
         ).start()
         hosts.append(host)
         return host
@@ -245,6 +247,44 @@ def test_handshake_agrees_on_core_1_and_lists_the_served_plugin(launched):
 def test_dispense_returns_the_typed_client(launched):
     assert isinstance(launched.dispense("kv"), KVServiceClient)
     assert launched.dispense("kv") is launched.dispense("kv")
+
+
+def test_dispense_with_a_config_or_interceptors_gives_a_new_client_with_them(launched):
+    seen: list[float | None] = []
+
+    def record(call: Call, proceed: Callable[[Call], Any]) -> Any:
+        seen.append(call.timeout)
+        return proceed(call)
+
+    kv = launched.dispense("kv", config=ClientConfig(timeout=2.5), interceptors=[record])
+    kv.put(kv_pb2.PutRequest(key="k", value=b"v"))  # the host's secret went with it
+
+    assert kv is not launched.dispense("kv")
+    assert seen == [2.5]
+    assert launched.dispense("kv").get(kv_pb2.GetRequest(key="k")).value == b"v"  # one plugin
+    assert seen == [2.5]
+
+
+def test_dispensed_clients_of_a_stopped_plugin_say_it_is_not_running(host, launched):
+    tuned = launched.dispense("kv", config=ClientConfig(timeout=2.5))
+    host.stop(launched, grace=0.5)
+
+    with pytest.raises(ConnectError) as info:
+        tuned.get(kv_pb2.GetRequest(key="k"))
+
+    assert info.value.code is Code.UNAVAILABLE
+    assert "not running" in info.value.message
+
+
+def test_a_call_to_a_hung_plugin_ends_at_the_default_deadline(make_host):
+    # The host's default for dispensed clients, shortened; out of the box it is DEFAULT_TIMEOUT.
+    host = make_host(client=PluginClientConfig(rpc=ClientConfig(timeout=0.5)))
+    plugin = host.launch(script("kv_plugin.py"), name="kv")
+
+    with pytest.raises(ConnectError) as info:
+        plugin.dispense("kv").get(kv_pb2.GetRequest(key="sleep/2"))
+
+    assert info.value.code is Code.DEADLINE_EXCEEDED
 
 
 def test_dispense_of_a_name_the_host_does_not_know_is_a_key_error(launched):

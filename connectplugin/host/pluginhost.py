@@ -17,7 +17,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..gen.connectplugin.v1 import handshake_pb2, lifecycle_pb2, plugininfo_pb2
@@ -47,7 +47,7 @@ from .identities import Identities, Identity
 from .ratelimit import Rate, RateLimiter
 from .registry import Provider, Registry, RegistryConfig, RegistryService
 from .router import ROUTE as ROUTER_ROUTE
-from .router import Router
+from .router import Router, RouterConfig
 
 log = logging.getLogger("connectplugin.host")
 
@@ -78,6 +78,11 @@ class HostConfig:
     atexit hook stop every plugin (earlier handlers still run). For entry points only: an
     application that owns its signals (a web framework, say) leaves it off."""
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    """How routed calls reach providers: the deadline of calls without one, circuit breakers."""
+    client: PluginClientConfig = field(default_factory=PluginClientConfig)
+    """How the host calls the plugins it launches: ``client.rpc`` holds the default deadline
+    (``ClientConfig.timeout``) and interceptors of every client ``dispense()`` hands out."""
     grant_ttl: float = DEFAULT_TTL
     """Lifetime of capability grants, in seconds."""
     grant_clock: Callable[[], float] = time.monotonic
@@ -266,7 +271,7 @@ class PluginHost:
         self.handshake_rate = RateLimiter(config.handshake_rate, "HostConfig.handshake_rate", config.max_rate_keys)
         self.registration_rate = RateLimiter(config.registration_rate, "HostConfig.registration_rate", config.max_rate_keys)
         self.grant_rate = RateLimiter(config.grant_rate, "HostConfig.grant_rate", config.max_rate_keys)
-        self.router = Router(self.registry, self.identities)
+        self.router = Router(self.registry, self.identities, config.router)
         self._roster = Roster()
         self._lock = threading.Lock()
         self._launched: list[tuple[PluginClient, Identity]] = []
@@ -396,7 +401,7 @@ class PluginHost:
             running.url,
             self.plugins,
             self.handshake_config,
-            config=PluginClientConfig(rpc=ClientConfig(tls=running_tls)) if running_tls else None,
+            config=self._client_config(running_tls),
             session=None if running_tls else running.session,
             running=running,
             name=name,
@@ -432,6 +437,11 @@ class PluginHost:
             raise
         log.info("launched %s (pid %s) at %s as %s", name, running.pid, running.url, identity.runtime_id)
         return client
+
+    def _client_config(self, running_tls: tls.TLSConfig | None) -> PluginClientConfig:
+        """``HostConfig.client``, speaking TLS to a plugin that serves it (auto mTLS)."""
+        config = self.config.client
+        return replace(config, rpc=replace(config.rpc, tls=running_tls)) if running_tls else config
 
     def _await_registration(self, runtime_id: str, service_types: list[str]) -> None:
         """Wait until the plugin has registered what it declared (so dependents can start)."""

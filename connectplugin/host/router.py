@@ -12,13 +12,16 @@ import io
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
 from ..rpc import _protocol
 from ..rpc._metadata import environ_key
 from ..rpc._transport import ConnectionPool, Response, TransportError, TransportTimeout
+from ..rpc.client import DEFAULT_TIMEOUT
 from ..rpc.errors import Code, ConnectError
+from ..rpc.resilience import BreakerConfig, CircuitBreaker
 from ..rpc.server import error_response, read_body, refusal, unsupported_media
 from ..rpc.tls import TLSConfig
 from ..runtime.credentials import CALLER_HEADER, HOST_SECRET_HEADER, RUNTIME_ID_HEADER
@@ -37,8 +40,6 @@ _VERSION = environ_key(_protocol.VERSION_HEADER)
 _UNARY_ENCODING = environ_key(_protocol.UNARY_ENCODING_HEADER)
 _STREAM_ENCODING = environ_key(_protocol.STREAM_ENCODING_HEADER)
 
-CONNECT_TIMEOUT = 5.0
-"""Longest the host waits to open a connection to a provider, in seconds."""
 RELAY_CHUNK = 65536
 """Most bytes passed on at once; a response is relayed as it arrives, never whole."""
 
@@ -61,24 +62,47 @@ _DROP = {
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade"}
 
 
+@dataclass(frozen=True)
+class RouterConfig:
+    """How the host relays routed calls to providers."""
+
+    unary_timeout: float | None = DEFAULT_TIMEOUT
+    """Longest a routed unary call that carries no deadline may wait on its provider, in
+    seconds: the clients' own default deadline. None: as long as the provider takes."""
+    deadline_margin: float = 1.0
+    """Seconds the host waits past a caller's deadline, so the provider's own answer
+    (deadline_exceeded included) gets through rather than the host's."""
+    connect_timeout: float = 5.0
+    """Longest the host waits to open a connection to a provider, in seconds."""
+    pool_size: int = 32
+    """Idle keep-alive connections kept per provider address."""
+    breaker: BreakerConfig | None = field(default_factory=BreakerConfig)
+    """The circuit breaker each (networked) provider gets: while open, calls to it fail at once
+    with ``unavailable``. None: no breakers."""
+
+
 class Router:
     """A WSGI app proxying routed calls to providers. Safe from any thread."""
 
     def __init__(
-        self, registry: Registry, identities: Identities, pool_size: int = 32,
+        self, registry: Registry, identities: Identities, config: RouterConfig | None = None,
         read_limit: int = _protocol.DEFAULT_READ_LIMIT,
     ) -> None:
         self._registry = registry
         self._identities = identities
+        self.config = config = config or RouterConfig()
         self.read_limit = read_limit
         """Largest request body relayed, in bytes (envelope header aside); larger is resource_exhausted."""
         # Keep-alive connections, one pool per provider address, shared by all calls.
-        self._pool_size = pool_size
         self._pools: dict[tuple[str, TLSConfig | None], ConnectionPool] = {}
         self._pools_lock = threading.Lock()
-        self._lock = threading.Lock()  # guards _local and _aliases
+        self._lock = threading.Lock()  # guards _local, _aliases and _breakers
         self._local: dict[str, Callable[..., Iterable[bytes]]] = {}
         self._aliases: dict[str, str] = {}
+        self._breakers: dict[str, CircuitBreaker] = {}
+        # A unary error answer with one of these statuses is the provider failing.
+        failures = config.breaker.failures if config.breaker else frozenset()
+        self._failure_statuses = frozenset(code.http_status for code in failures)
 
     def attach_local(self, provider_id: str, app: Callable[..., Iterable[bytes]]) -> None:
         """Route to an in-process plugin by calling its WSGI app directly."""
@@ -124,7 +148,7 @@ class Router:
             caller = self._identities.verify(_headers(environ))
             if environ["REQUEST_METHOD"] == "POST" and not _protocol.codec_for(content_type, types):
                 return unsupported_media(start_response, types)
-            timeout = _check_headers(environ, streaming)
+            timeout = self._upstream_timeout(_check_headers(environ, streaming), streaming)
             body = read_body(environ, self.read_limit, _protocol.ENVELOPE_HEADER_SIZE if streaming else 0)
             headers = {
                 key[5:].replace("_", "-").title(): value
@@ -152,7 +176,7 @@ class Router:
                 pool = self._pool_for(provider.base_url, identity.tls)
                 headers[HOST_SECRET_HEADER] = identity.host_secret
                 try:
-                    upstream = pool.send(environ["REQUEST_METHOD"], target, headers, body, CONNECT_TIMEOUT, timeout)
+                    upstream = self._send(provider.provider_id, pool, environ["REQUEST_METHOD"], target, headers, body, timeout)
                     break
                 except TransportTimeout:
                     # Slow is not gone: the provider stays, the caller's time is up.
@@ -178,6 +202,45 @@ class Router:
         out_headers = [(k, v) for k, v in upstream.header_items() if k.lower() not in _HOP_BY_HOP]
         start_response(f"{upstream.status} {upstream.reason or ''}".strip(), out_headers)
         return self._relay(upstream, provider.provider_id)
+
+    def _send(
+        self, provider_id: str, pool: ConnectionPool, method: str, target: str, headers: dict[str, str],
+        body: bytes, timeout: float | None,
+    ) -> Response:
+        """Forward a call through the provider's circuit breaker, which hears how it went."""
+        breaker = self.breaker(provider_id)
+        ticket = breaker.admit() if breaker else 0
+        failed = True
+        try:
+            upstream = pool.send(method, target, headers, body, self.config.connect_timeout, timeout)
+            failed = upstream.status in self._failure_statuses
+            return upstream
+        finally:
+            if breaker:
+                breaker.record(ticket, failed)
+
+    def breaker(self, provider_id: str) -> CircuitBreaker | None:
+        """The circuit breaker of a networked provider (made on first use), None without breakers."""
+        if self.config.breaker is None:
+            return None
+        with self._lock:
+            breaker = self._breakers.get(provider_id)
+            if breaker is not None:
+                return breaker
+            stale = set(self._breakers)
+        # Forget the breakers of providers gone for good, so restarts do not pile them up.
+        stale -= {p.provider_id for p in self._registry.providers()}
+        with self._lock:
+            for gone in stale:
+                self._breakers.pop(gone, None)
+            return self._breakers.setdefault(provider_id, CircuitBreaker(self.config.breaker, name=f"provider {provider_id}"))
+
+    def _upstream_timeout(self, caller_timeout: float | None, streaming: bool) -> float | None:
+        """How long the host waits on the provider: the caller's deadline plus a margin;
+        without one a unary call is still capped, a stream may stay quiet indefinitely."""
+        if caller_timeout is not None:
+            return caller_timeout + self.config.deadline_margin
+        return None if streaming else self.config.unary_timeout
 
     def _relay(self, upstream: Response, provider_id: str) -> Iterator[bytes]:
         """Pass the body on as it arrives; a stream that breaks mid-way marks its provider."""
@@ -236,7 +299,7 @@ class Router:
         key = (base_url, tls)
         pool = self._pools.get(key)
         if pool is None:
-            fresh = ConnectionPool(base_url, self._pool_size, tls)  # loads our key: not under the lock
+            fresh = ConnectionPool(base_url, self.config.pool_size, tls)  # loads our key: not under the lock
             with self._pools_lock:
                 pool = self._pools.setdefault(key, fresh)
         return pool
@@ -248,25 +311,16 @@ class Router:
             pool.close()
 
 
-_UNARY_CAP = 300.0
-"""Longest a unary call without its own timeout may hold a host thread, in seconds."""
-_MARGIN = 1.0
-"""Seconds the host waits past a caller's deadline, so the provider's own answer gets through."""
-
-
 def _check_headers(environ: dict, streaming: bool) -> float | None:
     """Check the Connect headers the way the provider's server will, so a bad call stops here.
 
-    Returns how long the host waits on the provider: the caller's deadline plus a margin;
-    without a deadline a unary call is still capped, a stream may stay quiet indefinitely.
+    Returns the caller's timeout in seconds, None when it gave none.
     """
     if environ["REQUEST_METHOD"] == "POST":
         _protocol.check_version(environ.get(_VERSION))
         _protocol.check_encoding(environ.get(_STREAM_ENCODING if streaming else _UNARY_ENCODING))
     timeout_ms = environ.get(_TIMEOUT)
-    if timeout_ms is not None:
-        return _protocol.parse_timeout_ms(timeout_ms) + _MARGIN
-    return None if streaming else _UNARY_CAP
+    return None if timeout_ms is None else _protocol.parse_timeout_ms(timeout_ms)
 
 
 def _headers(environ: dict) -> dict[str, str]:

@@ -6,15 +6,19 @@ It knows nothing of plugins. Generated code imports its public names from here.
 from .client import Call, Client, ClientConfig, Interceptor, ResponseMetadata, ServerStream
 from .errors import Code, ConnectError, ErrorDetail
 from .httpserver import HTTPConfig, HTTPServer
+from .resilience import BreakerConfig, BreakerState, CircuitBreaker, Retry, RetryConfig
 from .server import App, Context, ServerConfig
 from .service import Method, Service
 from .tls import DevPKI, KeyPair, TLSConfig, Trust, make_dev_pki
 
 __all__ = [
     "App",
+    "BreakerConfig",
+    "BreakerState",
     "DevPKI",
     "KeyPair",
     "Call",
+    "CircuitBreaker",
     "Client",
     "ClientConfig",
     "Code",
@@ -26,6 +30,8 @@ __all__ = [
     "Interceptor",
     "Method",
     "ResponseMetadata",
+    "Retry",
+    "RetryConfig",
     "ServerConfig",
     "ServerStream",
     "Service",

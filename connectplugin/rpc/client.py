@@ -7,10 +7,11 @@ in-process adapter can stand in for the network without changing anything above 
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
 import requests
@@ -51,6 +52,11 @@ by changing ``call.headers``; retry by calling ``proceed`` again; fail by raisin
 """
 
 
+DEFAULT_TIMEOUT = 30.0
+"""Seconds a unary call may take when neither it nor its client says otherwise, so a hung
+server costs a caller a bounded wait; the host's router caps routed calls the same way."""
+
+
 @dataclass(frozen=True)
 class ClientConfig:
     """How a client talks to one endpoint; the defaults suit most callers."""
@@ -61,8 +67,12 @@ class ClientConfig:
     """Request compression (``gzip`` or ``identity``); gzip responses are always accepted."""
     compress_min_bytes: int = _protocol.COMPRESS_MIN_BYTES
     read_limit: int = _protocol.DEFAULT_READ_LIMIT
-    timeout: float | None = None
-    """Default per-call timeout in seconds; sent as Connect-Timeout-Ms and enforced here too."""
+    timeout: float | None = DEFAULT_TIMEOUT
+    """Deadline of each unary call that gives none of its own, in seconds; sent as
+    Connect-Timeout-Ms and enforced here too. None: such calls may wait forever."""
+    stream_timeout: float | None = None
+    """Deadline of each server stream that gives none of its own. None, the default: streams
+    (watches above all) stay open until closed, cancelled or the server ends them."""
     connect_timeout: float = 5.0
     use_get: bool = False
     """Call side-effect-free unary methods with GET (cacheable) instead of POST."""
@@ -149,6 +159,20 @@ class Client:
             self._transport = _transport.TLSPoolTransport(self.base_url, self.config.tls, self.config.pool_size)
         else:
             self._transport = _transport.for_session(session, self.base_url)
+        self._configure()
+
+    def derive(self, config: ClientConfig) -> Client:
+        """A client of the same base URL with other settings (timeouts, interceptors, headers,
+        codec...) over this client's connections. Closing it closes nothing: this client owns
+        them. ``tls`` and ``pool_size`` stay this client's."""
+        other = copy.copy(self)
+        other.config = replace(config, tls=self.config.tls, pool_size=self.config.pool_size)
+        other._owns_session = False
+        other._configure()
+        return other
+
+    def _configure(self) -> None:
+        """What every call needs from ``config``, worked out once."""
         codec = self.config.codec
         self._codec = _protocol.CODECS[codec]
         self._unary_type = _protocol.UNARY_PREFIX + codec
@@ -198,7 +222,9 @@ class Client:
         timeout: float | None = None,
         headers: Mapping[str, Value] | None = None,
     ) -> ServerStream[Res]:
-        call = Call(method, request, dict(headers or {}), timeout if timeout is not None else self.config.timeout)
+        call = Call(
+            method, request, dict(headers or {}), timeout if timeout is not None else self.config.stream_timeout
+        )
         stream: ServerStream[Res] = self._chain(call)
         return stream
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from ..gen.connectplugin.v1 import broker_pb2, lifecycle_pb2, registry_pb2
@@ -18,7 +18,7 @@ from ..gen.connectplugin.v1.broker_connect import CapabilityBrokerClient
 from ..gen.connectplugin.v1.handshake_connect import HandshakeServiceClient
 from ..gen.connectplugin.v1.lifecycle_connect import PluginLifecycleClient
 from ..gen.connectplugin.v1.registry_connect import ServiceRegistryClient
-from ..rpc.client import Client, ClientConfig, ServerStream
+from ..rpc.client import Client, ClientConfig, Interceptor, ServerStream
 from ..rpc.errors import Code, ConnectError
 from .credentials import HOST_SECRET_KEY, RUNTIME_ID_HEADER, bearer_matches, secret_matches
 from .handshake import HandshakeConfig, check_response, request_for
@@ -71,7 +71,7 @@ class HostLink:
         self._pending: HealthReport | None = None
         self._closed = False
         self._reporter: threading.Thread | None = None
-        self._peers: dict[tuple[str, float | None], Client] = {}
+        self._peers: dict[str, Client] = {}
         self._grant_clients: list[Client] = []
 
     def attach(self, health: Health, provides: Sequence[ServiceDeclaration], host_url: str) -> None:
@@ -92,7 +92,7 @@ class HostLink:
             # Clients holding the old credentials are closed below, after release.
             stale = [self._host_client, *self._peers.values()]
             self._peers.clear()
-            # No default timeout: watches stay open; unary calls below pass their own.
+            # Unary calls below pass their own deadlines; watches have none (stream_timeout).
             self._host_client = Client(self.host_url, ClientConfig(headers=self._auth()))
             first = self._reporter is None
             if first:
@@ -180,20 +180,43 @@ class HostLink:
             timeout=self.config.call_timeout,
         )
 
-    def client(self, service_type: str, client_class: type[C], min_version: str = "", timeout: float | None = None) -> C:
+    def client(
+        self,
+        service_type: str,
+        client_class: type[C],
+        min_version: str = "",
+        timeout: float | None = None,
+        *,
+        config: ClientConfig | None = None,
+        interceptors: Sequence[Interceptor] = (),
+    ) -> C:
         """A typed client for a provider of ``service_type``, called through the host's router
-        at the discovered ``endpoint_url`` + ``/MethodName``."""
+        at the discovered ``endpoint_url`` + ``/MethodName``.
+
+        ``timeout`` is its unary calls' deadline (None: ``config``'s, by default
+        ``DEFAULT_TIMEOUT``); ``config`` its other settings and ``interceptors`` more of them,
+        run inside the config's (``Retry()``, ``CircuitBreaker()``). This plugin's credentials
+        are always added.
+        """
         endpoint = self.discover(service_type, min_version).endpoint
         base = self.host_url + endpoint.endpoint_url
         with self._lock:
             # One pooled client per provider endpoint, so repeated lookups reuse connections.
-            peer = self._peers.get((base, timeout))
+            peer = self._peers.get(base)
             if peer is None:
                 # endpoint_url + "/Method": the form both our router and the Go one serve.
-                peer = self._peers[(base, timeout)] = Client(
-                    base, ClientConfig(timeout=timeout, headers=self._auth(), service_url=True)
-                )
-        return client_class(peer)  # type: ignore[call-arg]
+                peer = self._peers[base] = Client(base, ClientConfig(headers=self._auth(), service_url=True))
+            auth = self._auth()
+        chosen = config or ClientConfig()
+        if timeout is not None:
+            chosen = replace(chosen, timeout=timeout)
+        chosen = replace(
+            chosen,
+            headers={**chosen.headers, **auth},
+            service_url=True,
+            interceptors=(*chosen.interceptors, *interceptors),
+        )
+        return client_class(peer.derive(chosen))  # type: ignore[call-arg]
 
     def watch(self, service_type: str) -> ServerStream[registry_pb2.WatchServiceEvent]:
         return ServiceRegistryClient(self._identified_client()).watch_service(

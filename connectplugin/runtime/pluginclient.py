@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +14,7 @@ from ..gen.connectplugin.v1 import handshake_pb2, lifecycle_pb2, plugininfo_pb2
 from ..gen.connectplugin.v1.handshake_connect import HandshakeServiceClient
 from ..gen.connectplugin.v1.lifecycle_connect import PluginControlClient
 from ..gen.connectplugin.v1.plugininfo_connect import PluginIdentityClient
-from ..rpc.client import Call, Client, ClientConfig, ServerStream
+from ..rpc.client import Call, Client, ClientConfig, Interceptor, ServerStream
 from ..rpc.errors import Code, ConnectError
 from . import handshake as hs
 from .credentials import HOST_SECRET_HEADER
@@ -63,10 +63,8 @@ class PluginClient:
         self._plugins = dict(plugins)
         self._handshake_config = handshake
         self._exit_code: int | None = None
-        interceptors = (self._check_alive, *config.rpc.interceptors)
-        headers = {**config.rpc.headers, HOST_SECRET_HEADER: host_secret} if host_secret else config.rpc.headers
-        rpc_config = dataclasses.replace(config.rpc, interceptors=interceptors, headers=headers)
-        self.rpc = Client(url, rpc_config, session=session)
+        self._host_secret = host_secret
+        self.rpc = Client(url, self._rpc_config(config.rpc), session=session)
         self._lock = threading.Lock()  # guards _handshake and _dispensed
         self._handshake: handshake_pb2.HandshakeResponse | None = None
         self._dispensed: dict[str, Any] = {}
@@ -98,15 +96,33 @@ class PluginClient:
     def app_protocol_version(self) -> int:
         return self.handshake().app_protocol_version
 
-    def dispense(self, name: str) -> Any:
-        """The typed client of plugin ``name`` (the generated ``<Service>Client``)."""
+    def dispense(
+        self, name: str, *, config: ClientConfig | None = None, interceptors: Sequence[Interceptor] = ()
+    ) -> Any:
+        """The typed client of plugin ``name`` (the generated ``<Service>Client``).
+
+        Without arguments, the one client made with ``PluginClientConfig.rpc``. With ``config``
+        (in place of that one: deadline, interceptors, codec...) or ``interceptors`` (run
+        inside the config's, say ``Retry()`` and ``CircuitBreaker()``), a new client over the
+        same connections; either way it checks that the plugin runs and presents the host's
+        secret.
+        """
         if name not in self._plugins:
             raise KeyError(f"unknown plugin {name!r}; known: {', '.join(sorted(self._plugins))}")
         self.handshake()
+        if config is not None or interceptors:
+            return self._plugins[name].client(self.rpc.derive(self._rpc_config(config or self.config.rpc, interceptors)))
         with self._lock:
             if name not in self._dispensed:
                 self._dispensed[name] = self._plugins[name].client(self.rpc)
             return self._dispensed[name]
+
+    def _rpc_config(self, config: ClientConfig, interceptors: Sequence[Interceptor] = ()) -> ClientConfig:
+        """``config`` with what every call to this plugin needs: the liveness check first, the
+        host's secret among the headers."""
+        headers = {**config.headers, HOST_SECRET_HEADER: self._host_secret} if self._host_secret else config.headers
+        chain = (self._check_alive, *config.interceptors, *interceptors)
+        return dataclasses.replace(config, interceptors=chain, headers=headers)
 
     def check_health(self, service: str = "") -> ServingStatus:
         """The serving status of a service, or of the whole plugin with ``""``."""

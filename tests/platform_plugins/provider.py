@@ -2,12 +2,14 @@
 
 ``python -m tests.platform_plugins.provider --type T [--version V] [--host-url URL] [--port P]``
 serves the sample KV store as service type ``T``. With ``--host-url`` it joins that host
-on its own (self-registering); without, a host must launch it. Three test hooks, all
+on its own (self-registering); without, a host must launch it. Test hooks, all
 reached through ordinary ``Get`` calls:
 
 - ``Get("headers")`` answers the request headers the handler saw, as a JSON object.
 - ``Get("whoami")`` answers the instance's label (its pid when run as a process).
 - ``Get("crash")`` ends the process at once, in the middle of the call (exit status 3).
+- ``Get("fail/<code>")`` fails with that Connect code (``fail/unavailable``).
+- ``Get("sleep/<seconds>")`` answers after that long: a provider that hangs.
 """
 
 from __future__ import annotations
@@ -15,8 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 
-from connectplugin import Context, HTTPConfig, ServeConfig, ServiceDeclaration, serve
+from connectplugin import (
+    Code,
+    ConnectError,
+    Context,
+    HTTPConfig,
+    ServeConfig,
+    ServiceDeclaration,
+    serve,
+)
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KV_PLUGIN
 from samples.kv.store import KVStore
@@ -48,6 +59,11 @@ class Recorder(KVStore):
             return kv_pb2.GetResponse(value=self.label.encode(), found=True)
         if request.key == "crash":
             os._exit(3)
+        if request.key.startswith("fail/"):
+            raise ConnectError(Code(request.key.removeprefix("fail/")), "failing as asked")
+        if request.key.startswith("sleep/"):
+            time.sleep(float(request.key.removeprefix("sleep/")))
+            return kv_pb2.GetResponse(value=b"slept", found=True)
         return super().get(request, ctx)
 
 
