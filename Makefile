@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench proto lint clean
+.PHONY: demo test fuzz bench proto lint clean
 
 $(STAMP): setup.cfg setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Hypothesis against a host and a plugin in subprocesses, fresh cases each run; also
+# checks their logs stay clean and their RSS comes back (tests/test_fuzz.py).
+FUZZ_EXAMPLES ?= 20000
+fuzz: $(STAMP)
+	CONNECTPLUGIN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) CONNECTPLUGIN_FUZZ_SEED=random \
+		$(PY) -m pytest -q -s -p no:cacheprovider --timeout=0 tests/test_fuzz.py
 
 bench: $(STAMP)
 	$(PY) -m bench
