@@ -8,6 +8,7 @@ client's disconnection visible to ``Context.is_active()``, and a graceful close.
 from __future__ import annotations
 
 import _pyio  # cheroot's socket files are built on it
+import ctypes
 import logging
 import select
 import socket
@@ -59,6 +60,12 @@ class HTTPConfig:
     """Seconds between looks for idle and slow connections."""
     max_request_body_size: int = 64 * 1024 * 1024
     """Waitress buffers whole bodies before the app runs; cap it well above the read limit."""
+    mmap_threshold: int | None = 128 * 1024
+    """glibc only, process-wide, set when a server starts serving: blocks of at least this
+    many bytes are mapped on their own and go back to the system when freed. glibc otherwise
+    raises the threshold each time it frees a large block, and then keeps large request
+    bodies in heaps it never shrinks (a plugin sent 4 MiB bodies from 8 threads stayed
+    30 MB above its start). None leaves the allocator alone."""
     close_grace: float = 5.0
     """Seconds calls in flight get to finish when ``close()`` names no grace of its own."""
     drain_interval: float = 0.05
@@ -151,6 +158,8 @@ class HTTPServer:
             if self._stopping.is_set():  # closed before it ever served: close() released it
                 return
             self._serving = True
+        if self.config.mmap_threshold is not None:
+            _fix_mmap_threshold(self.config.mmap_threshold)
         if self.config.tls is None:
             self._serve_waitress()
         else:
@@ -248,6 +257,28 @@ class HTTPServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_M_MMAP_THRESHOLD = -3
+"""mallopt's parameter number for the mmap threshold (glibc malloc.h)."""
+_mmap_lock = threading.Lock()  # guards _mmap_threshold_set
+_mmap_threshold_set: int | None = None
+
+
+def _fix_mmap_threshold(nbytes: int) -> None:
+    """Pin glibc's mmap threshold (which also stops it from moving); elsewhere do nothing."""
+    global _mmap_threshold_set
+    with _mmap_lock:
+        if _mmap_threshold_set == nbytes:
+            return
+        _mmap_threshold_set = nbytes
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+        return
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    if not mallopt(_M_MMAP_THRESHOLD, nbytes):
+        log.debug("mallopt(M_MMAP_THRESHOLD, %d) refused", nbytes)
 
 
 class _Sweeper:
