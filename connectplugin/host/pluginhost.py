@@ -317,6 +317,7 @@ class PluginHost:
         ``SCRIPT_NAME``/``PATH_INFO`` split there, as WSGI dispatchers do). The reaper and the
         exit hooks start as with ``start()``; returns self. Every call a plugin makes to its
         host must reach this process, so mount only in a server with one serving process.
+        ``config.http`` does not apply: calls and streams take the caller's server threads.
         """
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"a mounted host needs an absolute http(s) URL, not {url!r}")
