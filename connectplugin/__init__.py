@@ -1,5 +1,6 @@
 """connectplugin: remote-first plugins that talk Connect RPC over plain HTTP."""
 
+from .host.admission import JoinToken
 from .host.platform import DependencyError, Platform, PluginSpec
 from .host.pluginhost import HostConfig, PluginHost
 from .host.ratelimit import Rate
@@ -77,6 +78,7 @@ __all__ = [
     "InProcessStrategy",
     "KeyPair",
     "Interceptor",
+    "JoinToken",
     "LaunchContext",
     "LaunchError",
     "LaunchFailure",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from connectplugin import (
     Health,
     HostConfig,
     HostLink,
+    JoinToken,
     Platform,
     PluginHost,
     PluginSpec,
@@ -46,7 +48,12 @@ def _wait(what: str, check: Callable[[], bool], timeout: float = 15.0) -> None:
 
 def run(say: Callable[[str], None]) -> bool:
     host_logger = HostLogger()
-    with PluginHost(HANDSHAKE, {}, HostConfig(handle_signals=True)) as host:
+    # Self-registering plugins need a join token: one for the sidecars that provide storage
+    # and api, one (allowed to provide nothing) for this script acting as a plugin.
+    sidecar_token = JoinToken(secrets.token_urlsafe(24), ("storage", "api"), name="demo sidecars")
+    client_token = JoinToken(secrets.token_urlsafe(24), name="demo client")
+    config = HostConfig(handle_signals=True, join_tokens=[sidecar_token, client_token])
+    with PluginHost(HANDSHAKE, {}, config) as host:
         host.broker.add("logger", "1.0.0", host_logger)
         platform = Platform(host)
         say(f"platform host at {host.url}, offering capability 'logger' 1.0.0")
@@ -63,6 +70,7 @@ def run(say: Callable[[str], None]) -> bool:
         sidecars = [
             subprocess.Popen(
                 [sys.executable, "-m", f"samples.platform.{m}", "--host-url", host.url],
+                env={**os.environ, "CONNECTPLUGIN_JOIN_TOKEN": sidecar_token.secret},
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
@@ -75,7 +83,7 @@ def run(say: Callable[[str], None]) -> bool:
             # This script acts as one more plugin: it handshakes for an identity of its own.
             me = HostLink()
             me.attach(Health(), (), host.url)
-            me.connect(HANDSHAKE, "demo-client", "1.0.0", base_url="")
+            me.connect(HANDSHAKE, "demo-client", "1.0.0", base_url="", join_token=client_token.secret)
             say(f"demo client handshook with the host: runtime id {me.runtime_id}")
 
             api = me.client("api", KVServiceClient, timeout=5)

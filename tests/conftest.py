@@ -157,6 +157,8 @@ def make_host() -> Iterator[Callable[..., PluginHost]]:
         fields.setdefault("handle_signals", False)
         fields.setdefault("stop_grace", 1.0)
         fields.setdefault("http", HTTPConfig(threads=8, max_streams=8))
+        # Peers in these tests join with the magic cookie alone (test_security runs strict hosts).
+        fields.setdefault("dev_cookie_joins", True)
         host = PluginHost(HANDSHAKE, PLUGINS, HostConfig(**fields)).start()
         hosts.append(host)
         return host
@@ -173,11 +175,16 @@ def host(make_host) -> PluginHost:
 
 @pytest.fixture
 def peer(serve, make_host) -> Iterator[Callable[..., Peer]]:
-    """``peer(host, name, provides=(), version)``: a plugin joined by hand (see :class:`Peer`)."""
+    """``peer(host, name, provides=(), version, join_token="")``: a plugin joined by hand
+    (see :class:`Peer`)."""
     peers: list[Peer] = []
 
     def make(
-        host: PluginHost, name: str, provides: tuple[str, ...] = (), version: str = "1.0.0"
+        host: PluginHost,
+        name: str,
+        provides: tuple[str, ...] = (),
+        version: str = "1.0.0",
+        join_token: str = "",
     ) -> Peer:
         config = ServeConfig(
             self_id=name, self_version=version, provides=[declare(t, version) for t in provides]
@@ -185,7 +192,7 @@ def peer(serve, make_host) -> Iterator[Callable[..., Peer]]:
         server = PluginServer(PLUGINS, {"kv": Recorder(name)}, HANDSHAKE, config)
         try:
             http = serve(server.app, threads=4)
-            made = Peer(host, name, version, server, http.url)
+            made = Peer(host, name, version, server, http.url, join_token)
         except BaseException:
             server.link.close()
             raise

@@ -242,12 +242,20 @@ class Reader:
 class Peer:
     """A plugin that joins the host by hand: its own server, a runtime identity, host API calls.
 
-    Its server is a ``PluginServer`` (so the host can read its declarations with
-    ``GetPluginInfo``) serving a ``Recorder`` labelled with the peer's name.
+    Its server is a ``PluginServer`` (so the host's one check of its base URL, a handshake,
+    is answered) serving a ``Recorder`` labelled with the peer's name. It joins with
+    ``join_token`` when given, else with the cookie alone (the hosts of these tests turn the
+    development switch on).
     """
 
     def __init__(
-        self, host: PluginHost, name: str, version: str, server: PluginServer, base_url: str
+        self,
+        host: PluginHost,
+        name: str,
+        version: str,
+        server: PluginServer,
+        base_url: str,
+        join_token: str = "",
     ) -> None:
         self.host_url = host.url
         self.name = name
@@ -255,6 +263,8 @@ class Peer:
         self.base_url = base_url
         with Client(host.url, ClientConfig(timeout=5)) as client:
             request = hs.request_for(HANDSHAKE, (), self_id=name, self_version=version)
+            if join_token:
+                request.client_metadata[hs.JOIN_TOKEN_KEY] = join_token
             response = HandshakeServiceClient(client).handshake(request)
         self.handshake = response
         self.runtime_id, self.token = response.runtime_id, response.runtime_token

@@ -43,7 +43,7 @@ def test_capability_grant_opens_its_capability(world):
 
 def test_expired_grant_is_unauthenticated(make_host, peer):
     clock = Clock()
-    host = make_host(grant_ttl=60.0, grant_clock=clock)
+    host = make_host(grant_ttl=60.0, clock=clock)
     host.broker.add("logger", "1.0.0", HostLogger())
     grant = _grant(peer(host, "a"))
     clock.advance(59.5)

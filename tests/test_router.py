@@ -21,7 +21,7 @@ from connectplugin import (
 )
 from connectplugin.gen.connectplugin.v1 import lifecycle_pb2
 from samples.kv.gen.kv.v1 import kv_pb2
-from samples.kv.gen.kv.v1.kv_connect import KVServiceClient
+from samples.kv.gen.kv.v1.kv_connect import KV_PLUGIN, KVServiceClient
 from tests.helpers import (
     AVAILABLE,
     STATE,
@@ -196,8 +196,8 @@ def test_provider_crash_during_a_routed_call_is_unavailable_and_withdraws_it(hos
 
 def test_provider_that_drops_the_connection_is_withdrawn_before_the_caller_hears(host, peer, hang_up):
     provider = peer(host, "p", provides=("svc",))
-    provider.unregister(provider.register("svc"))  # declared; now it listens at hang_up
-    provider.register("svc", base_url=hang_up)
+    # Straight into the registry: through the host API a base URL is checked once and fixed.
+    host.registry.register(provider.runtime_id, "svc", "1.0.0", KV_PLUGIN.service_path, hang_up)
     caller = peer(host, "caller")
     kv = caller.kv(caller.discover("svc"))
 

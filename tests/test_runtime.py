@@ -186,9 +186,9 @@ def make_host() -> Iterator[Callable[..., PluginHost]]:
 
     def make(versions: tuple[int, ...] = (1,), stop_grace: float = 1.0, **fields: Any) -> PluginHost:
         handshake = dataclasses.replace(HANDSHAKE, app_protocol_versions=versions)
-        host = PluginHost(
-            handshake, PLUGINS, HostConfig(stop_grace=stop_grace, handle_signals=False, **fields)
-        ).start()
+        fields.setdefault("dev_cookie_joins", True)
+        config = HostConfig(stop_grace=stop_grace, handle_signals=False, **fields)
+        host = PluginHost(handshake, PLUGINS, config).start()
         hosts.append(host)
         return host
 

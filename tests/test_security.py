@@ -22,6 +22,7 @@ from connectplugin import (
     ConnectError,
     HTTPConfig,
     HTTPServer,
+    JoinToken,
     PluginClient,
     PluginHost,
     PluginServer,
@@ -358,14 +359,16 @@ def test_registrations_per_identity_are_capped(make_host, peer):
     assert len(host.registry.providers()) == 2
 
 
-def test_a_plugin_declaring_more_services_than_the_cap_cannot_register(make_host, peer):
-    host = make_host(registry=RegistryConfig(max_registrations_per_identity=2))
-    joiner = peer(host, "joiner", provides=("a", "b", "c"))
+def test_a_plugin_allowed_more_services_than_the_cap_cannot_join(make_host, peer):
+    token = JoinToken("j" * 32, service_types=("a", "b", "c"))
+    host = make_host(
+        registry=RegistryConfig(max_registrations_per_identity=2), join_tokens=[token]
+    )
 
-    error = _refused(lambda: joiner.register("a"))
+    error = _refused(lambda: peer(host, "joiner", join_token=token.secret))
 
     assert error.code is Code.RESOURCE_EXHAUSTED
-    assert host.registry.providers() == []
+    assert len(host.identities) == 0
 
 
 def test_registration_metadata_over_the_size_cap_is_refused(make_host, peer):

@@ -26,7 +26,7 @@ from ..runtime.launcher import ProcessStrategy, Strategy
 from ..runtime.plugin import Plugin
 from ..runtime.pluginclient import PluginClient
 
-EMBEDDED_HOST = HostConfig(http=HTTPConfig(threads=4, max_streams=4), allow_self_registration=False)
+EMBEDDED_HOST = HostConfig(http=HTTPConfig(threads=4, max_streams=4))
 """The host of an application that names none: a small pool on a loopback port (8 threads
 with its streams), since each serving process of the application runs one, accepting only
 the plugins it launched (a mounted host answers on the application's public port)."""

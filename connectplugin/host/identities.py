@@ -1,7 +1,14 @@
-"""Runtime identities: the id and bearer token a host gives each plugin, and their check."""
+"""Runtime identities: the id and bearer token a host gives each plugin, and their check.
+
+An identity is created with everything the host trusts about the plugin: whether the host
+launched it, and where it listens (launched: the URL from its handshake line; self-registered:
+pinned once, on its handshake or its first registration, and never changed after). Tokens
+live ``ttl`` seconds and can be rotated without changing the runtime id.
+"""
 
 from __future__ import annotations
 
+import math
 import secrets
 import threading
 import time
@@ -12,6 +19,11 @@ from typing import Any
 from ..rpc.errors import Code, ConnectError
 from ..rpc.tls import TLSConfig
 from ..runtime.credentials import RUNTIME_ID_HEADER, bearer_matches, new_secret
+
+DEFAULT_TOKEN_TTL = 24 * 3600.0
+"""Seconds a runtime token stays valid unless rotated (the Go reference's 24 h)."""
+DEFAULT_ROTATION_GRACE = 60.0
+"""Seconds a rotated-out token still opens the host API, for calls already on their way."""
 
 
 @dataclass(frozen=True)
@@ -26,46 +38,87 @@ class Identity:
     host_secret: str = ""
     tls: TLSConfig | None = None
     """How the host (and its router) reach the plugin over TLS: a launch's automatic mTLS."""
+    launched: bool = False
+    """The host started this plugin (model A); otherwise it joined by itself (model B)."""
+    base_url: str = ""
+    """Where the router reaches the plugin; "" until a self-registered plugin pins it."""
+    expires_at: float = math.inf
+    """The ``clock()`` reading after which ``token`` no longer authenticates."""
+    previous_token: str = ""
+    """The token before the last rotation, valid until ``previous_expires_at``."""
+    previous_expires_at: float = 0.0
+    verified: bool = False
+    """Its base URL was checked (a connectplugin server knowing our cookie answered there)."""
 
 
 class Identities:
     """Issued identities by runtime id. Safe from any thread; tokens compare in constant time.
 
-    ``_lock`` guards both tables. Each identity remembers when it was last used (issued, or
-    verified on a call, read on ``clock``), so the host can drop ones nobody uses.
+    ``_lock`` guards both tables. Expired identities stop authenticating at once; the host
+    collects them with ``take_expired`` and revokes everything they held. Each identity
+    remembers when it was last used (issued, or verified on a call, read on ``clock``), so
+    the host can drop ones nobody uses.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        ttl: float = DEFAULT_TOKEN_TTL,
+        clock: Callable[[], float] = time.monotonic,
+        rotation_grace: float = DEFAULT_ROTATION_GRACE,
+    ) -> None:
+        self.ttl = ttl
+        self.rotation_grace = rotation_grace
         self._clock = clock
         self._lock = threading.Lock()
         self._by_id: dict[str, Identity] = {}
         self._used: dict[str, float] = {}  # runtime id -> last use
 
     def issue(
-        self, self_id: str, self_version: str = "", host_secret: str = "", limit: int | None = None,
-        limit_name: str = "", tls: TLSConfig | None = None,
+        self,
+        self_id: str,
+        self_version: str = "",
+        *,
+        launched: bool = False,
+        base_url: str = "",
+        host_secret: str = "",
+        limit: int | None = None,
+        limit_name: str = "",
+        tls: TLSConfig | None = None,
     ) -> Identity:
         """A new identity; ``host_secret`` is the one a launched plugin was given (else a new
         one), ``tls`` how to reach it when it serves TLS.
 
-        With ``limit``, ``resource_exhausted`` once that many are held (``limit_name``, the
-        config field, is named in the refusal).
+        A launched plugin's ``base_url`` is where its handshake line said it listens. With
+        ``limit``, ``resource_exhausted`` once that many are held (``limit_name``, the config
+        field, is named in the refusal).
         """
         # Opaque and unique: the plugin's own name plus randomness, never reused.
-        runtime_id = f"{self_id or 'plugin'}-{secrets.token_hex(4)}"
-        identity = Identity(runtime_id, new_secret(), self_id, self_version, host_secret or new_secret(), tls)
         now = self._clock()
+        expires_at = now + self.ttl
         with self._lock:
-            full = limit is not None and len(self._by_id) >= limit
-            if not full:
-                while identity.runtime_id in self._by_id:
-                    identity = replace(identity, runtime_id=f"{self_id}-{secrets.token_hex(4)}")
-                self._by_id[identity.runtime_id] = identity
-                self._used[identity.runtime_id] = now
-        if full:
-            raise ConnectError(
-                Code.RESOURCE_EXHAUSTED, f"the host holds its limit of {limit} identities ({limit_name}); try again later"
+            if limit is not None and len(self._by_id) >= limit:
+                raise ConnectError(
+                    Code.RESOURCE_EXHAUSTED,
+                    f"the host holds its limit of {limit} identities ({limit_name}); try again later",
+                )
+            while True:
+                runtime_id = f"{self_id or 'plugin'}-{secrets.token_hex(4)}"
+                if runtime_id not in self._by_id:
+                    break
+            identity = Identity(
+                runtime_id,
+                new_secret(),
+                self_id,
+                self_version,
+                host_secret=host_secret or new_secret(),
+                tls=tls,
+                launched=launched,
+                base_url=base_url.rstrip("/"),
+                expires_at=expires_at,
+                verified=launched,
             )
+            self._by_id[runtime_id] = identity
+            self._used[runtime_id] = now
         return identity
 
     def unused_since(self, cutoff: float) -> list[str]:
@@ -77,33 +130,107 @@ class Identities:
         with self._lock:
             return len(self._by_id)
 
+    def rotate(self, runtime_id: str) -> Identity:
+        """A new token and lifetime for the same identity; the old token lasts ``rotation_grace``."""
+        now = self._clock()
+        with self._lock:
+            current = self._by_id.get(runtime_id)
+            if current is None or now >= current.expires_at:
+                raise ConnectError(Code.UNAUTHENTICATED, "invalid runtime identity or token")
+            rotated = replace(
+                current,
+                token=new_secret(),
+                expires_at=now + self.ttl,
+                previous_token=current.token,
+                previous_expires_at=min(current.expires_at, now + self.rotation_grace),
+            )
+            self._by_id[runtime_id] = rotated
+        return rotated
+
+    def pin_base_url(self, runtime_id: str, base_url: str) -> Identity:
+        """Fix where a self-registered plugin listens; a second, different URL is refused."""
+        base_url = base_url.rstrip("/")
+        with self._lock:
+            current = self._by_id.get(runtime_id)
+            if current is None:
+                raise ConnectError(Code.UNAUTHENTICATED, "invalid runtime identity or token")
+            if current.base_url and current.base_url != base_url:
+                raise ConnectError(
+                    Code.PERMISSION_DENIED,
+                    f"{runtime_id} listens at {current.base_url}; its base URL cannot change",
+                )
+            pinned = replace(current, base_url=base_url)
+            self._by_id[runtime_id] = pinned
+        return pinned
+
+    def mark_verified(self, runtime_id: str) -> None:
+        with self._lock:
+            current = self._by_id.get(runtime_id)
+            if current is not None:
+                self._by_id[runtime_id] = replace(current, verified=True)
+
+    def base_urls(self, excluding: str = "") -> list[str]:
+        """Where every identity's plugin listens, except ``excluding``'s."""
+        with self._lock:
+            return [
+                i.base_url for i in self._by_id.values() if i.base_url and i.runtime_id != excluding
+            ]
+
+    def due_for_rotation(self, runtime_ids: set[str]) -> set[str]:
+        """Those of ``runtime_ids`` whose token is past half its lifetime."""
+        now = self._clock()
+        with self._lock:
+            return {
+                rid
+                for rid in runtime_ids
+                if (i := self._by_id.get(rid)) is not None and i.expires_at - now < self.ttl / 2
+            }
+
     def revoke(self, runtime_id: str) -> None:
         with self._lock:
             self._by_id.pop(runtime_id, None)
             self._used.pop(runtime_id, None)
+
+    def take_expired(self) -> list[Identity]:
+        """Identities whose token has expired; forgets them (the caller revokes what they held)."""
+        now = self._clock()
+        with self._lock:
+            expired = [i for i in self._by_id.values() if now >= i.expires_at]
+            for identity in expired:
+                del self._by_id[identity.runtime_id]
+                self._used.pop(identity.runtime_id, None)
+        return expired
 
     def get(self, runtime_id: str) -> Identity | None:
         with self._lock:
             return self._by_id.get(runtime_id)
 
     def is_current(self, runtime_id: str) -> bool:
-        """Whether ``runtime_id`` was issued and not revoked since (what a grant's holder needs)."""
-        with self._lock:
-            return runtime_id in self._by_id
+        """Whether ``runtime_id`` was issued, has not expired, and was not revoked since."""
+        identity = self.get(runtime_id)
+        return identity is not None and self._clock() < identity.expires_at
 
     def verify(self, headers: Mapping[str, Any]) -> Identity:
         """The caller's identity from ``X-Plugin-Runtime-ID`` and ``Authorization: Bearer``.
 
-        Missing or wrong pairs are ``unauthenticated``; the message never says which half failed.
+        Missing or wrong pairs, and expired tokens, are ``unauthenticated``; the message
+        never says which half failed.
         """
         runtime_id = headers.get(RUNTIME_ID_HEADER.lower(), "")
         auth = headers.get("authorization", "")
         if not isinstance(runtime_id, str) or not isinstance(auth, str) or not runtime_id:
-            raise ConnectError(Code.UNAUTHENTICATED, f"{RUNTIME_ID_HEADER} and a bearer token are required")
+            raise ConnectError(
+                Code.UNAUTHENTICATED, f"{RUNTIME_ID_HEADER} and a bearer token are required"
+            )
         identity = self.get(runtime_id)
-        if not bearer_matches(auth, identity.token if identity is not None else None) or identity is None:
-            raise ConnectError(Code.UNAUTHENTICATED, "invalid runtime identity or token")
         now = self._clock()
+        current = bearer_matches(auth, identity.token if identity is not None else None)
+        previous = bearer_matches(auth, identity.previous_token if identity is not None else None)
+        if identity is None or not (
+            (current and now < identity.expires_at)
+            or (previous and now < identity.previous_expires_at)
+        ):
+            raise ConnectError(Code.UNAUTHENTICATED, "invalid runtime identity or token")
         with self._lock:
             if runtime_id in self._used:
                 self._used[runtime_id] = now

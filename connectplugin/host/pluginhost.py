@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -25,12 +25,11 @@ from ..gen.connectplugin.v1.handshake_connect import HandshakeServiceHandler
 from ..gen.connectplugin.v1.lifecycle_connect import PluginControlClient, PluginLifecycleHandler
 from ..gen.connectplugin.v1.plugininfo_connect import PluginIdentityClient
 from ..rpc import tls
-from ..rpc.client import Client, ClientConfig
 from ..rpc.errors import Code, ConnectError
 from ..rpc.httpserver import HTTPConfig, HTTPServer
 from ..rpc.server import App, Context, text_response
 from ..runtime import handshake as hs
-from ..runtime.credentials import HOST_SECRET_HEADER, HOST_SECRET_KEY, new_secret
+from ..runtime.credentials import HOST_SECRET_KEY, RUNTIME_ID_HEADER, new_secret
 from ..runtime.health import HealthReport, HealthState, report_from_wire
 from ..runtime.launcher import (
     ForkedProcessError,
@@ -39,13 +38,15 @@ from ..runtime.launcher import (
     LaunchFailure,
     Strategy,
 )
-from ..runtime.plugin import Plugin, ServiceDeclaration
+from ..runtime.plugin import Plugin
 from ..runtime.pluginclient import PluginClient, PluginClientConfig
+from . import validation
+from .admission import Admission, JoinToken
 from .broker import DEFAULT_MAX_GRANTS, DEFAULT_TTL, Broker, BrokerService
 from .broker import ROUTE as BROKER_ROUTE
-from .identities import Identities, Identity
+from .identities import DEFAULT_ROTATION_GRACE, DEFAULT_TOKEN_TTL, Identities, Identity
 from .ratelimit import Rate, RateLimiter
-from .registry import Provider, Registry, RegistryConfig, RegistryService
+from .registry import Declared, Provider, Registry, RegistryConfig, RegistryService
 from .router import ROUTE as ROUTER_ROUTE
 from .router import Router, RouterConfig
 
@@ -85,13 +86,23 @@ class HostConfig:
     (``ClientConfig.timeout``) and interceptors of every client ``dispense()`` hands out."""
     grant_ttl: float = DEFAULT_TTL
     """Lifetime of capability grants, in seconds."""
-    grant_clock: Callable[[], float] = time.monotonic
-    """Where grant lifetimes are measured (seconds, never going back); tests pass a fake one."""
+    token_ttl: float = DEFAULT_TOKEN_TTL
+    """Lifetime of runtime tokens, in seconds (24 h, as the Go reference). The host rotates
+    its launched plugins' tokens at half-life; self-registered plugins rotate their own."""
+    token_rotation_grace: float = DEFAULT_ROTATION_GRACE
+    """Seconds a rotated-out runtime token still works, for calls already on their way."""
+    clock: Callable[[], float] = time.monotonic
+    """Where grant and token lifetimes are measured (seconds, never going back); tests pass a fake one."""
     register_timeout: float = 10.0
     """How long a launch waits for the plugin to register the services it declared."""
-    allow_self_registration: bool = True
-    """Give identities to plugins that handshake on their own (model B). Anyone who knows
-    the magic cookie can then join: turn it off when only launched plugins should."""
+    join_tokens: Sequence[JoinToken] = ()
+    """Secrets that admit self-registering plugins (model B), each with the service types a
+    plugin joining with it may provide. With none (and no ``dev_cookie_joins``), only
+    plugins the host launches get identities."""
+    dev_cookie_joins: bool = False
+    """Development only: admit self-registering plugins that present just the magic cookie,
+    from loopback, to provide any service type no launched plugin declares. The cookie is
+    no secret; the host logs a warning for each such join."""
     heartbeat_timeout: float = 5.0
     """A self-registered plugin silent this long (no health report) is dropped from the
     registry; its identity is revoked, so if it is alive it simply joins again."""
@@ -139,8 +150,14 @@ class HostConfig:
         return max(MIN_REAP_INTERVAL, self.heartbeat_timeout / 4)
 
 
-def _declarations(info: plugininfo_pb2.GetPluginInfoResponse) -> list[ServiceDeclaration]:
-    return [ServiceDeclaration(d.type, d.version, d.path) for d in info.provides]
+def _declared(info: plugininfo_pb2.GetPluginInfoResponse) -> Declared:
+    """What a launched plugin says it provides, held to the same rules as registrations."""
+    paths = {}
+    for d in info.provides:
+        validation.check_name(d.type, "declared service type")
+        validation.check_endpoint_path(d.path)
+        paths[d.type] = d.path
+    return Declared(launched=True, paths=paths)
 
 
 class _HostHandshake(HandshakeServiceHandler):
@@ -159,19 +176,16 @@ class _HostHandshake(HandshakeServiceHandler):
         )
         self._host.handshake_rate.check(ctx.peer)
         if request.self_id:
-            if not self._host.config.allow_self_registration:
-                raise ConnectError(Code.PERMISSION_DENIED, "this host does not accept self-registering plugins")
-            # Watched for silence from its first registration or health report on; an
-            # identity that only calls others has nothing to withdraw, so it is not reaped.
-            identity = self._host.identities.issue(
-                request.self_id, request.self_version,
-                limit=self._host.config.max_identities, limit_name="HostConfig.max_identities",
-            )
-            log.info("handshake from %s %s: runtime id %s", request.self_id, request.self_version, identity.runtime_id)
+            validation.check_name(request.self_id, "self_id")
+            if ctx.request_headers.get(RUNTIME_ID_HEADER.lower()):
+                identity = self._host._rotate(request, ctx)
+            else:
+                identity = self._host._join(request, ctx)
             response.runtime_id = identity.runtime_id
             response.runtime_token = identity.token
             # What the host and its router will present when they call this plugin.
             response.server_metadata[HOST_SECRET_KEY] = identity.host_secret
+            response.server_metadata[hs.TOKEN_TTL_KEY] = f"{self._host.config.token_ttl:g}"
         return response
 
 
@@ -188,34 +202,27 @@ class _Lifecycle(PluginLifecycleHandler):
 
 
 class Roster:
-    """Where launched plugins listen, and when self-registered ones were last heard from.
+    """When self-registered plugins were last heard from.
 
-    Safe from any thread; ``_lock`` guards both tables. A launched plugin is watched through
+    Safe from any thread; ``_lock`` guards the table. A launched plugin is watched through
     its process, so only self-registered ones are tracked for silence.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, identities: Identities) -> None:
+        self._identities = identities
         self._lock = threading.Lock()
-        self._urls: dict[str, str] = {}  # launched runtime id -> base URL
         self._seen: dict[str, float] = {}  # self-registered runtime id -> last sign of life
-
-    def add_launched(self, runtime_id: str, url: str) -> None:
-        with self._lock:
-            self._urls[runtime_id] = url
 
     def forget(self, runtime_id: str) -> None:
         with self._lock:
-            self._urls.pop(runtime_id, None)
             self._seen.pop(runtime_id, None)
 
-    def launched_url(self, runtime_id: str) -> str:
-        with self._lock:
-            return self._urls.get(runtime_id, "")
-
     def heard_from(self, runtime_id: str) -> None:
+        identity = self._identities.get(runtime_id)
+        if identity is None or identity.launched:
+            return
         with self._lock:
-            if runtime_id not in self._urls:
-                self._seen[runtime_id] = time.monotonic()
+            self._seen[runtime_id] = time.monotonic()
 
     def take_silent(self, cutoff: float) -> list[str]:
         """Self-registered plugins not heard from since ``cutoff`` (monotonic); forgets them."""
@@ -224,19 +231,6 @@ class Roster:
             for rid in silent:
                 del self._seen[rid]
         return silent
-
-
-class _PluginInfo:
-    """Reads a self-registered plugin's declarations over a short-lived client."""
-
-    def __init__(self, timeout: float) -> None:
-        self._timeout = timeout
-
-    def service_types(self, base_url: str, host_secret: str) -> list[str]:
-        config = ClientConfig(timeout=self._timeout, headers={HOST_SECRET_HEADER: host_secret})
-        with Client(base_url, config) as client:
-            info = PluginIdentityClient(client).get_plugin_info(plugininfo_pb2.GetPluginInfoRequest())
-        return [d.service_type for d in _declarations(info)]
 
 
 class PluginHost:
@@ -265,14 +259,17 @@ class PluginHost:
         self.handshake_config = handshake
         self.plugins = dict(plugins)
         self.config = config = config or HostConfig()
-        self.identities = Identities()
+        self.identities = Identities(config.token_ttl, config.clock, config.token_rotation_grace)
         self.registry = Registry(config.registry)
-        self.broker = Broker(self.identities, config.grant_ttl, config.grant_clock, config.max_grants_per_identity)
+        self.broker = Broker(self.identities, config.grant_ttl, config.clock, config.max_grants_per_identity)
         self.handshake_rate = RateLimiter(config.handshake_rate, "HostConfig.handshake_rate", config.max_rate_keys)
         self.registration_rate = RateLimiter(config.registration_rate, "HostConfig.registration_rate", config.max_rate_keys)
         self.grant_rate = RateLimiter(config.grant_rate, "HostConfig.grant_rate", config.max_rate_keys)
         self.router = Router(self.registry, self.identities, config.router)
-        self._roster = Roster()
+        self._roster = Roster(self.identities)
+        self._admission = Admission(
+            config.join_tokens, config.dev_cookie_joins, handshake, self.identities, self, config.control_timeout
+        )
         self._lock = threading.Lock()
         self._launched: list[tuple[PluginClient, Identity]] = []
         self._health: dict[str, HealthReport] = {}
@@ -289,8 +286,7 @@ class PluginHost:
                 _HostHandshake(self),
                 _Lifecycle(self),
                 RegistryService(
-                    self.registry, self.identities, self._roster, _PluginInfo(config.control_timeout),
-                    self.registration_rate,
+                    self.registry, self.identities, self._roster, self._admission, self.registration_rate
                 ),
                 BrokerService(self.broker, self.identities, self, self.grant_rate),
             ],
@@ -358,6 +354,8 @@ class PluginHost:
             raise RuntimeError("this PluginHost was closed while it started")
         threading.Thread(target=self._reap, name="host-reaper", daemon=True).start()
         _exit_hooks.add(self, config.handle_signals)
+        if config.dev_cookie_joins:
+            log.warning("development switch on: plugins on this machine may join with the magic cookie alone")
         return self
 
     def _check_owner(self) -> None:
@@ -380,15 +378,17 @@ class PluginHost:
         self._check_owner()
         name = name or next(iter(self.plugins))
         holder: list[PluginClient] = []
+        issued: list[Identity] = []
 
         def on_exit(code: int | None) -> None:
             if holder:
                 holder[0]._exited(code)
-                identity = self._identity_of(holder[0])
-                if identity is not None:
-                    self.registry.remove_provider(identity.runtime_id)
+            if issued:
+                crashed = holder and self._identity_of(holder[0]) is not None  # not stopped by us
+                self._revoke(issued[0].runtime_id, f"exited with status {code}")
+                if crashed:
                     report = HealthReport(HealthState.UNHEALTHY, f"exited with status {code}")
-                    self._record_health(identity.runtime_id, report)
+                    self._record_health(issued[0].runtime_id, report)
 
         # One secret per launch: what this plugin will accept from us and our router only.
         secret = new_secret()
@@ -411,12 +411,17 @@ class PluginHost:
         holder.append(client)
         try:
             info = client.plugin_info()
-            service_types = [d.service_type for d in _declarations(info)]
-            identity = self.identities.issue(info.self_id or name, info.self_version, host_secret=secret, tls=running_tls)
-            self.registry.declare(identity.runtime_id, service_types)
+            declared = _declared(info)
+            identity = self.identities.issue(
+                info.self_id or name, info.self_version, launched=True, base_url=running.url,
+                host_secret=secret, tls=running_tls,
+            )
+            issued.append(identity)
+            self.registry.declare(identity.runtime_id, declared)
             with self._lock:
                 self._launched.append((client, identity))
-            self._roster.add_launched(identity.runtime_id, running.url)
+            if not running.alive():  # it exited before its identity was issued: on_exit missed it
+                self._revoke(identity.runtime_id, "exited while launching")
             local_app = getattr(running, "app", None)
             if local_app is not None:
                 self.router.attach_local(identity.runtime_id, local_app)
@@ -426,7 +431,7 @@ class PluginHost:
                 ),
                 timeout=self.config.control_timeout,
             )
-            self._await_registration(identity.runtime_id, service_types)
+            self._await_registration(identity.runtime_id, list(declared.paths))
         except ConnectError as e:
             self.stop(client, grace=self.config.failed_launch_grace)
             reason = LaunchFailure.UNREACHABLE if e.code is Code.UNAVAILABLE else LaunchFailure.SETUP
@@ -491,8 +496,9 @@ class PluginHost:
         if identity is not None:
             # New calls stop reaching it now; calls already routed to it may finish.
             self.registry.remove_provider(identity.runtime_id)
-            self.broker.revoke_all(identity.runtime_id)
         if running is None:
+            if identity is not None:
+                self._revoke(identity.runtime_id, "stopped")
             return
         running.mark_stopping()
         deadline = time.monotonic() + grace
@@ -513,9 +519,7 @@ class PluginHost:
         running.stop(max(MIN_SIGNAL_GRACE, deadline - time.monotonic()))
         client.close()
         if identity is not None:
-            self.router.detach_local(identity.runtime_id)
-            self.identities.revoke(identity.runtime_id)
-            self._roster.forget(identity.runtime_id)
+            self._revoke(identity.runtime_id, "stopped")
 
     def close(self) -> None:
         """Stop every plugin, then stop serving. Safe from any thread, more than once.
@@ -568,7 +572,8 @@ class PluginHost:
         return None
 
     def _reap(self) -> None:
-        """Drop self-registered plugins that stopped reporting (a launched one is watched directly)."""
+        """Drop self-registered plugins that stopped reporting (a launched one is watched
+        directly) and identities whose token expired; rotate launched plugins' tokens."""
         while not self._stop_reaper.wait(self.config.reap_every):
             silent = self._roster.take_silent(time.monotonic() - self.config.heartbeat_timeout)
             # Only providers are withdrawn: a plugin that merely calls others offers nothing
@@ -576,23 +581,86 @@ class PluginHost:
             providing = {p.provider_id for p in self.registry.providers()}
             for rid in [rid for rid in silent if rid in providing]:
                 log.warning("%s stopped reporting; dropping it from the registry", rid)
-                self._drop_joined(rid)
-            # However quiet a caller may be, an identity nobody uses at all is dropped.
-            unused = self.identities.unused_since(time.monotonic() - self.config.identity_idle_timeout)
-            for rid in [rid for rid in unused if not self._roster.launched_url(rid)]:
-                log.info("%s unused for %g s; revoking its identity", rid, self.config.identity_idle_timeout)
-                self._drop_joined(rid)
+                self._revoke(rid, "stopped reporting")
+            # However quiet a caller may be, a self-registered identity nobody uses is dropped.
+            unused = self.identities.unused_since(self.config.clock() - self.config.identity_idle_timeout)
+            for rid in unused:
+                identity = self.identities.get(rid)
+                if identity is not None and not identity.launched:
+                    log.info("%s unused for %g s; revoking its identity", rid, self.config.identity_idle_timeout)
+                    self._revoke(rid, "unused")
+            for expired in self.identities.take_expired():
+                log.warning("%s: its runtime token expired", expired.runtime_id)
+                self._revoke(expired.runtime_id, "token expired")
+            self._rotate_launched()
 
-    def _drop_joined(self, runtime_id: str) -> None:
-        """Forget a self-registered plugin: registrations, grants, identity, health, limits."""
+    def _revoke(self, runtime_id: str, why: str) -> None:
+        """Everything an identity held ends here, whatever ended it (crash, stop, silence,
+        expiry, a failed join): its registrations (watchers are told), the routes to it, its
+        grants, its token, and what the host kept about it (a launched plugin's last health
+        stays readable: it says how it ended). Idempotent."""
+        identity = self.identities.get(runtime_id)
         self.registry.remove_provider(runtime_id)
+        self.router.detach_local(runtime_id)
         self.broker.revoke_all(runtime_id)
         self.identities.revoke(runtime_id)
         self._roster.forget(runtime_id)
         self.registration_rate.forget(runtime_id)
         self.grant_rate.forget(runtime_id)
+        if identity is not None and not identity.launched:
+            with self._lock:
+                self._health.pop(runtime_id, None)
+        log.info("revoked %s (%s)", runtime_id, why)
+
+    def _join(self, request: handshake_pb2.HandshakeRequest, ctx: Context) -> Identity:
+        """A new identity for a plugin that joins by itself, if the host's policy admits it."""
+        declared, admitted_by = self._admission.admit(request.client_metadata, ctx.peer)
+        identity = self.identities.issue(
+            request.self_id, request.self_version,
+            limit=self.config.max_identities, limit_name="HostConfig.max_identities",
+        )
+        try:
+            self.registry.declare(identity.runtime_id, declared)
+            base_url = request.client_metadata.get(hs.BASE_URL_KEY, "")
+            if base_url:
+                self._admission.pin(identity, base_url)
+        except BaseException:
+            self._revoke(identity.runtime_id, "join refused")
+            raise
+        # Watched for silence from its first registration or health report on; an identity
+        # that only calls others has nothing to withdraw, so it is not reaped.
+        log.info(
+            "%s %s joined through %s from %s: runtime id %s",
+            request.self_id, request.self_version, admitted_by, ctx.peer, identity.runtime_id,
+        )
+        return identity
+
+    def _rotate(self, request: handshake_pb2.HandshakeRequest, ctx: Context) -> Identity:
+        """A handshake carrying a current identity: the same identity with a fresh token."""
+        identity = self.identities.verify(ctx.request_headers)
+        if identity.self_id != request.self_id:
+            raise ConnectError(Code.PERMISSION_DENIED, f"{identity.runtime_id} is not {request.self_id!r}")
+        return self.identities.rotate(identity.runtime_id)
+
+    def _rotate_launched(self) -> None:
+        """Give launched plugins past their token's half-life a fresh one (``SetRuntimeIdentity``)."""
         with self._lock:
-            self._health.pop(runtime_id, None)
+            launched = list(self._launched)
+        due = self.identities.due_for_rotation({i.runtime_id for _, i in launched})
+        for client, identity in launched:
+            if identity.runtime_id not in due:
+                continue
+            try:
+                rotated = self.identities.rotate(identity.runtime_id)
+                PluginIdentityClient(client.rpc).set_runtime_identity(
+                    plugininfo_pb2.SetRuntimeIdentityRequest(
+                        runtime_id=rotated.runtime_id, runtime_token=rotated.token, host_url=self.url
+                    ),
+                    headers={"Authorization": f"Bearer {rotated.previous_token}"},
+                    timeout=self.config.control_timeout,
+                )
+            except ConnectError as e:
+                log.warning("could not give %s its new runtime token: %s", identity.runtime_id, e)
 
     def _record_health(self, runtime_id: str, report: HealthReport) -> None:
         self._roster.heard_from(runtime_id)

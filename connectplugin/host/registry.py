@@ -22,7 +22,8 @@ from ..gen.connectplugin.v1.registry_connect import ServiceRegistryHandler
 from ..rpc.errors import Code, ConnectError
 from ..rpc.server import Context
 from ..runtime.health import DEGRADED, HEALTHY, UNHEALTHY, HealthState
-from .identities import Identities
+from . import validation
+from .identities import Identities, Identity
 from .ratelimit import RateLimiter
 
 AVAILABLE = registry_pb2.SERVICE_STATE_AVAILABLE
@@ -45,6 +46,8 @@ class Provider:
     base_url: str
     metadata: Mapping[str, str] = field(default_factory=dict)
     health: HealthState = HEALTHY
+    launched: bool = False
+    """The host started this provider; launched providers are discovered first."""
 
     @property
     def weight(self) -> int:
@@ -64,6 +67,21 @@ def version_key(version: str) -> tuple:
     # Pre-release identifiers: numeric ones compare as numbers and sort before text ones.
     ids = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in pre.split("."))
     return (*numbers, 0, ids)
+
+
+@dataclass(frozen=True)
+class Declared:
+    """What one plugin may register: its declarations, as the host's policy admits them.
+
+    A launched plugin declares ``service type -> endpoint path`` itself (``GetPluginInfo``);
+    a self-registered one may register what its join token allows, at any service path
+    (path ""), or, joined through the development switch (``any_type``), any type that no
+    launched plugin declares.
+    """
+
+    launched: bool
+    paths: Mapping[str, str] = field(default_factory=dict)
+    any_type: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,7 +122,7 @@ class Registry:
         self._changed = threading.Condition(self._lock)
         self._providers: dict[str, Provider] = {}  # by registration id
         self._known_types: set[str] = set()
-        self._declared: dict[str, set[str]] = {}  # runtime id -> service types it may register
+        self._declared: dict[str, Declared] = {}  # runtime id -> what it may register
         self._watchers: dict[str, list[queue.SimpleQueue[registry_pb2.WatchServiceEvent | None]]] = {}
         self._last_event: dict[str, tuple[int, str]] = {}
         self._round_robin = itertools.count()
@@ -112,20 +130,16 @@ class Registry:
 
     # --- who may provide what -----------------------------------------------------------------
 
-    def has_declared(self, runtime_id: str) -> bool:
-        with self._lock:
-            return runtime_id in self._declared
-
-    def declare(self, runtime_id: str, service_types: Sequence[str]) -> None:
-        """Record the service types a plugin said it provides (handshake or plugin info)."""
+    def declare(self, runtime_id: str, declared: Declared) -> None:
+        """Record what a plugin may register (its plugin info, or its join token's policy)."""
         limit = self.config.max_registrations_per_identity
-        if len(set(service_types)) > limit:
+        if len(declared.paths) > limit:
             raise ConnectError(
                 Code.RESOURCE_EXHAUSTED,
                 f"a plugin may declare at most {limit} services (RegistryConfig.max_registrations_per_identity)",
             )
         with self._lock:
-            self._declared[runtime_id] = set(service_types)
+            self._declared[runtime_id] = declared
 
     # --- registration -------------------------------------------------------------------------
 
@@ -133,8 +147,9 @@ class Registry:
         self, provider_id: str, service_type: str, version: str, endpoint_path: str, base_url: str,
         metadata: Mapping[str, str] | None = None,
     ) -> Provider:
-        if not service_type:
-            raise ConnectError(Code.INVALID_ARGUMENT, "service_type is required")
+        validation.check_name(service_type, "service_type")
+        validation.check_version(version)
+        validation.check_endpoint_path(endpoint_path)
         config = self.config
         size = sum(len(k.encode()) + len(v.encode()) for k, v in (metadata or {}).items())
         if size > config.max_metadata_bytes:
@@ -144,11 +159,8 @@ class Registry:
             )
         with self._lock:
             declared = self._declared.get(provider_id)
-            if declared is None or service_type not in declared:
-                raise ConnectError(
-                    Code.PERMISSION_DENIED,
-                    f"{provider_id} did not declare that it provides {service_type!r}",
-                )
+            self._check_declared(provider_id, declared, service_type, endpoint_path)
+            assert declared is not None
             held = sum(1 for p in self._providers.values() if p.provider_id == provider_id)
             if held >= config.max_registrations_per_identity:
                 raise ConnectError(
@@ -165,10 +177,11 @@ class Registry:
                 provider_id=provider_id,
                 service_type=service_type,
                 version=version,
-                endpoint_path=endpoint_path if endpoint_path.endswith("/") else endpoint_path + "/",
+                endpoint_path=endpoint_path,
                 base_url=base_url.rstrip("/"),
                 metadata=dict(metadata or {}),
                 health=self._health_of(provider_id),
+                launched=declared.launched,
             )
             self._providers[provider.registration_id] = provider
             self._known_types.add(service_type)
@@ -317,6 +330,22 @@ class Registry:
         ):
             self._last_event.pop(service_type, None)
 
+    def _check_declared(self, provider_id: str, declared: Declared | None, service_type: str, path: str) -> None:
+        if declared is not None and service_type in declared.paths:
+            wanted = declared.paths[service_type]
+            if wanted and wanted != path:
+                raise ConnectError(
+                    Code.PERMISSION_DENIED, f"{provider_id} declared {service_type!r} at {wanted!r}, not {path!r}"
+                )
+            return
+        if declared is not None and declared.any_type and not declared.launched:
+            if any(service_type in d.paths for d in self._declared.values() if d.launched):
+                raise ConnectError(
+                    Code.PERMISSION_DENIED, f"{service_type!r} is provided by a plugin the host launched"
+                )
+            return
+        raise ConnectError(Code.PERMISSION_DENIED, f"{provider_id} may not provide {service_type!r}")
+
     def _health_of(self, provider_id: str) -> HealthState:
         for p in self._providers.values():
             if p.provider_id == provider_id:
@@ -330,6 +359,9 @@ class Registry:
             if p.service_type == service_type and p.health != UNHEALTHY
             and (floor is None or version_key(p.version) >= floor)
         ]
+        # Policy: a plugin that joined by itself never displaces one the host launched; it
+        # is picked only when no launched provider can serve the request.
+        candidates = [p for p in candidates if p.launched] or candidates
         healthy = [p for p in candidates if p.health != DEGRADED]
         return healthy or candidates
 
@@ -367,23 +399,19 @@ class Registry:
 
 
 class Roster(Protocol):
-    """What the registry service asks the host about a calling plugin."""
-
-    def launched_url(self, runtime_id: str) -> str:
-        """Where a plugin the host launched listens; "" for one that joined by itself."""
-        ...
+    """What the registry service tells the host about a calling plugin."""
 
     def heard_from(self, runtime_id: str) -> None:
         """A sign of life from a plugin that joined by itself (one that falls silent is dropped)."""
         ...
 
 
-class PluginInfoReader(Protocol):
-    """Reads what a plugin declares about itself, from its own ``GetPluginInfo``."""
+class BaseURLs(Protocol):
+    """Fixes where a self-registered plugin listens, the first time it says so."""
 
-    def service_types(self, base_url: str, host_secret: str) -> list[str]:
-        """The service types the plugin at ``base_url`` says it provides, asked with the
-        secret the host presents to it; raises ConnectError."""
+    def reachable(self, identity: Identity, requested: str) -> str:
+        """Where the router reaches ``identity``'s plugin, fixing it to ``requested`` (when it
+        has no base URL yet) and checking it once; a different ``requested`` is refused."""
         ...
 
 
@@ -391,35 +419,22 @@ class RegistryService(ServiceRegistryHandler):
     """``connectplugin.v1.ServiceRegistry`` for plugins: every call is authenticated."""
 
     def __init__(
-        self, registry: Registry, identities: Identities, roster: Roster, plugin_info: PluginInfoReader,
-        rate: RateLimiter,
+        self, registry: Registry, identities: Identities, roster: Roster, base_urls: BaseURLs, rate: RateLimiter
     ) -> None:
         """``rate``: registrations allowed per plugin, by runtime id."""
         self._registry = registry
         self._identities = identities
         self._roster = roster
-        self._plugin_info = plugin_info
+        self._base_urls = base_urls
         self._rate = rate
 
     def register_service(self, request: registry_pb2.RegisterServiceRequest, ctx: Context) -> registry_pb2.RegisterServiceResponse:
         identity = self._identities.verify(ctx.request_headers)
         self._rate.check(identity.runtime_id)
         self._roster.heard_from(identity.runtime_id)
-        # Self-registering plugins (model B) say where they listen in metadata["base_url"].
-        launched = self._roster.launched_url(identity.runtime_id)
-        base_url = launched or request.metadata.get("base_url", "")
-        if not base_url:
-            raise ConnectError(
-                Code.INVALID_ARGUMENT, 'metadata["base_url"] is required for a plugin the host did not launch'
-            )
-        if not launched and not self._registry.has_declared(identity.runtime_id):
-            try:
-                service_types = self._plugin_info.service_types(base_url, identity.host_secret)
-            except ConnectError as e:
-                raise ConnectError(
-                    Code.FAILED_PRECONDITION, f"cannot read plugin info at {base_url}: {e.message}"
-                ) from None
-            self._registry.declare(identity.runtime_id, service_types)
+        # A self-registering plugin (model B) that did not say where it listens in its
+        # handshake says it here, in metadata["base_url"] (as Go plugins do), once.
+        base_url = self._base_urls.reachable(identity, request.metadata.get("base_url", ""))
         provider = self._registry.register(
             identity.runtime_id, request.service_type, request.version, request.endpoint_path, base_url, request.metadata
         )

@@ -19,6 +19,12 @@ from .plugin import Plugin
 
 CORE_PROTOCOL_VERSION = 1
 VERSIONS_KEY = "app-protocol-versions"
+JOIN_TOKEN_KEY = "join-token"
+"""``client_metadata`` key: the join token a self-registering plugin presents to its host."""
+BASE_URL_KEY = "base-url"
+"""``client_metadata`` key: where a self-registering plugin listens (fixed by the host once)."""
+TOKEN_TTL_KEY = "runtime-token-ttl"
+"""``server_metadata`` key: seconds the runtime token in the response stays valid."""
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
-from ..gen.connectplugin.v1 import broker_pb2, lifecycle_pb2, registry_pb2
+from ..gen.connectplugin.v1 import broker_pb2, handshake_pb2, lifecycle_pb2, registry_pb2
 from ..gen.connectplugin.v1.broker_connect import CapabilityBrokerClient
 from ..gen.connectplugin.v1.handshake_connect import HandshakeServiceClient
 from ..gen.connectplugin.v1.lifecycle_connect import PluginLifecycleClient
@@ -21,7 +22,14 @@ from ..gen.connectplugin.v1.registry_connect import ServiceRegistryClient
 from ..rpc.client import Client, ClientConfig, Interceptor, ServerStream
 from ..rpc.errors import Code, ConnectError
 from .credentials import HOST_SECRET_KEY, RUNTIME_ID_HEADER, bearer_matches, secret_matches
-from .handshake import HandshakeConfig, check_response, request_for
+from .handshake import (
+    BASE_URL_KEY,
+    JOIN_TOKEN_KEY,
+    TOKEN_TTL_KEY,
+    HandshakeConfig,
+    check_response,
+    request_for,
+)
 from .health import Health, HealthReport, report_to_wire
 from .plugin import ServiceDeclaration
 
@@ -73,6 +81,7 @@ class HostLink:
         self._reporter: threading.Thread | None = None
         self._peers: dict[str, Client] = {}
         self._grant_clients: list[Client] = []
+        self._rotate_at = float("inf")  # monotonic time to renew a self-registered identity's token
 
     def attach(self, health: Health, provides: Sequence[ServiceDeclaration], host_url: str) -> None:
         """Called by the plugin server: the health to report and the services to register."""
@@ -84,8 +93,12 @@ class HostLink:
     # --- identity -----------------------------------------------------------------------------
 
     def assign(self, runtime_id: str, token: str, host_url: str, base_url: str = "") -> None:
-        """Take a runtime identity, then register this plugin's services with the host."""
+        """Take a runtime identity, then register this plugin's services with the host.
+
+        A new token for the identity we already hold (a rotation) only replaces the token.
+        """
         with self._lock:
+            rotation = bool(self._token) and runtime_id == self.runtime_id
             self.runtime_id, self._token = runtime_id, token
             self.host_url = (host_url or self.host_url).rstrip("/")
             self._base_url = base_url or self._base_url
@@ -104,15 +117,24 @@ class HostLink:
         for client in stale:
             if client is not None:
                 client.close()
+        if rotation:
+            log.info("runtime token of %s renewed", runtime_id)
+            return
         self._register()
         self._health_changed(self.health.get())
 
-    def connect(self, handshake: HandshakeConfig, self_id: str, self_version: str, base_url: str) -> None:
-        """Self-registration: handshake with the host as ``self_id`` and take the identity it gives."""
-        with Client(self.host_url, ClientConfig(timeout=self.config.call_timeout)) as client:
-            request = request_for(handshake, (), self_id=self_id, self_version=self_version)
-            response = HandshakeServiceClient(client).handshake(request)
-        check_response(handshake, response, them="host")
+    def connect(
+        self, handshake: HandshakeConfig, self_id: str, self_version: str, base_url: str, join_token: str = ""
+    ) -> None:
+        """Self-registration: handshake with the host as ``self_id`` and take the identity it gives.
+
+        ``join_token`` is the secret the host admits self-registering plugins with; the host
+        fixes ``base_url`` as where it reaches this plugin from now on.
+        """
+        metadata = {BASE_URL_KEY: base_url} if base_url else {}
+        if join_token:
+            metadata[JOIN_TOKEN_KEY] = join_token
+        response = self._handshake(handshake, self_id, self_version, metadata, {})
         if not response.runtime_token:
             raise ConnectError(Code.FAILED_PRECONDITION, "the host gave no runtime identity")
         host_secret = response.server_metadata.get(HOST_SECRET_KEY, "")
@@ -120,7 +142,7 @@ class HostLink:
             # A host that presents no credential (the Go reference): nobody can prove to be
             # it, so a plugin serving behind a HostGate answers no one unless it opted out.
             log.warning("host %s gave no host secret: calls to this plugin cannot be authenticated", self.host_url)
-        # Before registering: the host reads our plugin info while it registers us.
+        # Before registering: the host calls us, with this secret, to check where we listen.
         self.expect_host(host_secret)
         self.assign(response.runtime_id, response.runtime_token, self.host_url, base_url)
 
@@ -134,6 +156,37 @@ class HostLink:
         with self._lock:
             expected = self._host_secret
         return secret_matches(secret, expected)
+
+    def rotate_if_due(self, handshake: HandshakeConfig, self_id: str, self_version: str) -> None:
+        """Renew a self-registered identity's token once it is past half its lifetime.
+
+        The renewal is a handshake carrying the current credentials: the host answers with
+        the same runtime id and a new token, and this plugin stays registered.
+        """
+        with self._lock:
+            due = bool(self._token) and time.monotonic() >= self._rotate_at
+        if not due:
+            return
+        response = self._handshake(handshake, self_id, self_version, {}, self.headers())
+        if response.runtime_id != self.runtime_id or not response.runtime_token:
+            raise ConnectError(Code.FAILED_PRECONDITION, "the host answered a token renewal with another identity")
+        self.assign(response.runtime_id, response.runtime_token, self.host_url)
+
+    def _handshake(
+        self, handshake: HandshakeConfig, self_id: str, self_version: str, metadata: dict[str, str], headers: dict[str, str]
+    ) -> handshake_pb2.HandshakeResponse:
+        request = request_for(handshake, (), self_id=self_id, self_version=self_version)
+        request.client_metadata.update(metadata)
+        with Client(self.host_url, ClientConfig(timeout=self.config.call_timeout, headers=headers)) as client:
+            response = HandshakeServiceClient(client).handshake(request)
+        check_response(handshake, response, them="host")
+        try:
+            ttl = float(response.server_metadata.get(TOKEN_TTL_KEY, "inf"))
+        except ValueError:
+            ttl = float("inf")
+        with self._lock:
+            self._rotate_at = time.monotonic() + ttl / 2
+        return response
 
     @property
     def connected(self) -> bool:

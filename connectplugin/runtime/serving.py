@@ -39,6 +39,8 @@ log = logging.getLogger("connectplugin.plugin")
 # The environment a host gives a plugin it launches.
 ENV_APP_VERSIONS = "CONNECTPLUGIN_APP_PROTOCOL_VERSIONS"
 ENV_HOST_URL = "CONNECTPLUGIN_HOST_URL"
+ENV_JOIN_TOKEN = "CONNECTPLUGIN_JOIN_TOKEN"
+"""Where a self-registering plugin finds its join token when ``ServeConfig.join_token`` is empty."""
 ENV_WATCH_STDIN = "CONNECTPLUGIN_WATCH_STDIN"
 """Set to 1 when stdin is a pipe from the host: its end of file means the host is gone."""
 ENV_SECRET_ON_STDIN = "CONNECTPLUGIN_SECRET_ON_STDIN"
@@ -80,6 +82,9 @@ class ServeConfig:
     """Self-registering mode: join the host at this URL on our own (no launch, no cookie check)."""
     advertise_url: str = ""
     """The URL the host should call us at, when it differs from where we listen."""
+    join_token: str = ""
+    """Self-registering mode: the secret the host admits joining plugins with (sent in the
+    handshake); empty: the ``CONNECTPLUGIN_JOIN_TOKEN`` environment variable, if set."""
     heartbeat_interval: float = 1.0
     """Self-registering mode: seconds between health reports to the host, and between
     attempts to (re)join it; keep it well under the host's heartbeat timeout."""
@@ -274,9 +279,11 @@ class PluginServer:
         while not self._finished.is_set():
             try:
                 if not link.connected:
-                    link.connect(self.handshake_config, self.info.self_id, self.info.self_version, base_url)
+                    join_token = self.config.join_token or os.environ.get(ENV_JOIN_TOKEN, "")
+                    link.connect(self.handshake_config, self.info.self_id, self.info.self_version, base_url, join_token)
                     log.info("connected to host %s as %s", link.host_url, link.runtime_id)
                 else:
+                    link.rotate_if_due(self.handshake_config, self.info.self_id, self.info.self_version)
                     link.heartbeat()
             except ConnectError as e:
                 if link.connected and e.code in (Code.UNAUTHENTICATED, Code.UNAVAILABLE):
