@@ -22,6 +22,7 @@ from connectplugin import (
     ClientConfig,
     HostConfig,
     HTTPConfig,
+    JoinToken,
     PluginHost,
     PluginServer,
     ServeConfig,
@@ -48,13 +49,14 @@ def _plugin() -> tuple[dict[str, Any], Any]:
 
 
 def _host() -> tuple[dict[str, Any], Any]:
-    host = PluginHost(HANDSHAKE, PLUGINS, HostConfig(http=HTTPConfig(threads=8))).start()
+    caller = JoinToken("fuzzing-caller-join-token", name="caller")  # may call, provides nothing
+    host = PluginHost(HANDSHAKE, PLUGINS, HostConfig(http=HTTPConfig(threads=8), join_tokens=[caller])).start()
     host.broker.add("logger", "1.0.0", HostLogger())
     host.launch(provider_process("svc"), name="p")
     with Client(host.url, ClientConfig(timeout=5)) as client:
-        joined = HandshakeServiceClient(client).handshake(
-            hs.request_for(HANDSHAKE, (), self_id="caller", self_version="1.0.0")
-        )
+        request = hs.request_for(HANDSHAKE, (), self_id="caller", self_version="1.0.0")
+        request.client_metadata[hs.JOIN_TOKEN_KEY] = caller.secret
+        joined = HandshakeServiceClient(client).handshake(request)
     credentials = {"X-Plugin-Runtime-ID": joined.runtime_id, "Authorization": f"Bearer {joined.runtime_token}"}
     with Client(host.url, ClientConfig(timeout=5, headers=credentials)) as client:
         grant = CapabilityBrokerClient(client).request_capability(
