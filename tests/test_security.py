@@ -722,3 +722,46 @@ def test_a_port_scan_finds_our_servers_and_a_stranger_reaches_no_procedure_but_t
             # A plugin tells a stranger nothing, not even which procedures it serves.
             assert set(calls.values()) == {"unauthenticated"}, calls
     assert serving_its_host(host, launched)
+
+
+def test_a_plugin_run_by_hand_with_the_opt_out_serves_anyone_and_says_so():
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        **ENV,
+        HANDSHAKE.magic_cookie_key: HANDSHAKE.magic_cookie_value,
+        "CONNECTPLUGIN_ALLOW_UNAUTHENTICATED": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.platform_plugins.provider", "--type", "svc"],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip().split("|")[-1]
+        response = attack(url, KV_PUT, kv_pb2.PutRequest(key="k", value=b"v"))
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=30)
+
+    assert response.status_code == 200
+    assert "WITHOUT AUTHENTICATION" in stderr
+
+
+def test_the_sample_kv_store_serves_standalone_only_with_an_explicit_insecure():
+    done = subprocess.run(
+        [sys.executable, "-m", "samples.kv", "--port", "0"],
+        cwd=ROOT,
+        env={**os.environ, **ENV},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert (done.returncode, done.stdout) == (2, "")
+    assert "--insecure" in done.stderr
