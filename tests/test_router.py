@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import requests
@@ -18,17 +20,22 @@ from connectplugin import (
     Code,
     ConnectError,
     RouterConfig,
+    ServeConfig,
 )
 from connectplugin.gen.connectplugin.v1 import lifecycle_pb2
+from connectplugin.runtime.credentials import HOST_SECRET_HEADER
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KV_PLUGIN, KVServiceClient
 from tests.helpers import (
     AVAILABLE,
+    ENV,
+    ROOT,
     STATE,
     UNAVAILABLE,
     UNHEALTHY,
     Clock,
     Reader,
+    host_secret,
     in_process,
     provider_ids,
     provider_process,
@@ -167,6 +174,88 @@ def test_routed_stream_delivers_each_message_before_the_stream_ends(host, peer):
 
     assert watch.error is None
     assert {e.key for e in watch.messages} == {"first", "second"}
+
+
+def test_a_quiet_routed_stream_gives_the_caller_its_headers_at_once(host, peer):
+    host.launch(provider_process("svc"), name="p")
+    caller = peer(host, "caller")
+    endpoint = caller.discover("svc")
+    kv = caller.kv(endpoint)
+    # Without the headers watch() would wait for them until the stream ends at this deadline.
+    streamer = KVServiceClient(caller.client(caller.host_url + endpoint.endpoint_url, timeout=10))
+
+    with streamer.watch(kv_pb2.WatchRequest(prefix="quiet")) as stream:
+        assert stream.headers["content-type"] == "application/connect+proto"
+        kv.put(kv_pb2.PutRequest(key="quiet", value=b"1"))
+        assert next(iter(stream)).key == "quiet"  # still open: it returned before any message
+
+
+# --- streams released -------------------------------------------------------------------------
+
+
+class _Admissions:
+    """Opens watches one at a time, keeping those admitted: a refused one holds no slot, so
+    trying again never competes with the streams whose release is awaited."""
+
+    def __init__(self, kv: KVServiceClient, streamer: KVServiceClient) -> None:
+        self._kv = kv
+        self._streamer = streamer
+        self.held: list = []
+
+    def one_more(self) -> bool:
+        stream = self._streamer.watch(kv_pb2.WatchRequest(prefix="again"))
+        self._kv.put(kv_pb2.PutRequest(key="again", value=b"1"))
+        try:
+            next(iter(stream))  # an admitted watch hears the put; a refused one ends
+        except ConnectError as e:
+            assert e.code is Code.RESOURCE_EXHAUSTED
+            return False
+        self.held.append(stream)
+        return True
+
+    def close(self) -> None:
+        for stream in self.held:
+            stream.close()
+
+
+def test_a_killed_caller_holding_routed_streams_leaves_host_and_plugin_serving(host, peer):
+    client = host.launch(provider_process("svc"), name="p")
+    caller = peer(host, "caller")
+    endpoint = caller.discover("svc")
+    url = caller.host_url + endpoint.endpoint_url
+    count = ServeConfig().http.max_streams  # every stream slot the plugin has
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.platform_plugins.stream_caller", url, str(count)],
+        cwd=ROOT,
+        env={**os.environ, **ENV, "CALLER_RUNTIME_ID": caller.runtime_id, "CALLER_TOKEN": caller.token},
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == b"ready\n"
+    finally:
+        process.kill()
+        process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+
+    # Within 2 s: routed, direct, dispensed and probed, each with a 2 s deadline.
+    routed = KVServiceClient(caller.client(url, timeout=2))
+    direct = KVServiceClient(
+        caller.client(client.url, timeout=2, extra={HOST_SECRET_HEADER: host_secret(host, client)})
+    )
+    routed.put(kv_pb2.PutRequest(key="k", value=b"v"))
+    assert routed.get(kv_pb2.GetRequest(key="k")).value == b"v"
+    assert direct.get(kv_pb2.GetRequest(key="k")).value == b"v"
+    assert client.dispense("kv").get(kv_pb2.GetRequest(key="k"), timeout=2).value == b"v"
+    assert requests.get(host.url + "/healthz", timeout=2).status_code == 200
+    # The router saw its caller go and closed the upstreams; the plugin saw them close.
+    admissions = _Admissions(routed, KVServiceClient(caller.client(url, timeout=None)))
+    try:
+        for _ in range(count):
+            wait_until(admissions.one_more, "a stream slot of the killed caller to be free")
+    finally:
+        admissions.close()
 
 
 def test_provider_crash_during_a_routed_call_is_unavailable_and_withdraws_it(host, peer):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,11 +19,18 @@ from urllib.parse import quote
 
 from ..rpc import _protocol
 from ..rpc._metadata import environ_key
-from ..rpc._transport import ConnectionPool, Response, TransportError, TransportTimeout
+from ..rpc._transport import (
+    CANCEL_CHECK_INTERVAL,
+    ConnectionPool,
+    Response,
+    TransportCanceled,
+    TransportError,
+    TransportTimeout,
+)
 from ..rpc.client import DEFAULT_TIMEOUT
 from ..rpc.errors import Code, ConnectError
 from ..rpc.resilience import BreakerConfig, CircuitBreaker
-from ..rpc.server import error_response, read_body, refusal, unsupported_media
+from ..rpc.server import disconnection_check, error_response, read_body, refusal, unsupported_media
 from ..rpc.tls import TLSConfig
 from ..runtime.credentials import CALLER_HEADER, HOST_SECRET_HEADER, RUNTIME_ID_HEADER
 from .identities import Identities, Identity
@@ -159,6 +167,7 @@ class Router:
                 headers["Content-Type"] = environ["CONTENT_TYPE"]
             headers[CALLER_HEADER] = caller.runtime_id
             headers["Content-Length"] = str(len(body))
+            caller_gone = disconnection_check(environ)
             tried = ""
             while True:
                 provider = self._resolve(args)
@@ -176,8 +185,11 @@ class Router:
                 pool = self._pool_for(provider.base_url, identity.tls)
                 headers[HOST_SECRET_HEADER] = identity.host_secret
                 try:
-                    upstream = self._send(provider.provider_id, pool, environ["REQUEST_METHOD"], target, headers, body, timeout)
+                    upstream = self._send(provider.provider_id, pool, environ["REQUEST_METHOD"], target, headers, body, timeout, caller_gone)
                     break
+                except TransportCanceled:
+                    # The provider saw its connection close; the answer goes nowhere.
+                    raise ConnectError(Code.CANCELED, "the caller left before the provider answered") from None
                 except TransportTimeout:
                     # Slow is not gone: the provider stays, the caller's time is up.
                     raise ConnectError(
@@ -200,21 +212,29 @@ class Router:
         except ConnectError as e:
             return refusal(start_response, content_type, e)
         out_headers = [(k, v) for k, v in upstream.header_items() if k.lower() not in _HOP_BY_HOP]
-        start_response(f"{upstream.status} {upstream.reason or ''}".strip(), out_headers)
-        return self._relay(upstream, provider.provider_id)
+        write = start_response(f"{upstream.status} {upstream.reason or ''}".strip(), out_headers)
+        streamed = _protocol.is_streaming(upstream.headers.get("content-type", ""))
+        if streamed:
+            # The provider sent its headers at once; so do we, or a quiet stream leaves the
+            # caller waiting for them (servers send headers with the first non-empty chunk).
+            write(b"")
+        return self._relay(upstream, provider.provider_id, streamed, caller_gone, timeout)
 
     def _send(
         self, provider_id: str, pool: ConnectionPool, method: str, target: str, headers: dict[str, str],
-        body: bytes, timeout: float | None,
+        body: bytes, timeout: float | None, caller_gone: Callable[[], bool] | None,
     ) -> Response:
         """Forward a call through the provider's circuit breaker, which hears how it went."""
         breaker = self.breaker(provider_id)
         ticket = breaker.admit() if breaker else 0
         failed = True
         try:
-            upstream = pool.send(method, target, headers, body, self.config.connect_timeout, timeout)
+            upstream = pool.send(method, target, headers, body, self.config.connect_timeout, timeout, caller_gone)
             failed = upstream.status in self._failure_statuses
             return upstream
+        except TransportCanceled:
+            failed = False  # the caller left; the provider did nothing wrong
+            raise
         finally:
             if breaker:
                 breaker.record(ticket, failed)
@@ -242,18 +262,43 @@ class Router:
             return caller_timeout + self.config.deadline_margin
         return None if streaming else self.config.unary_timeout
 
-    def _relay(self, upstream: Response, provider_id: str) -> Iterator[bytes]:
-        """Pass the body on as it arrives; a stream that breaks mid-way marks its provider."""
+    def _relay(
+        self,
+        upstream: Response,
+        provider_id: str,
+        streamed: bool,
+        caller_gone: Callable[[], bool] | None,
+        timeout: float | None,
+    ) -> Iterator[bytes]:
+        """Pass the body on as it arrives; a stream that breaks mid-way marks its provider.
+
+        While the provider is quiet the caller is looked at every ``CANCEL_CHECK_INTERVAL``
+        seconds: once it has gone the upstream connection is closed, which the provider
+        sees (``Context.is_active``), so neither side holds a thread for nobody.
+        """
         try:
             while True:
+                quiet_since = time.monotonic()
+                while caller_gone is not None and not upstream.wait(CANCEL_CHECK_INTERVAL):
+                    if caller_gone():
+                        log.debug("caller of a stream from %s left; closing it", provider_id)
+                        return
+                    if timeout is not None and time.monotonic() - quiet_since >= timeout:
+                        raise TransportTimeout("the provider sent nothing in time")
                 chunk = upstream.read1(RELAY_CHUNK)
                 if not chunk:
                     break
                 yield chunk
+        except TransportTimeout:
+            # Slow is not gone, as when waiting for the headers.
+            if streamed:
+                yield _protocol.end_stream(
+                    ConnectError(Code.DEADLINE_EXCEEDED, f"provider {provider_id} did not answer in time")
+                )
         except TransportError as e:
             self._unreachable(provider_id, e)
             # The response has started: end the stream the Connect way if we can say so.
-            if _protocol.is_streaming(upstream.headers.get("content-type", "")):
+            if streamed:
                 yield _protocol.end_stream(ConnectError(Code.UNAVAILABLE, f"provider {provider_id} went away"))
         finally:
             upstream.close()

@@ -8,6 +8,7 @@ http.client, sockets) become :class:`TransportError` here and nowhere else, as r
 
 from __future__ import annotations
 
+import _pyio
 import hashlib
 import http.client
 import io
@@ -17,6 +18,7 @@ import socket
 import ssl
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -57,6 +59,15 @@ class TransportTimeout(TransportError):
     """Connecting, or waiting for the peer's next bytes, took longer than its timeout."""
 
 
+class TransportCanceled(TransportError):
+    """The call was given up before the peer answered (its caller cancelled it, or left);
+    its connection is closed, so the peer sees it go."""
+
+
+CANCEL_CHECK_INTERVAL = 0.25
+"""Seconds between looks at whether a call is still wanted, while its peer is quiet."""
+
+
 class Response:
     """An HTTP response whose headers have arrived; its body is read on demand.
 
@@ -84,6 +95,11 @@ class Response:
 
     def read1(self, n: int) -> bytes:
         return self.read(n)
+
+    def wait(self, timeout: float) -> bool:
+        """Whether body bytes (or its end) arrived within ``timeout`` seconds, so that
+        ``read1`` returns without waiting on the peer. True when the transport cannot tell."""
+        return True
 
     def close(self) -> None:
         raise NotImplementedError
@@ -396,14 +412,21 @@ class AdapterTransport:
 class _ConnectionResponse(Response):
     """A response on one pooled connection, which goes back to the pool if read to its end."""
 
-    __slots__ = ("_upstream", "_conn", "_pool", "_ended", "_failed", "_headers")
+    __slots__ = ("_upstream", "_conn", "_sock", "_pool", "_ended", "_failed", "_headers")
 
     def __init__(
-        self, upstream: http.client.HTTPResponse, conn: http.client.HTTPConnection, pool: ConnectionPool
+        self,
+        upstream: http.client.HTTPResponse,
+        conn: http.client.HTTPConnection,
+        sock: socket.socket,
+        pool: ConnectionPool,
     ) -> None:
         super().__init__(upstream.status, upstream.reason)
         self._upstream = upstream
         self._conn = conn
+        # The connection lets go of its socket when the reply says it will close, but the
+        # body is still read from it.
+        self._sock = sock
         self._pool = pool
         self._ended = False
         self._failed = False
@@ -428,6 +451,14 @@ class _ConnectionResponse(Response):
     def read1(self, n: int) -> bytes:
         return self._read(self._upstream.read1, n)
 
+    def wait(self, timeout: float) -> bool:
+        buffered = self._upstream.fp
+        if buffered is None or self._upstream.length == 0:
+            return True  # nothing more to wait for: read1 returns at once
+        if not isinstance(buffered, _WatchedReader) or buffered.holding():
+            return True  # held bytes come first; a C reader cannot say whether it holds any
+        return _readable(self._sock, timeout)
+
     def _read(self, read: Callable[[int], bytes], n: int) -> bytes:
         try:
             data = read(n)
@@ -447,6 +478,25 @@ class _ConnectionResponse(Response):
             self._pool.give_back(self._conn)
         else:
             self._conn.close()
+
+
+class _WatchedReader(_pyio.BufferedReader):
+    """A buffered socket reader that says whether it holds bytes not yet read: a wait for
+    more then looks at the socket only when it holds none (C's reader does not say)."""
+
+    def holding(self) -> bool:
+        return len(self._read_buf) > self._read_pos  # type: ignore[attr-defined]  # _pyio's own state
+
+
+class _WatchedResponse(http.client.HTTPResponse):
+    """An HTTPResponse read through a :class:`_WatchedReader`."""
+
+    def __init__(self, sock: socket.socket, *args: Any, **kwargs: Any) -> None:
+        super().__init__(sock, *args, **kwargs)
+        plain = self.fp
+        # The unbuffered file keeps the socket open as long as it is (makefile counts it).
+        self.fp = _WatchedReader(sock.makefile("rb", buffering=0))  # type: ignore[arg-type]
+        plain.close()
 
 
 class ConnectionPool:
@@ -477,17 +527,20 @@ class ConnectionPool:
         body: bytes | None,
         connect_timeout: float,
         read_timeout: float | None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> Response:
         """Send on an idle connection (or a new one).
 
         An idle connection the peer closed while we held it fails before any reply; that one
-        case is retried once on a fresh connection.
+        case is retried once on a fresh connection. While the peer has not answered,
+        ``cancelled()`` is asked every ``CANCEL_CHECK_INTERVAL`` seconds; once it is true the
+        connection is closed and :class:`TransportCanceled` raised.
         """
         target = self._prefix + target
         try:
             conn, reused = self._take(connect_timeout)
             try:
-                return _ConnectionResponse(self._exchange(conn, method, target, body, headers, read_timeout), conn, self)
+                return self._exchange(conn, method, target, body, headers, read_timeout, cancelled)
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                 conn.close()
                 if not reused:
@@ -497,29 +550,41 @@ class ConnectionPool:
                 raise
             conn = self._connect(connect_timeout)
             try:
-                return _ConnectionResponse(self._exchange(conn, method, target, body, headers, read_timeout), conn, self)
+                return self._exchange(conn, method, target, body, headers, read_timeout, cancelled)
             except BaseException:
                 conn.close()
                 raise
         except _FOREIGN as e:
             raise _translate(e) from None
 
-    @staticmethod
     def _exchange(
+        self,
         conn: http.client.HTTPConnection,
         method: str,
         target: str,
         body: bytes | None,
         headers: dict[str, str],
         timeout: float | None,
-    ) -> http.client.HTTPResponse:
-        assert conn.sock is not None
-        conn.sock.settimeout(timeout)
+        cancelled: Callable[[], bool] | None,
+    ) -> _ConnectionResponse:
+        sock = conn.sock
+        assert sock is not None
+        sock.settimeout(timeout)
+        # Only a reply we may wait on in steps needs a reader that says what it holds.
+        conn.response_class = _WatchedResponse if cancelled is not None else http.client.HTTPResponse
         conn.putrequest(method, target, skip_accept_encoding=True)
         for key, value in headers.items():
             conn.putheader(key, value)
         conn.endheaders(body or None)
-        return conn.getresponse()
+        if cancelled is not None:
+            # Nothing has read from the socket yet, so it alone says whether the reply began.
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not _readable(sock, CANCEL_CHECK_INTERVAL):
+                if cancelled():
+                    raise TransportCanceled("the call was given up before the peer answered")
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError("the peer did not answer in time")
+        return _ConnectionResponse(conn.getresponse(), conn, sock, self)
 
     def _take(self, connect_timeout: float) -> tuple[http.client.HTTPConnection, bool]:
         with self._lock:
@@ -569,10 +634,21 @@ def _check_pin(conn: http.client.HTTPConnection, pin: str) -> None:
 def _dropped(sock: socket.socket) -> bool:
     """An idle keep-alive socket that is readable has been closed by the other end."""
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
+        return _readable(sock, 0)
     except (OSError, ValueError):
         return True
-    return bool(readable)
+
+
+def _readable(sock: socket.socket, timeout: float) -> bool:
+    """Whether ``sock`` has bytes (or its end) to read within ``timeout`` seconds.
+
+    poll(), not select(): a busy host holds descriptors past select's limit of 1023.
+    """
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True  # decrypted already, invisible to poll
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(max(0, int(timeout * 1000))))
 
 
 # --- in process: a WSGI app called directly -------------------------------------------------

@@ -88,11 +88,14 @@ class Context:
             return False
         if self._stopping is not None and self._stopping.is_set():
             return False
-        # waitress reports a vanished client; so does the in-process transport.
-        gone = self.environ.get("waitress.client_disconnected") or self.environ.get(
-            "connectplugin.client_disconnected"
-        )
+        gone = disconnection_check(self.environ)
         return not (gone and gone())
+
+
+def disconnection_check(environ: Mapping[str, Any]) -> Callable[[], bool] | None:
+    """The server's own check that a call's client has gone: waitress's, or ours (cheroot's
+    gateway, the in-process transport); None where the server offers none."""
+    return environ.get("waitress.client_disconnected") or environ.get("connectplugin.client_disconnected")
 
 
 def _environ_headers(environ: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
