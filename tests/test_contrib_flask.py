@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import requests
 from flask import Flask
 
-from connectplugin import ProcessStrategy
+from connectplugin import Call, ClientConfig, ProcessStrategy
 from connectplugin.contrib import AppPluginsConfig
 from connectplugin.contrib.flask import ConnectPlugin
 from samples.kv.gen.kv.v1 import kv_pb2
@@ -210,3 +212,27 @@ def test_a_child_forked_after_first_use_launches_its_own_plugin_and_leaves_the_p
         assert parent.dispense("kv").get(kv_pb2.GetRequest(key="a")).value == b"parent"
     finally:
         plugins.close()
+
+
+def test_dispense_passes_a_client_config_and_interceptors_through():
+    app = Flask(__name__)
+    app.config.update(
+        CONNECTPLUGIN_HANDSHAKE=HANDSHAKE,
+        CONNECTPLUGIN_PLUGINS=PLUGINS,
+        CONNECTPLUGIN_LAUNCH={"kv": ProcessStrategy(KV_COMMAND, env=KV_ENV)},
+    )
+    extension = ConnectPlugin(app)
+    timeouts: list[float | None] = []
+
+    def record(call: Call, proceed: Callable[[Call], Any]) -> Any:
+        timeouts.append(call.timeout)
+        return proceed(call)
+
+    try:
+        with app.app_context():
+            kv = extension.dispense("kv", config=ClientConfig(timeout=2.5), interceptors=[record])
+            kv.put(kv_pb2.PutRequest(key="a", value=b"v"))
+    finally:
+        extension.plugins(app).close()
+
+    assert timeouts == [2.5]

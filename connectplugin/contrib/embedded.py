@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from werkzeug.utils import import_string
 
 from ..host.pluginhost import HostConfig, PluginHost
+from ..rpc.client import ClientConfig, Interceptor
 from ..rpc.httpserver import HTTPConfig
 from ..runtime.handshake import HandshakeConfig
 from ..runtime.launcher import ProcessStrategy, Strategy
@@ -183,9 +184,12 @@ class AppPlugins:
                 self._launched.notify_all()
         return launched
 
-    def dispense(self, name: str) -> Any:
-        """The typed client of plugin ``name`` (its generated ``<Service>Client``), launched on first use."""
-        return self.client(name).dispense(name)
+    def dispense(
+        self, name: str, *, config: ClientConfig | None = None, interceptors: Sequence[Interceptor] = ()
+    ) -> Any:
+        """The typed client of plugin ``name`` (its generated ``<Service>Client``), launched on
+        first use; ``config`` and ``interceptors`` as for ``PluginClient.dispense``."""
+        return self.client(name).dispense(name, config=config, interceptors=interceptors)
 
     def launched(self) -> dict[str, PluginClient]:
         """The plugins this process has launched, by name."""

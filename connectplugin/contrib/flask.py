@@ -9,11 +9,13 @@ in a gunicorn master that forks its workers after ``--preload``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from flask import Flask, current_app
 
 from ..host.pluginhost import PluginHost
+from ..rpc.client import ClientConfig, Interceptor
 from ..runtime.pluginclient import PluginClient
 from .embedded import AppPlugins, AppPluginsConfig
 
@@ -51,9 +53,12 @@ class ConnectPlugin:
                 f"ConnectPlugin is not initialised on app {app.name!r}: call init_app(app)"
             ) from None
 
-    def dispense(self, name: str) -> Any:
-        """The typed client of plugin ``name``, launched in this process on first use."""
-        return self.plugins().dispense(name)
+    def dispense(
+        self, name: str, *, config: ClientConfig | None = None, interceptors: Sequence[Interceptor] = ()
+    ) -> Any:
+        """The typed client of plugin ``name``, launched in this process on first use;
+        ``config`` and ``interceptors`` as for ``PluginClient.dispense``."""
+        return self.plugins().dispense(name, config=config, interceptors=interceptors)
 
     def client(self, name: str) -> PluginClient:
         return self.plugins().client(name)

@@ -11,11 +11,13 @@ application with :func:`wrap`; ``manage.py plugins`` lists, health-checks and ca
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from django.apps import apps as registry  # not "apps": that is also our submodule's name
 
 from ...host.pluginhost import PluginHost
+from ...rpc.client import ClientConfig, Interceptor
 from ...runtime.pluginclient import PluginClient
 from ..embedded import AppPlugins, WSGIApp
 
@@ -27,9 +29,10 @@ def plugins() -> AppPlugins:
     return registry.get_app_config(APP_LABEL).plugins  # type: ignore[attr-defined,no-any-return]
 
 
-def dispense(name: str) -> Any:
-    """The typed client of plugin ``name``, launched in this process on first use."""
-    return plugins().dispense(name)
+def dispense(name: str, *, config: ClientConfig | None = None, interceptors: Sequence[Interceptor] = ()) -> Any:
+    """The typed client of plugin ``name``, launched in this process on first use;
+    ``config`` and ``interceptors`` as for ``PluginClient.dispense``."""
+    return plugins().dispense(name, config=config, interceptors=interceptors)
 
 
 def client(name: str) -> PluginClient:
