@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +21,8 @@ from connectplugin import (
     ClientConfig,
     Code,
     ConnectError,
+    HealthState,
+    HostLink,
     HTTPConfig,
     HTTPServer,
     JoinToken,
@@ -30,18 +33,25 @@ from connectplugin import (
     RegistryConfig,
     ServeConfig,
 )
+from connectplugin.gen.capability.logger.v1 import logger_pb2
+from connectplugin.gen.capability.logger.v1.logger_connect import LoggerClient
 from connectplugin.gen.connectplugin.v1 import (
     broker_pb2,
     handshake_pb2,
     lifecycle_pb2,
     plugininfo_pb2,
+    registry_pb2,
 )
 from connectplugin.gen.connectplugin.v1.broker_connect import CapabilityBrokerClient
 from connectplugin.gen.connectplugin.v1.handshake_connect import HandshakeServiceClient
+from connectplugin.gen.connectplugin.v1.registry_connect import ServiceRegistryClient
+from connectplugin.host.admission import Admission
+from connectplugin.host.identities import Identities
 from connectplugin.host.ratelimit import RateLimiter
 from connectplugin.runtime import handshake as hs
 from connectplugin.runtime.credentials import HOST_SECRET_HEADER
 from samples.kv.gen.kv.v1 import kv_pb2
+from samples.kv.gen.kv.v1.kv_connect import KVServiceClient
 from samples.platform import HANDSHAKE
 from samples.platform.capabilities import HostLogger
 from tests.helpers import (
@@ -765,3 +775,347 @@ def test_the_sample_kv_store_serves_standalone_only_with_an_explicit_insecure():
 
     assert (done.returncode, done.stdout) == (2, "")
     assert "--insecure" in done.stderr
+
+
+# --- registration and routing (sec-trust) -----------------------------------------------------
+# The attacker is a self-registered plugin on this machine (``peer``): joined with the cookie
+# alone through the development switch, or holding a join token of its own. It wants the
+# router to reach what it was never given: another plugin, a control service, any URL.
+
+JOINER_SECRET = "s" * 32
+
+
+class Listener:
+    """A socket that must never be called: counts the connections it is offered."""
+
+    def __init__(self) -> None:
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0)
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+
+    def connections(self) -> int:
+        count = 0
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except BlockingIOError:
+                return count
+            conn.close()
+            count += 1
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+@pytest.fixture
+def listener() -> Iterator[Listener]:
+    made = Listener()
+    yield made
+    made.close()
+
+
+def _register(joiner, service_type: str = "svc", version: str = "1.0.0", path: str = "/kv.v1.KVService/", **metadata):
+    request = registry_pb2.RegisterServiceRequest(
+        service_type=service_type, version=version, endpoint_path=path, metadata=metadata
+    )
+    return joiner.registry.register_service(request)
+
+
+def _snapshot(host) -> list[tuple[str, str, str, str]]:
+    return sorted((p.provider_id, p.service_type, p.endpoint_path, p.base_url) for p in host.registry.providers())
+
+
+def test_a_joiner_cannot_move_its_base_url_to_a_launched_plugin_and_shut_it_down(host, peer):
+    victim = host.launch(provider_process("svc"), name="victim")
+    attacker = peer(host, "attacker")
+    attacker.register("evil")  # pins the attacker's own URL
+    before = _snapshot(host)
+
+    error = _refused(lambda: attacker.register("evil", base_url=victim.running.url))
+
+    assert error.code is Code.PERMISSION_DENIED
+    assert _snapshot(host) == before
+    assert victim.running.alive()
+    assert serving_its_host(host, victim)
+
+
+@pytest.mark.parametrize("spelling", ["127.0.0.1", "localhost", "0.0.0.0"])
+def test_a_joiner_cannot_pin_its_base_url_where_a_launched_plugin_listens(host, peer, spelling):
+    victim = host.launch(provider_process("svc"), name="victim")
+    port = victim.running.url.rsplit(":", 1)[1]
+    attacker = peer(host, "attacker")
+
+    error = _refused(lambda: _register(attacker, "evil", base_url=f"http://{spelling}:{port}"))
+
+    assert error.code is Code.PERMISSION_DENIED
+    assert provider_ids(host, "evil") == []
+    assert serving_its_host(host, victim)
+
+
+def test_a_joiner_cannot_pin_its_base_url_at_the_host(host, peer):
+    attacker = peer(host, "attacker")
+
+    error = _refused(lambda: _register(attacker, "evil", base_url=host.url))
+
+    assert error.code is Code.PERMISSION_DENIED
+    assert provider_ids(host, "evil") == []
+
+
+@pytest.mark.parametrize(
+    "path, code",
+    [
+        ("/connectplugin.v1.PluginControl/", Code.PERMISSION_DENIED),
+        ("/connectplugin.v1.PluginIdentity/", Code.PERMISSION_DENIED),
+        ("/connectplugin.v1.HandshakeService/", Code.PERMISSION_DENIED),
+        ("/connectplugin.health.v1.HealthService/", Code.PERMISSION_DENIED),
+        ("/grpc.health.v1.Health/", Code.PERMISSION_DENIED),
+        ("kv.v1.KVService/", Code.INVALID_ARGUMENT),
+        ("/kv.v1.KVService", Code.INVALID_ARGUMENT),
+        ("/kv.v1.KVService/Put", Code.INVALID_ARGUMENT),
+        ("/../connectplugin.v1.PluginControl/", Code.INVALID_ARGUMENT),
+        ("/", Code.INVALID_ARGUMENT),
+        ("", Code.INVALID_ARGUMENT),
+    ],
+)
+def test_an_endpoint_path_that_is_not_an_ordinary_service_prefix_is_refused(host, peer, path, code):
+    attacker = peer(host, "attacker")
+
+    error = _refused(lambda: _register(attacker, "evil", path=path, base_url=attacker.base_url))
+
+    assert error.code is code
+    assert provider_ids(host, "evil") == []
+
+
+def test_a_launched_plugin_registers_only_the_path_it_declared(host):
+    link = HostLink()
+    host.launch(in_process("p", "svc", link=link), name="p")
+    with Client(host.url, ClientConfig(timeout=5, headers=link.headers())) as client:
+        request = registry_pb2.RegisterServiceRequest(
+            service_type="svc", version="1.0.0", endpoint_path="/other.v1.Other/"
+        )
+        error = _refused(lambda: ServiceRegistryClient(client).register_service(request))
+
+    assert error.code is Code.PERMISSION_DENIED
+    assert [p.endpoint_path for p in host.registry.providers("svc")] == ["/kv.v1.KVService/"]
+
+
+def test_an_unauthenticated_caller_makes_the_host_call_no_url(make_host, listener):
+    host = make_host(dev_cookie_joins=False, join_tokens=[JoinToken(JOINER_SECRET, ("svc",))])
+    with Client(host.url, ClientConfig(timeout=5)) as client:
+        joined = hs.request_for(HANDSHAKE, (), self_id="attacker", self_version="1.0.0")
+        joined.client_metadata[hs.BASE_URL_KEY] = listener.url
+        joined.client_metadata[hs.JOIN_TOKEN_KEY] = "not-the-join-token-at-all"
+        handshake_error = _refused(lambda: HandshakeServiceClient(client).handshake(joined))
+        forged = {"X-Plugin-Runtime-ID": "attacker-00000000", "Authorization": "Bearer " + "t" * 43}
+        register = registry_pb2.RegisterServiceRequest(
+            service_type="svc", version="1.0.0", endpoint_path="/kv.v1.KVService/",
+            metadata={"base_url": listener.url},
+        )
+        register_error = _refused(
+            lambda: ServiceRegistryClient(client).register_service(register, headers=forged)
+        )
+
+    assert handshake_error.code is Code.UNAUTHENTICATED
+    assert register_error.code is Code.UNAUTHENTICATED
+    assert listener.connections() == 0
+    assert len(host.identities) == 0
+
+
+def test_a_base_url_where_no_plugin_of_ours_answers_is_refused(host, peer, hang_up):
+    attacker = peer(host, "attacker")
+
+    error = _refused(lambda: _register(attacker, "evil", base_url=hang_up))
+
+    assert error.code is Code.FAILED_PRECONDITION
+    assert provider_ids(host, "evil") == []
+
+
+# --- exits ---
+
+
+def test_a_sigkilled_launched_plugin_loses_its_token_grants_routes_and_watchers_are_told(world):
+    host = world.host
+    victim = host.launch(provider_process("victim"), name="victim")
+    identity = host.identities.get(host.runtime_id(victim))
+    assert identity is not None
+    stolen = {"X-Plugin-Runtime-ID": identity.runtime_id, "Authorization": f"Bearer {identity.token}"}
+    with Client(host.url, ClientConfig(timeout=5, headers=stolen)) as api:
+        grant = CapabilityBrokerClient(api).request_capability(
+            broker_pb2.RequestCapabilityRequest(capability_type="logger")
+        ).grant
+    watch = world.b.watch("victim", limit=2)
+    watch.wait_for(1)
+
+    os.kill(victim.running.pid, signal.SIGKILL)
+    wait_until(lambda: host.identities.get(identity.runtime_id) is None, "the crash to revoke the identity")
+
+    with Client(host.url, ClientConfig(timeout=5, headers=stolen)) as api:
+        discover = registry_pb2.DiscoverServiceRequest(service_type="svc")
+        assert _refused(lambda: ServiceRegistryClient(api).discover_service(discover)).code is Code.UNAUTHENTICATED
+        ask = broker_pb2.RequestCapabilityRequest(capability_type="logger")
+        assert _refused(lambda: CapabilityBrokerClient(api).request_capability(ask)).code is Code.UNAUTHENTICATED
+    with Client(f"{host.url}/services/svc/{world.a.runtime_id}", ClientConfig(timeout=5, headers=stolen)) as routed:
+        get = kv_pb2.GetRequest(key="k")
+        assert _refused(lambda: KVServiceClient(routed).get(get)).code is Code.UNAUTHENTICATED
+    opened = {"Authorization": f"Bearer {grant.bearer_token}"}
+    with Client(grant.endpoint_url, ClientConfig(timeout=5, headers=opened)) as logger:
+        log_call = logger_pb2.LogRequest(level="info", message="after death")
+        assert _refused(lambda: LoggerClient(logger).log(log_call)).code is Code.UNAUTHENTICATED
+    watch.wait_for(2)
+    assert watch.states[-1] == "SERVICE_STATE_UNAVAILABLE"
+    assert provider_ids(host, "victim") == []
+    assert host.reported_health(identity.runtime_id).state is HealthState.UNHEALTHY
+
+
+# --- joining ---
+
+
+def test_self_registration_is_off_without_join_tokens(make_host):
+    host = make_host(dev_cookie_joins=False)
+
+    error = _refused(lambda: _handshake(host))
+
+    assert error.code is Code.PERMISSION_DENIED
+    assert len(host.identities) == 0
+
+
+@pytest.mark.parametrize("secret", ["", "wrong-" + "s" * 26])
+def test_a_join_needs_the_right_join_token_when_tokens_are_configured(make_host, secret):
+    host = make_host(dev_cookie_joins=False, join_tokens=[JoinToken(JOINER_SECRET, ("svc",))])
+    request = hs.request_for(HANDSHAKE, (), self_id="joiner", self_version="1.0.0")
+    if secret:
+        request.client_metadata[hs.JOIN_TOKEN_KEY] = secret
+    with Client(host.url, ClientConfig(timeout=5)) as client:
+        error = _refused(lambda: HandshakeServiceClient(client).handshake(request))
+
+    assert error.code is Code.UNAUTHENTICATED
+    assert len(host.identities) == 0
+
+
+def test_the_development_switch_admits_loopback_peers_only():
+    admission = Admission((), True, HANDSHAKE, Identities(), _NoHost(), 1.0)
+
+    assert admission.admit({}, "127.0.0.1")[0].any_type
+    assert admission.admit({}, "::1")[0].any_type
+    assert _refused(lambda: admission.admit({}, "192.0.2.7")).code is Code.UNAUTHENTICATED
+
+
+class _NoHost:
+    url = "http://127.0.0.1:9"
+
+
+def test_a_join_token_admits_only_the_service_types_it_lists(make_host, peer):
+    host = make_host(dev_cookie_joins=False, join_tokens=[JoinToken(JOINER_SECRET, ("storage",))])
+    joiner = peer(host, "joiner", join_token=JOINER_SECRET)
+
+    joiner.register("storage")
+    error = _refused(lambda: joiner.register("svc"))
+
+    assert error.code is Code.PERMISSION_DENIED
+    assert provider_ids(host, "storage") == [joiner.runtime_id]
+    assert provider_ids(host, "svc") == []
+
+
+def test_a_cookie_joiner_cannot_claim_a_type_a_launched_plugin_provides(host, peer):
+    launched = host.launch(provider_process("svc", "2.0.0"), name="p")
+    attacker = peer(host, "attacker")
+
+    error = _refused(lambda: attacker.register("svc", version="9.9.9"))
+
+    assert error.code is Code.PERMISSION_DENIED
+    assert provider_ids(host, "svc") == [host.runtime_id(launched)]
+
+
+def test_a_joiner_allowed_a_type_never_outranks_the_launched_provider(make_host, peer):
+    host = make_host(join_tokens=[JoinToken(JOINER_SECRET, ("svc",))])
+    joiner = peer(host, "joiner", join_token=JOINER_SECRET)
+    joiner.register("svc", version="9.9.9")  # first, so "first" selection would pick it
+    launched = host.launch(provider_process("svc", "2.0.0"), name="p")
+    caller = peer(host, "caller")
+
+    picked = caller.discover("svc", min_version="2.0.0")
+
+    assert picked.provider_id == host.runtime_id(launched)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("self_id", "bad id/x"), ("self_id", "1plugin"), ("self_id", "x" * 129)],
+)
+def test_a_malformed_self_id_is_refused_as_the_go_host_does(host, field, value):
+    error = _refused(lambda: _handshake(host, value))
+
+    assert error.code is Code.INVALID_ARGUMENT
+    assert len(host.identities) == 0
+
+
+@pytest.mark.parametrize("version", ["banana", "v1.0.0", "1.0", "1.0.0+build.1", ""])
+def test_a_version_that_is_not_strict_semver_is_refused_as_the_go_host_does(host, peer, version):
+    joiner = peer(host, "joiner")
+
+    error = _refused(lambda: joiner.register("svc", version=version))
+
+    assert error.code is Code.INVALID_ARGUMENT
+    assert provider_ids(host, "svc") == []
+
+
+# --- token lifetime ---
+
+
+def test_a_joiner_rotates_its_token_and_stays_registered(make_host, peer):
+    clock = Clock()
+    host = make_host(clock=clock, token_ttl=100.0, token_rotation_grace=5.0)
+    joiner = peer(host, "joiner", provides=("svc",))
+    joiner.register("svc")
+    old = joiner.credentials()
+    with Client(host.url, ClientConfig(timeout=5, headers=old)) as client:
+        request = hs.request_for(HANDSHAKE, (), self_id="joiner", self_version="1.0.0")
+        rotated = HandshakeServiceClient(client).handshake(request)
+
+    assert rotated.runtime_id == joiner.runtime_id and rotated.runtime_token != joiner.token
+    assert rotated.server_metadata[hs.TOKEN_TTL_KEY] == "100"
+    joiner.token = rotated.runtime_token
+    assert joiner.discover("svc").provider_id == joiner.runtime_id
+    clock.advance(6.0)
+    with Client(host.url, ClientConfig(timeout=5, headers=old)) as client:
+        discover = registry_pb2.DiscoverServiceRequest(service_type="svc")
+        assert _refused(lambda: ServiceRegistryClient(client).discover_service(discover)).code is Code.UNAUTHENTICATED
+    assert provider_ids(host, "svc") == [joiner.runtime_id]
+
+
+def test_rotation_needs_a_current_identity_of_the_same_self_id(host, peer):
+    joiner = peer(host, "joiner")
+    with Client(host.url, ClientConfig(timeout=5, headers=joiner.credentials())) as client:
+        as_other = hs.request_for(HANDSHAKE, (), self_id="other", self_version="1.0.0")
+        error = _refused(lambda: HandshakeServiceClient(client).handshake(as_other))
+
+    assert error.code is Code.PERMISSION_DENIED
+    assert host.identities.get(joiner.runtime_id).token == joiner.token
+
+
+def test_an_expired_token_authenticates_nothing_and_the_host_withdraws_its_plugin(make_host, peer):
+    clock = Clock()
+    host = make_host(clock=clock, token_ttl=100.0, reap_interval=0.05)
+    joiner = peer(host, "joiner", provides=("svc",))
+    joiner.register("svc")
+
+    clock.advance(101.0)
+
+    assert _refused(lambda: joiner.discover("svc")).code is Code.UNAUTHENTICATED
+    wait_until(lambda: not provider_ids(host, "svc"), "the host to withdraw the expired plugin")
+
+
+def test_the_host_renews_a_launched_plugins_token_before_it_expires(make_host):
+    clock = Clock()
+    host = make_host(clock=clock, token_ttl=100.0, reap_interval=0.05)
+    link = HostLink()
+    client = host.launch(in_process("p", "svc", link=link), name="p")
+    first = link.headers()["Authorization"]
+
+    clock.advance(60.0)  # past half its lifetime
+
+    wait_until(lambda: link.headers()["Authorization"] != first, "the launched plugin to get a new token")
+    clock.advance(60.0)  # the first token would have expired by now
+    wait_until(lambda: link.connected, "the link to hold its identity")
+    link.discover("svc")
+    assert provider_ids(host, "svc") == [host.runtime_id(client)]
