@@ -147,7 +147,7 @@ def test_router_answers_415_for_a_content_type_connect_does_not_know(host, peer,
 def test_router_refuses_a_body_over_the_read_limit_before_reading_it(host, peer):
     provider = Reached()
     credentials, url = _routed(host, peer, provider)
-    too_big = host.router.read_limit + 1
+    too_big = host.router.config.read_limit + 1
 
     response = requests.post(url, headers={**credentials, **UNARY}, data=b"\0" * too_big, timeout=10)
 

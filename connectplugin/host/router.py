@@ -84,6 +84,9 @@ class RouterConfig:
     """Longest the host waits to open a connection to a provider, in seconds."""
     pool_size: int = 32
     """Idle keep-alive connections kept per provider address."""
+    read_limit: int = _protocol.DEFAULT_READ_LIMIT
+    """Largest request message relayed, in bytes (a stream's envelope header aside); a larger
+    body is ``resource_exhausted`` before the host reads it."""
     breaker: BreakerConfig | None = field(default_factory=BreakerConfig)
     """The circuit breaker each (networked) provider gets: while open, calls to it fail at once
     with ``unavailable``. None: no breakers."""
@@ -93,14 +96,11 @@ class Router:
     """A WSGI app proxying routed calls to providers. Safe from any thread."""
 
     def __init__(
-        self, registry: Registry, identities: Identities, config: RouterConfig | None = None,
-        read_limit: int = _protocol.DEFAULT_READ_LIMIT,
+        self, registry: Registry, identities: Identities, config: RouterConfig | None = None
     ) -> None:
         self._registry = registry
         self._identities = identities
         self.config = config = config or RouterConfig()
-        self.read_limit = read_limit
-        """Largest request body relayed, in bytes (envelope header aside); larger is resource_exhausted."""
         # Keep-alive connections, one pool per provider address, shared by all calls.
         self._pools: dict[tuple[str, TLSConfig | None], ConnectionPool] = {}
         self._pools_lock = threading.Lock()
@@ -157,7 +157,7 @@ class Router:
             if environ["REQUEST_METHOD"] == "POST" and not _protocol.codec_for(content_type, types):
                 return unsupported_media(start_response, types)
             timeout = self._upstream_timeout(_check_headers(environ, streaming), streaming)
-            body = read_body(environ, self.read_limit, _protocol.ENVELOPE_HEADER_SIZE if streaming else 0)
+            body = read_body(environ, self.config.read_limit, _protocol.ENVELOPE_HEADER_SIZE if streaming else 0)
             headers = {
                 key[5:].replace("_", "-").title(): value
                 for key, value in environ.items()
