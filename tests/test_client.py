@@ -29,6 +29,7 @@ from connectplugin import (
 from connectplugin.rpc.client import DEFAULT_TIMEOUT
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KVServiceClient
+from samples.kv.store import KVStore
 from tests.helpers import BOTH_SERVERS, wait_until
 from tests.services import envelope, events
 
@@ -1026,3 +1027,30 @@ def test_a_watch_closed_before_any_event_unsubscribes_from_the_store(kv_client, 
         stream.close()
 
     wait_until(lambda: kv._watchers == [], lambda: f"every watch to unsubscribe: {kv._watchers}")
+
+
+# --- cancellation -----------------------------------------------------------------------------
+
+
+def test_closing_a_stream_from_another_thread_gives_its_blocked_reader_canceled(serve, connect):
+    url = serve(App([KVStore()])).url
+    stream = connect(url).watch(kv_pb2.WatchRequest(prefix="quiet"))  # no message will come
+    outcome: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            next(iter(stream))
+        except BaseException as e:  # noqa: BLE001 - the test asserts what it was
+            outcome.append(e)
+
+    reader = threading.Thread(target=read, name="test-reader")
+    reader.start()
+    # Inside next(), blocked on the socket: the state close() must handle.
+    wait_until(lambda: stream._reading, "the reader to wait for the next message")
+    stream.close()
+    reader.join(timeout=5)
+
+    assert not reader.is_alive()
+    assert isinstance(outcome[0], ConnectError) and outcome[0].code is Code.CANCELED
+    with pytest.raises(StopIteration):
+        next(iter(stream))

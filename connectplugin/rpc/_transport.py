@@ -101,6 +101,11 @@ class Response:
         ``read1`` returns without waiting on the peer. True when the transport cannot tell."""
         return True
 
+    def abort(self) -> None:
+        """Safe from any thread, unlike the rest: shut the connection down so that a read
+        blocked on it returns (the reader then closes the response). Does nothing where the
+        transport cannot."""
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -216,7 +221,7 @@ def _is_stock(adapter: BaseAdapter) -> bool:
 class _FileResponse(Response):
     """A response read through ``read(n)`` and let go of through ``close()``."""
 
-    __slots__ = ("headers", "_read", "_close")
+    __slots__ = ("headers", "_read", "_close", "_raw")
 
     def __init__(
         self,
@@ -225,11 +230,21 @@ class _FileResponse(Response):
         headers: Mapping[str, str],
         read: Callable[[int], bytes],
         close: Callable[[], None],
+        raw: Any = None,
     ) -> None:
         super().__init__(status, reason)
         self.headers = headers
         self._read = read
         self._close = close
+        self._raw = raw
+        """The urllib3 response (or in-process body) underneath, for ``abort``."""
+
+    def abort(self) -> None:
+        abort = getattr(self._raw, "abort", None)  # the in-process body wakes its reader
+        if abort is not None:
+            abort()
+            return
+        _shut(_socket_of(self._raw))
 
     def read(self, n: int) -> bytes:
         try:
@@ -296,7 +311,7 @@ class PoolTransport:
             response.release_conn()  # either way the pool gets its slot back, as with requests
 
         headers = {key.lower(): value for key, value in response.headers.itermerged()}
-        return _FileResponse(response.status, response.reason, headers, response.read, close)
+        return _FileResponse(response.status, response.reason, headers, response.read, close, response)
 
     def close(self) -> None:
         """Close the pool's idle connections; a later call takes a new pool from the session."""
@@ -400,7 +415,9 @@ class AdapterTransport:
         except _FOREIGN as e:
             raise _translate(e) from None
         headers = {key.lower(): value for key, value in response.headers.items()}
-        return _FileResponse(response.status_code, response.reason, headers, response.raw.read, response.close)
+        return _FileResponse(
+            response.status_code, response.reason, headers, response.raw.read, response.close, response.raw
+        )
 
     def close(self) -> None:
         pass  # the session closes its adapters
@@ -458,6 +475,9 @@ class _ConnectionResponse(Response):
         if not isinstance(buffered, _WatchedReader) or buffered.holding():
             return True  # held bytes come first; a C reader cannot say whether it holds any
         return _readable(self._sock, timeout)
+
+    def abort(self) -> None:
+        _shut(self._sock)
 
     def _read(self, read: Callable[[int], bytes], n: int) -> bytes:
         try:
@@ -637,6 +657,26 @@ def _dropped(sock: socket.socket) -> bool:
         return _readable(sock, 0)
     except (OSError, ValueError):
         return True
+
+
+def _socket_of(raw: Any) -> socket.socket | None:
+    """The socket a urllib3 response is read from, if it can be found."""
+    sock = getattr(getattr(raw, "_connection", None), "sock", None)  # kept while streaming
+    if sock is None:
+        # http.client lets go of the connection's socket when the reply says it will close;
+        # the reply's file still reads from it.
+        reader = getattr(getattr(raw, "_fp", None), "fp", None)
+        sock = getattr(getattr(reader, "raw", None), "_sock", None)
+    return sock if isinstance(sock, socket.socket) else None
+
+
+def _shut(sock: socket.socket | None) -> None:
+    """Shut a socket down both ways: a read blocked on it returns, from any thread."""
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # closed already, or never connected: nothing blocks on it
 
 
 def _readable(sock: socket.socket, timeout: float) -> bool:
@@ -823,6 +863,11 @@ class _PumpedBody(io.RawIOBase):
 
     def release_conn(self) -> None:
         self.close()
+
+    def abort(self) -> None:
+        """Wake a reader waiting for the next chunk: the body ends there."""
+        self._gone.set()
+        self._chunks.put(None)
 
     def close(self) -> None:
         self._gone.set()

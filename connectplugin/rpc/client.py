@@ -388,7 +388,7 @@ class ServerStream(Generic[Res]):
     """The responses of a server-streaming call, as an iterator.
 
     ``close()`` (or leaving a ``with`` block) ends the call early and releases its
-    connection. ``headers`` are known at once; ``trailers`` once the stream has ended.
+    connection; it alone is safe from any thread. ``headers`` are known at once; ``trailers`` once the stream has ended.
     """
 
     def __init__(self, client: Client, call: Call, response: Response, deadline: float | None) -> None:
@@ -397,7 +397,10 @@ class ServerStream(Generic[Res]):
         self._response = response
         self._deadline = deadline
         self._encoding = response.headers.get(_STREAM_ENCODING_KEY, _protocol.IDENTITY)
+        self._lock = threading.Lock()  # guards _done, _reading and _canceled
         self._done = False
+        self._reading = False  # a thread is inside next()
+        self._canceled = False  # close() came while it was
         if self._encoding not in _protocol.ENCODINGS:
             self.close()
             raise ConnectError(Code.INTERNAL, f"server used unknown compression {self._encoding!r}")
@@ -414,13 +417,19 @@ class ServerStream(Generic[Res]):
         return self
 
     def __next__(self) -> Res:
-        if self._done:
-            raise StopIteration
+        with self._lock:
+            if self._done:
+                raise StopIteration
+            self._reading = True
         try:
             envelope = self._next_envelope()
         except BaseException:
+            if self._end_read():
+                raise _closed() from None
             self.close()
             raise
+        if self._end_read():
+            raise _closed()
         if envelope is None:
             self.close()
             raise ConnectError(Code.INTERNAL, "stream ended without an end-of-stream message")
@@ -451,9 +460,26 @@ class ServerStream(Generic[Res]):
         if error is not None:
             raise error
 
+    def _end_read(self) -> bool:
+        """Leave ``next()``; True if the stream was closed meanwhile (its response then closes)."""
+        with self._lock:
+            self._reading = False
+            canceled = self._canceled
+        if canceled:
+            self._response.close()
+        return canceled
+
     def close(self) -> None:
-        if not self._done:
+        """End the call early and release its connection. Safe from any thread: a reader
+        waiting in ``next()`` meanwhile gets ``ConnectError(canceled)``."""
+        with self._lock:
+            if self._done:
+                return
             self._done = True
+            self._canceled = reading = self._reading
+        if reading:
+            self._response.abort()  # the reader wakes and closes the response itself
+        else:
             self._response.close()
 
     def __enter__(self) -> ServerStream[Res]:
@@ -467,6 +493,10 @@ class ServerStream(Generic[Res]):
 
 
 # --- errors ---------------------------------------------------------------------------------
+
+
+def _closed() -> ConnectError:
+    return ConnectError(Code.CANCELED, "the stream was closed while this call waited for it")
 
 
 def _timeout_error(deadline: float | None, cause: TransportError) -> ConnectError:
