@@ -6,6 +6,7 @@ from .host.pluginhost import HostConfig, PluginHost
 from .host.ratelimit import Rate
 from .host.registry import RegistryConfig
 from .host.router import RouterConfig
+from .host.supervisor import RestartPolicy, Supervised, SupervisionEvent, Transition
 from .rpc import (
     App,
     BreakerConfig,
@@ -95,6 +96,7 @@ __all__ = [
     "RegistryConfig",
     "Requirement",
     "ResponseMetadata",
+    "RestartPolicy",
     "Retry",
     "RetryConfig",
     "RouterConfig",
@@ -106,7 +108,10 @@ __all__ = [
     "ServingStatus",
     "Service",
     "Strategy",
+    "Supervised",
+    "SupervisionEvent",
     "TLSConfig",
+    "Transition",
     "Trust",
     "make_dev_pki",
     "serve",

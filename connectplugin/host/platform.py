@@ -19,6 +19,7 @@ from ..runtime.launcher import Strategy
 from ..runtime.plugin import Requirement
 from ..runtime.pluginclient import PluginClient
 from .pluginhost import PluginHost
+from .supervisor import RestartPolicy
 
 log = logging.getLogger("connectplugin.platform")
 
@@ -31,6 +32,8 @@ class PluginSpec:
     strategy: Strategy
     provides: Sequence[str] = ()
     requires: Sequence[Requirement] = ()
+    restart: RestartPolicy | None = None
+    """Supervise it: restarted after a crash (``PluginHost.launch(..., restart=)``); None: not."""
 
 
 class DependencyError(Exception):
@@ -89,7 +92,7 @@ class Platform:
                 self._check_startup(by_name[name], coming)
                 coming |= set(by_name[name].provides)
             for name in order:
-                client = self.host.launch(by_name[name].strategy, name=name)
+                client = self.host.launch(by_name[name].strategy, name=name, restart=by_name[name].restart)
                 with self._lock:
                     self._clients[name] = client
                     self._specs[name] = by_name[name]
@@ -100,8 +103,10 @@ class Platform:
         return started
 
     def client(self, name: str) -> PluginClient:
+        """The instance of ``name`` up now (a supervised plugin's latest after a restart)."""
         with self._lock:
-            return self._clients[name]
+            client = self._clients[name]
+        return self.host.current(client)
 
     def names(self) -> list[str]:
         with self._lock:
@@ -120,7 +125,7 @@ class Platform:
             affected = _impact(self._specs, name)
             client = self._clients.pop(name)
             del self._specs[name]
-        self.host.stop(client)
+        self.host.stop(self.host.current(client))
         if affected:
             log.warning("removed %s; now missing a dependency: %s", name, ", ".join(affected))
         return affected
@@ -137,11 +142,12 @@ class Platform:
             old = self._clients[name]
             self._busy.add(name)
         try:
-            new = self.host.launch(strategy, name=name)
+            new = self.host.launch(strategy, name=name, restart=old_spec.restart)
+            old = self.host.current(old)
             self.host.redirect(old, new)
             with self._lock:
                 self._clients[name] = new
-                self._specs[name] = PluginSpec(name, strategy, old_spec.provides, old_spec.requires)
+                self._specs[name] = PluginSpec(name, strategy, old_spec.provides, old_spec.requires, old_spec.restart)
         finally:
             self._settle({name})
         old_id, new_id = self.host.runtime_id(old), self.host.runtime_id(new)
@@ -157,7 +163,7 @@ class Platform:
             clients = [self._clients.pop(n) for n in reversed(order)]
             self._specs.clear()
         for client in clients:
-            self.host.stop(client)
+            self.host.stop(self.host.current(client))
 
     def _settle(self, names: Iterable[str]) -> None:
         with self._settled:

@@ -49,6 +49,7 @@ from .ratelimit import Rate, RateLimiter
 from .registry import Declared, Provider, Registry, RegistryConfig, RegistryService
 from .router import ROUTE as ROUTER_ROUTE
 from .router import Router, RouterConfig
+from .supervisor import RestartPolicy, Supervised, SupervisionListener, Supervisor
 
 log = logging.getLogger("connectplugin.host")
 
@@ -266,6 +267,7 @@ class PluginHost:
         self.registration_rate = RateLimiter(config.registration_rate, "HostConfig.registration_rate", config.max_rate_keys)
         self.grant_rate = RateLimiter(config.grant_rate, "HostConfig.grant_rate", config.max_rate_keys)
         self.router = Router(self.registry, self.identities, config.router)
+        self._supervisor = Supervisor(self)
         self._roster = Roster(self.identities)
         self._admission = Admission(
             config.join_tokens, config.dev_cookie_joins, handshake, self.identities, self, config.control_timeout
@@ -373,10 +375,37 @@ class PluginHost:
             raise RuntimeError("this PluginHost is not started: call start() or use it in a with block")
         return url
 
-    def launch(self, strategy: Strategy, name: str = "") -> PluginClient:
-        """Start a plugin, give it a runtime identity, and return its client."""
+    def launch(self, strategy: Strategy, name: str = "", restart: RestartPolicy | None = None) -> PluginClient:
+        """Start a plugin, give it a runtime identity, and return its client.
+
+        With ``restart`` the plugin is supervised: restarted after a crash, its successor
+        taking over its routes (see ``connectplugin.host.supervisor``); ``current(client)``
+        is the instance up now, ``supervised(client)`` its state.
+        """
         self._check_owner()
         name = name or next(iter(self.plugins))
+        if restart is not None:
+            return self._supervisor.supervise(strategy, name, restart)
+        return self._launch(strategy, name)
+
+    def current(self, client: PluginClient) -> PluginClient:
+        """The instance now up of the plugin ``client`` was launched as (``client`` itself
+        unless it is supervised and was restarted since)."""
+        plugin = self._supervisor.of(client)
+        latest = plugin.client if plugin is not None else None
+        return latest or client
+
+    def supervised(self, client: PluginClient) -> Supervised | None:
+        """The supervision state of the plugin ``client`` is an instance of (None if unsupervised)."""
+        return self._supervisor.of(client)
+
+    def on_supervision(self, listener: SupervisionListener) -> None:
+        """Call ``listener(event)`` on each crash, restart, failed restart and quarantine."""
+        self._supervisor.on_event(listener)
+
+    def _launch(
+        self, strategy: Strategy, name: str, on_crash: Callable[[PluginClient, int | None], None] | None = None
+    ) -> PluginClient:
         holder: list[PluginClient] = []
         issued: list[Identity] = []
 
@@ -389,6 +418,8 @@ class PluginHost:
                 if crashed:
                     report = HealthReport(HealthState.UNHEALTHY, f"exited with status {code}")
                     self._record_health(issued[0].runtime_id, report)
+                    if on_crash is not None:
+                        on_crash(holder[0], code)
 
         # One secret per launch: what this plugin will accept from us and our router only.
         secret = new_secret()
@@ -488,6 +519,7 @@ class PluginHost:
     def stop(self, client: PluginClient, grace: float | None = None) -> None:
         """Stop one launched plugin: Shutdown, then SIGTERM, then SIGKILL after the grace period."""
         self._check_owner()
+        self._supervisor.release(client)
         grace = self.config.stop_grace if grace is None else grace
         running = client.running
         identity = self._identity_of(client)
@@ -537,9 +569,11 @@ class PluginHost:
             if self._closed:
                 return
             self._closed = True
+        _exit_hooks.discard(self)
+        self._supervisor.close()  # no restart from now on
+        with self._lock:
             launched = list(self._launched)
             server = self._http
-        _exit_hooks.discard(self)
         threads = [
             threading.Thread(target=self.stop, args=(c,), name=f"host-stop:{c.name}") for c, _ in launched
         ]

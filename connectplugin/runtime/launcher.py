@@ -480,6 +480,15 @@ class _Process:
         for t in self._readers:
             t.join(timeout=self._strategy.output_timeout)
 
+    def last_stderr(self) -> tuple[str, ...]:
+        """Its last lines on stderr; once it has exited, after they are read (at most
+        ``output_timeout`` seconds: a child of it may hold the pipe open)."""
+        if self._proc.poll() is not None:
+            for t in self._readers:
+                if t.ident is not None:
+                    t.join(timeout=self._strategy.output_timeout)
+        return tuple(self._stderr_tail)
+
     def _check_owner(self) -> None:
         pid = os.getpid()
         if pid != self.owner_pid:

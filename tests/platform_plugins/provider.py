@@ -7,7 +7,8 @@ reached through ordinary ``Get`` calls:
 
 - ``Get("headers")`` answers the request headers the handler saw, as a JSON object.
 - ``Get("whoami")`` answers the instance's label (its pid when run as a process).
-- ``Get("crash")`` ends the process at once, in the middle of the call (exit status 3).
+- ``Get("crash")`` ends the process at once, in the middle of the call (exit status 3),
+  after writing ``crashing as asked`` to stderr.
 - ``Get("fail/<code>")`` fails with that Connect code (``fail/unavailable``).
 - ``Get("sleep/<seconds>")`` answers after that long: a provider that hangs.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 from connectplugin import (
@@ -58,6 +60,8 @@ class Recorder(KVStore):
         if request.key == "whoami":
             return kv_pb2.GetResponse(value=self.label.encode(), found=True)
         if request.key == "crash":
+            sys.stderr.write("crashing as asked\n")
+            sys.stderr.flush()
             os._exit(3)
         if request.key.startswith("fail/"):
             raise ConnectError(Code(request.key.removeprefix("fail/")), "failing as asked")
