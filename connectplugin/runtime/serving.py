@@ -410,17 +410,21 @@ def _auto_mtls(config: ServeConfig) -> tuple[ServeConfig, str]:
 
 def _read_line(fd: int, timeout: float) -> str:
     """One line from ``fd``, read a byte at a time so nothing after it is consumed; "" when
-    nothing complete arrives within ``timeout`` seconds or the pipe ends first."""
+    nothing complete arrives within ``timeout`` seconds, the pipe ends first, or ``fd`` is
+    not open (the caller then explains what is missing)."""
     line = bytearray()
     deadline = time.monotonic() + timeout
-    while not line.endswith(b"\n"):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-            return ""
-        byte = os.read(fd, 1)
-        if not byte:
-            return ""
-        line += byte
+    try:
+        while not line.endswith(b"\n"):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                return ""
+            byte = os.read(fd, 1)
+            if not byte:
+                return ""
+            line += byte
+    except (OSError, ValueError):
+        return ""
     return line.decode(errors="replace")
 
 
