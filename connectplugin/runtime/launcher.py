@@ -28,6 +28,7 @@ import requests
 from ..rpc._transport import WSGIAdapter
 from ..rpc.tls import KeyPair, TLSConfig, decode_certificate, encode_certificate, pinned_to
 from . import handshake as hs
+from . import logs as plugin_logs
 from .health import Health
 from .hostlink import HostLink
 from .plugin import Plugin
@@ -176,7 +177,8 @@ class ProcessStrategy:
     The child gets only the variables in ``_PASSED_ENV`` from the host, then ``env``, then the
     handshake settings; the host's secret is the first line written to its stdin (a pipe the
     host holds until the plugin stops). Its stdout and stderr lines go to the logger
-    ``connectplugin.plugin.<name>``.
+    ``connectplugin.plugin.<name>``: stderr's JSON records at their own level, other lines
+    at INFO or the level of a ``[LEVEL]`` prefix (see ``runtime/logs.py``).
     """
 
     command: Sequence[str]
@@ -458,10 +460,16 @@ class _Process:
 
     def _read_stderr(self) -> None:
         assert self._proc.stderr is not None
-        for raw in _lines(self._proc.stderr, self._strategy.line_limit):
+        limit = self._strategy.line_limit
+        continued = False  # the previous piece was the start of a line longer than limit
+        for raw in _lines(self._proc.stderr, limit):
             line = raw.decode(errors="replace").rstrip("\r\n")
-            self._stderr_tail.append(line)
-            self._logger.info("%s", line)
+            piece = continued or (len(raw) == limit and not raw.endswith(b"\n"))
+            continued = len(raw) == limit and not raw.endswith(b"\n")
+            # A piece of an overlong line is no whole record: logged as it is, at INFO.
+            level, message = (logging.INFO, line) if piece else plugin_logs.parse(line)
+            self._stderr_tail.append(message if level == logging.INFO else f"{logging.getLevelName(level)} {message}")
+            self._logger.log(level, "%s", message)
 
     def _await_exit(self) -> None:
         code = self._proc.wait()

@@ -29,6 +29,7 @@ from ..rpc.errors import Code, ConnectError
 from ..rpc.httpserver import HTTPConfig, HTTPServer
 from ..rpc.server import App, Context, ServerConfig, text_response
 from . import handshake as hs
+from . import logs as plugin_logs
 from .gate import HostGate, warn_unauthenticated
 from .health import NOT_SERVING, SERVING, Health, HealthService, report_to_wire
 from .hostlink import HostLink
@@ -97,6 +98,10 @@ class ServeConfig:
     also turns it on when ``CONNECTPLUGIN_ALLOW_UNAUTHENTICATED=1`` is in the environment."""
     secret_timeout: float = 10.0
     """Seconds a launched plugin waits for its host's secret on stdin before giving up."""
+    structured_logs: bool = True
+    """A plugin a host launched logs INFO and above on stderr as JSON lines, which the host
+    re-emits at their level (``runtime/logs.py``); never when the program configured logging
+    itself (the root logger has a handler) nor when it is not launched by our host."""
 
 
 def _declaration_to_wire(declaration: ServiceDeclaration) -> handshake_pb2.ServiceDeclaration:
@@ -326,6 +331,8 @@ def serve(
     version, secret, announced = 0, "", ""
     if not config.host_url:
         version = _launched_version(handshake)
+        if config.structured_logs:
+            plugin_logs.install(sys.stderr)
         secret = _launch_secret(config)
         if os.environ.get(ENV_AUTO_MTLS) == "1":
             config, announced = _auto_mtls(config)

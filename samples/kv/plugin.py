@@ -17,5 +17,5 @@ PLUGINS = {"kv": KV_PLUGIN}
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(name)s: %(message)s")  # [LEVEL]: the host keeps the level
     serve(PLUGINS, {"kv": KVStore()}, handshake=HANDSHAKE, config=ServeConfig(self_id="kv-store"))
