@@ -20,6 +20,7 @@ from connectplugin import (
     App,
     Client,
     ClientConfig,
+    HandshakeConfig,
     HostConfig,
     HTTPConfig,
     HTTPServer,
@@ -150,16 +151,18 @@ def kv_client(connect, url) -> KVServiceClient:
 
 @pytest.fixture
 def make_host() -> Iterator[Callable[..., PluginHost]]:
-    """``make_host(**HostConfig fields)``: a host on a real socket, closed after the test."""
+    """``make_host(**HostConfig fields)``: a host on a real socket, closed after the test.
+
+    ``handshake=`` and ``plugins=`` replace the platform samples' (the Go tests use Go's)."""
     hosts: list[PluginHost] = []
 
-    def make(**fields: Any) -> PluginHost:
+    def make(handshake: HandshakeConfig = HANDSHAKE, plugins: Any = PLUGINS, **fields: Any) -> PluginHost:
         fields.setdefault("handle_signals", False)
         fields.setdefault("stop_grace", 1.0)
         fields.setdefault("http", HTTPConfig(threads=8, max_streams=8))
         # Peers in these tests join with the magic cookie alone (test_security runs strict hosts).
         fields.setdefault("dev_cookie_joins", True)
-        host = PluginHost(HANDSHAKE, PLUGINS, HostConfig(**fields)).start()
+        host = PluginHost(handshake, plugins, HostConfig(**fields)).start()
         hosts.append(host)
         return host
 
@@ -193,6 +196,7 @@ def peer(serve, make_host) -> Iterator[Callable[..., Peer]]:
         try:
             http = serve(server.app, threads=4)
             made = Peer(host, name, version, server, http.url, join_token)
+            made.http = http
         except BaseException:
             server.link.close()
             raise

@@ -36,6 +36,7 @@ from connectplugin import (
     HandshakeConfig,
     Health,
     HostLink,
+    HTTPServer,
     InProcessStrategy,
     PluginClient,
     PluginHost,
@@ -261,6 +262,8 @@ class Peer:
         self.name = name
         self.server = server
         self.base_url = base_url
+        self.http: HTTPServer | None = None
+        """Its HTTP server, when a fixture started one (close it to make the peer unreachable)."""
         with Client(host.url, ClientConfig(timeout=5)) as client:
             request = hs.request_for(HANDSHAKE, (), self_id=name, self_version=version)
             if join_token:

@@ -7,6 +7,7 @@ naming the missing file, on a checkout without ``../shared/goref/goref.xz``.
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import pytest
@@ -226,3 +227,80 @@ def test_a_port_env_plugin_that_never_listens_fails_its_launch_as_silent(tmp_pat
         strategy.start(LaunchContext("deaf", GO_HANDSHAKE, {"kv": KV_PLUGIN}, "http://127.0.0.1:9"))
     assert e.value.reason is LaunchFailure.SILENT
     assert "answer on port" in e.value.detail
+
+
+# --- a Go plugin with our host -------------------------------------------------------------------
+
+
+def go_kv_host(make_host, **fields):
+    """Our host speaking the Go reference's cookie; Go plugins join it with the cookie alone,
+    from loopback, through the development switch (``dev_cookie_joins``, make_host's default)."""
+    return make_host(handshake=GO_HANDSHAKE, plugins={"kv": KV_PLUGIN}, **fields)
+
+
+def test_a_go_plugin_joins_our_host_and_stays_while_it_answers_health_checks(go, make_host, peer, caplog):
+    caplog.set_level(logging.DEBUG, logger="connectplugin.host")
+    host = go_kv_host(make_host, heartbeat_timeout=0.5)
+    addr, plugin_url = go_address()
+    plugin = go("kv", "-addr", addr, "-host-url", host.url, "-self-id", "go-kv")  # reports health once
+    runtime_id = plugin.line("RUNTIME_ID")
+    plugin.line("REPORTED_HEALTH")
+    link = caller(host.url)
+    try:
+        endpoint = link.discover("kv").endpoint
+        assert endpoint.provider_id == runtime_id
+        assert endpoint.metadata["base_url"] == plugin_url
+        kv = link.client("kv", KVServiceClient, timeout=5)
+        # The Go store's watch opens with a "_watch_started" event.
+        stream = link.client("kv", KVServiceClient)
+        watch = Reader(lambda: stream.watch(kv_pb2.WatchRequest(prefix="g")), until=lambda e: e.key == "g")
+
+        def put_seen() -> bool:
+            kv.put(kv_pb2.PutRequest(key="g", value=b"routed"))
+            return watch.ended.is_set()
+
+        wait_until(put_seen, "a watch event through our router")
+        assert (watch.messages[-1].key, watch.messages[-1].value) == ("g", b"routed")
+        watch.join()
+        assert kv.get(kv_pb2.GetRequest(key="g")) == kv_pb2.GetResponse(value=b"routed", found=True)
+        assert check(plugin_url, "kv") == SERVING
+
+        # Silent past heartbeat_timeout, it is asked, answers, and stays.
+        wait_until(
+            lambda: any(runtime_id in r.getMessage() and "answers health checks" in r.getMessage() for r in caplog.records),
+            "the host to check the silent Go plugin's health",
+        )
+        assert [p.provider_id for p in host.registry.providers("kv")] == [runtime_id]
+        assert kv.get(kv_pb2.GetRequest(key="g")).value == b"routed"
+
+        # Gone, it no longer answers: withdrawn.
+        plugin.stop()
+        wait_until(lambda: not host.registry.providers("kv"), "the stopped Go plugin to be withdrawn")
+        assert host.identities.get(runtime_id) is None
+    finally:
+        link.close()
+
+
+def test_our_host_launches_a_go_plugin_in_the_go_launch_model(go, goref, make_host, tmp_path):
+    host = go_kv_host(make_host)
+    strategy = ProcessStrategy(
+        [go_plugin_program(goref, tmp_path, "-self-id", "launched-go-kv")],
+        env={"CONNECTPLUGIN_DISABLE_TLS_WARNING": "1"},
+        protocol=PORT_ENV,
+    )
+
+    client = host.launch(strategy, name="kv")
+
+    runtime_id = host.runtime_id(client)
+    assert runtime_id.startswith("launched-go-kv-")
+    assert host.discover("kv").provider_id == runtime_id
+    assert client.dispense("kv").put(kv_pb2.PutRequest(key="direct", value=b"1")) == kv_pb2.PutResponse()
+    link = caller(host.url)
+    try:
+        kv = link.client("kv", KVServiceClient, timeout=5)
+        assert kv.get(kv_pb2.GetRequest(key="direct")).value == b"1"
+    finally:
+        link.close()
+    host.stop(client)
+    assert not host.registry.providers("kv")
+    assert not client.running.alive()

@@ -16,6 +16,8 @@ from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
 import connectplugin
 from connectplugin import (
+    Code,
+    ConnectError,
     ForkedProcessError,
     HealthReport,
     HealthState,
@@ -23,6 +25,7 @@ from connectplugin import (
     HostLink,
     HTTPConfig,
     PluginHost,
+    ServingStatus,
 )
 from connectplugin.gen.connectplugin.v1 import lifecycle_pb2, registry_pb2
 from connectplugin.gen.connectplugin.v1.lifecycle_connect import PluginLifecycleClient
@@ -202,10 +205,13 @@ def test_a_quiet_identity_that_provides_nothing_is_not_reaped(make_host, peer):
     link.attach(connectplugin.Health(), (), host.url)
     link.connect(HANDSHAKE, "caller", "1.0.0", base_url="")
     wait_until(lambda: host.reported_health(link.runtime_id), "the caller's one health report")
-    # A provider that falls silent after the caller: the reaper looks at the caller no later
-    # than at the provider, so once the provider is dropped the caller has been judged.
+    # A provider that falls silent after the caller, and gone (its health check unanswered):
+    # the reaper looks at the caller no later than at the provider, so once the provider is
+    # dropped the caller has been judged.
     provider = peer(host, "provider", provides=("svc",))
     provider.register("svc")
+    assert provider.http is not None
+    provider.http.close(grace=0)
 
     wait_until(
         lambda: host.identities.get(provider.runtime_id) is None,
@@ -214,6 +220,25 @@ def test_a_quiet_identity_that_provides_nothing_is_not_reaped(make_host, peer):
 
     assert host.identities.get(link.runtime_id) is not None
     link.close()
+
+
+def test_a_silent_provider_answering_not_serving_is_passed_over_until_it_serves_again(make_host, peer):
+    host = make_host(heartbeat_timeout=0.3)
+    provider = peer(host, "provider", provides=("svc",))
+    provider.register("svc")
+
+    def health() -> HealthState:
+        return host.registry.providers("svc")[0].health
+
+    provider.server.health.set_service("", ServingStatus.NOT_SERVING)
+    wait_until(lambda: health() is HealthState.UNHEALTHY, "the health check to find it not serving")
+    with pytest.raises(ConnectError) as e:
+        host.discover("svc")
+    assert e.value.code is Code.UNAVAILABLE
+
+    provider.server.health.set_service("", ServingStatus.SERVING)
+    wait_until(lambda: health() is HealthState.HEALTHY, "the health check to find it serving again")
+    assert host.discover("svc").provider_id == provider.runtime_id
 
 
 # --- the host's own endpoints -----------------------------------------------------------------

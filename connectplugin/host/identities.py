@@ -121,6 +121,13 @@ class Identities:
             self._used[runtime_id] = now
         return identity
 
+    def touch(self, runtime_id: str) -> None:
+        """Count a sign of life that was no call (its answer to the host's health check) as use."""
+        now = self._clock()
+        with self._lock:
+            if runtime_id in self._used:
+                self._used[runtime_id] = now
+
     def unused_since(self, cutoff: float) -> list[str]:
         """Runtime ids neither issued nor verified since ``cutoff`` (a ``clock`` reading)."""
         with self._lock:

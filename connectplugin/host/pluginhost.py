@@ -20,17 +20,27 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..gen.connectplugin.health.v1 import health_pb2
+from ..gen.connectplugin.health.v1.health_connect import HealthServiceClient
 from ..gen.connectplugin.v1 import handshake_pb2, lifecycle_pb2, plugininfo_pb2
 from ..gen.connectplugin.v1.handshake_connect import HandshakeServiceHandler
 from ..gen.connectplugin.v1.lifecycle_connect import PluginControlClient, PluginLifecycleHandler
 from ..gen.connectplugin.v1.plugininfo_connect import PluginIdentityClient
 from ..rpc import tls
+from ..rpc.client import Client, ClientConfig
 from ..rpc.errors import Code, ConnectError
 from ..rpc.httpserver import HTTPConfig, HTTPServer
 from ..rpc.server import App, Context, text_response
 from ..runtime import handshake as hs
-from ..runtime.credentials import HOST_SECRET_KEY, RUNTIME_ID_HEADER, new_secret
-from ..runtime.health import HealthReport, HealthState, report_from_wire
+from ..runtime.credentials import HOST_SECRET_HEADER, HOST_SECRET_KEY, RUNTIME_ID_HEADER, new_secret
+from ..runtime.health import (
+    SERVING,
+    HealthReport,
+    HealthState,
+    ServingStatus,
+    report_from_wire,
+    status_from_wire,
+)
 from ..runtime.launcher import (
     ForkedProcessError,
     LaunchContext,
@@ -105,8 +115,13 @@ class HostConfig:
     from loopback, to provide any service type no launched plugin declares. The cookie is
     no secret; the host logs a warning for each such join."""
     heartbeat_timeout: float = 5.0
-    """A self-registered plugin silent this long (no health report) is dropped from the
-    registry; its identity is revoked, so if it is alive it simply joins again."""
+    """A self-registered provider silent this long (no health report) is checked: the host
+    asks its HealthService (``Check("")``, with ``health_check_timeout``). One that answers
+    stays (the Go reference's plugins report health once and never heartbeat), unhealthy
+    while it says NOT_SERVING; one that does not answer is dropped from the registry and its
+    identity revoked, so if it is alive after all it simply joins again."""
+    health_check_timeout: float = 2.0
+    """Seconds the host's health check of a silent provider may take before it counts as gone."""
     reap_interval: float | None = None
     """Seconds between looks for silent plugins; None: a quarter of ``heartbeat_timeout``
     (at least ``MIN_REAP_INTERVAL``)."""
@@ -202,6 +217,24 @@ class _Lifecycle(PluginLifecycleHandler):
         return lifecycle_pb2.ReportHealthResponse()
 
 
+class _HealthCheck:
+    """Asks a plugin how it is as a Go host would: ``HealthService.Check("")`` at its base URL."""
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout
+
+    def status(self, identity: Identity) -> ServingStatus | None:
+        """Its overall serving status; None when nothing answers in time. A server that
+        answers without a HealthService (any other error) is up: SERVING."""
+        config = ClientConfig(timeout=self._timeout, headers={HOST_SECRET_HEADER: identity.host_secret}, tls=identity.tls)
+        try:
+            with Client(identity.base_url, config) as client:
+                response = HealthServiceClient(client).check(health_pb2.HealthCheckRequest(service=""))
+            return status_from_wire(response.status)
+        except ConnectError as e:
+            return None if e.code in (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED) else SERVING
+
+
 class Roster:
     """When self-registered plugins were last heard from.
 
@@ -269,6 +302,7 @@ class PluginHost:
         self.router = Router(self.registry, self.identities, config.router)
         self._supervisor = Supervisor(self)
         self._roster = Roster(self.identities)
+        self._health_check = _HealthCheck(config.health_check_timeout)
         self._admission = Admission(
             config.join_tokens, config.dev_cookie_joins, handshake, self.identities, self, config.control_timeout
         )
@@ -441,6 +475,15 @@ class PluginHost:
         )
         holder.append(client)
         try:
+            if running.joins_by_itself:
+                identity = self._await_join(running.url)
+                issued.append(identity)
+                with self._lock:
+                    self._launched.append((client, identity))
+                if not running.alive():
+                    self._revoke(identity.runtime_id, "exited while launching")
+                log.info("launched %s (pid %s) at %s; it joined as %s", name, running.pid, running.url, identity.runtime_id)
+                return client
             info = client.plugin_info()
             declared = _declared(info)
             identity = self.identities.issue(
@@ -479,6 +522,16 @@ class PluginHost:
         """``HostConfig.client``, speaking TLS to a plugin that serves it (auto mTLS)."""
         config = self.config.client
         return replace(config, rpc=replace(config.rpc, tls=running_tls)) if running_tls else config
+
+    def _await_join(self, url: str) -> Identity:
+        """The identity of the launched plugin that joined by itself and registered at ``url``
+        (the Go launch model: the host learns nothing else about which joiner it started)."""
+        timeout = self.config.register_timeout
+        provider = self.registry.await_provider_at(url, timeout)
+        identity = self.identities.get(provider.provider_id) if provider is not None else None
+        if identity is None:
+            raise ConnectError(Code.DEADLINE_EXCEEDED, f"no plugin joined and registered at {url} within {timeout:g} s")
+        return identity
 
     def _await_registration(self, runtime_id: str, service_types: list[str]) -> None:
         """Wait until the plugin has registered what it declared (so dependents can start)."""
@@ -614,8 +667,7 @@ class PluginHost:
             # that could go stale, and keeps its identity however quiet it is.
             providing = {p.provider_id for p in self.registry.providers()}
             for rid in [rid for rid in silent if rid in providing]:
-                log.warning("%s stopped reporting; dropping it from the registry", rid)
-                self._revoke(rid, "stopped reporting")
+                self._check_silent(rid)
             # However quiet a caller may be, a self-registered identity nobody uses is dropped.
             unused = self.identities.unused_since(self.config.clock() - self.config.identity_idle_timeout)
             for rid in unused:
@@ -627,6 +679,24 @@ class PluginHost:
                 log.warning("%s: its runtime token expired", expired.runtime_id)
                 self._revoke(expired.runtime_id, "token expired")
             self._rotate_launched()
+
+    def _check_silent(self, runtime_id: str) -> None:
+        """A provider missed its heartbeats: ask it before withdrawing it (see ``heartbeat_timeout``)."""
+        identity = self.identities.get(runtime_id)
+        status = self._health_check.status(identity) if identity is not None and identity.base_url else None
+        if status is None:
+            log.warning("%s stopped reporting and does not answer health checks; dropping it", runtime_id)
+            self._revoke(runtime_id, "stopped reporting")
+            return
+        log.debug("%s sends no heartbeats but answers health checks: %s", runtime_id, status.name)
+        self._roster.heard_from(runtime_id)
+        self.identities.touch(runtime_id)
+        with self._lock:
+            reported = self._health.get(runtime_id)
+        if status != SERVING:
+            self.registry.set_health(runtime_id, HealthState.UNHEALTHY)
+        else:
+            self.registry.set_health(runtime_id, reported.state if reported else HealthState.HEALTHY)
 
     def _revoke(self, runtime_id: str, why: str) -> None:
         """Everything an identity held ends here, whatever ended it (crash, stop, silence,

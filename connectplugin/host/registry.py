@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
+from urllib.parse import urlsplit
 
 from ..gen.connectplugin.v1 import registry_pb2
 from ..gen.connectplugin.v1.registry_connect import ServiceRegistryHandler
@@ -82,6 +83,21 @@ class Declared:
     launched: bool
     paths: Mapping[str, str] = field(default_factory=dict)
     any_type: bool = False
+
+
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def same_address(a: str, b: str) -> bool:
+    """Whether base URLs ``a`` and ``b`` name one server: scheme, port and host alike, where
+    any two loopback names are alike (a plugin told a port may say localhost or 127.0.0.1)."""
+    x, y = urlsplit(a), urlsplit(b)
+    try:
+        if (x.scheme, x.port) != (y.scheme, y.port) or x.port is None:
+            return False
+    except ValueError:  # a port out of range
+        return False
+    return x.hostname == y.hostname or {x.hostname, y.hostname} <= _LOOPBACK_NAMES
 
 
 @dataclass(frozen=True)
@@ -199,6 +215,18 @@ class Registry:
                 remaining = deadline - time.monotonic()
                 if not missing or remaining <= 0:
                     return missing
+                self._changed.wait(remaining)
+
+    def await_provider_at(self, base_url: str, timeout: float) -> Provider | None:
+        """Wait up to ``timeout`` seconds for a registration whose base URL is ``base_url``
+        (two loopback names for one port count as one address); None if none came."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                found = next((p for p in self._providers.values() if same_address(p.base_url, base_url)), None)
+                remaining = deadline - time.monotonic()
+                if found is not None or remaining <= 0:
+                    return found
                 self._changed.wait(remaining)
 
     def unregister(self, registration_id: str, provider_id: str | None = None) -> None:
