@@ -31,7 +31,17 @@ from connectplugin.runtime.serving import ENV_ALLOW_UNAUTHENTICATED, ENV_HOST_UR
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KV_PLUGIN, KVServiceClient
 from samples.kv.store import KVStore
-from tests.helpers import GO_HANDSHAKE, GoProcess, Reader, free_port, http_ok, listening, wait_until
+from tests.helpers import (
+    ENV,
+    GO_HANDSHAKE,
+    ROOT,
+    GoProcess,
+    Reader,
+    free_port,
+    http_ok,
+    listening,
+    wait_until,
+)
 
 GO_KV = "tests.platform_plugins.go_kv"
 """Our sample KV store as a plugin under the Go reference's magic cookie."""
@@ -304,3 +314,27 @@ def test_our_host_launches_a_go_plugin_in_the_go_launch_model(go, goref, make_ho
     host.stop(client)
     assert not host.registry.providers("kv")
     assert not client.running.alive()
+
+
+def test_a_go_plugin_launched_into_a_host_that_admits_no_joiners_fails_saying_why(go, goref, make_host, tmp_path):
+    host = go_kv_host(make_host, dev_cookie_joins=False)
+    strategy = ProcessStrategy([go_plugin_program(goref, tmp_path)], protocol=PORT_ENV)
+
+    with pytest.raises(LaunchError) as e:
+        host.launch(strategy, name="kv")
+
+    # goref kv joins before it listens, and exits when the host refuses it.
+    assert e.value.reason is LaunchFailure.EXITED
+    assert "does not accept self-registering plugins" in "\n".join(e.value.stderr_tail)
+
+
+def test_a_port_env_plugin_that_listens_first_fails_at_once_where_no_joiner_is_admitted(make_host):
+    host = go_kv_host(make_host, dev_cookie_joins=False)
+    ours = ProcessStrategy([sys.executable, "-m", GO_KV], env=ENV, cwd=str(ROOT), protocol=PORT_ENV)
+
+    with pytest.raises(LaunchError) as e:
+        host.launch(ours, name="kv")
+
+    assert e.value.reason is LaunchFailure.SETUP
+    assert "dev_cookie_joins" in e.value.detail
+    assert not host.registry.providers("kv")

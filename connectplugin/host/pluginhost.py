@@ -476,6 +476,12 @@ class PluginHost:
         holder.append(client)
         try:
             if running.joins_by_itself:
+                if not self._admission.open:
+                    raise ConnectError(
+                        Code.FAILED_PRECONDITION,
+                        "it joins the host by itself (the Go launch model), and this host admits no "
+                        "self-registering plugins (HostConfig.join_tokens, dev_cookie_joins)",
+                    )
                 identity = self._await_join(running.url)
                 issued.append(identity)
                 with self._lock:
