@@ -50,9 +50,10 @@ from .runtime.launcher import (
 )
 from .runtime.plugin import Plugin, Requirement, ServiceDeclaration
 from .runtime.pluginclient import PluginClient, PluginClientConfig
-from .runtime.serving import PluginServer, ServeConfig, serve
+from .runtime.serving import NotLaunchedError, PluginServer, ServeConfig, serve
 
 __all__ = [
+    "NotLaunchedError",
     "App",
     "BreakerConfig",
     "BreakerState",

@@ -10,6 +10,7 @@ The scripts serve the sample KV store with two test hooks (see ``tests/plugins/i
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import os
 import re
@@ -43,6 +44,7 @@ from connectplugin import (
     LaunchContext,
     LaunchError,
     LaunchFailure,
+    NotLaunchedError,
     PluginClient,
     PluginClientConfig,
     PluginHost,
@@ -439,6 +441,47 @@ def test_plugin_run_by_hand_explains_itself_on_stderr_and_exits_nonzero():
     assert "This program is a connectplugin plugin" in done.stderr
     assert HANDSHAKE.magic_cookie_key in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_an_unguarded_plugin_script_imported_by_a_host_raises_instead_of_exiting(host):
+    sys.modules.pop("tests.plugins.unguarded_plugin", None)
+    with pytest.raises(NotLaunchedError) as info:
+        importlib.import_module("tests.plugins.unguarded_plugin")  # as a host would, for InProcessStrategy
+
+    assert info.value.module == "tests.plugins.unguarded_plugin"
+    assert 'if __name__ == "__main__":' in str(info.value)
+    assert host.launch(InProcessStrategy({"kv": KVStore()}), name="kv").handshake()  # the host runs on
+
+
+def test_an_unguarded_plugin_script_run_by_hand_still_explains_itself_and_exits():
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / "unguarded_plugin.py")],
+        env={"PATH": os.environ.get("PATH", ""), **ENV},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+
+    assert done.returncode == 1
+    assert "This program is a connectplugin plugin" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_plugin_a_host_started_with_another_cookie_says_so_not_run_the_host_instead():
+    other = PluginHost(dataclasses.replace(HANDSHAKE, magic_cookie_value="another-app"), PLUGINS,
+                       HostConfig(stop_grace=1.0, handle_signals=False)).start()
+    try:
+        with pytest.raises(LaunchError) as info:
+            other.launch(script("kv_plugin.py"), name="kv")
+    finally:
+        other.close()
+
+    tail = "\n".join(info.value.stderr_tail)
+    assert "different magic cookie" in tail
+    assert HANDSHAKE.magic_cookie_key in tail
+    assert "Run the host instead" not in tail
+    assert HANDSHAKE.magic_cookie_value not in tail and "another-app" not in tail
 
 
 @pytest.mark.parametrize(

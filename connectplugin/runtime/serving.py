@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -330,7 +331,7 @@ def serve(
         config = dataclasses.replace(config, allow_unauthenticated=True)
     version, secret, announced = 0, "", ""
     if not config.host_url:
-        version = _launched_version(handshake)
+        version = _launched_version(handshake, _importing_module(sys._getframe(1)))
         if config.structured_logs:
             plugin_logs.install(sys.stderr)
         secret = _launch_secret(config)
@@ -369,14 +370,49 @@ def _go_launched(config: ServeConfig) -> ServeConfig:
     return dataclasses.replace(config, http=http, host_url=host_url, allow_unauthenticated=True)
 
 
-def _launched_version(handshake: hs.HandshakeConfig) -> int:
-    """The app version agreed with the launching host; exits 1 when no host launched us."""
-    if os.environ.get(handshake.magic_cookie_key) != handshake.magic_cookie_value:
-        sys.stderr.write(
-            "This program is a connectplugin plugin: a host application starts it and talks to it.\n"
-            "Run the host instead, or, to try the plugin by hand, set the environment variable\n"
-            f"{handshake.magic_cookie_key} to the host's magic cookie value.\n"
+class NotLaunchedError(RuntimeError):
+    """``serve()`` was called while the module ``module`` was being imported, in a process
+    no host launched: typically a plugin script without ``if __name__ == "__main__":``
+    imported by a host (for ``InProcessStrategy``). Raised, not exited, so the importing
+    host keeps running and sees where the call came from."""
+
+    def __init__(self, module: str) -> None:
+        self.module = module
+        super().__init__(
+            f"serve() was called while importing {module!r}, in a process no host launched as a "
+            f"plugin; put the call under `if __name__ == \"__main__\":` so that importing {module!r} "
+            "(for InProcessStrategy, say) does not serve"
         )
+
+
+def _importing_module(frame: types.FrameType | None) -> str:
+    """The module whose top-level code made this call (a module being imported), or "" when
+    the call comes from ``__main__`` or a function it called."""
+    while frame is not None and frame.f_code.co_name != "<module>":
+        frame = frame.f_back
+    name = frame.f_globals.get("__name__", "") if frame is not None else ""
+    return "" if name == "__main__" else str(name)
+
+
+def _launched_version(handshake: hs.HandshakeConfig, importing: str) -> int:
+    """The app version agreed with the launching host; exits 1 when no host launched us (and
+    raises NotLaunchedError when the call comes from a module being imported)."""
+    if os.environ.get(handshake.magic_cookie_key) != handshake.magic_cookie_value:
+        if importing:
+            raise NotLaunchedError(importing)
+        if ENV_APP_VERSIONS in os.environ or ENV_WATCH_STDIN in os.environ:
+            # A host did start us, with another magic cookie than ours.
+            sys.stderr.write(
+                "connectplugin: the host that started this plugin gave it a different magic cookie\n"
+                f"than the plugin expects (it expects the environment variable {handshake.magic_cookie_key}\n"
+                "with its own value): host and plugin must use the same HandshakeConfig.\n"
+            )
+        else:
+            sys.stderr.write(
+                "This program is a connectplugin plugin: a host application starts it and talks to it.\n"
+                "Run the host instead, or, to try the plugin by hand, set the environment variable\n"
+                f"{handshake.magic_cookie_key} to the host's magic cookie value.\n"
+            )
         sys.exit(1)
     offered = os.environ.get(ENV_APP_VERSIONS)
     try:
