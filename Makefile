@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test fuzz bench proto lint clean
+.PHONY: demo test fuzz bench soak proto lint clean
 
 $(STAMP): setup.cfg setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ fuzz: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+# 16 routed callers for 60 s while a supervised plugin is SIGKILLed every 10 s (bench/soak.py);
+# prints calls, errors, p50/p99, host and plugin RSS and threads; fails unless flat and clean.
+soak: $(STAMP)
+	$(PY) -m bench.soak
 
 proto: $(STAMP)
 	$(PY) -m connectplugin.codegen

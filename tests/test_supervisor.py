@@ -101,6 +101,27 @@ def test_a_killed_supervised_plugin_comes_back_and_takes_over_its_routes(host, p
     assert host.reported_health(old_id).state is HealthState.UNHEALTHY
 
 
+def test_calls_to_a_crashed_plugin_are_unavailable_until_its_successor_is_up(host, peer):
+    waiting = RestartPolicy(RetryConfig(initial_backoff=600.0, max_backoff=600.0, jitter=0.0))  # the host's close ends the wait
+    events = Events(host)
+    first = host.launch(provider_process("svc"), name="p", restart=waiting)
+    caller = peer(host, "caller")
+    kv = caller.kv(caller.discover("svc"))
+
+    os.kill(first.running.pid, signal.SIGKILL)
+    crashed = events.next()
+
+    assert crashed.transition is Transition.CRASHED and crashed.delay == 600.0
+    for _ in range(2):  # the endpoint and discovery both say it may pass
+        with pytest.raises(ConnectError) as e:
+            kv.get(kv_pb2.GetRequest(key="whoami"))
+        assert e.value.code is Code.UNAVAILABLE
+    with pytest.raises(ConnectError) as e:
+        caller.discover("svc")
+    assert e.value.code is Code.UNAVAILABLE
+    assert host.current(first) is first and host.supervised(first).client is None
+
+
 def test_a_crash_loop_is_quarantined_unhealthy_with_its_last_stderr_lines(host, peer):
     now = [0.0]
     policy = RestartPolicy(FAST.backoff, max_crashes=2, window=10.0, clock=lambda: now[0])

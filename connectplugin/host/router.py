@@ -118,7 +118,10 @@ class Router:
             self._local[provider_id] = app
 
     def alias(self, old_provider_id: str, new_provider_id: str) -> None:
-        """Send calls addressed to a replaced provider (or its predecessors) to its successor."""
+        """Send calls addressed to a replaced provider (or its predecessors) to its successor.
+
+        ``alias(old, old)`` says a successor is coming: calls to ``old`` are ``unavailable``
+        (not ``not_found``) until ``alias(old, new)``."""
         with self._lock:
             for key, target in list(self._aliases.items()):
                 if target == old_provider_id:
@@ -305,8 +308,11 @@ class Router:
 
     def _resolve(self, args: dict[str, str]) -> Provider:
         with self._lock:
+            aliased = args["provider_id"] in self._aliases
             provider_id = self._aliases.get(args["provider_id"], args["provider_id"])
         provider = self._registry.provider(provider_id, args["service_type"])
+        if provider is None and aliased:  # being replaced (a supervised restart): it may pass
+            raise ConnectError(Code.UNAVAILABLE, f"provider {args['provider_id']} has no instance up")
         if provider is None:
             raise ConnectError(Code.NOT_FOUND, f"no provider {args['provider_id']!r} of {args['service_type']!r}")
         if provider.health == UNHEALTHY:

@@ -171,6 +171,8 @@ class Supervisor:
                 return
             plugin._client = None
         runtime_id = self._host.runtime_id(client)
+        if runtime_id:  # calls to its endpoint are unavailable, not not_found, until it is back
+            self._host.router.alias(runtime_id, runtime_id)
         thread = threading.Thread(
             target=self._recover, args=(plugin, client, runtime_id, code), name=f"supervisor:{plugin.name}", daemon=True
         )
