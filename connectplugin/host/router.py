@@ -33,7 +33,7 @@ from ..rpc.resilience import BreakerConfig, CircuitBreaker
 from ..rpc.server import disconnection_check, error_response, read_body, refusal, unsupported_media
 from ..rpc.tls import TLSConfig
 from ..runtime.credentials import CALLER_HEADER, HOST_SECRET_HEADER, RUNTIME_ID_HEADER
-from .identities import Identities, Identity
+from .identities import Identities
 from .registry import UNHEALTHY, Provider, Registry
 
 log = logging.getLogger("connectplugin.router")
@@ -184,7 +184,16 @@ class Router:
                 target = quote(path, safe="/")
                 if environ.get("QUERY_STRING"):
                     target += "?" + environ["QUERY_STRING"]
-                identity = self._identity(provider.provider_id)
+                identity = self._identities.get(provider.provider_id)
+                if identity is None:
+                    # Revoked since it was resolved: replaced (the successor takes the call,
+                    # which the old instance never saw) or gone.
+                    with self._lock:
+                        successor = self._aliases.get(provider.provider_id)
+                    if tried or successor is None:
+                        raise ConnectError(Code.UNAVAILABLE, f"provider {provider.provider_id} is gone")
+                    tried = provider.provider_id
+                    continue
                 pool = self._pool_for(provider.base_url, identity.tls)
                 headers[HOST_SECRET_HEADER] = identity.host_secret
                 try:
@@ -307,25 +316,23 @@ class Router:
             upstream.close()
 
     def _resolve(self, args: dict[str, str]) -> Provider:
-        with self._lock:
-            aliased = args["provider_id"] in self._aliases
-            provider_id = self._aliases.get(args["provider_id"], args["provider_id"])
-        provider = self._registry.provider(provider_id, args["service_type"])
+        requested = args["provider_id"]
+        # Twice: a blue-green replace names the successor before it withdraws the old
+        # instance, so a lookup that finds the old one gone sees the successor on a second look.
+        for _ in range(2):
+            with self._lock:
+                aliased = requested in self._aliases
+                provider_id = self._aliases.get(requested, requested)
+            provider = self._registry.provider(provider_id, args["service_type"])
+            if provider is not None:
+                break
         if provider is None and aliased:  # being replaced (a supervised restart): it may pass
-            raise ConnectError(Code.UNAVAILABLE, f"provider {args['provider_id']} has no instance up")
+            raise ConnectError(Code.UNAVAILABLE, f"provider {requested} has no instance up")
         if provider is None:
             raise ConnectError(Code.NOT_FOUND, f"no provider {args['provider_id']!r} of {args['service_type']!r}")
         if provider.health == UNHEALTHY:
             raise ConnectError(Code.UNAVAILABLE, f"provider {provider.provider_id} is unhealthy")
         return provider
-
-    def _identity(self, provider_id: str) -> Identity:
-        """The provider's identity: its ``host_secret`` proves the host to it (it refuses
-        calls without), its ``tls`` says how to reach it."""
-        identity = self._identities.get(provider_id)
-        if identity is None:
-            raise ConnectError(Code.UNAVAILABLE, f"provider {provider_id} is gone")
-        return identity
 
     @staticmethod
     def _path(provider: Provider, method: str) -> str:
