@@ -3,7 +3,7 @@
 ``python -m bench.hostproc [--cpu N]`` starts a ``PluginHost``, launches ``bench.provider``
 through it (the provider inherits the host's CPU pinning), and prints one line::
 
-    READY <host url> <provider url> <provider runtime id> <provider pid>
+    READY <host url> <provider url> <provider runtime id> <provider pid> <provider's host secret>
 
 It stops the provider and exits when its standard input closes, so a parent that dies, even
 by SIGKILL, cannot leave it running (and the provider follows its host the same way).
@@ -24,7 +24,10 @@ import time
 
 from bench.provider import HANDSHAKE, PLUGINS
 from bench.servers import ROOT, pin_to
-from connectplugin import HostConfig, PluginHost, ProcessStrategy
+from connectplugin import HostConfig, JoinToken, PluginHost, ProcessStrategy
+
+JOIN_TOKEN = "bench-caller-join-token"
+"""Admits the benchmark's caller, a plugin that only calls others (self-registration needs a token)."""
 
 # --- the child ------------------------------------------------------------------------------
 
@@ -37,11 +40,14 @@ def main() -> None:
     # The parent stops us by closing stdin; Ctrl-C reaches the whole process group.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    with PluginHost(HANDSHAKE, PLUGINS, HostConfig(handle_signals=False)) as host:
+    config = HostConfig(handle_signals=False, join_tokens=(JoinToken(JOIN_TOKEN, name="bench"),))
+    with PluginHost(HANDSHAKE, PLUGINS, config) as host:
         strategy = ProcessStrategy([sys.executable, "-m", "bench.provider"], cwd=str(ROOT))
         client = host.launch(strategy, name="kv")
         pid = client.running.pid if client.running is not None else 0
-        print(f"READY {host.url} {client.url} {host.runtime_id(client)} {pid}", flush=True)
+        identity = host.identities.get(host.runtime_id(client))
+        secret = identity.host_secret if identity is not None else ""
+        print(f"READY {host.url} {client.url} {host.runtime_id(client)} {pid} {secret}", flush=True)
         sys.stdin.buffer.read()
 
 
@@ -61,6 +67,8 @@ class HostProcess:
         self.host_pid = 0
         self.provider_url = ""
         self.provider_id = ""
+        self.provider_secret = ""
+        """What the host presents to its plugin: direct calls need it too (plugins answer only their host)."""
         self.provider_pid = 0
         self._timeout = start_timeout
         self._proc: subprocess.Popen[bytes] | None = None
@@ -94,7 +102,7 @@ class HostProcess:
             stderr=self._stderr,
         )
         self.host_pid = self._proc.pid
-        self.host_url, self.provider_url, self.provider_id, pid = self._read_ready()
+        self.host_url, self.provider_url, self.provider_id, pid, self.provider_secret = self._read_ready()
         self.provider_pid = int(pid)
 
     def _read_ready(self) -> list[str]:
@@ -109,7 +117,7 @@ class HostProcess:
                     raise RuntimeError(f"the host process was not ready in {self._timeout:.0f}s")
                 if sel.select(timeout=min(left, 0.2)):
                     words = self._proc.stdout.readline().decode().split()
-                    if len(words) == 5 and words[0] == "READY":
+                    if len(words) == 6 and words[0] == "READY":
                         return words[1:]
                     self._check_alive()
                     raise RuntimeError(f"the host process printed {words!r} instead of READY")

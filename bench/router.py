@@ -21,11 +21,12 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from bench import fixtures, report
-from bench.hostproc import HostProcess, cpu_seconds
+from bench.hostproc import JOIN_TOKEN, HostProcess, cpu_seconds
 from bench.provider import HANDSHAKE, SERVICE_TYPE
 from bench.servers import pin_to, placement
 from bench.settings import Settings
-from connectplugin import Client, ConnectError, Health, HostLink
+from connectplugin import Client, ClientConfig, ConnectError, Health, HostLink
+from connectplugin.runtime.credentials import HOST_SECRET_HEADER
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KVServiceClient
 
@@ -86,10 +87,10 @@ def run(settings: Settings) -> bool:
             flush=True,
         )
         link = HostLink()
-        direct_client = Client(proc.provider_url)
+        direct_client = Client(proc.provider_url, ClientConfig(headers={HOST_SECRET_HEADER: proc.provider_secret}))
         try:
             link.attach(Health(), (), proc.host_url)
-            link.connect(HANDSHAKE, "bench-caller", "1.0.0", base_url="")
+            link.connect(HANDSHAKE, "bench-caller", "1.0.0", base_url="", join_token=JOIN_TOKEN)
             endpoint = link.discover(SERVICE_TYPE).endpoint
             if endpoint.provider_id != proc.provider_id:
                 raise RuntimeError(f"the registry offered {endpoint.provider_id}, not the provider")
