@@ -7,6 +7,7 @@ import datetime
 import os
 import stat
 import sys
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -24,8 +25,9 @@ from connectplugin import (
     ProcessStrategy,
     ServingStatus,
 )
-from connectplugin.rpc import tls
+from connectplugin.rpc import httpserver, tls
 from connectplugin.rpc._transport import ConnectionPool
+from connectplugin.rpc.httpserver import PlaintextRefusedError
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KVServiceClient
 from tests.helpers import provider_process
@@ -292,3 +294,69 @@ def test_the_host_refuses_a_plugin_that_does_not_announce_a_certificate(mtls_hos
         mtls_host.launch(liar, name="liar")
 
     assert failed.value.reason is LaunchFailure.REFUSED
+
+
+# --- plaintext off loopback ---------------------------------------------------------------------
+
+
+def non_loopback_address() -> str:
+    """An IPv4 address of this machine's own interfaces other than loopback; the test only
+    binds it (traffic, if any, stays on this machine)."""
+    import fcntl
+    import socket
+    import struct
+
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(s.fileno(), siocgifaddr, struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue  # no IPv4 address on it
+            address = socket.inet_ntoa(packed[20:24])
+            if not address.startswith("127."):
+                return address
+    pytest.skip("this machine has no non-loopback IPv4 address")
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "example.internal"])
+def test_plaintext_on_a_non_loopback_address_is_refused(kv, host):
+    server = HTTPServer(App([kv]), HTTPConfig(host=host))
+
+    with pytest.raises(PlaintextRefusedError) as refused:
+        server.bind()
+
+    assert refused.value.host == host
+    server.close()
+
+
+def test_plaintext_behind_a_tls_proxy_serves_and_warns_once(kv, caplog, monkeypatch):
+    monkeypatch.setattr(httpserver, "_proxy_warned", threading.Event())
+    address = non_loopback_address()
+    config = HTTPConfig(host=address, behind_tls_proxy=True)
+
+    with HTTPServer(App([kv]), config), HTTPServer(App([kv]), config):
+        pass
+
+    warnings = [r for r in caplog.records if "behind_tls_proxy" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_tls_on_a_non_loopback_address_needs_no_proxy_setting(kv, pki):
+    address = non_loopback_address()
+    config = HTTPConfig(host=address, tls=tls.TLSConfig(key_pair=pki.host))
+
+    with HTTPServer(App([kv]), config) as server:
+        assert server.url.startswith("https://")
+
+
+def test_a_bearer_token_to_a_remote_plaintext_url_warns_once(caplog):
+    headers = {"Authorization": "Bearer t"}
+    url = "http://plugins.example:8080"  # the clients are built, never called
+
+    Client(url, ClientConfig(headers=headers)).close()
+    Client(url, ClientConfig(headers=headers)).close()
+    Client("http://127.0.0.1:8080", ClientConfig(headers=headers)).close()
+
+    warnings = [r for r in caplog.records if "bearer token" in r.getMessage()]
+    assert len(warnings) == 1

@@ -5,7 +5,7 @@ It knows nothing of plugins. Generated code imports its public names from here.
 
 from .client import Call, Client, ClientConfig, Interceptor, ResponseMetadata, ServerStream
 from .errors import Code, ConnectError, ErrorDetail
-from .httpserver import HTTPConfig, HTTPServer
+from .httpserver import HTTPConfig, HTTPServer, PlaintextRefusedError
 from .resilience import BreakerConfig, BreakerState, CircuitBreaker, Retry, RetryConfig
 from .server import App, Context, ServerConfig
 from .service import Method, Service
@@ -29,6 +29,7 @@ __all__ = [
     "HTTPServer",
     "Interceptor",
     "Method",
+    "PlaintextRefusedError",
     "ResponseMetadata",
     "Retry",
     "RetryConfig",

@@ -8,11 +8,13 @@ in-process adapter can stand in for the network without changing anything above 
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit
 
 import requests
 from google.protobuf.message import Message
@@ -22,10 +24,13 @@ from . import _protocol, _transport
 from ._metadata import Value, from_pairs, split_prefixed, to_wire
 from ._transport import Response, TransportError, TransportTimeout
 from .errors import Code, ConnectError
+from .httpserver import is_loopback
 from .service import Method
 from .tls import TLSConfig
 
 Res = TypeVar("Res", bound=Message)
+
+log = logging.getLogger("connectplugin.client")
 
 _USER_AGENT = "connectplugin-python/0.1"
 
@@ -95,6 +100,21 @@ class ClientConfig:
             raise ValueError(f"compression must be one of {_protocol.ENCODINGS}, not {self.compression!r}")
 
 
+_credential_warned: set[str] = set()
+"""Base URLs already warned about (each once per process)."""
+
+
+def _warn_plaintext_credentials(base_url: str, headers: Mapping[str, str]) -> None:
+    """Warn once per URL when a bearer token would cross a network in clear."""
+    if not any(k.lower() == "authorization" for k in headers):
+        return
+    parts = urlsplit(base_url)
+    if parts.scheme != "http" or is_loopback(parts.hostname or "") or base_url in _credential_warned:
+        return
+    _credential_warned.add(base_url)
+    log.warning("sending a bearer token to %s over plaintext HTTP: anyone on the path can read and reuse it", base_url)
+
+
 class _Capture(threading.local):
     stack: list[ResponseMetadata]
 
@@ -152,6 +172,7 @@ class Client:
             session.mount("http://", adapter)
             session.mount("https://", adapter)
         self.session = session
+        _warn_plaintext_credentials(self.base_url, self.config.headers)
         self._transport: _transport.Transport
         if self.config.tls is not None:
             if not self._owns_session:

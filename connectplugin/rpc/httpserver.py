@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import _pyio  # cheroot's socket files are built on it
 import ctypes
+import ipaddress
 import logging
 import select
 import socket
@@ -76,11 +77,57 @@ class HTTPConfig:
     """Seconds beyond the grace ``close()`` waits for the serving thread to release its sockets."""
     tls: _tls.TLSConfig | None = None
     """Serve HTTPS with this certificate (and, with its ``trust``, require client certificates)."""
+    behind_tls_proxy: bool = False
+    """Serve plaintext on a non-loopback address all the same: a TLS-terminating proxy is in
+    front and the network behind it is trusted. Without it such a server refuses to bind."""
 
     @property
     def workers(self) -> int:
         """All worker threads: ``threads`` plus the ``max_streams`` reserved for streams."""
         return self.threads + self.max_streams
+
+
+class PlaintextRefusedError(Exception):
+    """A server was asked to listen without TLS where other machines can reach it.
+
+    ``host`` is the address it was given. Configure ``HTTPConfig.tls``, listen on loopback,
+    or set ``HTTPConfig.behind_tls_proxy`` when a TLS-terminating proxy is in front.
+    """
+
+    def __init__(self, host: str) -> None:
+        super().__init__(
+            f"refusing to serve plaintext HTTP on {host!r}, which is not a loopback address: "
+            "configure HTTPConfig.tls, or set HTTPConfig.behind_tls_proxy=True behind a TLS-terminating proxy"
+        )
+        self.host = host
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address, or the name ``localhost``) is only reachable from this machine."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # another name: it may resolve anywhere
+
+
+_proxy_warned = threading.Event()
+"""Set once the behind-a-proxy warning has been logged: once per process is enough."""
+
+
+def _check_plaintext(config: HTTPConfig) -> None:
+    if config.tls is not None or is_loopback(config.host):
+        return
+    if not config.behind_tls_proxy:
+        raise PlaintextRefusedError(config.host)
+    if not _proxy_warned.is_set():
+        _proxy_warned.set()
+        log.warning(
+            "serving plaintext HTTP on %s: calls, bearer tokens included, are protected only by the TLS proxy in "
+            "front (HTTPConfig.behind_tls_proxy)",
+            config.host,
+        )
 
 
 class HTTPServer:
@@ -114,6 +161,7 @@ class HTTPServer:
         if self._address is None:
             if self._stopping.is_set():
                 raise RuntimeError("this HTTPServer is closed")
+            _check_plaintext(self.config)
             app = _StreamSlots(self.app, self.config.max_streams)
             server, address = _bind_waitress(app, self.config) if self.config.tls is None else _bind_cheroot(
                 app, self.config
