@@ -19,7 +19,7 @@ from connectplugin.contrib.flask import ConnectPlugin
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.plugin import HANDSHAKE, PLUGINS
 from tests.helpers import ROOT, free_port, in_forked_child, wait_until
-from tests.webapps import GUNICORN, KV_COMMAND, KV_ENV, running
+from tests.webapps import GUNICORN, KV_COMMAND, KV_ENV, WORKERS, running
 
 FLASK_RUN = [
     sys.executable,
@@ -48,12 +48,14 @@ def test_gunicorn_workers_each_launch_one_plugin_on_first_use_and_stop_it_within
     by_worker = server.plugins_by_process()
 
     plugins = {pid for pids in by_worker.values() for pid in pids}
-    assert plugins and all(
-        len(pids) <= 1 for pids in by_worker.values()
-    )  # one launch per serving process
-    assert server.plugin_processes() == plugins == set(server.launches())  # none in the master
+    assert plugins and all(len(pids) <= 1 for pids in by_worker.values())  # one per process
+    # gunicorn need not hand the later requests to every worker that served the first one,
+    # so the answers may not name every plugin: the launch log does.
+    launched = set(server.launches())
+    assert plugins <= launched == server.plugin_processes()
+    assert len(launched) <= WORKERS  # one per worker, none in the master
     server.stop(signal.SIGTERM)
-    assert not [pid for pid in plugins if running(pid)]
+    assert not [pid for pid in launched if running(pid)]
 
 
 def test_a_host_started_at_import_under_preload_is_left_to_the_master_and_refused_to_workers(

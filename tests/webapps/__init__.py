@@ -25,8 +25,10 @@ from tests.helpers import ROOT, free_port, wait_until
 KV_COMMAND = [sys.executable, "-m", "tests.webapps.kv"]
 KV_ENV = {"PYTHONPATH": str(ROOT), "WEBAPP_LAUNCH_LOG": os.environ.get("WEBAPP_LAUNCH_LOG", "")}
 """What the apps launch; ``WEBAPP_LAUNCH_LOG`` is the file their plugins note each launch in."""
+WORKERS = 2
+"""gunicorn workers in every test that runs it."""
 GUNICORN = [
-    sys.executable, "-m", "gunicorn", "-w", "2", "-b", "127.0.0.1:{port}", "--graceful-timeout", "10",
+    sys.executable, "-m", "gunicorn", "-w", str(WORKERS), "-b", "127.0.0.1:{port}", "--graceful-timeout", "10",
     # Its control socket has one path per user: servers running side by side would share it.
     "--no-control-socket",
 ]  # fmt: skip
