@@ -137,6 +137,19 @@ class WebServer:
         """The pid of every plugin launched for this server so far, running or not."""
         return [int(line) for line in self.launch_log.read_text().split()]
 
+    def one_plugin_per_worker(self) -> set[int]:
+        """Use the plugin through the app; check each serving process launched one plugin and
+        the master none; the plugins launched, all running."""
+        by_worker = self.plugins_by_process()
+        plugins = {pid for pids in by_worker.values() for pid in pids}
+        assert plugins and all(len(pids) <= 1 for pids in by_worker.values())
+        # gunicorn need not hand the later requests to every worker that served the first
+        # one, so the answers may not name every plugin: the launch log does.
+        launched = set(self.launches())
+        assert plugins <= launched == self.plugin_processes()
+        assert len(launched) <= WORKERS
+        return launched
+
     def plugins_by_process(self, requests_made: int = 8) -> dict[int, list[int]]:
         """Call the plugin through the app a few times (gunicorn spreads them over its
         workers); the plugins each answering process has launched, by its pid."""
