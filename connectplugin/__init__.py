@@ -1,6 +1,6 @@
 """connectplugin: remote-first plugins that talk Connect RPC over plain HTTP."""
 
-from .host.admission import JoinToken
+from .host.admission import CertificateIdentity, JoinToken
 from .host.platform import DependencyError, Platform, PluginSpec
 from .host.pluginhost import HostConfig, PluginHost
 from .host.ratelimit import Rate
@@ -29,6 +29,7 @@ from .rpc import (
     ResponseMetadata,
     Retry,
     RetryConfig,
+    RevocationList,
     ServerConfig,
     ServerStream,
     Service,
@@ -59,6 +60,7 @@ __all__ = [
     "BreakerConfig",
     "BreakerState",
     "Call",
+    "CertificateIdentity",
     "CircuitBreaker",
     "Client",
     "ClientConfig",
@@ -99,6 +101,7 @@ __all__ = [
     "RegistryConfig",
     "Requirement",
     "ResponseMetadata",
+    "RevocationList",
     "RestartPolicy",
     "Retry",
     "RetryConfig",

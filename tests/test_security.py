@@ -993,11 +993,11 @@ def test_a_join_needs_the_right_join_token_when_tokens_are_configured(make_host,
 
 
 def test_the_development_switch_admits_loopback_peers_only():
-    admission = Admission((), True, HANDSHAKE, Identities(), _NoHost(), 1.0)
+    admission = Admission((), (), True, HANDSHAKE, Identities(), _NoHost(), 1.0)
 
-    assert admission.admit({}, "127.0.0.1")[0].any_type
-    assert admission.admit({}, "::1")[0].any_type
-    assert _refused(lambda: admission.admit({}, "192.0.2.7")).code is Code.UNAUTHENTICATED
+    assert admission.admit("joiner", {}, "127.0.0.1", None)[0].any_type
+    assert admission.admit("joiner", {}, "::1", None)[0].any_type
+    assert _refused(lambda: admission.admit("joiner", {}, "192.0.2.7", None)).code is Code.UNAUTHENTICATED
 
 
 class _NoHost:

@@ -8,29 +8,40 @@ import os
 import stat
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from connectplugin import (
     App,
+    CertificateIdentity,
     Client,
     ClientConfig,
     Code,
     ConnectError,
+    HostConfig,
     HTTPConfig,
     HTTPServer,
     LaunchError,
     LaunchFailure,
+    PluginHost,
+    PluginServer,
     ProcessStrategy,
+    ServeConfig,
     ServingStatus,
 )
+from connectplugin.gen.connectplugin.v1 import registry_pb2
+from connectplugin.gen.connectplugin.v1.handshake_connect import HandshakeServiceClient
+from connectplugin.gen.connectplugin.v1.registry_connect import ServiceRegistryClient
 from connectplugin.rpc import httpserver, tls
 from connectplugin.rpc._transport import ConnectionPool
 from connectplugin.rpc.httpserver import PlaintextRefusedError
+from connectplugin.runtime import handshake as hs
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KVServiceClient
+from samples.platform import HANDSHAKE
 from tests.helpers import provider_process
+from tests.platform_plugins.provider import PLUGINS, Recorder, declare
 from tests.services import ScriptedKV
 
 A_YEAR_AGO = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=365)
@@ -360,3 +371,191 @@ def test_a_bearer_token_to_a_remote_plaintext_url_warns_once(caplog):
 
     warnings = [r for r in caplog.records if "bearer token" in r.getMessage()]
     assert len(warnings) == 1
+
+
+# --- certificates as identity: self-registering plugins across machines (model B with a CA) ---
+
+
+class WallClock:
+    """The host's certificate clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = datetime.datetime.now(datetime.timezone.utc)
+
+    def __call__(self) -> datetime.datetime:
+        return self.now
+
+
+@pytest.fixture
+def wall_clock() -> WallClock:
+    return WallClock()
+
+
+@pytest.fixture
+def cert_host(make_host, pki, wall_clock) -> PluginHost:
+    """A host serving mTLS with the development CA that admits ``kv`` (providing ``svc``)
+    and ``other`` (a caller only) by their certificates, and nobody else."""
+    server_tls = tls.TLSConfig(key_pair=pki.host, trust=tls.Trust(cas=(pki.ca.certificate,)))
+    return make_host(
+        http=HTTPConfig(threads=8, max_streams=8, tls=server_tls),
+        certificate_identities=[CertificateIdentity("kv", ["svc"]), CertificateIdentity("other")],
+        dev_cookie_joins=False,
+        wall_clock=wall_clock,
+    )
+
+
+@pytest.fixture
+def join(pki) -> Iterator[Callable[..., PluginServer]]:
+    """``join(host, self_id, provides=(), pair=None)``: a plugin on its own TLS server (the
+    certificate of ``self_id`` by default, verifying the host against the CA) that joins
+    ``host`` by its handshake, presenting that certificate."""
+    servers: list[tuple[PluginServer, threading.Thread]] = []
+
+    def make(
+        host: PluginHost, self_id: str, provides: tuple[str, ...] = (), pair: tls.KeyPair | None = None
+    ) -> PluginServer:
+        own = tls.TLSConfig(key_pair=pair or pki.plugins[self_id], trust=tls.Trust(cas=(pki.ca.certificate,)))
+        config = ServeConfig(
+            self_id=self_id, self_version="1.0.0", host_url=host.url, provides=[declare(t) for t in provides],
+            http=HTTPConfig(threads=4, tls=own),
+        )
+        server = PluginServer(PLUGINS, {"kv": Recorder(self_id)}, HANDSHAKE, config)
+        url = server.listen()
+        thread = threading.Thread(target=server.run, name=f"joiner:{self_id}")
+        thread.start()
+        servers.append((server, thread))
+        server.link.connect(HANDSHAKE, self_id, "1.0.0", url)
+        return server
+
+    yield make
+    for server, thread in servers:
+        server.stop(grace=0)
+        thread.join(timeout=10)
+
+
+def host_api(host: PluginHost, pki: tls.DevPKI, pair: tls.KeyPair, credentials: dict[str, str]) -> Client:
+    """A client of the host's API presenting ``pair`` and ``credentials``."""
+    config = tls.TLSConfig(key_pair=pair, trust=tls.Trust(cas=(pki.ca.certificate,)))
+    return Client(host.url, ClientConfig(tls=config, headers=credentials, timeout=5))
+
+
+def discover(client: Client, service_type: str = "svc") -> registry_pb2.DiscoverServiceResponse:
+    return ServiceRegistryClient(client).discover_service(registry_pb2.DiscoverServiceRequest(service_type=service_type))
+
+
+def test_a_plugin_joins_with_its_certificate_alone_and_is_called_through_the_router(cert_host, join):
+    provider = join(cert_host, "kv", provides=("svc",))
+    caller = join(cert_host, "other")
+
+    kv = caller.link.client("svc", KVServiceClient)
+    kv.put(kv_pb2.PutRequest(key="k", value=b"over mTLS"))
+
+    assert kv.get(kv_pb2.GetRequest(key="k")).value == b"over mTLS"
+    assert kv.get(kv_pb2.GetRequest(key="whoami")).value == b"kv"
+    assert cert_host.identities.get(provider.link.runtime_id).certificate == provider.config.http.tls.key_pair.fingerprint
+
+
+def test_a_certificate_admits_only_the_service_types_listed_for_its_self_id(cert_host, join):
+    with pytest.raises(ConnectError) as refused:
+        join(cert_host, "other", provides=("svc",))
+
+    assert refused.value.code is Code.PERMISSION_DENIED
+
+
+def test_a_certificate_for_another_self_id_is_refused_at_the_handshake(cert_host, join, pki):
+    with pytest.raises(ConnectError) as refused:
+        join(cert_host, "kv", provides=("svc",), pair=pki.plugins["other"])
+
+    assert refused.value.code is Code.PERMISSION_DENIED
+    assert "'other'" in refused.value.message
+    join(cert_host, "kv", provides=("svc",))  # the host keeps serving
+
+
+def test_a_certificate_naming_an_unlisted_self_id_needs_a_join_token(cert_host, join, pki):
+    stranger = tls.generate_key_pair(
+        "stranger", issuer=pki.ca, dns_names=tls.LOOPBACK_NAMES, ip_addresses=tls.LOOPBACK_ADDRESSES,
+        uris=[tls.plugin_uri("stranger")],
+    )
+
+    with pytest.raises(ConnectError) as refused:
+        join(cert_host, "stranger", pair=stranger)
+
+    assert refused.value.code is Code.UNAUTHENTICATED
+    assert "certificate_identities" in refused.value.message
+
+
+@pytest.mark.parametrize("thief", ["other", "kv"])
+def test_a_runtime_token_fails_on_a_connection_with_another_certificate(cert_host, join, pki, thief):
+    joined = {name: join(cert_host, name, provides=("svc",) if name == "kv" else ()) for name in ("kv", "other")}
+    victim = "kv" if thief == "other" else "other"
+
+    with host_api(cert_host, pki, pki.plugins[thief], joined[victim].link.headers()) as stolen:
+        with pytest.raises(ConnectError) as refused:
+            discover(stolen)
+
+    assert refused.value.code is Code.UNAUTHENTICATED
+    with host_api(cert_host, pki, pki.plugins[victim], joined[victim].link.headers()) as own:
+        discover(own)
+
+
+def test_a_revoked_certificate_loses_its_identity_and_is_refused_at_the_next_handshake(cert_host, join, pki):
+    provider = join(cert_host, "kv", provides=("svc",))
+    caller = join(cert_host, "other")
+    cert_host.discover("svc")
+
+    cert_host.revoke_certificate(pki.plugins["kv"].certificate)
+
+    with pytest.raises(ConnectError) as gone:
+        cert_host.discover("svc")
+    assert gone.value.code is Code.NOT_FOUND or gone.value.code is Code.UNAVAILABLE
+    with pytest.raises(ConnectError) as unknown:
+        provider.link.heartbeat()  # on the connection it kept open
+    assert unknown.value.code is Code.UNAUTHENTICATED
+    with pytest.raises(ConnectError) as handshake:
+        provider.link.connect(HANDSHAKE, "kv", "1.0.0", "")
+    assert handshake.value.code is Code.UNAVAILABLE  # the TLS handshake refuses the certificate
+    caller.link.heartbeat()  # the host keeps serving others
+
+
+def test_a_certificate_revoked_mid_session_fails_on_connections_already_open(cert_host, join, pki):
+    provider = join(cert_host, "kv", provides=("svc",))
+    provider.link.heartbeat()
+
+    cert_host.revoked.add(pki.plugins["kv"].fingerprint)  # the list alone: the identity stays
+
+    with pytest.raises(ConnectError) as refused:
+        provider.link.heartbeat()
+    assert refused.value.code is Code.UNAUTHENTICATED
+    assert "revoked" in refused.value.message
+
+
+def test_a_certificate_expiring_mid_session_fails_on_the_next_call(cert_host, join, pki, wall_clock):
+    provider = join(cert_host, "kv", provides=("svc",))
+    provider.link.heartbeat()
+
+    wall_clock.now = pki.plugins["kv"].certificate.not_valid_after_utc + datetime.timedelta(seconds=1)
+
+    with pytest.raises(ConnectError) as refused:
+        provider.link.heartbeat()
+    assert refused.value.code is Code.UNAUTHENTICATED
+    assert "not valid now" in refused.value.message
+
+
+@pytest.mark.parametrize("case", ["no client certificate", "client certificate from another CA", "expired client certificate"])
+def test_a_joiner_refused_at_the_tls_handshake_gets_a_clear_error_and_the_host_keeps_serving(
+    cert_host, join, pki, case
+):
+    config = refused_configs(pki)[case]
+
+    with pytest.raises(ConnectError) as refused, Client(cert_host.url, ClientConfig(tls=config, timeout=5)) as client:
+        HandshakeServiceClient(client).handshake(hs.request_for(HANDSHAKE, (), self_id="kv", self_version="1.0.0"))
+
+    assert refused.value.code is Code.UNAVAILABLE
+    join(cert_host, "kv", provides=("svc",))
+
+
+def test_certificate_identities_need_a_tls_server_with_a_trust(pki):
+    with pytest.raises(ValueError):
+        HostConfig(certificate_identities=[CertificateIdentity("kv")])
+    with pytest.raises(ValueError):
+        HostConfig(http=HTTPConfig(tls=tls.TLSConfig(key_pair=pki.host)), certificate_identities=[CertificateIdentity("kv")])

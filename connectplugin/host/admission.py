@@ -1,7 +1,8 @@
 """Who may join the host by itself (model B), what it may provide, and where it is reached.
 
 A self-registering plugin presents a join token in its handshake (``client_metadata``
-under ``handshake.JOIN_TOKEN_KEY``); the token's policy says which service types it may register. Where it
+under ``handshake.JOIN_TOKEN_KEY``), or, to a host serving mTLS, a client certificate naming
+its self id; the token's or the self id's policy says which service types it may register. Where it
 listens is fixed once (handshake ``client_metadata`` under ``BASE_URL_KEY``, or its first registration's
 ``metadata["base_url"]``) after a check that no other plugin (nor the host) is there and that
 a plugin with our magic cookie answers; the router never reaches anything else through it.
@@ -15,10 +16,11 @@ import logging
 import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
 from ..gen.connectplugin.v1.handshake_connect import HandshakeServiceClient
+from ..rpc import tls
 from ..rpc.client import Client, ClientConfig
 from ..rpc.errors import Code, ConnectError
 from ..runtime import handshake as hs
@@ -26,6 +28,9 @@ from ..runtime.credentials import HOST_SECRET_HEADER
 from . import validation
 from .identities import Identities, Identity
 from .registry import Declared
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 log = logging.getLogger("connectplugin.host")
 
@@ -52,6 +57,27 @@ class JoinToken:
             validation.check_name(service_type, "service type")
 
 
+@dataclass(frozen=True)
+class CertificateIdentity:
+    """A self id whose client certificate admits a self-registering plugin, and the service
+    types it may provide (as a :class:`JoinToken`'s; with none it may only call others).
+
+    The certificate must chain to the host's ``HTTPConfig.tls.trust`` (the TLS handshake
+    checks that, and its validity and revocation) and name ``self_id``: a SAN URI
+    ``connectplugin://plugin/<self_id>`` or, without such URIs, its common name (see
+    :func:`connectplugin.rpc.tls.certificate_ids`). The plugin's identity is then bound to
+    that certificate: every later call must come with it.
+    """
+
+    self_id: str
+    service_types: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        validation.check_name(self.self_id, "self_id")
+        for service_type in self.service_types:
+            validation.check_name(service_type, "service type")
+
+
 class HostAddress(Protocol):
     @property
     def url(self) -> str: ...
@@ -64,6 +90,7 @@ class Admission:
     def __init__(
         self,
         tokens: Sequence[JoinToken],
+        certificates: Sequence[CertificateIdentity],
         dev_cookie_joins: bool,
         handshake: hs.HandshakeConfig,
         identities: Identities,
@@ -71,6 +98,7 @@ class Admission:
         verify_timeout: float,
     ) -> None:
         self._tokens = list(tokens)
+        self._certificates = {c.self_id: c for c in certificates}
         self._dev = dev_cookie_joins
         self._handshake = handshake
         self._identities = identities
@@ -80,15 +108,34 @@ class Admission:
     @property
     def open(self) -> bool:
         """Whether any plugin can join by itself at all."""
-        return bool(self._tokens) or self._dev
+        return bool(self._tokens) or bool(self._certificates) or self._dev
 
-    def admit(self, metadata: Mapping[str, str], peer: str) -> tuple[Declared, str]:
-        """What a joining plugin may provide, and a label for logs; raises when it may not join."""
+    def admit(
+        self, self_id: str, metadata: Mapping[str, str], peer: str, certificate: x509.Certificate | None
+    ) -> tuple[Declared, str]:
+        """What a joining plugin may provide, and a label for logs; raises when it may not join.
+
+        ``certificate`` is the client certificate of the connection the handshake came on,
+        already verified by the TLS server. One that names a listed self id admits the plugin
+        as that id (and no other); otherwise a join token (or the development switch) must.
+        """
         secret = metadata.get(hs.JOIN_TOKEN_KEY, "")
         if not self.open:
             raise ConnectError(
                 Code.PERMISSION_DENIED, "this host does not accept self-registering plugins"
             )
+        named = tls.certificate_ids(certificate) if certificate is not None and self._certificates else []
+        listed = [i for i in named if i in self._certificates]
+        if listed:
+            if self_id not in listed:
+                raise ConnectError(
+                    Code.PERMISSION_DENIED,
+                    f"the client certificate is for {', '.join(map(repr, listed))}, not {self_id!r}",
+                )
+            policy = self._certificates[self_id]
+            return Declared(
+                launched=False, paths={t: "" for t in policy.service_types}
+            ), f"its client certificate ({self_id})"
         if secret:
             # Compare with every token, so the time taken does not say which one nearly matched.
             matches = [
@@ -105,9 +152,15 @@ class Admission:
                 "admitting a plugin from %s with the magic cookie only (development switch)", peer
             )
             return Declared(launched=False, any_type=True), "the development switch"
+        if named:
+            raise ConnectError(
+                Code.UNAUTHENTICATED,
+                f"the client certificate names {', '.join(map(repr, named))}, which this host does not admit "
+                "(HostConfig.certificate_identities), and no join token was given",
+            )
         raise ConnectError(
             Code.UNAUTHENTICATED,
-            f"a join token (client_metadata[{hs.JOIN_TOKEN_KEY!r}]) is required",
+            f"a join token (client_metadata[{hs.JOIN_TOKEN_KEY!r}]) or a client certificate is required",
         )
 
     def pin(self, identity: Identity, base_url: str) -> Identity:
@@ -140,7 +193,9 @@ class Admission:
         """A connectplugin server that knows our magic cookie must answer at the plugin's URL
         (asked with the secret it expects from us, which no other plugin would accept)."""
         url = identity.base_url
-        config = ClientConfig(timeout=self._timeout, headers={HOST_SECRET_HEADER: identity.host_secret})
+        config = ClientConfig(
+            timeout=self._timeout, headers={HOST_SECRET_HEADER: identity.host_secret}, tls=identity.client_tls
+        )
         try:
             with Client(url, config) as client:
                 HandshakeServiceClient(client).handshake(hs.request_for(self._handshake, ()))

@@ -179,7 +179,7 @@ class BrokerService(CapabilityBrokerHandler):
     def request_capability(
         self, request: broker_pb2.RequestCapabilityRequest, ctx: Context
     ) -> broker_pb2.RequestCapabilityResponse:
-        identity = self._identities.verify(ctx.request_headers)
+        identity = self._identities.caller(ctx)
         self._rate.check(identity.runtime_id)
         grant, version = self._broker.grant(identity.runtime_id, request.capability_type, request.min_version, request.reason)
         return broker_pb2.RequestCapabilityResponse(

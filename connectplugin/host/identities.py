@@ -8,15 +8,18 @@ live ``ttl`` seconds and can be rotated without changing the runtime id.
 
 from __future__ import annotations
 
+import datetime
 import math
 import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..rpc import tls
 from ..rpc.errors import Code, ConnectError
+from ..rpc.server import Context
 from ..rpc.tls import TLSConfig
 from ..runtime.credentials import RUNTIME_ID_HEADER, bearer_matches, new_secret
 
@@ -24,6 +27,14 @@ DEFAULT_TOKEN_TTL = 24 * 3600.0
 """Seconds a runtime token stays valid unless rotated (the Go reference's 24 h)."""
 DEFAULT_ROTATION_GRACE = 60.0
 """Seconds a rotated-out token still opens the host API, for calls already on their way."""
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+
+def utc_now() -> datetime.datetime:
+    """The wall clock certificates are checked against (an aware UTC datetime)."""
+    return datetime.datetime.now(datetime.timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,15 @@ class Identity:
     previous_expires_at: float = 0.0
     verified: bool = False
     """Its base URL was checked (a connectplugin server knowing our cookie answered there)."""
+    certificate: str = ""
+    """The SHA-256 fingerprint of the client certificate it joined with: every call made with
+    this identity must come on a TLS connection presenting that certificate. "" when it
+    joined without one (launched plugins, join tokens over plaintext)."""
+
+    @property
+    def client_tls(self) -> TLSConfig | None:
+        """How to reach ``base_url``: ``tls`` for an https:// URL, else nothing."""
+        return self.tls if self.base_url.startswith("https://") else None
 
 
 class Identities:
@@ -57,7 +77,8 @@ class Identities:
     ``_lock`` guards both tables. Expired identities stop authenticating at once; the host
     collects them with ``take_expired`` and revokes everything they held. Each identity
     remembers when it was last used (issued, or verified on a call, read on ``clock``), so
-    the host can drop ones nobody uses.
+    the host can drop ones nobody uses. An identity bound to a client certificate is refused
+    once that certificate is in ``revoked`` or past its validity on ``wall_clock``.
     """
 
     def __init__(
@@ -65,10 +86,14 @@ class Identities:
         ttl: float = DEFAULT_TOKEN_TTL,
         clock: Callable[[], float] = time.monotonic,
         rotation_grace: float = DEFAULT_ROTATION_GRACE,
+        revoked: tls.RevocationList | None = None,
+        wall_clock: Callable[[], datetime.datetime] = utc_now,
     ) -> None:
         self.ttl = ttl
         self.rotation_grace = rotation_grace
+        self.revoked = revoked if revoked is not None else tls.RevocationList()
         self._clock = clock
+        self._wall_clock = wall_clock
         self._lock = threading.Lock()
         self._by_id: dict[str, Identity] = {}
         self._used: dict[str, float] = {}  # runtime id -> last use
@@ -84,9 +109,11 @@ class Identities:
         limit: int | None = None,
         limit_name: str = "",
         tls: TLSConfig | None = None,
+        certificate: x509.Certificate | None = None,
     ) -> Identity:
         """A new identity; ``host_secret`` is the one a launched plugin was given (else a new
-        one), ``tls`` how to reach it when it serves TLS.
+        one), ``tls`` how to reach it when it serves TLS, ``certificate`` the client
+        certificate its every call must come with.
 
         A launched plugin's ``base_url`` is where its handshake line said it listens. With
         ``limit``, ``resource_exhausted`` once that many are held (``limit_name``, the config
@@ -116,6 +143,7 @@ class Identities:
                 base_url=base_url.rstrip("/"),
                 expires_at=expires_at,
                 verified=launched,
+                certificate=_fingerprint(certificate),
             )
             self._by_id[runtime_id] = identity
             self._used[runtime_id] = now
@@ -217,11 +245,34 @@ class Identities:
         identity = self.get(runtime_id)
         return identity is not None and self._clock() < identity.expires_at
 
-    def verify(self, headers: Mapping[str, Any]) -> Identity:
-        """The caller's identity from ``X-Plugin-Runtime-ID`` and ``Authorization: Bearer``.
+    def caller(self, ctx: Context) -> Identity:
+        """The identity a call to the host's API is made with (see :meth:`verify`)."""
+        return self.verify(ctx.request_headers, tls.peer_certificate(ctx.environ))
+
+    def bound_to(self, fingerprints: set[str]) -> list[str]:
+        """Runtime ids of the identities bound to one of these certificate fingerprints."""
+        with self._lock:
+            return [i.runtime_id for i in self._by_id.values() if i.certificate and i.certificate in fingerprints]
+
+    def check_certificate(self, certificate: x509.Certificate) -> None:
+        """Refuse (``unauthenticated``) a client certificate that is revoked, or not valid now.
+
+        The TLS handshake checked both already; a connection kept open outlives that check.
+        """
+        if tls.fingerprint(certificate) in self.revoked:
+            raise ConnectError(Code.UNAUTHENTICATED, "the client certificate is revoked")
+        now = self._wall_clock()
+        if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
+            raise ConnectError(Code.UNAUTHENTICATED, "the client certificate is not valid now (expired?)")
+
+    def verify(self, headers: Mapping[str, Any], peer: x509.Certificate | None) -> Identity:
+        """The caller's identity from ``X-Plugin-Runtime-ID`` and ``Authorization: Bearer``,
+        and ``peer``, the client certificate of the connection the call came on (from the TLS
+        server, :func:`connectplugin.rpc.tls.peer_certificate`; never from a header).
 
         Missing or wrong pairs, and expired tokens, are ``unauthenticated``; the message
-        never says which half failed.
+        never says which half failed. So is an identity bound to a certificate called
+        without it (another certificate, or none), or with it revoked or expired.
         """
         runtime_id = headers.get(RUNTIME_ID_HEADER.lower(), "")
         auth = headers.get("authorization", "")
@@ -238,7 +289,17 @@ class Identities:
             or (previous and now < identity.previous_expires_at)
         ):
             raise ConnectError(Code.UNAUTHENTICATED, "invalid runtime identity or token")
+        if identity.certificate:
+            if peer is None or not secrets.compare_digest(tls.fingerprint(peer), identity.certificate):
+                raise ConnectError(
+                    Code.UNAUTHENTICATED, f"{runtime_id} calls only with the client certificate it joined with"
+                )
+            self.check_certificate(peer)
         with self._lock:
             if runtime_id in self._used:
                 self._used[runtime_id] = now
         return identity
+
+
+def _fingerprint(certificate: x509.Certificate | None) -> str:
+    return tls.fingerprint(certificate) if certificate is not None else ""

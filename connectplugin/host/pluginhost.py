@@ -51,10 +51,10 @@ from ..runtime.launcher import (
 from ..runtime.plugin import Plugin
 from ..runtime.pluginclient import PluginClient, PluginClientConfig
 from . import validation
-from .admission import Admission, JoinToken
+from .admission import Admission, CertificateIdentity, JoinToken
 from .broker import DEFAULT_MAX_GRANTS, DEFAULT_TTL, Broker, BrokerService
 from .broker import ROUTE as BROKER_ROUTE
-from .identities import DEFAULT_ROTATION_GRACE, DEFAULT_TOKEN_TTL, Identities, Identity
+from .identities import DEFAULT_ROTATION_GRACE, DEFAULT_TOKEN_TTL, Identities, Identity, utc_now
 from .ratelimit import Rate, RateLimiter
 from .registry import Declared, Provider, Registry, RegistryConfig, RegistryService
 from .router import ROUTE as ROUTER_ROUTE
@@ -110,6 +110,15 @@ class HostConfig:
     """Secrets that admit self-registering plugins (model B), each with the service types a
     plugin joining with it may provide. With none (and no ``dev_cookie_joins``), only
     plugins the host launches get identities."""
+    certificate_identities: Sequence[CertificateIdentity] = ()
+    """Self ids whose client certificates admit self-registering plugins across machines
+    (model B with a CA), each with the service types it may provide; no join token needed.
+    Needs ``http.tls`` with a ``trust`` (the CAs that issue plugin certificates, and the
+    revoked ones): the host then serves mTLS and every call made with such an identity must
+    come with the certificate it joined with (see ``PluginHost.revoke_certificate``)."""
+    wall_clock: Callable[[], datetime.datetime] = utc_now
+    """Where certificate validity is checked on each call (an aware UTC datetime); tests
+    pass a fake one. The TLS handshake itself checks against the system clock."""
     dev_cookie_joins: bool = False
     """Development only: admit self-registering plugins that present just the magic cookie,
     from loopback, to provide any service type no launched plugin declares. The cookie is
@@ -158,12 +167,32 @@ class HostConfig:
     auto_mtls_lifetime: datetime.timedelta = tls.AUTO_LIFETIME
     """Validity of the host's automatic-mTLS certificates."""
 
+    def __post_init__(self) -> None:
+        if self.certificate_identities and (self.http.tls is None or self.http.tls.trust is None):
+            raise ValueError(
+                "HostConfig.certificate_identities needs HTTPConfig.tls with a trust (the CAs of plugin certificates)"
+            )
+
     @property
     def reap_every(self) -> float:
         """The effective ``reap_interval``."""
         if self.reap_interval is not None:
             return self.reap_interval
         return max(MIN_REAP_INTERVAL, self.heartbeat_timeout / 4)
+
+
+def _live_revocations(config: HostConfig) -> tuple[HostConfig, tls.RevocationList]:
+    """``config`` whose TLS trust refuses what ``revoke_certificate`` adds, and that list
+    (the one given, when ``http.tls.trust.revoked`` is a RevocationList already)."""
+    server_tls = config.http.tls
+    trust = server_tls.trust if server_tls is not None else None
+    if trust is None or server_tls is None:
+        return config, tls.RevocationList()
+    if isinstance(trust.revoked, tls.RevocationList):
+        return config, trust.revoked
+    live = tls.RevocationList(trust.revoked)
+    server_tls = replace(server_tls, trust=replace(trust, revoked=live))
+    return replace(config, http=replace(config.http, tls=server_tls)), live
 
 
 def _declared(info: plugininfo_pb2.GetPluginInfoResponse) -> Declared:
@@ -212,7 +241,7 @@ class _Lifecycle(PluginLifecycleHandler):
     def report_health(
         self, request: lifecycle_pb2.ReportHealthRequest, ctx: Context
     ) -> lifecycle_pb2.ReportHealthResponse:
-        identity = self._host.identities.verify(ctx.request_headers)
+        identity = self._host.identities.caller(ctx)
         self._host._record_health(identity.runtime_id, report_from_wire(request, blame=Code.INVALID_ARGUMENT))
         return lifecycle_pb2.ReportHealthResponse()
 
@@ -226,7 +255,9 @@ class _HealthCheck:
     def status(self, identity: Identity) -> ServingStatus | None:
         """Its overall serving status; None when nothing answers in time. A server that
         answers without a HealthService (any other error) is up: SERVING."""
-        config = ClientConfig(timeout=self._timeout, headers={HOST_SECRET_HEADER: identity.host_secret}, tls=identity.tls)
+        config = ClientConfig(
+            timeout=self._timeout, headers={HOST_SECRET_HEADER: identity.host_secret}, tls=identity.client_tls
+        )
         try:
             with Client(identity.base_url, config) as client:
                 response = HealthServiceClient(client).check(health_pb2.HealthCheckRequest(service=""))
@@ -292,8 +323,12 @@ class PluginHost:
     ) -> None:
         self.handshake_config = handshake
         self.plugins = dict(plugins)
-        self.config = config = config or HostConfig()
-        self.identities = Identities(config.token_ttl, config.clock, config.token_rotation_grace)
+        config = config or HostConfig()
+        config, self.revoked = _live_revocations(config)
+        self.config = config
+        self.identities = Identities(
+            config.token_ttl, config.clock, config.token_rotation_grace, self.revoked, config.wall_clock
+        )
         self.registry = Registry(config.registry)
         self.broker = Broker(self.identities, config.grant_ttl, config.clock, config.max_grants_per_identity)
         self.handshake_rate = RateLimiter(config.handshake_rate, "HostConfig.handshake_rate", config.max_rate_keys)
@@ -304,7 +339,7 @@ class PluginHost:
         self._roster = Roster(self.identities)
         self._health_check = _HealthCheck(config.health_check_timeout)
         self._admission = Admission(
-            config.join_tokens, config.dev_cookie_joins, handshake, self.identities, self, config.control_timeout
+            config.join_tokens, config.certificate_identities, config.dev_cookie_joins, handshake, self.identities, self, config.control_timeout
         )
         self._lock = threading.Lock()
         self._launched: list[tuple[PluginClient, Identity]] = []
@@ -704,6 +739,16 @@ class PluginHost:
         else:
             self.registry.set_health(runtime_id, reported.state if reported else HealthState.HEALTHY)
 
+    def revoke_certificate(self, *certificates: Any) -> None:
+        """Refuse client certificates (given as certificates or SHA-256 fingerprints) from now
+        on: at every later TLS handshake, and on every call of the identities bound to them,
+        which are revoked here (their registrations withdrawn, watchers told). Safe from any
+        thread."""
+        self.revoked.add(*certificates)
+        prints = {c.lower() if isinstance(c, str) else tls.fingerprint(c) for c in certificates}
+        for runtime_id in self.identities.bound_to(prints):
+            self._revoke(runtime_id, "its client certificate was revoked")
+
     def _revoke(self, runtime_id: str, why: str) -> None:
         """Everything an identity held ends here, whatever ended it (crash, stop, silence,
         expiry, a failed join): its registrations (watchers are told), the routes to it, its
@@ -724,10 +769,15 @@ class PluginHost:
 
     def _join(self, request: handshake_pb2.HandshakeRequest, ctx: Context) -> Identity:
         """A new identity for a plugin that joins by itself, if the host's policy admits it."""
-        declared, admitted_by = self._admission.admit(request.client_metadata, ctx.peer)
+        certificate = tls.peer_certificate(ctx.environ)
+        if certificate is not None:
+            self.identities.check_certificate(certificate)
+        declared, admitted_by = self._admission.admit(request.self_id, request.client_metadata, ctx.peer, certificate)
         identity = self.identities.issue(
             request.self_id, request.self_version,
             limit=self.config.max_identities, limit_name="HostConfig.max_identities",
+            # The router calls a plugin serving TLS as the host serves: our certificate, our CAs.
+            tls=self.config.http.tls, certificate=certificate,
         )
         try:
             self.registry.declare(identity.runtime_id, declared)
@@ -747,7 +797,7 @@ class PluginHost:
 
     def _rotate(self, request: handshake_pb2.HandshakeRequest, ctx: Context) -> Identity:
         """A handshake carrying a current identity: the same identity with a fresh token."""
-        identity = self.identities.verify(ctx.request_headers)
+        identity = self.identities.caller(ctx)
         if identity.self_id != request.self_id:
             raise ConnectError(Code.PERMISSION_DENIED, f"{identity.runtime_id} is not {request.self_id!r}")
         return self.identities.rotate(identity.runtime_id)

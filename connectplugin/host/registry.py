@@ -457,7 +457,7 @@ class RegistryService(ServiceRegistryHandler):
         self._rate = rate
 
     def register_service(self, request: registry_pb2.RegisterServiceRequest, ctx: Context) -> registry_pb2.RegisterServiceResponse:
-        identity = self._identities.verify(ctx.request_headers)
+        identity = self._identities.caller(ctx)
         self._rate.check(identity.runtime_id)
         self._roster.heard_from(identity.runtime_id)
         # A self-registering plugin (model B) that did not say where it listens in its
@@ -469,15 +469,15 @@ class RegistryService(ServiceRegistryHandler):
         return registry_pb2.RegisterServiceResponse(registration_id=provider.registration_id)
 
     def unregister_service(self, request: registry_pb2.UnregisterServiceRequest, ctx: Context) -> registry_pb2.UnregisterServiceResponse:
-        identity = self._identities.verify(ctx.request_headers)
+        identity = self._identities.caller(ctx)
         self._registry.unregister(request.registration_id, identity.runtime_id)
         return registry_pb2.UnregisterServiceResponse()
 
     def discover_service(self, request: registry_pb2.DiscoverServiceRequest, ctx: Context) -> registry_pb2.DiscoverServiceResponse:
-        self._identities.verify(ctx.request_headers)
+        self._identities.caller(ctx)
         provider, count = self._registry.discover(request.service_type, request.min_version)
         return registry_pb2.DiscoverServiceResponse(endpoint=self._registry.endpoint(provider), single_provider=count == 1)
 
     def watch_service(self, request: registry_pb2.WatchServiceRequest, ctx: Context) -> Iterator[registry_pb2.WatchServiceEvent]:
-        self._identities.verify(ctx.request_headers)
+        self._identities.caller(ctx)
         return self._registry.watch(request.service_type, ctx.is_active)

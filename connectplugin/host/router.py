@@ -31,7 +31,7 @@ from ..rpc.client import DEFAULT_TIMEOUT
 from ..rpc.errors import Code, ConnectError
 from ..rpc.resilience import BreakerConfig, CircuitBreaker
 from ..rpc.server import disconnection_check, error_response, read_body, refusal, unsupported_media
-from ..rpc.tls import TLSConfig
+from ..rpc.tls import TLSConfig, peer_certificate
 from ..runtime.credentials import CALLER_HEADER, HOST_SECRET_HEADER, RUNTIME_ID_HEADER
 from .identities import Identities
 from .registry import UNHEALTHY, Provider, Registry
@@ -156,7 +156,7 @@ class Router:
             return [b""]
         types = _protocol.STREAM_TYPES if streaming else _protocol.UNARY_TYPES
         try:
-            caller = self._identities.verify(_headers(environ))
+            caller = self._identities.verify(_headers(environ), peer_certificate(environ))
             if environ["REQUEST_METHOD"] == "POST" and not _protocol.codec_for(content_type, types):
                 return unsupported_media(start_response, types)
             timeout = self._upstream_timeout(_check_headers(environ, streaming), streaming)
@@ -194,7 +194,7 @@ class Router:
                         raise ConnectError(Code.UNAVAILABLE, f"provider {provider.provider_id} is gone")
                     tried = provider.provider_id
                     continue
-                pool = self._pool_for(provider.base_url, identity.tls)
+                pool = self._pool_for(provider.base_url, identity.client_tls)
                 headers[HOST_SECRET_HEADER] = identity.host_secret
                 try:
                     upstream = self._send(provider.provider_id, pool, environ["REQUEST_METHOD"], target, headers, body, timeout, caller_gone)

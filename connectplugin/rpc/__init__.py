@@ -9,7 +9,7 @@ from .httpserver import HTTPConfig, HTTPServer, PlaintextRefusedError
 from .resilience import BreakerConfig, BreakerState, CircuitBreaker, Retry, RetryConfig
 from .server import App, Context, ServerConfig
 from .service import Method, Service
-from .tls import DevPKI, KeyPair, TLSConfig, Trust, make_dev_pki
+from .tls import DevPKI, KeyPair, RevocationList, TLSConfig, Trust, make_dev_pki
 
 __all__ = [
     "App",
@@ -31,6 +31,7 @@ __all__ = [
     "Method",
     "PlaintextRefusedError",
     "ResponseMetadata",
+    "RevocationList",
     "Retry",
     "RetryConfig",
     "ServerConfig",

@@ -438,10 +438,10 @@ class _Gateway(cheroot_wsgi.Gateway_10):
 
     def get_environ(self) -> dict:  # type: ignore[override]  # cheroot's stub says None
         environ = super().get_environ()
-        conn = self.req.conn.socket
-        fd = conn.fileno()
+        connection = self.req.conn
+        fd = connection.socket.fileno()
         environ[CLIENT_DISCONNECTED_KEY] = lambda: _peer_gone(fd)
-        environ[_tls.PEER_CERTIFICATE_KEY] = lambda: _peer_certificate(conn)
+        environ[_tls.PEER_CERTIFICATE_KEY] = lambda: _peer_certificate(connection)
         return environ
 
 
@@ -536,9 +536,21 @@ def _peer_gone(fd: int) -> bool:
     return not data or data[0] == _TLS_ALERT
 
 
-def _peer_certificate(conn: Any) -> Any:
-    certificate = conn.get_peer_certificate()
-    return None if certificate is None else certificate.to_cryptography()
+_PEER_ATTRIBUTE = "_connectplugin_peer"
+"""Where a cheroot connection keeps its client certificate once read: one per connection,
+fixed by its handshake (renegotiation is off), so each call need not convert it again."""
+
+
+def _peer_certificate(connection: Any) -> Any:
+    """The verified client certificate of a cheroot connection, as a cryptography object."""
+    try:
+        return getattr(connection, _PEER_ATTRIBUTE)
+    except AttributeError:
+        pass
+    certificate = connection.socket.get_peer_certificate()
+    found = None if certificate is None else certificate.to_cryptography()
+    setattr(connection, _PEER_ATTRIBUTE, found)
+    return found
 
 
 def _bind_cheroot(app: Callable[..., Any], cfg: HTTPConfig) -> tuple[Any, tuple[str, int]]:

@@ -20,7 +20,8 @@ import secrets
 import ssl
 import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,15 +99,49 @@ class KeyPair:
         return fingerprint(self.certificate)
 
 
+class RevocationList:
+    """Fingerprints of certificates refused from now on, added to while serving (a CRL kept
+    in memory). A server whose ``Trust.revoked`` is one refuses a certificate at the next
+    handshake that presents it; a host also refuses it on the calls of connections already
+    open. Safe from any thread; ``_lock`` guards ``_prints``."""
+
+    def __init__(self, revoked: Iterable[str | x509.Certificate] = ()) -> None:
+        self._lock = threading.Lock()
+        self._prints: set[str] = {_print_of(r) for r in revoked}
+
+    def add(self, *revoked: str | x509.Certificate) -> None:
+        """Revoke certificates, given as certificates or SHA-256 fingerprints."""
+        prints = {_print_of(r) for r in revoked}
+        with self._lock:
+            self._prints |= prints
+
+    def __contains__(self, print_: object) -> bool:
+        with self._lock:
+            return print_ in self._prints
+
+    def __iter__(self) -> Iterator[str]:
+        with self._lock:
+            return iter(sorted(self._prints))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._prints)
+
+
+def _print_of(revoked: str | x509.Certificate) -> str:
+    return revoked.lower() if isinstance(revoked, str) else fingerprint(revoked)
+
+
 @dataclass(frozen=True)
 class Trust:
     """Whom one side accepts: a peer whose chain leads to one of ``cas`` or ``pinned``, and,
     when only ``pinned`` is given, whose certificate is one of them. ``revoked`` lists the
-    SHA-256 fingerprints (see :func:`fingerprint`) of certificates refused all the same."""
+    SHA-256 fingerprints (see :func:`fingerprint`) of certificates refused all the same: a
+    fixed set, or a :class:`RevocationList` that grows while serving."""
 
     cas: tuple[x509.Certificate, ...] = ()
     pinned: tuple[x509.Certificate, ...] = ()
-    revoked: frozenset[str] = frozenset()
+    revoked: frozenset[str] | RevocationList = frozenset()
 
     def __post_init__(self) -> None:
         if not self.cas and not self.pinned:

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ..gen.connectplugin.v1 import broker_pb2, handshake_pb2, lifecycle_pb2, registry_pb2
 from ..gen.connectplugin.v1.broker_connect import CapabilityBrokerClient
@@ -21,6 +21,7 @@ from ..gen.connectplugin.v1.lifecycle_connect import PluginLifecycleClient
 from ..gen.connectplugin.v1.registry_connect import ServiceRegistryClient
 from ..rpc.client import Client, ClientConfig, Interceptor, ServerStream
 from ..rpc.errors import Code, ConnectError
+from ..rpc.tls import TLSConfig
 from .credentials import HOST_SECRET_KEY, RUNTIME_ID_HEADER, bearer_matches, secret_matches
 from .handshake import (
     BASE_URL_KEY,
@@ -82,13 +83,22 @@ class HostLink:
         self._peers: dict[str, Client] = {}
         self._grant_clients: list[Client] = []
         self._rotate_at = float("inf")  # monotonic time to renew a self-registered identity's token
+        self._tls: TLSConfig | None = None
 
-    def attach(self, health: Health, provides: Sequence[ServiceDeclaration], host_url: str) -> None:
-        """Called by the plugin server: the health to report and the services to register."""
+    def attach(
+        self, health: Health, provides: Sequence[ServiceDeclaration], host_url: str, tls: TLSConfig | None = None
+    ) -> None:
+        """Called by the plugin server: the health to report, the services to register, and
+        how to reach an https:// host (``tls``: our certificate, and whom we trust as host)."""
         self.health = health
         self._provides = list(provides)
         self.host_url = host_url.rstrip("/")
+        self._tls = tls
         health.add_listener(self._health_changed)
+
+    def _config(self, url: str, **settings: Any) -> ClientConfig:
+        """A client config for ``url`` at the host: over TLS with our settings when https://."""
+        return ClientConfig(tls=self._tls if url.startswith("https://") else None, **settings)
 
     # --- identity -----------------------------------------------------------------------------
 
@@ -106,7 +116,7 @@ class HostLink:
             stale = [self._host_client, *self._peers.values()]
             self._peers.clear()
             # Unary calls below pass their own deadlines; watches have none (stream_timeout).
-            self._host_client = Client(self.host_url, ClientConfig(headers=self._auth()))
+            self._host_client = Client(self.host_url, self._config(self.host_url, headers=self._auth()))
             first = self._reporter is None
             if first:
                 self._reporter = threading.Thread(target=self._report_loop, name="host-link", daemon=True)
@@ -177,7 +187,7 @@ class HostLink:
     ) -> handshake_pb2.HandshakeResponse:
         request = request_for(handshake, (), self_id=self_id, self_version=self_version)
         request.client_metadata.update(metadata)
-        with Client(self.host_url, ClientConfig(timeout=self.config.call_timeout, headers=headers)) as client:
+        with Client(self.host_url, self._config(self.host_url, timeout=self.config.call_timeout, headers=headers)) as client:
             response = HandshakeServiceClient(client).handshake(request)
         check_response(handshake, response, them="host")
         try:
@@ -258,7 +268,7 @@ class HostLink:
             peer = self._peers.get(base)
             if peer is None:
                 # endpoint_url + "/Method": the form both our router and the Go one serve.
-                peer = self._peers[base] = Client(base, ClientConfig(headers=self._auth(), service_url=True))
+                peer = self._peers[base] = Client(base, self._config(base, headers=self._auth(), service_url=True))
             auth = self._auth()
         chosen = config or ClientConfig()
         if timeout is not None:
@@ -283,7 +293,7 @@ class HostLink:
             timeout=self.config.call_timeout,
         ).grant
         auth = {"Authorization": f"Bearer {grant.bearer_token}"}
-        client = Client(grant.endpoint_url, ClientConfig(timeout=self.config.call_timeout, headers=auth))
+        client = Client(grant.endpoint_url, self._config(grant.endpoint_url, timeout=self.config.call_timeout, headers=auth))
         with self._lock:
             self._grant_clients.append(client)
         return client_class(client)  # type: ignore[call-arg]

@@ -81,7 +81,9 @@ class ServeConfig:
     self_id: str = ""
     self_version: str = ""
     host_url: str = ""
-    """Self-registering mode: join the host at this URL on our own (no launch, no cookie check)."""
+    """Self-registering mode: join the host at this URL on our own (no launch, no cookie check).
+    An https:// host is reached with ``http.tls``: its key pair is our client certificate
+    (with a host that admits certificates, it is our identity) and its trust checks the host."""
     advertise_url: str = ""
     """The URL the host should call us at, when it differs from where we listen."""
     join_token: str = ""
@@ -213,7 +215,9 @@ class PluginServer:
         )
         self.link = link or HostLink()
         self_registering = bool(config.host_url)
-        self.link.attach(self.health, config.provides, config.host_url or os.environ.get(ENV_HOST_URL, ""))
+        self.link.attach(
+            self.health, config.provides, config.host_url or os.environ.get(ENV_HOST_URL, ""), config.http.tls
+        )
         handlers: list[Any] = [impls[name] for name in plugins]
         handlers += [
             hs.PluginHandshake(handshake, plugins),
