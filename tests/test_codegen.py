@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -213,3 +215,80 @@ def test_cli_prints_the_refusal_and_exits_nonzero(tmp_path, capsys):
         == 1
     )
     assert "Chat.Talk is bidirectional streaming" in capsys.readouterr().err
+
+
+# --- Typing: generated code and dispense(KV_PLUGIN) under mypy --strict ----------------------
+
+# connectplugin's own modules are read for their types but not judged (follow_imports=silent),
+# as mypy treats an installed package; the generated modules and the user's files are strict.
+STRICT_CONFIG = """\
+[mypy]
+strict = True
+[mypy-connectplugin,connectplugin.rpc.*,connectplugin.runtime.*,connectplugin.host.*]
+follow_imports = silent
+"""
+
+TYPED_USER = """\
+from typing import Any
+
+from connectplugin import PluginClient
+from samples.kv.gen.kv.v1 import kv_pb2
+from samples.kv.gen.kv.v1.kv_connect import KV_PLUGIN, KVServiceClient
+
+
+def value(plugin: PluginClient) -> bytes:
+    kv: KVServiceClient = plugin.dispense(KV_PLUGIN)
+    for event in plugin.dispense(KV_PLUGIN).watch(kv_pb2.WatchRequest(prefix="a")):
+        print(event.key)
+    return plugin.dispense(KV_PLUGIN).get(kv_pb2.GetRequest(key="a")).value + kv.put(
+        kv_pb2.PutRequest(key="a", value=b"1")
+    ).SerializeToString()
+
+
+def by_name(plugin: PluginClient) -> Any:
+    return plugin.dispense("kv").anything_goes()
+"""
+
+# Each line the type checker must refuse, with the error code it must give.
+MISUSES = {
+    'plugin.dispense(KV_PLUGIN).get(kv_pb2.PutRequest(key="a"))': "arg-type",
+    'plugin.dispense(KV_PLUGIN).fetch(kv_pb2.GetRequest(key="a"))': "attr-defined",
+    'n: int = plugin.dispense(KV_PLUGIN).get(kv_pb2.GetRequest(key="a")).value': "assignment",
+    'plugin.dispense(KV_PLUGIN).watch(kv_pb2.WatchRequest()).key': "attr-defined",
+}
+
+
+def test_generated_code_and_typed_dispense_pass_mypy_strict_and_misuse_fails(tmp_path):
+    (tmp_path / "mypy.ini").write_text(STRICT_CONFIG)
+    (tmp_path / "typed_user.py").write_text(TYPED_USER)
+    misuse = [
+        "from connectplugin import PluginClient",
+        "from samples.kv.gen.kv.v1 import kv_pb2",
+        "from samples.kv.gen.kv.v1.kv_connect import KV_PLUGIN",
+        "",
+        "",
+        "def misuse(plugin: PluginClient) -> None:",
+        *(f"    {line}" for line in MISUSES),
+    ]
+    (tmp_path / "misuse.py").write_text("\n".join(misuse) + "\n")
+    first_misuse = misuse.index("def misuse(plugin: PluginClient) -> None:") + 2
+
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "mypy", "--config-file", "mypy.ini",
+            # mypy's own cache (it invalidates what changed): a cold run takes ~20 s
+            "--cache-dir", str(ROOT / ".mypy_cache" / "strict-codegen"), "--no-error-summary",
+            "typed_user.py", "misuse.py",
+            str(ROOT / "connectplugin" / "gen"), str(ROOT / "samples" / "kv" / "gen"),
+        ],
+        cwd=tmp_path, env={**os.environ, "MYPYPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=300,
+    )
+    errors = [line for line in result.stdout.splitlines() if ": error:" in line]
+    expected = {
+        f"misuse.py:{first_misuse + n}": code for n, code in enumerate(MISUSES.values())
+    }
+    found = {line.split(": error:")[0]: line for line in errors}
+    assert set(found) == set(expected), result.stdout + result.stderr
+    for where, code in expected.items():
+        assert found[where].endswith(f"[{code}]"), found[where]

@@ -251,6 +251,16 @@ def test_dispense_returns_the_typed_client(launched):
     assert launched.dispense("kv") is launched.dispense("kv")
 
 
+def test_dispense_by_definition_returns_the_client_dispense_by_name_does(launched):
+    assert launched.dispense(KV_PLUGIN) is launched.dispense("kv")
+
+
+def test_dispense_of_a_definition_other_than_the_hosts_under_its_name_is_refused(launched):
+    impostor = dataclasses.replace(KV_PLUGIN, client=HandshakeServiceClient)
+    with pytest.raises(ValueError, match="not the definition"):
+        launched.dispense(impostor)
+
+
 def test_dispense_with_a_config_or_interceptors_gives_a_new_client_with_them(launched):
     seen: list[float | None] = []
 

@@ -187,12 +187,27 @@ def _finish(staging: Path, package: str) -> list[str]:
         if not init.exists():
             init.write_text(MARKER)
         for name in filenames:
+            path = Path(directory, name)
             if package and name.endswith(("_pb2.py", "_pb2.pyi")):
-                path = Path(directory, name)
                 path.write_text(_rewrite_imports(path.read_text(), package))
+            if name.endswith("_pb2.pyi"):
+                path.write_text(_parametrize_mappings(path.read_text()))
     return sorted(
         p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file()
     )
+
+
+# protoc's stubs accept a dict for a message field as a bare ``_Mapping``, which ``mypy --strict``
+# refuses (type-arg); its keys are field names and its values anything a field takes.
+_BARE_MAPPING = re.compile(r"\b_Mapping\b(?!\[)(?= *\])")
+_TYPING_IMPORT = re.compile(r"^from typing import .*$", re.MULTILINE)
+
+
+def _parametrize_mappings(text: str) -> str:
+    text, count = _BARE_MAPPING.subn("_Mapping[str, _Any]", text)
+    if not count:
+        return text
+    return _TYPING_IMPORT.sub(lambda m: f"{m.group(0)}\nfrom typing import Any as _Any", text, count=1)
 
 
 def _rewrite_imports(text: str, package: str) -> str:

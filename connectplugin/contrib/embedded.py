@@ -14,7 +14,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 from urllib.parse import urlsplit
 
 from werkzeug.utils import import_string
@@ -24,7 +24,7 @@ from ..rpc.client import ClientConfig, Interceptor
 from ..rpc.httpserver import HTTPConfig
 from ..runtime.handshake import HandshakeConfig
 from ..runtime.launcher import ProcessStrategy, Strategy
-from ..runtime.plugin import Plugin
+from ..runtime.plugin import ClientT, Plugin
 from ..runtime.pluginclient import PluginClient
 
 EMBEDDED_HOST = HostConfig(http=HTTPConfig(threads=4, max_streams=4))
@@ -184,12 +184,24 @@ class AppPlugins:
                 self._launched.notify_all()
         return launched
 
+    @overload
     def dispense(
-        self, name: str, *, config: ClientConfig | None = None, interceptors: Sequence[Interceptor] = ()
+        self, plugin: Plugin[ClientT], *, config: ClientConfig | None = None, interceptors: Sequence[Interceptor] = ()
+    ) -> ClientT: ...
+
+    @overload
+    def dispense(
+        self, plugin: str, *, config: ClientConfig | None = None, interceptors: Sequence[Interceptor] = ()
+    ) -> Any: ...
+
+    def dispense(
+        self, plugin: Plugin[Any] | str, *, config: ClientConfig | None = None, interceptors: Sequence[Interceptor] = ()
     ) -> Any:
-        """The typed client of plugin ``name`` (its generated ``<Service>Client``), launched on
-        first use; ``config`` and ``interceptors`` as for ``PluginClient.dispense``."""
-        return self.client(name).dispense(name, config=config, interceptors=interceptors)
+        """The typed client of a plugin (its generated ``<Service>Client``), launched on first
+        use; by definition (``KV_PLUGIN``, typed) or name, ``config`` and ``interceptors`` as
+        for ``PluginClient.dispense``."""
+        name = plugin if isinstance(plugin, str) else plugin.name
+        return self.client(name).dispense(plugin, config=config, interceptors=interceptors)
 
     def launched(self) -> dict[str, PluginClient]:
         """The plugins this process has launched, by name."""

@@ -10,12 +10,13 @@ in a gunicorn master that forks its workers after ``--preload``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, overload
 
 from flask import Flask, current_app
 
 from ..host.pluginhost import PluginHost
 from ..rpc.client import ClientConfig, Interceptor
+from ..runtime.plugin import ClientT, Plugin
 from ..runtime.pluginclient import PluginClient
 from .embedded import AppPlugins, AppPluginsConfig
 
@@ -53,12 +54,22 @@ class ConnectPlugin:
                 f"ConnectPlugin is not initialised on app {app.name!r}: call init_app(app)"
             ) from None
 
+    @overload
     def dispense(
-        self, name: str, *, config: ClientConfig | None = None, interceptors: Sequence[Interceptor] = ()
+        self, plugin: Plugin[ClientT], *, config: ClientConfig | None = None, interceptors: Sequence[Interceptor] = ()
+    ) -> ClientT: ...
+
+    @overload
+    def dispense(
+        self, plugin: str, *, config: ClientConfig | None = None, interceptors: Sequence[Interceptor] = ()
+    ) -> Any: ...
+
+    def dispense(
+        self, plugin: Plugin[Any] | str, *, config: ClientConfig | None = None, interceptors: Sequence[Interceptor] = ()
     ) -> Any:
-        """The typed client of plugin ``name``, launched in this process on first use;
-        ``config`` and ``interceptors`` as for ``PluginClient.dispense``."""
-        return self.plugins().dispense(name, config=config, interceptors=interceptors)
+        """The typed client of a plugin (by definition, typed, or by name), launched in this
+        process on first use; ``config`` and ``interceptors`` as for ``PluginClient.dispense``."""
+        return self.plugins().dispense(plugin, config=config, interceptors=interceptors)
 
     def client(self, name: str) -> PluginClient:
         return self.plugins().client(name)

@@ -6,7 +6,7 @@ import dataclasses
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 from ..gen.connectplugin.health.v1 import health_pb2
 from ..gen.connectplugin.health.v1.health_connect import HealthServiceClient
@@ -20,7 +20,7 @@ from . import handshake as hs
 from .credentials import HOST_SECRET_HEADER
 from .health import HealthReport, ServingStatus, report_from_wire, status_from_wire
 from .launcher import Running
-from .plugin import Plugin
+from .plugin import ClientT, Plugin, plugin_name
 
 
 @dataclass(frozen=True)
@@ -96,19 +96,38 @@ class PluginClient:
     def app_protocol_version(self) -> int:
         return self.handshake().app_protocol_version
 
+    @overload
     def dispense(
-        self, name: str, *, config: ClientConfig | None = None, interceptors: Sequence[Interceptor] = ()
-    ) -> Any:
-        """The typed client of plugin ``name`` (the generated ``<Service>Client``).
+        self,
+        plugin: Plugin[ClientT],
+        *,
+        config: ClientConfig | None = None,
+        interceptors: Sequence[Interceptor] = (),
+    ) -> ClientT: ...
 
-        Without arguments, the one client made with ``PluginClientConfig.rpc``. With ``config``
-        (in place of that one: deadline, interceptors, codec...) or ``interceptors`` (run
-        inside the config's, say ``Retry()`` and ``CircuitBreaker()``), a new client over the
-        same connections; either way it checks that the plugin runs and presents the host's
-        secret.
+    @overload
+    def dispense(
+        self, plugin: str, *, config: ClientConfig | None = None, interceptors: Sequence[Interceptor] = ()
+    ) -> Any: ...
+
+    def dispense(
+        self,
+        plugin: Plugin[Any] | str,
+        *,
+        config: ClientConfig | None = None,
+        interceptors: Sequence[Interceptor] = (),
+    ) -> Any:
+        """The typed client of a plugin (the generated ``<Service>Client``).
+
+        ``dispense(KV_PLUGIN)`` is typed as the definition's client (``KVServiceClient``);
+        ``dispense("kv")`` returns the same object, untyped. A definition must be the one the
+        host was given under its name. Without ``config`` or ``interceptors``, the one client
+        made with ``PluginClientConfig.rpc``. With ``config`` (in place of that one: deadline,
+        interceptors, codec...) or ``interceptors`` (run inside the config's, say ``Retry()``
+        and ``CircuitBreaker()``), a new client over the same connections; either way it
+        checks that the plugin runs and presents the host's secret.
         """
-        if name not in self._plugins:
-            raise KeyError(f"unknown plugin {name!r}; known: {', '.join(sorted(self._plugins))}")
+        name = plugin_name(plugin, self._plugins)
         self.handshake()
         if config is not None or interceptors:
             return self._plugins[name].client(self.rpc.derive(self._rpc_config(config or self.config.rpc, interceptors)))

@@ -12,12 +12,13 @@ application with :func:`wrap`; ``manage.py plugins`` lists, health-checks and ca
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, overload
 
 from django.apps import apps as registry  # not "apps": that is also our submodule's name
 
 from ...host.pluginhost import PluginHost
 from ...rpc.client import ClientConfig, Interceptor
+from ...runtime.plugin import ClientT, Plugin
 from ...runtime.pluginclient import PluginClient
 from ..embedded import AppPlugins, WSGIApp
 
@@ -29,10 +30,22 @@ def plugins() -> AppPlugins:
     return registry.get_app_config(APP_LABEL).plugins  # type: ignore[attr-defined,no-any-return]
 
 
-def dispense(name: str, *, config: ClientConfig | None = None, interceptors: Sequence[Interceptor] = ()) -> Any:
-    """The typed client of plugin ``name``, launched in this process on first use;
-    ``config`` and ``interceptors`` as for ``PluginClient.dispense``."""
-    return plugins().dispense(name, config=config, interceptors=interceptors)
+@overload
+def dispense(
+    plugin: Plugin[ClientT], *, config: ClientConfig | None = None, interceptors: Sequence[Interceptor] = ()
+) -> ClientT: ...
+
+
+@overload
+def dispense(plugin: str, *, config: ClientConfig | None = None, interceptors: Sequence[Interceptor] = ()) -> Any: ...
+
+
+def dispense(
+    plugin: Plugin[Any] | str, *, config: ClientConfig | None = None, interceptors: Sequence[Interceptor] = ()
+) -> Any:
+    """The typed client of a plugin (by definition, typed, or by name), launched in this
+    process on first use; ``config`` and ``interceptors`` as for ``PluginClient.dispense``."""
+    return plugins().dispense(plugin, config=config, interceptors=interceptors)
 
 
 def client(name: str) -> PluginClient:

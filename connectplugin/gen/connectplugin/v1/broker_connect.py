@@ -41,12 +41,13 @@ class CapabilityBrokerClient:
         timeout: float | None = None,
         headers: Mapping[str, str | bytes] | None = None,
     ) -> broker_pb2.RequestCapabilityResponse:
-        return self._client.call_unary(
+        response: broker_pb2.RequestCapabilityResponse = self._client.call_unary(
             CAPABILITY_BROKER_SERVICE.methods["RequestCapability"],
             request,
             timeout=timeout,
             headers=headers,
         )
+        return response
 
 
 class CapabilityBrokerHandler:
@@ -68,7 +69,7 @@ class CapabilityBrokerHandler:
         )
 
 
-CAPABILITY_BROKER_PLUGIN = Plugin(
+CAPABILITY_BROKER_PLUGIN: Plugin[CapabilityBrokerClient] = Plugin(
     name="capability_broker",
     version="1.0.0",
     service=CAPABILITY_BROKER_SERVICE,

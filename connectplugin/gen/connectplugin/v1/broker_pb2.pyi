@@ -2,6 +2,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import Any as _Any
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -19,7 +20,7 @@ class RequestCapabilityResponse(_message.Message):
     __slots__ = ("grant",)
     GRANT_FIELD_NUMBER: _ClassVar[int]
     grant: CapabilityGrant
-    def __init__(self, grant: _Optional[_Union[CapabilityGrant, _Mapping]] = ...) -> None: ...
+    def __init__(self, grant: _Optional[_Union[CapabilityGrant, _Mapping[str, _Any]]] = ...) -> None: ...
 
 class CapabilityGrant(_message.Message):
     __slots__ = ("grant_id", "endpoint_url", "bearer_token", "capability_type", "version")

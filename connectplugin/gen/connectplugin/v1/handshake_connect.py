@@ -42,12 +42,13 @@ class HandshakeServiceClient:
         headers: Mapping[str, str | bytes] | None = None,
     ) -> handshake_pb2.HandshakeResponse:
         """Safe to repeat: the same request yields the same answer."""
-        return self._client.call_unary(
+        response: handshake_pb2.HandshakeResponse = self._client.call_unary(
             HANDSHAKE_SERVICE.methods["Handshake"],
             request,
             timeout=timeout,
             headers=headers,
         )
+        return response
 
 
 class HandshakeServiceHandler:
@@ -70,7 +71,7 @@ class HandshakeServiceHandler:
         )
 
 
-HANDSHAKE_PLUGIN = Plugin(
+HANDSHAKE_PLUGIN: Plugin[HandshakeServiceClient] = Plugin(
     name="handshake",
     version="1.0.0",
     service=HANDSHAKE_SERVICE,

@@ -3,6 +3,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import Any as _Any
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -56,7 +57,7 @@ class HandshakeResponse(_message.Message):
     host_capabilities: _containers.RepeatedCompositeFieldContainer[Capability]
     runtime_id: str
     runtime_token: str
-    def __init__(self, core_protocol_version: _Optional[int] = ..., app_protocol_version: _Optional[int] = ..., plugins: _Optional[_Iterable[_Union[PluginInfo, _Mapping]]] = ..., server_metadata: _Optional[_Mapping[str, str]] = ..., host_capabilities: _Optional[_Iterable[_Union[Capability, _Mapping]]] = ..., runtime_id: _Optional[str] = ..., runtime_token: _Optional[str] = ...) -> None: ...
+    def __init__(self, core_protocol_version: _Optional[int] = ..., app_protocol_version: _Optional[int] = ..., plugins: _Optional[_Iterable[_Union[PluginInfo, _Mapping[str, _Any]]]] = ..., server_metadata: _Optional[_Mapping[str, str]] = ..., host_capabilities: _Optional[_Iterable[_Union[Capability, _Mapping[str, _Any]]]] = ..., runtime_id: _Optional[str] = ..., runtime_token: _Optional[str] = ...) -> None: ...
 
 class PluginInfo(_message.Message):
     __slots__ = ("name", "version", "service_path", "provides", "requires")
@@ -70,7 +71,7 @@ class PluginInfo(_message.Message):
     service_path: str
     provides: _containers.RepeatedCompositeFieldContainer[ServiceDeclaration]
     requires: _containers.RepeatedCompositeFieldContainer[ServiceDependency]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., service_path: _Optional[str] = ..., provides: _Optional[_Iterable[_Union[ServiceDeclaration, _Mapping]]] = ..., requires: _Optional[_Iterable[_Union[ServiceDependency, _Mapping]]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., service_path: _Optional[str] = ..., provides: _Optional[_Iterable[_Union[ServiceDeclaration, _Mapping[str, _Any]]]] = ..., requires: _Optional[_Iterable[_Union[ServiceDependency, _Mapping[str, _Any]]]] = ...) -> None: ...
 
 class Capability(_message.Message):
     __slots__ = ("type", "version", "endpoint")

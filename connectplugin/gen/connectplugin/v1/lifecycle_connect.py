@@ -41,12 +41,13 @@ class PluginLifecycleClient:
         timeout: float | None = None,
         headers: Mapping[str, str | bytes] | None = None,
     ) -> lifecycle_pb2.ReportHealthResponse:
-        return self._client.call_unary(
+        response: lifecycle_pb2.ReportHealthResponse = self._client.call_unary(
             PLUGIN_LIFECYCLE_SERVICE.methods["ReportHealth"],
             request,
             timeout=timeout,
             headers=headers,
         )
+        return response
 
 
 class PluginLifecycleHandler:
@@ -68,7 +69,7 @@ class PluginLifecycleHandler:
         )
 
 
-PLUGIN_LIFECYCLE_PLUGIN = Plugin(
+PLUGIN_LIFECYCLE_PLUGIN: Plugin[PluginLifecycleClient] = Plugin(
     name="plugin_lifecycle",
     version="1.0.0",
     service=PLUGIN_LIFECYCLE_SERVICE,
@@ -116,12 +117,13 @@ class PluginControlClient:
         timeout: float | None = None,
         headers: Mapping[str, str | bytes] | None = None,
     ) -> lifecycle_pb2.GetHealthResponse:
-        return self._client.call_unary(
+        response: lifecycle_pb2.GetHealthResponse = self._client.call_unary(
             PLUGIN_CONTROL_SERVICE.methods["GetHealth"],
             request,
             timeout=timeout,
             headers=headers,
         )
+        return response
 
     def shutdown(
         self,
@@ -131,12 +133,13 @@ class PluginControlClient:
         headers: Mapping[str, str | bytes] | None = None,
     ) -> lifecycle_pb2.ShutdownResponse:
         """Stop taking calls, finish the ones in flight, exit."""
-        return self._client.call_unary(
+        response: lifecycle_pb2.ShutdownResponse = self._client.call_unary(
             PLUGIN_CONTROL_SERVICE.methods["Shutdown"],
             request,
             timeout=timeout,
             headers=headers,
         )
+        return response
 
 
 class PluginControlHandler:
@@ -167,7 +170,7 @@ class PluginControlHandler:
         )
 
 
-PLUGIN_CONTROL_PLUGIN = Plugin(
+PLUGIN_CONTROL_PLUGIN: Plugin[PluginControlClient] = Plugin(
     name="plugin_control",
     version="1.0.0",
     service=PLUGIN_CONTROL_SERVICE,

@@ -50,12 +50,13 @@ class PluginIdentityClient:
         timeout: float | None = None,
         headers: Mapping[str, str | bytes] | None = None,
     ) -> plugininfo_pb2.GetPluginInfoResponse:
-        return self._client.call_unary(
+        response: plugininfo_pb2.GetPluginInfoResponse = self._client.call_unary(
             PLUGIN_IDENTITY_SERVICE.methods["GetPluginInfo"],
             request,
             timeout=timeout,
             headers=headers,
         )
+        return response
 
     def set_runtime_identity(
         self,
@@ -64,12 +65,13 @@ class PluginIdentityClient:
         timeout: float | None = None,
         headers: Mapping[str, str | bytes] | None = None,
     ) -> plugininfo_pb2.SetRuntimeIdentityResponse:
-        return self._client.call_unary(
+        response: plugininfo_pb2.SetRuntimeIdentityResponse = self._client.call_unary(
             PLUGIN_IDENTITY_SERVICE.methods["SetRuntimeIdentity"],
             request,
             timeout=timeout,
             headers=headers,
         )
+        return response
 
 
 class PluginIdentityHandler:
@@ -100,7 +102,7 @@ class PluginIdentityHandler:
         )
 
 
-PLUGIN_IDENTITY_PLUGIN = Plugin(
+PLUGIN_IDENTITY_PLUGIN: Plugin[PluginIdentityClient] = Plugin(
     name="plugin_identity",
     version="1.0.0",
     service=PLUGIN_IDENTITY_SERVICE,

@@ -4,6 +4,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import Any as _Any
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -30,7 +31,7 @@ class GetPluginInfoResponse(_message.Message):
     provides: _containers.RepeatedCompositeFieldContainer[_handshake_pb2.ServiceDeclaration]
     requires: _containers.RepeatedCompositeFieldContainer[_handshake_pb2.ServiceDependency]
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, self_id: _Optional[str] = ..., self_version: _Optional[str] = ..., provides: _Optional[_Iterable[_Union[_handshake_pb2.ServiceDeclaration, _Mapping]]] = ..., requires: _Optional[_Iterable[_Union[_handshake_pb2.ServiceDependency, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(self, self_id: _Optional[str] = ..., self_version: _Optional[str] = ..., provides: _Optional[_Iterable[_Union[_handshake_pb2.ServiceDeclaration, _Mapping[str, _Any]]]] = ..., requires: _Optional[_Iterable[_Union[_handshake_pb2.ServiceDependency, _Mapping[str, _Any]]]] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class SetRuntimeIdentityRequest(_message.Message):
     __slots__ = ("runtime_id", "runtime_token", "host_url")

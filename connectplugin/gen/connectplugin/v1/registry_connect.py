@@ -65,12 +65,13 @@ class ServiceRegistryClient:
         timeout: float | None = None,
         headers: Mapping[str, str | bytes] | None = None,
     ) -> registry_pb2.RegisterServiceResponse:
-        return self._client.call_unary(
+        response: registry_pb2.RegisterServiceResponse = self._client.call_unary(
             SERVICE_REGISTRY_SERVICE.methods["RegisterService"],
             request,
             timeout=timeout,
             headers=headers,
         )
+        return response
 
     def unregister_service(
         self,
@@ -79,12 +80,13 @@ class ServiceRegistryClient:
         timeout: float | None = None,
         headers: Mapping[str, str | bytes] | None = None,
     ) -> registry_pb2.UnregisterServiceResponse:
-        return self._client.call_unary(
+        response: registry_pb2.UnregisterServiceResponse = self._client.call_unary(
             SERVICE_REGISTRY_SERVICE.methods["UnregisterService"],
             request,
             timeout=timeout,
             headers=headers,
         )
+        return response
 
     def discover_service(
         self,
@@ -94,12 +96,13 @@ class ServiceRegistryClient:
         headers: Mapping[str, str | bytes] | None = None,
     ) -> registry_pb2.DiscoverServiceResponse:
         """The host picks one provider."""
-        return self._client.call_unary(
+        response: registry_pb2.DiscoverServiceResponse = self._client.call_unary(
             SERVICE_REGISTRY_SERVICE.methods["DiscoverService"],
             request,
             timeout=timeout,
             headers=headers,
         )
+        return response
 
     def watch_service(
         self,
@@ -162,7 +165,7 @@ class ServiceRegistryHandler:
         )
 
 
-SERVICE_REGISTRY_PLUGIN = Plugin(
+SERVICE_REGISTRY_PLUGIN: Plugin[ServiceRegistryClient] = Plugin(
     name="service_registry",
     version="1.0.0",
     service=SERVICE_REGISTRY_SERVICE,

@@ -4,6 +4,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import Any as _Any
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -67,7 +68,7 @@ class DiscoverServiceResponse(_message.Message):
     SINGLE_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     endpoint: ServiceEndpoint
     single_provider: bool
-    def __init__(self, endpoint: _Optional[_Union[ServiceEndpoint, _Mapping]] = ..., single_provider: _Optional[bool] = ...) -> None: ...
+    def __init__(self, endpoint: _Optional[_Union[ServiceEndpoint, _Mapping[str, _Any]]] = ..., single_provider: _Optional[bool] = ...) -> None: ...
 
 class ServiceEndpoint(_message.Message):
     __slots__ = ("provider_id", "version", "endpoint_url", "metadata")
@@ -102,4 +103,4 @@ class WatchServiceEvent(_message.Message):
     service_type: str
     state: ServiceState
     endpoint: ServiceEndpoint
-    def __init__(self, service_type: _Optional[str] = ..., state: _Optional[_Union[ServiceState, str]] = ..., endpoint: _Optional[_Union[ServiceEndpoint, _Mapping]] = ...) -> None: ...
+    def __init__(self, service_type: _Optional[str] = ..., state: _Optional[_Union[ServiceState, str]] = ..., endpoint: _Optional[_Union[ServiceEndpoint, _Mapping[str, _Any]]] = ...) -> None: ...

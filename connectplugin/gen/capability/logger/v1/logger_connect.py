@@ -38,9 +38,10 @@ class LoggerClient:
         timeout: float | None = None,
         headers: Mapping[str, str | bytes] | None = None,
     ) -> logger_pb2.LogResponse:
-        return self._client.call_unary(
+        response: logger_pb2.LogResponse = self._client.call_unary(
             LOGGER_SERVICE.methods["Log"], request, timeout=timeout, headers=headers
         )
+        return response
 
 
 class LoggerHandler:
@@ -59,7 +60,7 @@ class LoggerHandler:
         )
 
 
-LOGGER_PLUGIN = Plugin(
+LOGGER_PLUGIN: Plugin[LoggerClient] = Plugin(
     name="logger",
     version="1.0.0",
     service=LOGGER_SERVICE,

@@ -47,9 +47,10 @@ class HealthServiceClient:
         headers: Mapping[str, str | bytes] | None = None,
     ) -> health_pb2.HealthCheckResponse:
         """An empty service name asks about the server as a whole."""
-        return self._client.call_unary(
+        response: health_pb2.HealthCheckResponse = self._client.call_unary(
             HEALTH_SERVICE.methods["Check"], request, timeout=timeout, headers=headers
         )
+        return response
 
     def watch(
         self,
@@ -91,7 +92,7 @@ class HealthServiceHandler:
         )
 
 
-HEALTH_PLUGIN = Plugin(
+HEALTH_PLUGIN: Plugin[HealthServiceClient] = Plugin(
     name="health",
     version="1.0.0",
     service=HEALTH_SERVICE,

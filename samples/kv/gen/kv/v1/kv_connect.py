@@ -62,9 +62,10 @@ class KVServiceClient:
         timeout: float | None = None,
         headers: Mapping[str, str | bytes] | None = None,
     ) -> kv_pb2.GetResponse:
-        return self._client.call_unary(
+        response: kv_pb2.GetResponse = self._client.call_unary(
             KV_SERVICE.methods["Get"], request, timeout=timeout, headers=headers
         )
+        return response
 
     def put(
         self,
@@ -73,9 +74,10 @@ class KVServiceClient:
         timeout: float | None = None,
         headers: Mapping[str, str | bytes] | None = None,
     ) -> kv_pb2.PutResponse:
-        return self._client.call_unary(
+        response: kv_pb2.PutResponse = self._client.call_unary(
             KV_SERVICE.methods["Put"], request, timeout=timeout, headers=headers
         )
+        return response
 
     def delete(
         self,
@@ -84,9 +86,10 @@ class KVServiceClient:
         timeout: float | None = None,
         headers: Mapping[str, str | bytes] | None = None,
     ) -> kv_pb2.DeleteResponse:
-        return self._client.call_unary(
+        response: kv_pb2.DeleteResponse = self._client.call_unary(
             KV_SERVICE.methods["Delete"], request, timeout=timeout, headers=headers
         )
+        return response
 
     def watch(
         self,
@@ -135,7 +138,7 @@ class KVServiceHandler:
         )
 
 
-KV_PLUGIN = Plugin(
+KV_PLUGIN: Plugin[KVServiceClient] = Plugin(
     name="kv",
     version="1.0.0",
     service=KV_SERVICE,
