@@ -1,8 +1,10 @@
 """A KV provider for the platform tests: launched by a host, or joining one by itself.
 
-``python -m tests.platform_plugins.provider --type T [--version V] [--host-url URL] [--port P]``
-serves the sample KV store as service type ``T``. With ``--host-url`` it joins that host
-on its own (self-registering); without, a host must launch it. Test hooks, all
+``python -m tests.platform_plugins.provider --type T [--version V] [--host-url URL] [--port P]
+[--listen ADDR] [--pki DIR]`` serves the sample KV store as service type ``T``. With
+``--host-url`` it joins that host on its own (self-registering); without, a host must launch
+it. With ``--pki`` it serves TLS with ``DIR/T.pem`` (and presents it to the host), trusting
+``DIR/ca.pem``. Test hooks, all
 reached through ordinary ``Get`` calls:
 
 - ``Get("headers")`` answers the request headers the handler saw, as a JSON object.
@@ -20,14 +22,18 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 from connectplugin import (
     Code,
     ConnectError,
     Context,
     HTTPConfig,
+    KeyPair,
     ServeConfig,
     ServiceDeclaration,
+    TLSConfig,
+    Trust,
     serve,
 )
 from samples.kv.gen.kv.v1 import kv_pb2
@@ -79,7 +85,14 @@ def main() -> None:
     parser.add_argument("--version", default="1.0.0")
     parser.add_argument("--host-url", default="", help="join this host on its own")
     parser.add_argument("--port", type=int, default=0, help="listen on this port (0: any free one)")
+    parser.add_argument("--listen", default="127.0.0.1", help="listen on this address")
+    parser.add_argument("--pki", default="", help="serve TLS with TYPE.pem from this directory")
     args = parser.parse_args()
+    tls = None
+    if args.pki:
+        pki = Path(args.pki)
+        pair = KeyPair.from_files(pki / f"{args.type}.pem", pki / f"{args.type}-key.pem")
+        tls = TLSConfig(key_pair=pair, trust=Trust.from_files(cas=pki / "ca.pem"))
     serve(
         PLUGINS,
         {"kv": Recorder(str(os.getpid()))},
@@ -88,7 +101,7 @@ def main() -> None:
             self_id=args.type,
             self_version=args.version,
             host_url=args.host_url,
-            http=HTTPConfig(port=args.port),
+            http=HTTPConfig(host=args.listen, port=args.port, tls=tls),
             grace_period=1.0,
             provides=[declare(args.type, args.version)],
         ),
