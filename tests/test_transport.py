@@ -3,6 +3,7 @@ turns its collaborators' failures into TransportError."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -185,8 +186,11 @@ def test_a_peer_slower_than_the_read_timeout_is_a_transport_timeout(serve, make)
     assert not e.value.refused
 
 
-@pytest.mark.parametrize("make_transport", [pool_transport, adapter_transport])
-def test_a_body_cut_short_is_a_transport_error_on_read(make_transport):
+@contextlib.contextmanager
+def raw_peer(*replies: bytes, make: Callable[[str], Transport] = connection_pool) -> Iterator[tuple[Transport, list[bytes]]]:
+    """A transport to a peer that answers each request on one connection with the next of
+    ``replies`` as is, then closes; yields the transport and the requests as received."""
+    received: list[bytes] = []
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
@@ -194,21 +198,126 @@ def test_a_body_cut_short_is_a_transport_error_on_read(make_transport):
         def answer() -> None:
             conn, _ = listener.accept()
             with conn:
-                conn.recv(65536)
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort")
+                for reply in replies:
+                    received.append(conn.recv(65536))
+                    conn.sendall(reply)
 
-        thread = threading.Thread(target=answer, name="short-body")
+        thread = threading.Thread(target=answer, name="raw-peer")
         thread.start()
-        transport = make_transport(f"http://127.0.0.1:{listener.getsockname()[1]}")
+        transport = make(f"http://127.0.0.1:{listener.getsockname()[1]}")
+        try:
+            yield transport, received
+        finally:
+            transport.close()
+            thread.join(5)
+
+
+@pytest.mark.parametrize("make_transport", SOCKET_TRANSPORTS)
+def test_a_body_cut_short_is_a_transport_error_on_read(make_transport):
+    with raw_peer(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort", make=make_transport) as (transport, _):
         response = transport.send("GET", "/", {}, None, 5.0, 5.0)
-        thread.join()
         try:
             with pytest.raises(TransportError):
                 while response.read(100):
                     pass
         finally:
             response.close()
-            transport.close()
+
+
+# --- ConnectionPool: HTTP/1.1 spoken on the socket itself -----------------------------------
+
+
+def read_all(response: _transport.Response) -> bytes:
+    try:
+        return response.read(1 << 20)
+    finally:
+        response.close()
+
+
+def test_the_pool_sends_head_and_body_in_one_write_with_its_host():
+    with raw_peer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok") as (pool, received):
+        assert read_all(pool.send("POST", "/p", {"X-Test": "t"}, b"hi", 5.0, 5.0)) == b"ok"
+
+    head, _, body = received[0].partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"POST /p HTTP/1.1" and lines[1].startswith(b"Host: 127.0.0.1:")
+    assert b"X-Test: t" in lines and b"Content-Length: 2" in lines and body == b"hi"
+
+
+@pytest.mark.parametrize(
+    "headers, target",
+    [({"X-Test": "t\r\nX-Smuggled: 1"}, "/p"), ({"X-Test\r\nX-Smuggled": "1"}, "/p"), ({}, "/p HTTP/1.1\r\nX: 1")],
+)
+def test_the_pool_refuses_a_header_or_target_that_would_smuggle_a_line(serve, headers, target):
+    pool = ConnectionPool(serve(echo).url, 4)
+    try:
+        with pytest.raises(ValueError):
+            pool.send("GET", target, headers, None, 5.0, 5.0)
+    finally:
+        pool.close()
+
+
+def test_a_chunked_body_is_read_without_its_framing_and_the_connection_kept():
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n2\r\nde\r\n0\r\nT: 1\r\n\r\n"
+    plain = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nf"
+    with raw_peer(chunked, plain) as (pool, received):
+        first = read_all(pool.send("GET", "/", {}, None, 5.0, 5.0))
+        second = read_all(pool.send("GET", "/", {}, None, 5.0, 5.0))
+
+    assert (first, second, len(received)) == (b"abcde", b"f", 2)  # one connection for both
+
+
+def test_an_interim_response_is_skipped():
+    reply = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: 1\r\n\r\nok"
+    with raw_peer(reply) as (pool, _):
+        response = pool.send("POST", "/", {}, b"x", 5.0, 5.0)
+        assert (response.status, response.headers["x-a"], read_all(response)) == (200, "1", b"ok")
+
+
+def test_a_body_ending_with_the_connection_is_read_to_its_end_and_not_kept():
+    with raw_peer(b"HTTP/1.0 200 OK\r\n\r\nall of it") as (pool, _):
+        assert read_all(pool.send("GET", "/", {}, None, 5.0, 5.0)) == b"all of it"
+        assert isinstance(pool, ConnectionPool) and not pool._idle
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"HTTX/1.1 200 OK\r\n\r\n",
+        b"HTTP/1.1 2000 OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 101 + b"\r\n",
+    ],
+    ids=["version", "status", "header", "length", "chunk-size", "too-many-headers"],
+)
+def test_a_malformed_response_is_a_transport_error(reply):
+    with raw_peer(reply) as (pool, _):
+        with pytest.raises(TransportError):
+            read_all(pool.send("GET", "/", {}, None, 5.0, 5.0))
+
+
+def test_wait_looks_at_the_socket_only_when_the_buffer_holds_nothing():
+    """Between two chunks a quiet peer makes wait() time out rather than claim bytes."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        pool = ConnectionPool(f"http://127.0.0.1:{listener.getsockname()[1]}", 4)
+        client = socket.create_connection(listener.getsockname())
+        conn, _ = listener.accept()
+        try:
+            pooled = _transport._Connection(client)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n")
+            response = _transport._PooledResponse(pooled, pool, head_only=False)
+            assert response.wait(1.0) and response.read1(10) == b"ab"
+            assert not response.wait(0.05)  # the chunk's CRLF is in, the next size is not
+            conn.sendall(b"1\r\nc\r\n0\r\n\r\n")
+            assert response.wait(5.0) and response.read(10) == b"c"
+        finally:
+            conn.close()
+            client.close()
+            pool.close()
 
 
 # --- which transport a session gets ---------------------------------------------------------

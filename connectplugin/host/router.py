@@ -224,8 +224,20 @@ class Router:
         except ConnectError as e:
             return refusal(start_response, content_type, e)
         out_headers = [(k, v) for k, v in upstream.header_items() if k.lower() not in _HOP_BY_HOP]
-        write = start_response(f"{upstream.status} {upstream.reason or ''}".strip(), out_headers)
+        status = f"{upstream.status} {upstream.reason or ''}".strip()
         streamed = _protocol.is_streaming(upstream.headers.get("content-type", ""))
+        length = upstream.headers.get("content-length", "")
+        if not streamed and length.isdigit() and int(length) <= RELAY_CHUNK:
+            # A unary answer of known, small length arrives with its headers: passed on
+            # whole, and a provider that fails before its end is a Connect error, not a
+            # cut-off body.
+            try:
+                whole = self._read_whole(upstream, provider.provider_id, int(length))
+            except ConnectError as e:
+                return refusal(start_response, content_type, e)
+            start_response(status, out_headers)
+            return [whole]
+        write = start_response(status, out_headers)
         if streamed:
             # The provider sent its headers at once; so do we, or a quiet stream leaves the
             # caller waiting for them (servers send headers with the first non-empty chunk).
@@ -273,6 +285,18 @@ class Router:
         if caller_timeout is not None:
             return caller_timeout + self.config.deadline_margin
         return None if streaming else self.config.unary_timeout
+
+    def _read_whole(self, upstream: Response, provider_id: str, length: int) -> bytes:
+        try:
+            body = upstream.read(length)
+        except TransportTimeout:
+            raise ConnectError(Code.DEADLINE_EXCEEDED, f"provider {provider_id} did not answer in time") from None
+        except TransportError as e:
+            self._unreachable(provider_id, e)
+            raise ConnectError(Code.UNAVAILABLE, f"provider {provider_id} went away") from None
+        finally:
+            upstream.close()
+        return body
 
     def _relay(
         self,

@@ -8,11 +8,11 @@ http.client, sockets) become :class:`TransportError` here and nowhere else, as r
 
 from __future__ import annotations
 
-import _pyio
 import hashlib
 import http.client
 import io
 import queue
+import re
 import select
 import socket
 import ssl
@@ -423,120 +423,259 @@ class AdapterTransport:
         pass  # the session closes its adapters
 
 
-# --- plain http.client keep-alive connections -----------------------------------------------
+# --- plain keep-alive connections, HTTP/1.1 spoken directly ---------------------------------
+
+_MAX_HEAD = 65536
+"""Most bytes of a response's status line and headers (http.client's line limit)."""
+_MAX_HEADERS = 100
+"""Most header fields in a response (http.client's limit)."""
+_RECV = 65536
+_LEGAL_NAME = re.compile(r"[^:\s][^:\r\n]*").fullmatch
+_ILLEGAL_VALUE = re.compile(r"\n(?![ \t])|\r(?![ \t\n])").search
+_ILLEGAL_TARGET = re.compile("[\x00-\x20\x7f]").search
+# The same checks as http.client's putrequest/putheader: no header or line can be smuggled in.
+_BODYLESS_STATUS = frozenset({204, 304})
 
 
-class _ConnectionResponse(Response):
-    """A response on one pooled connection, which goes back to the pool if read to its end."""
+class _Connection:
+    """One keep-alive connection of a pool: its socket, and bytes received but not yet read."""
 
-    __slots__ = ("_upstream", "_conn", "_sock", "_pool", "_ended", "_failed", "_headers")
+    __slots__ = ("sock", "buffer")
 
-    def __init__(
-        self,
-        upstream: http.client.HTTPResponse,
-        conn: http.client.HTTPConnection,
-        sock: socket.socket,
-        pool: ConnectionPool,
-    ) -> None:
-        super().__init__(upstream.status, upstream.reason)
-        self._upstream = upstream
-        self._conn = conn
-        # The connection lets go of its socket when the reply says it will close, but the
-        # body is still read from it.
-        self._sock = sock
-        self._pool = pool
-        self._ended = False
-        self._failed = False
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = bytearray()
+
+    def fill(self) -> bool:
+        """Receive what has arrived (waiting up to the socket's timeout); False at its end."""
+        data = self.sock.recv(_RECV)
+        self.buffer += data
+        return bool(data)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class _PooledResponse(Response):
+    """A response on one pooled connection, which goes back to the pool if read to its end.
+
+    The body is framed by Content-Length, by chunks, or by the end of the connection; the
+    bytes of a chunked body are passed on without their framing, as http.client does.
+    """
+
+    __slots__ = ("_items", "_headers", "_conn", "_pool", "_left", "_chunk", "_ended", "_failed", "_will_close")
+
+    # _chunk: where a chunked body is between its data sections.
+    _NOT_CHUNKED, _SIZE, _DATA_END, _TRAILERS = 0, 1, 2, 3
+
+    def __init__(self, conn: _Connection, pool: ConnectionPool, head_only: bool) -> None:
+        status, reason, version, items = _read_head(conn)
+        super().__init__(status, reason)
+        self._items = items
         self._headers: dict[str, str] | None = None
+        self._conn = conn
+        self._pool = pool
+        self._failed = False
+        self._chunk = self._NOT_CHUNKED
+        self._left: int | None = 0
+        """Bytes left in the current data section; None: the body ends with the connection."""
+        headers = self.headers
+        tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+        self._will_close = "close" in tokens or (version == "HTTP/1.0" and "keep-alive" not in tokens)
+        encoding = headers.get("transfer-encoding")
+        if head_only or status in _BODYLESS_STATUS or status < 200:
+            pass
+        elif encoding is not None:
+            if encoding.rsplit(",", 1)[-1].strip().lower() == "chunked":
+                self._chunk = self._SIZE
+            else:
+                self._left = None
+        elif "content-length" in headers:
+            lengths = {v.strip() for v in headers["content-length"].split(",")}
+            length = lengths.pop() if len(lengths) == 1 else ""
+            if not length.isdigit():
+                raise http.client.HTTPException(f"bad Content-Length {headers['content-length']!r}")
+            self._left = int(length)
+        else:
+            self._left = None
+        if self._left is None:
+            self._will_close = True
+        self._ended = self._left == 0 and not self._chunk
 
     @property
     def headers(self) -> Mapping[str, str]:  # type: ignore[override]  # built on first use: a proxy reads header_items()
         if self._headers is None:
             self._headers = {}
-            for key, value in self._upstream.getheaders():
+            for key, value in self._items:
                 key = key.lower()
                 previous = self._headers.get(key)
                 self._headers[key] = value if previous is None else f"{previous}, {value}"
         return self._headers
 
     def header_items(self) -> list[tuple[str, str]]:
-        return self._upstream.getheaders()
+        return self._items
 
     def read(self, n: int) -> bytes:
-        return self._read(self._upstream.read, n)
+        parts = []
+        while n > 0:
+            data = self.read1(n)
+            if not data:
+                break
+            parts.append(data)
+            n -= len(data)
+        return b"".join(parts)
 
     def read1(self, n: int) -> bytes:
-        return self._read(self._upstream.read1, n)
-
-    def wait(self, timeout: float) -> bool:
-        buffered = self._upstream.fp
-        if buffered is None or self._upstream.length == 0:
-            return True  # nothing more to wait for: read1 returns at once
-        if not isinstance(buffered, _WatchedReader) or buffered.holding():
-            return True  # held bytes come first; a C reader cannot say whether it holds any
-        return _readable(self._sock, timeout)
-
-    def abort(self) -> None:
-        _shut(self._sock)
-
-    def _read(self, read: Callable[[int], bytes], n: int) -> bytes:
+        if n <= 0:
+            return b""
+        conn = self._conn
         try:
-            data = read(n)
+            while not self._ready():
+                if not conn.fill():
+                    if self._left is None:
+                        self._ended = True
+                    else:
+                        raise http.client.IncompleteRead(b"", self._left)
         except _FOREIGN as e:
             self._failed = True
             raise _translate(e) from None
-        if not data and n:
-            self._ended = True
+        if self._ended:
+            return b""
+        buffer = conn.buffer
+        take = min(n, len(buffer)) if self._left is None else min(n, len(buffer), self._left)
+        data = bytes(buffer[:take])
+        del buffer[:take]
+        if self._left is not None:
+            self._left -= take
+            if not self._left:
+                if self._chunk:
+                    self._chunk = self._DATA_END
+                else:
+                    self._ended = True
         return data
 
+    def _ready(self) -> bool:
+        """Parse the chunk framing the buffer holds; whether ``read1`` can now return
+        without waiting on the peer (bytes to give, or the body's end)."""
+        buffer = self._conn.buffer
+        while not self._ended:
+            if self._left or self._left is None:
+                return bool(buffer)
+            if not self._chunk:  # unreachable: a Content-Length body at 0 has ended
+                self._ended = True
+                break
+            end = buffer.find(b"\n")
+            if end < 0:
+                if len(buffer) > _MAX_HEAD:
+                    raise http.client.LineTooLong("chunk size line")
+                return False
+            line = bytes(buffer[:end]).strip()
+            del buffer[: end + 1]
+            if self._chunk == self._DATA_END:
+                if line:
+                    raise http.client.HTTPException("a chunk's data is longer than its size")
+                self._chunk = self._SIZE
+            elif self._chunk == self._SIZE:
+                size = line.split(b";", 1)[0].strip()
+                try:
+                    self._left = int(size, 16)
+                except ValueError:
+                    raise http.client.HTTPException(f"bad chunk size {size[:20]!r}") from None
+                if self._left < 0:
+                    raise http.client.HTTPException(f"bad chunk size {size[:20]!r}")
+                if not self._left:
+                    self._chunk = self._TRAILERS
+            elif not line:  # the blank line after the trailers (we keep none)
+                self._ended = True
+        return True
+
+    def wait(self, timeout: float) -> bool:
+        try:
+            if self._ready():
+                return True
+        except _FOREIGN:
+            return True  # read1 raises it
+        return _readable(self._conn.sock, timeout)
+
+    def abort(self) -> None:
+        _shut(self._conn.sock)
+
     def close(self) -> None:
-        # http.client lets go of a body read to its length by itself, but never of an empty
-        # one; closing the response (not the socket) is what lets it send again either way.
-        ended = self._ended or self._upstream.isclosed()
-        self._upstream.close()
-        if ended and not self._failed and not self._upstream.will_close:
-            self._pool.give_back(self._conn)
+        conn = self._conn
+        if self._ended and not self._failed and not self._will_close and not conn.buffer:
+            self._pool.give_back(conn)
         else:
-            self._conn.close()
+            conn.close()
 
 
-class _WatchedReader(_pyio.BufferedReader):
-    """A buffered socket reader that says whether it holds bytes not yet read: a wait for
-    more then looks at the socket only when it holds none (C's reader does not say)."""
-
-    def holding(self) -> bool:
-        return len(self._read_buf) > self._read_pos  # type: ignore[attr-defined]  # _pyio's own state
-
-
-class _WatchedResponse(http.client.HTTPResponse):
-    """An HTTPResponse read through a :class:`_WatchedReader`."""
-
-    def __init__(self, sock: socket.socket, *args: Any, **kwargs: Any) -> None:
-        super().__init__(sock, *args, **kwargs)
-        plain = self.fp
-        # The unbuffered file keeps the socket open as long as it is (makefile counts it).
-        self.fp = _WatchedReader(sock.makefile("rb", buffering=0))  # type: ignore[arg-type]
-        plain.close()
+def _read_head(conn: _Connection) -> tuple[int, str, str, list[tuple[str, str]]]:
+    """(status, reason, HTTP version, header fields) of the next final response on ``conn``;
+    interim (1xx) responses are skipped."""
+    buffer = conn.buffer
+    while True:
+        start = 0
+        while True:
+            end = buffer.find(b"\r\n\r\n", start)
+            if end >= 0:
+                break
+            if len(buffer) > _MAX_HEAD:
+                raise http.client.LineTooLong("response head")
+            start = max(0, len(buffer) - 3)
+            if not conn.fill():
+                if buffer:
+                    raise http.client.IncompleteRead(bytes(buffer[:100]))
+                raise http.client.RemoteDisconnected("the peer closed the connection without a response")
+        lines = bytes(buffer[:end]).decode("latin-1").split("\r\n")
+        del buffer[: end + 4]
+        version, _, rest = lines[0].partition(" ")
+        code, _, reason = rest.partition(" ")
+        if not version.startswith("HTTP/") or len(code) != 3 or not code.isdigit():
+            raise http.client.BadStatusLine(lines[0][:100])
+        status = int(code)
+        if len(lines) > _MAX_HEADERS + 1:
+            raise http.client.HTTPException(f"got more than {_MAX_HEADERS} headers")
+        items: list[tuple[str, str]] = []
+        for line in lines[1:]:
+            if line[:1] in (" ", "\t") and items:  # an obsolete folded continuation
+                name, value = items[-1]
+                items[-1] = (name, f"{value} {line.strip()}")
+                continue
+            name, colon, value = line.partition(":")
+            if not colon or not _LEGAL_NAME(name):
+                raise http.client.HTTPException(f"malformed header line {line[:100]!r}")
+            items.append((name, value.strip(" \t")))
+        if not 100 <= status < 200 or status == 101:
+            return status, reason.strip(), version, items
 
 
 class ConnectionPool:
-    """Idle keep-alive connections to one base URL, on plain ``http.client``.
+    """Idle keep-alive connections to one base URL, speaking HTTP/1.1 on the socket itself.
 
-    Lighter than urllib3 on the router's hot path: one write per request (headers and body
-    together), no URL parsing per call. Safe from any thread; ``_lock`` guards ``_idle``.
+    Lighter than urllib3 and http.client on the router's hot path: one write per request
+    (head and body together, with http.client's checks against smuggled lines), a response
+    head parsed in one pass, and a buffer of its own, so a wait for more body bytes looks
+    at the socket only when the buffer holds none. Safe from any thread; ``_lock`` guards
+    ``_idle``.
     """
 
     def __init__(self, base_url: str, size: int, tls: _tls.TLSConfig | None = None) -> None:
         url = urlsplit(base_url)
         self._https = url.scheme == "https"
         # Built once: loading our key pair costs more than a call.
-        self._context = _tls.client_context(tls) if self._https and tls is not None else None
+        self._context: ssl.SSLContext | None = None
+        if self._https:
+            self._context = _tls.client_context(tls) if tls is not None else ssl.create_default_context()
         self._pin = _tls.pin_fingerprint(tls.trust) if tls is not None else None
         self._host = url.hostname or "127.0.0.1"
         self._port = url.port or (443 if self._https else 80)
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        self._authority = host if self._port == (443 if self._https else 80) else f"{host}:{self._port}"
         self._prefix = url.path.rstrip("/")
         self._size = size
-        self._idle: list[http.client.HTTPConnection] = []
+        self._idle: list[_Connection] = []
         self._lock = threading.Lock()
 
     def send(
@@ -554,13 +693,14 @@ class ConnectionPool:
         An idle connection the peer closed while we held it fails before any reply; that one
         case is retried once on a fresh connection. While the peer has not answered,
         ``cancelled()`` is asked every ``CANCEL_CHECK_INTERVAL`` seconds; once it is true the
-        connection is closed and :class:`TransportCanceled` raised.
+        connection is closed and :class:`TransportCanceled` raised. A header or target that
+        would smuggle a line in is ``ValueError``, as in http.client.
         """
-        target = self._prefix + target
+        request = self._request(method, self._prefix + target, headers, body)
         try:
             conn, reused = self._take(connect_timeout)
             try:
-                return self._exchange(conn, method, target, body, headers, read_timeout, cancelled)
+                return self._exchange(conn, method, request, read_timeout, cancelled)
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                 conn.close()
                 if not reused:
@@ -570,65 +710,75 @@ class ConnectionPool:
                 raise
             conn = self._connect(connect_timeout)
             try:
-                return self._exchange(conn, method, target, body, headers, read_timeout, cancelled)
+                return self._exchange(conn, method, request, read_timeout, cancelled)
             except BaseException:
                 conn.close()
                 raise
         except _FOREIGN as e:
             raise _translate(e) from None
 
+    def _request(self, method: str, target: str, headers: dict[str, str], body: bytes | None) -> bytes:
+        if _ILLEGAL_TARGET(method) or _ILLEGAL_TARGET(target):
+            raise ValueError(f"method or target contains a control character or space: {method} {target!r}")
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {self._authority}"]
+        sized = False
+        for name, value in headers.items():
+            if not _LEGAL_NAME(name):
+                raise ValueError(f"invalid header name {name!r}")
+            if _ILLEGAL_VALUE(value):
+                raise ValueError(f"invalid header value {value!r}")
+            sized = sized or name.lower() == "content-length"
+            lines.append(f"{name}: {value}")
+        if not sized and (body or method in ("POST", "PUT", "PATCH")):
+            lines.append(f"Content-Length: {len(body or b'')}")
+        lines.append("\r\n")
+        head = "\r\n".join(lines).encode("latin-1")
+        return head + body if body else head
+
     def _exchange(
         self,
-        conn: http.client.HTTPConnection,
+        conn: _Connection,
         method: str,
-        target: str,
-        body: bytes | None,
-        headers: dict[str, str],
+        request: bytes,
         timeout: float | None,
         cancelled: Callable[[], bool] | None,
-    ) -> _ConnectionResponse:
+    ) -> _PooledResponse:
         sock = conn.sock
-        assert sock is not None
         sock.settimeout(timeout)
-        # Only a reply we may wait on in steps needs a reader that says what it holds.
-        conn.response_class = _WatchedResponse if cancelled is not None else http.client.HTTPResponse
-        conn.putrequest(method, target, skip_accept_encoding=True)
-        for key, value in headers.items():
-            conn.putheader(key, value)
-        conn.endheaders(body or None)
+        sock.sendall(request)
         if cancelled is not None:
-            # Nothing has read from the socket yet, so it alone says whether the reply began.
+            # Wait in steps, looking at the caller between them.
             deadline = None if timeout is None else time.monotonic() + timeout
             while not _readable(sock, CANCEL_CHECK_INTERVAL):
                 if cancelled():
                     raise TransportCanceled("the call was given up before the peer answered")
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError("the peer did not answer in time")
-        return _ConnectionResponse(conn.getresponse(), conn, sock, self)
+        return _PooledResponse(conn, self, method == "HEAD")
 
-    def _take(self, connect_timeout: float) -> tuple[http.client.HTTPConnection, bool]:
+    def _take(self, connect_timeout: float) -> tuple[_Connection, bool]:
         with self._lock:
             while self._idle:
                 conn = self._idle.pop()
-                if conn.sock is not None and not _dropped(conn.sock):
+                if not _dropped(conn.sock):
                     return conn, True
                 conn.close()
         return self._connect(connect_timeout), False
 
-    def _connect(self, timeout: float) -> http.client.HTTPConnection:
-        conn: http.client.HTTPConnection
-        if self._https:
-            conn = http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self._context)
-        else:
-            conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
-        conn.connect()
-        assert conn.sock is not None
-        if self._pin is not None:
-            _check_pin(conn, self._pin)
-        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return conn
+    def _connect(self, timeout: float) -> _Connection:
+        sock = socket.create_connection((self._host, self._port), timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._context is not None:
+                sock = self._context.wrap_socket(sock, server_hostname=self._host)
+                if self._pin is not None:
+                    _check_pin(sock, self._pin)
+        except BaseException:
+            sock.close()
+            raise
+        return _Connection(sock)
 
-    def give_back(self, conn: http.client.HTTPConnection) -> None:
+    def give_back(self, conn: _Connection) -> None:
         with self._lock:
             if len(self._idle) < self._size:
                 self._idle.append(conn)
@@ -642,12 +792,10 @@ class ConnectionPool:
             conn.close()
 
 
-def _check_pin(conn: http.client.HTTPConnection, pin: str) -> None:
+def _check_pin(sock: ssl.SSLSocket, pin: str) -> None:
     """The server's certificate must be the pinned one (its chain was verified already)."""
-    assert isinstance(conn.sock, ssl.SSLSocket)
-    der = conn.sock.getpeercert(binary_form=True) or b""
+    der = sock.getpeercert(binary_form=True) or b""
     if hashlib.sha256(der).hexdigest() != pin:
-        conn.close()
         raise ssl.SSLError("the server's certificate is not the pinned one")
 
 

@@ -141,6 +141,10 @@ _STREAM_ENCODING = environ_key(_protocol.STREAM_ENCODING_HEADER)
 _STREAM_ACCEPT_ENCODING = environ_key(_protocol.STREAM_ACCEPT_ENCODING_HEADER)
 
 
+_MATCHES_KEPT = 256
+"""Paths whose route match an App remembers; all are forgotten when it is full."""
+
+
 class App:
     """A WSGI application serving the given handler objects over Connect.
 
@@ -176,21 +180,30 @@ class App:
         # Procedure paths are static, so the hot path is one dict lookup; the matcher
         # stays the authority for everything else.
         self._static = {r.rule: r.endpoint for r in rules if isinstance(r.endpoint, _Route)}
+        # Werkzeug's matcher takes tens of microseconds, and a routed call's path repeats
+        # (one provider's method, call after call): matches are remembered, a bounded few.
+        self._matched: dict[str, tuple[Any, Mapping[str, Any]]] = {}
 
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         route: _Route | None = self._static.get(path)
         if route is None:
-            try:
-                endpoint, args = self._routes.match(path)
-            except HTTPException:
-                return error_response(
-                    start_response,
-                    ConnectError(Code.UNIMPLEMENTED, f"no procedure at {path}"),
-                    status=404,
-                )
+            matched = self._matched.get(path)
+            if matched is None:
+                try:
+                    matched = self._routes.match(path)
+                except HTTPException:
+                    return error_response(
+                        start_response,
+                        ConnectError(Code.UNIMPLEMENTED, f"no procedure at {path}"),
+                        status=404,
+                    )
+                if len(self._matched) >= _MATCHES_KEPT:
+                    self._matched.clear()
+                self._matched[path] = matched
+            endpoint, args = matched
             if not isinstance(endpoint, _Route):
-                environ["connectplugin.route_args"] = args
+                environ["connectplugin.route_args"] = dict(args)
                 return endpoint(environ, start_response)
             route = endpoint
         http_method = environ["REQUEST_METHOD"]
