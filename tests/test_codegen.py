@@ -292,3 +292,52 @@ def test_generated_code_and_typed_dispense_pass_mypy_strict_and_misuse_fails(tmp
     assert set(found) == set(expected), result.stdout + result.stderr
     for where, code in expected.items():
         assert found[where].endswith(f"[{code}]"), found[where]
+
+
+# --- protoc-gen-connectplugin: the installed protoc plugin, as protoc and buf run it ----------
+
+
+def _protoc(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    from grpc_tools import protoc
+
+    plugin = Path(sys.executable).parent / "protoc-gen-connectplugin"  # the console script
+    return subprocess.run(
+        [
+            sys.executable, "-m", "grpc_tools.protoc", f"--proto_path={tmp_path / 'protos'}",
+            f"--proto_path={Path(protoc.__file__).parent / '_proto'}",
+            f"--plugin=protoc-gen-connectplugin={plugin}", *args,
+        ],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def _write_protos(root: Path, protos: dict[str, str]) -> list[str]:
+    for name, text in protos.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return [str(root / name) for name in protos]
+
+
+def test_protoc_with_the_installed_plugin_writes_what_codegen_writes(tmp_path):
+    files = _write_protos(tmp_path / "protos", USER_PROTOS)
+    (tmp_path / "protoc").mkdir()
+    done = _protoc(
+        tmp_path, f"--connectplugin_out={tmp_path / 'protoc'}", "--connectplugin_opt=package=acme.gen", *files
+    )
+    generate(tmp_path / "protos", tmp_path / "codegen", "acme.gen")
+
+    assert (done.returncode, done.stderr) == (0, "")
+    connect = {k: v for k, v in _tree(tmp_path / "codegen").items() if k.endswith("_connect.py")}
+    assert list(connect) == ["shop/v1/catalog_connect.py"]
+    assert _tree(tmp_path / "protoc") == connect
+
+
+def test_protoc_shows_the_plugins_refusal_and_fails(tmp_path):
+    files = _write_protos(
+        tmp_path / "protos",
+        {"chat.proto": 'syntax = "proto3";\nmessage P {}\nservice Chat { rpc Talk(stream P) returns (stream P); }\n'},
+    )
+    done = _protoc(tmp_path, f"--connectplugin_out={tmp_path}", *files)
+
+    assert done.returncode != 0
+    assert "Chat.Talk is bidirectional streaming" in done.stderr
