@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
+
+import pytest
+
+from connectplugin import (
+    App,
+    Code,
+    ConnectError,
+    HandshakeConfig,
+    Health,
+    HealthState,
+    JoinToken,
+    Rate,
+    ServingStatus,
+)
+from connectplugin.cli import hostfile
+from connectplugin.runtime.health import HealthService
+from samples.kv.gen.kv.v1 import kv_pb2
+from tests.helpers import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -60,3 +82,281 @@ def test_readme_quick_start_runs_in_an_empty_directory(tmp_path):
         [sys.executable, "-c", "import samples"], cwd=tmp_path, env=_env(), capture_output=True
     )
     assert probe.returncode != 0
+
+
+# --- connectplugin call --------------------------------------------------------------------------
+
+KV_MODULE = ["--module", "samples.kv.gen.kv.v1.kv_pb2"]
+
+
+def connectplugin(*args: str, timeout: float = 60, **run: Any) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``connectplugin`` command in the checkout (where ``samples`` imports)."""
+    return subprocess.run(
+        ["connectplugin", *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout, **run
+    )
+
+
+def test_call_sends_the_json_request_and_prints_the_json_answer(kv, url):
+    put = connectplugin("call", url, "kv.v1.KVService/Put", '{"key": "a", "value": "MQ=="}', *KV_MODULE)
+    got = connectplugin("call", url, "/kv.v1.KVService/Get", '{"key": "a"}', *KV_MODULE)
+
+    assert (put.returncode, put.stdout, put.stderr) == (0, "{}\n", "")
+    assert got.returncode == 0, got.stderr
+    assert json.loads(got.stdout) == {"value": "MQ==", "found": True}
+
+
+def test_call_prints_a_server_stream_one_line_per_message_as_they_arrive(kv, url):
+    second = threading.Event()
+
+    def watch(request, ctx):
+        yield kv_pb2.WatchEvent(type=kv_pb2.EVENT_TYPE_PUT, key=f"{request.prefix}1")
+        second.wait(30)
+        yield kv_pb2.WatchEvent(type=kv_pb2.EVENT_TYPE_DELETE, key=f"{request.prefix}2")
+
+    kv.script("watch", watch)
+    with subprocess.Popen(
+        ["connectplugin", "call", url, "kv.v1.KVService/Watch", '{"prefix": "p/"}', *KV_MODULE],
+        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) as process:
+        assert process.stdout is not None
+        first = process.stdout.readline()  # printed while the stream is still open
+        second.set()
+        rest, errors = process.communicate(timeout=30)
+
+    assert json.loads(first) == {"type": "EVENT_TYPE_PUT", "key": "p/1"}
+    assert [json.loads(line) for line in rest.splitlines()] == [{"type": "EVENT_TYPE_DELETE", "key": "p/2"}]
+    assert (process.returncode, errors) == (0, "")
+
+
+def test_call_sends_the_headers_given_with_h(kv, url):
+    done = connectplugin("call", url, "kv.v1.KVService/Get", '{"key": "k"}', *KV_MODULE, "-H", "X-Trace: abc 1")
+
+    assert done.returncode == 0, done.stderr
+    assert kv.last.headers["x-trace"] == "abc 1"
+
+
+def test_a_failed_call_exits_1_with_the_connect_code_and_message_on_stderr(kv, url):
+    def get(request, ctx):
+        raise ConnectError(Code.FAILED_PRECONDITION, "the store is read-only")
+
+    kv.script("get", get)
+    done = connectplugin("call", url, "kv.v1.KVService/Get", '{"key": "k"}', *KV_MODULE)
+
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == "connectplugin call: failed_precondition: the store is read-only\n"
+
+
+def test_a_call_to_nothing_listening_exits_1_unavailable():
+    done = connectplugin("call", f"http://127.0.0.1:{free_port()}", "kv.v1.KVService/Get", '{"key": "k"}', *KV_MODULE)
+
+    assert done.returncode == 1
+    assert done.stderr.startswith("connectplugin call: unavailable: ")
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["kv.v1.KVService/Fetch", "{}"], "has no method 'Fetch'"),
+        (["kv.v1.Nope/Get", "{}"], "no service 'kv.v1.Nope'"),
+        (["kv.v1.KVService", "{}"], "is not SERVICE/METHOD"),
+        (["kv.v1.KVService/Get", '{"key": 3'], "is not a kv.v1.GetRequest in JSON"),
+        (["kv.v1.KVService/Get", '{"nope": 1}'], "is not a kv.v1.GetRequest in JSON"),
+    ],
+)
+def test_a_call_asked_wrongly_exits_2_saying_why(url, args, says):
+    done = connectplugin("call", url, *args, *KV_MODULE)
+
+    assert done.returncode == 2
+    assert says in done.stderr
+
+
+def test_call_without_message_types_is_a_usage_error(url):
+    done = connectplugin("call", url, "kv.v1.KVService/Get")
+
+    assert done.returncode == 2
+    assert "one of the arguments --module --proto is required" in done.stderr
+
+
+def test_call_compiles_proto_files_for_the_message_types(kv, url):
+    proto = ROOT / "samples" / "kv" / "proto"
+    done = connectplugin(
+        "call", url, "kv.v1.KVService/Get", '{"key": "k"}', "--proto", str(proto / "kv" / "v1" / "kv.proto"),
+        "-I", str(proto),
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {}
+    assert kv.last.request == kv_pb2.GetRequest(key="k")
+
+
+@pytest.mark.parametrize("server_kind", ["tls"], indirect=True)
+def test_call_verifies_an_https_server_against_cacert(kv, url, ca_file):
+    trusted = connectplugin("call", url, "kv.v1.KVService/Get", '{"key": "k"}', *KV_MODULE, "--cacert", ca_file)
+    untrusted = connectplugin("call", url, "kv.v1.KVService/Get", '{"key": "k"}', *KV_MODULE)
+
+    assert (trusted.returncode, trusted.stderr) == (0, "")
+    assert untrusted.returncode == 1
+    assert "unavailable" in untrusted.stderr
+
+
+# --- connectplugin health ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def health(serve) -> tuple[Health, str]:
+    """A HealthService over a Health, on a real server (as a plugin serves it to its host)."""
+    state = Health()
+    state.set_service("kv.v1.KVService", ServingStatus.SERVING)
+    return state, serve(App([HealthService(state)])).url
+
+
+def test_health_of_a_serving_server_prints_serving_and_exits_0(health):
+    _, url = health
+    whole, service = connectplugin("health", url), connectplugin("health", url, "kv.v1.KVService")
+
+    assert (whole.returncode, whole.stdout) == (0, "SERVING\n")
+    assert (service.returncode, service.stdout) == (0, "SERVING\n")
+
+
+def test_health_of_an_unhealthy_server_prints_not_serving_and_exits_1(health):
+    state, url = health
+    state.set(HealthState.UNHEALTHY, reason="disk full")
+    done = connectplugin("health", url)
+
+    assert (done.returncode, done.stdout) == (1, "NOT_SERVING\n")
+
+
+def test_health_of_an_unknown_service_exits_1_with_the_servers_answer(health):
+    _, url = health
+    done = connectplugin("health", url, "nope.v1.Nope")
+
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == "connectplugin health: not_found: unknown service 'nope.v1.Nope'\n"
+
+
+def test_health_of_a_host_asks_its_readiness_probe(host):
+    done = connectplugin("health", host.url)
+
+    assert (done.returncode, done.stdout) == (0, "SERVING (the host's /readyz)\n")
+
+
+def test_health_of_nothing_listening_exits_1():
+    done = connectplugin("health", f"http://127.0.0.1:{free_port()}")
+
+    assert done.returncode == 1
+    assert done.stderr.startswith("connectplugin health: unavailable: ")
+
+
+# --- connectplugin host --------------------------------------------------------------------------
+
+HOST_FILE = """\
+[handshake]
+magic_cookie_key = "CONNECTPLUGIN_KV"
+magic_cookie_value = "8c1f2a4e-kv-sample"
+app_protocol_versions = [1]
+
+[host]
+stop_grace = 2.0
+
+[host.http]
+port = 0
+threads = 4
+
+[plugins.kv]
+command = [{python}, "-m", "samples.kv"]
+cwd = {root}
+restart = {{ max_crashes = 3, window = 30.0 }}
+"""
+
+
+def _host_file(tmp_path: Path, text: str = HOST_FILE) -> Path:
+    path = tmp_path / "host.toml"
+    path.write_text(text.format(python=json.dumps(sys.executable), root=json.dumps(str(ROOT))))
+    return path
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_host_runs_a_toml_files_plugins_until_a_signal_stops_them_all(tmp_path, signum):
+    with subprocess.Popen(
+        ["connectplugin", "host", str(_host_file(tmp_path))],
+        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) as process:
+        assert process.stdout is not None
+        listening = process.stdout.readline()
+        launched = process.stdout.readline()
+        url = listening.removeprefix("host listening on ").strip()
+        pid = int(re.search(r"\(pid (\d+)\)", launched).group(1))  # type: ignore[union-attr]
+        assert url.startswith("http://127.0.0.1:"), listening + (process.stderr.read() if process.stderr else "")
+        assert connectplugin("health", url).returncode == 0
+        process.send_signal(signum)
+        out, errors = process.communicate(timeout=30)
+
+    assert launched.startswith("plugin kv launched at http://127.0.0.1:")
+    assert "(restarted when it crashes)" in launched
+    assert (process.returncode, out) == (0, "host stopped\n"), errors
+    wait_until(lambda: not _alive(pid), "the plugin to exit with its host", timeout=10)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (("port = 0", "prot = 0"), "[host.http]: unknown key 'prot'; known: "),
+        (("threads = 4", 'threads = "four"'), "host.http.threads: must be a int, not 'four'"),
+        (("stop_grace = 2.0", "clock = 1"), "host.clock: cannot be set from a file"),
+        (('magic_cookie_value = "8c1f2a4e-kv-sample"\n', ""), "[handshake]: missing: magic_cookie_value"),
+        (("[plugins.kv]", "[plugins.kv.x]"), "[plugins.kv]: unknown key 'x'"),
+        (("max_crashes = 3", "max_crashes = 0"), "[plugins.kv.restart]: RestartPolicy: max_crashes"),
+        (("app_protocol_versions = [1]", "app_protocol_versions = [1"), "not TOML"),
+    ],
+)
+def test_a_host_file_written_wrongly_exits_2_naming_the_key(tmp_path, change, says):
+    done = connectplugin("host", str(_host_file(tmp_path, HOST_FILE.replace(*change))), timeout=30)
+
+    assert (done.returncode, done.stdout) == (2, "")
+    assert says in done.stderr
+
+
+def test_a_host_file_secret_comes_from_the_environment_it_names(tmp_path):
+    text = HOST_FILE + '\n[[host.join_tokens]]\nsecret_env = "CLI_TEST_JOIN_TOKEN"\nservice_types = ["kv"]\n'
+    done = connectplugin("host", str(_host_file(tmp_path, text)), timeout=30)
+
+    assert done.returncode == 2
+    assert "host.join_tokens[0].secret_env: the environment variable CLI_TEST_JOIN_TOKEN is not set" in done.stderr
+
+
+def test_the_readme_host_file_reads_as_the_configs_it_names(tmp_path, pki, monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n### Running a host from a file\n", 1)[1]
+    text = re.search(r"^```toml\n(.*?)^```$", section, re.MULTILINE | re.DOTALL).group(1)  # type: ignore[union-attr]
+    (tmp_path / "pki").mkdir()
+    (tmp_path / "pki" / "host.pem").write_bytes(pki.host.certificate_pem())
+    (tmp_path / "pki" / "host-key.pem").write_bytes(pki.host.private_key_pem())
+    (tmp_path / "pki" / "ca.pem").write_bytes(pki.ca.certificate_pem())
+    (tmp_path / "host.toml").write_text(text)
+    monkeypatch.setenv("KV_JOIN_TOKEN", "k" * 32)
+
+    described = hostfile.load(tmp_path / "host.toml")
+
+    assert described.handshake == HandshakeConfig("CONNECTPLUGIN_KV", "8c1f2a4e-kv-sample", (1,))
+    assert (described.host.stop_grace, described.host.handshake_rate) == (5.0, Rate(2.0, 20))
+    http = described.host.http
+    assert (http.host, http.port, http.threads) == ("0.0.0.0", 8443, 16)
+    assert http.tls is not None and http.tls.key_pair is not None and http.tls.trust is not None
+    assert http.tls.key_pair.fingerprint == pki.host.fingerprint
+    assert http.tls.trust.cas == (pki.ca.certificate,)
+    assert described.host.join_tokens == (JoinToken("k" * 32, ("kv",), "kv-joiners"),)
+    [kv] = described.plugins
+    assert (kv.name, tuple(kv.strategy.command), kv.strategy.env) == (
+        "kv", ("python3", "-m", "samples.kv"), {"KV_LOG": "debug"}
+    )
+    assert kv.strategy.cwd == str(tmp_path)
+    assert kv.restart is not None
+    assert (kv.restart.max_crashes, kv.restart.window, kv.restart.backoff.max_backoff) == (5, 60.0, 30.0)
