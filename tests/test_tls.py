@@ -559,3 +559,14 @@ def test_certificate_identities_need_a_tls_server_with_a_trust(pki):
         HostConfig(certificate_identities=[CertificateIdentity("kv")])
     with pytest.raises(ValueError):
         HostConfig(http=HTTPConfig(tls=tls.TLSConfig(key_pair=pki.host)), certificate_identities=[CertificateIdentity("kv")])
+
+
+def test_auto_mtls_certificates_outlive_any_launch(mtls_host):
+    plugin = mtls_host.launch(provider_process("svc"), name="p")
+    assert plugin.running is not None and plugin.running.tls is not None
+    plugin_certificate = plugin.running.tls.trust.pinned[0]  # type: ignore[union-attr]
+    host_certificate = plugin.running.tls.key_pair.certificate  # type: ignore[union-attr]
+    in_five_years = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=5 * 365)
+
+    assert plugin_certificate.not_valid_after_utc > in_five_years
+    assert host_certificate.not_valid_after_utc > in_five_years

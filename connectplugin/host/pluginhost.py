@@ -165,7 +165,9 @@ class HostConfig:
     certificate, so no other local process can call or impersonate the plugin, nor read
     the calls. Plugins must support it (connectplugin's ``serve()`` does)."""
     auto_mtls_lifetime: datetime.timedelta = tls.AUTO_LIFETIME
-    """Validity of the host's automatic-mTLS certificates."""
+    """Validity of the host's automatic-mTLS certificates: ten years, so that no launch
+    outlives them (a new launch makes new ones; see ``tls.AUTO_LIFETIME`` for why they are
+    not short-lived and renewed)."""
 
     def __post_init__(self) -> None:
         if self.certificate_identities and (self.http.tls is None or self.http.tls.trust is None):

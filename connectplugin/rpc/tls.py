@@ -37,9 +37,14 @@ DEV_LIFETIME = datetime.timedelta(days=30)
 """How long the certificates of ``make_dev_pki`` are valid."""
 CLOCK_SKEW = datetime.timedelta(minutes=5)
 """Certificates made here are valid from this long before they were made."""
-AUTO_LIFETIME = datetime.timedelta(days=30)
-"""How long the self-signed certificates of automatic mTLS are valid: keys live only in the
-two processes' memory and die with the launch; a launch that outlives this must be renewed."""
+AUTO_LIFETIME = datetime.timedelta(days=3650)
+"""How long the self-signed certificates of automatic mTLS are valid: longer than any launch,
+as go-plugin's (30 years). They are pins, not claims a third party checks: each side accepts
+exactly the other's certificate, made for this launch, and nothing else. What limits a key's
+use is the launch: it lives only in the two processes' memory, dies with them, and the next
+launch (a restart included) makes new pairs. An expiry within a launch would protect nothing
+(whoever could read one key from memory could read its successor) and would break every call
+of a plugin that runs longer, or whose machine's clock jumps ahead."""
 URI_SCHEME = "connectplugin"
 """A plugin certificate's SAN URI names its self id: ``connectplugin://plugin/<self id>``."""
 
