@@ -15,23 +15,31 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytest
+import requests
+from requests.adapters import HTTPAdapter
 
 from connectplugin import (
     App,
+    CancelToken,
     Client,
     ClientConfig,
     Code,
     ConnectError,
+    Context,
     ErrorDetail,
+    HTTPConfig,
+    HTTPServer,
     ResponseMetadata,
     ServerStream,
 )
+from connectplugin.rpc import tls
+from connectplugin.rpc._transport import WSGIAdapter
 from connectplugin.rpc.client import DEFAULT_TIMEOUT
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KVServiceClient
 from samples.kv.store import KVStore
 from tests.helpers import BOTH_SERVERS, wait_until
-from tests.services import envelope, events
+from tests.services import ScriptedKV, envelope, events
 
 MiB = 1024 * 1024
 
@@ -1054,3 +1062,154 @@ def test_closing_a_stream_from_another_thread_gives_its_blocked_reader_canceled(
     assert isinstance(outcome[0], ConnectError) and outcome[0].code is Code.CANCELED
     with pytest.raises(StopIteration):
         next(iter(stream))
+
+
+class _Held:
+    """A Get handler that answers only once its client has gone (``Context.is_active``
+    false), noting the connection of each call it served."""
+
+    def __init__(self, kv: ScriptedKV) -> None:
+        self.started = threading.Event()
+        self.saw_client_go = threading.Event()
+        self.ports: list[str] = []
+        self._kv = kv
+
+    def __call__(self, request: kv_pb2.GetRequest, ctx: Context) -> kv_pb2.GetResponse:
+        self.ports.append(ctx.environ.get("REMOTE_PORT", ""))
+        if request.key != "hold":
+            return kv_pb2.GetResponse(value=b"quick", found=True)
+        self.started.set()
+        # A handler has only is_active() to look at: it asks every 20 ms.
+        while ctx.is_active() and not self._kv.released.wait(0.02):
+            pass
+        if not ctx.is_active():
+            self.saw_client_go.set()
+        return kv_pb2.GetResponse(value=b"too late", found=True)
+
+
+class _AnAdapter(HTTPAdapter):
+    """A requests adapter of the user's own: the client calls it through ``send``."""
+
+    def send(self, request, **kwargs):  # type: ignore[no-untyped-def]
+        return super().send(request, **kwargs)
+
+
+def _client_over(transport: str, url: str, kv: ScriptedKV, pki: Any) -> Client:
+    if transport == "pool":
+        return Client(url)
+    if transport == "adapter":
+        session = requests.Session()
+        session.mount("http://", _AnAdapter(max_retries=0))
+        return Client(url, session=session)
+    if transport == "tls":
+        return Client(url, ClientConfig(tls=tls.TLSConfig(trust=tls.Trust(cas=(pki.ca.certificate,)))))
+    session = requests.Session()
+    session.mount("http://in-process", WSGIAdapter(App([kv])))
+    return Client("http://in-process", session=session)
+
+
+def _call_in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, list[BaseException]]:
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as e:  # noqa: BLE001 - the test asserts what it was
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, name="test-caller")
+    thread.start()
+    return thread, outcome
+
+
+@pytest.mark.parametrize("transport", ["pool", "adapter", "tls", "in-process"])
+def test_cancelling_a_unary_call_from_another_thread_ends_it_and_its_handler_sees_the_client_go(
+    serve, pki, transport
+):
+    kv = ScriptedKV()
+    held = _Held(kv)
+    kv.script("get", held)
+    config = HTTPConfig(tls=tls.TLSConfig(key_pair=pki.host)) if transport == "tls" else HTTPConfig()
+    server = HTTPServer(App([kv]), config).start()
+    client = _client_over(transport, server.url, kv, pki)
+    token = CancelToken()
+    try:
+        stub = KVServiceClient(client)
+        # The connection the cancelled call will take is one this client used before.
+        assert stub.get(kv_pb2.GetRequest(key="warm")).value == b"quick"
+        caller, outcome = _call_in_thread(lambda: stub.get(kv_pb2.GetRequest(key="hold"), cancel=token))
+        assert held.started.wait(5)
+
+        token.cancel()
+        caller.join(timeout=10)  # without the cancel it would wait out the 30 s default deadline
+
+        assert not caller.is_alive()
+        assert isinstance(outcome[0], ConnectError) and outcome[0].code is Code.CANCELED
+        assert held.saw_client_go.wait(5)
+        assert stub.get(kv_pb2.GetRequest(key="after")).value == b"quick"
+        if transport != "in-process":
+            warm, cancelled, after = held.ports
+            assert cancelled == warm  # taken from the pool...
+            assert after != cancelled  # ...and not given back to it
+    finally:
+        kv.released.set()
+        client.close()
+        server.close(grace=2.0)
+
+
+def test_a_call_whose_token_was_cancelled_already_fails_without_being_sent(kv_client, kv):
+    token = CancelToken()
+    token.cancel()
+
+    with pytest.raises(ConnectError) as e:
+        kv_client.get(kv_pb2.GetRequest(key="a"), cancel=token)
+
+    assert e.value.code is Code.CANCELED
+    assert kv.calls == []
+
+
+def test_a_token_cancelled_after_its_call_leaves_the_connection_to_later_calls(serve, kv, connect):
+    held = _Held(kv)
+    kv.script("get", held)
+    stub = connect(serve(App([kv])).url)
+    token = CancelToken()
+
+    assert stub.get(kv_pb2.GetRequest(key="one"), cancel=token).value == b"quick"
+    token.cancel()  # the call is over: its connection, back in the pool, is someone else's
+    assert stub.get(kv_pb2.GetRequest(key="two")).value == b"quick"
+
+    first, second = held.ports
+    assert second == first
+
+
+def test_cancelling_a_token_closes_its_stream_and_its_blocked_reader_gets_canceled(serve, connect):
+    url = serve(App([KVStore()])).url
+    token = CancelToken()
+    stream = connect(url).watch(kv_pb2.WatchRequest(prefix="quiet"), cancel=token)
+    reader, outcome = _call_in_thread(lambda: next(iter(stream)))
+    wait_until(lambda: stream._reading, "the reader to wait for the next message")
+
+    token.cancel()
+    reader.join(timeout=5)
+
+    assert not reader.is_alive()
+    assert isinstance(outcome[0], ConnectError) and outcome[0].code is Code.CANCELED
+    with pytest.raises(ConnectError) as later:
+        next(iter(stream))
+    assert later.value.code is Code.CANCELED
+
+
+def test_one_token_cancels_every_call_made_with_it(serve, connect):
+    store = KVStore()
+    url = serve(App([store])).url
+    token = CancelToken()
+    streams = [connect(url).watch(kv_pb2.WatchRequest(prefix=f"p{i}/"), cancel=token) for i in range(3)]
+    wait_until(lambda: len(store._watchers) == 3, "the store to hear of all three watches")
+
+    token.cancel()
+
+    for stream in streams:
+        with pytest.raises(ConnectError) as e:
+            next(iter(stream))
+        assert e.value.code is Code.CANCELED
+    wait_until(lambda: store._watchers == [], "every watch to see its client go")

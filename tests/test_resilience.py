@@ -12,6 +12,7 @@ from connectplugin import (
     BreakerConfig,
     BreakerState,
     Call,
+    CancelToken,
     CircuitBreaker,
     Code,
     ConnectError,
@@ -20,7 +21,7 @@ from connectplugin import (
 )
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.store import KVStore
-from tests.helpers import Clock, free_port
+from tests.helpers import Clock, free_port, wait_until
 
 GET = kv_pb2.GetRequest(key="k")
 PUT = kv_pb2.PutRequest(key="k", value=b"v")
@@ -85,6 +86,31 @@ def test_unavailable_is_retried_with_exponential_backoff_until_the_call_succeeds
 
     assert len(kv.calls) == 3
     assert sleeper.waits == [0.1, 0.2]
+
+
+def test_cancelling_a_call_ends_its_retry_backoff_without_another_attempt(connect, url, kv, clock):
+    failing(kv, "get", Code.UNAVAILABLE, Code.UNAVAILABLE)
+    # An hour's backoff: the call returns only because the cancel ends it.
+    never = Retry(RetryConfig(initial_backoff=3600.0, clock=clock, random=lambda: 0.0))
+    client = connect(url, interceptors=[never])
+    token = CancelToken()
+    outcome: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            client.get(GET, cancel=token)
+        except ConnectError as e:
+            outcome.append(e)
+
+    caller = threading.Thread(target=call, name="test-caller")
+    caller.start()
+    wait_until(lambda: len(kv.calls) == 1, "the first attempt to fail")
+    token.cancel()
+    caller.join(timeout=10)
+
+    assert not caller.is_alive()
+    assert [e.code for e in outcome] == [Code.CANCELED]  # type: ignore[attr-defined]
+    assert len(kv.calls) == 1
 
 
 @pytest.mark.parametrize(

@@ -365,12 +365,14 @@ class _Module:
                 "*",
                 "timeout: float | None = None",
                 "headers: Mapping[str, str | bytes] | None = None",
+                "cancel: rpc.CancelToken | None = None",
             ]
             args = [
                 f'{names.constant}.methods["{method.name}"]',
                 "request",
                 "timeout=timeout",
                 "headers=headers",
+                "cancel=cancel",
             ]
             lines += [
                 "",

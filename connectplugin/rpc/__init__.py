@@ -3,7 +3,15 @@
 It knows nothing of plugins. Generated code imports its public names from here.
 """
 
-from .client import Call, Client, ClientConfig, Interceptor, ResponseMetadata, ServerStream
+from .client import (
+    Call,
+    CancelToken,
+    Client,
+    ClientConfig,
+    Interceptor,
+    ResponseMetadata,
+    ServerStream,
+)
 from .errors import Code, ConnectError, ErrorDetail
 from .httpserver import HTTPConfig, HTTPServer, PlaintextRefusedError
 from .resilience import BreakerConfig, BreakerState, CircuitBreaker, Retry, RetryConfig
@@ -18,6 +26,7 @@ __all__ = [
     "DevPKI",
     "KeyPair",
     "Call",
+    "CancelToken",
     "CircuitBreaker",
     "Client",
     "ClientConfig",

@@ -8,6 +8,7 @@ http.client, sockets) become :class:`TransportError` here and nowhere else, as r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import io
@@ -19,7 +20,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -66,6 +67,55 @@ class TransportCanceled(TransportError):
 
 CANCEL_CHECK_INTERVAL = 0.25
 """Seconds between looks at whether a call is still wanted, while its peer is quiet."""
+
+
+class Abort:
+    """How one call is given up from another thread: calling it shuts down the connection
+    the call waits on, so that wait ends with a :class:`TransportError`.
+
+    A transport hands it the socket of the connection it takes (``hold``) and takes it back
+    before that connection may serve another call (``release``); a socket handed over after
+    the abort is shut down at once. Where a transport has no socket (in process) the call's
+    handler sees ``fired`` as its client having gone. Safe from any thread.
+    """
+
+    __slots__ = ("_lock", "_sock", "fired")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # guards _sock and fired; shutdown() never blocks
+        self._sock: socket.socket | None = None
+        self.fired = False
+
+    def __call__(self) -> None:
+        with self._lock:
+            self.fired = True
+            _shut(self._sock)
+            self._sock = None
+
+    def hold(self, sock: socket.socket | None) -> None:
+        with self._lock:
+            if self.fired:
+                _shut(sock)
+            else:
+                self._sock = sock
+
+    def release(self, sock: socket.socket | None) -> None:
+        with self._lock:
+            if self._sock is sock:
+                self._sock = None
+
+    def is_set(self) -> bool:
+        return self.fired
+
+
+class _Calling(threading.local):
+    """The Abort of the call this thread is sending, for the pools and adapters below."""
+
+    abort: Abort | None = None
+    connect_timeout: float | None = None
+
+
+_calling = _Calling()
 
 
 class Response:
@@ -121,11 +171,12 @@ class Transport(Protocol):
         body: bytes | None,
         connect_timeout: float,
         read_timeout: float | None,
+        abort: Abort | None = None,
     ) -> Response:
         """Send ``method target`` (the path below the base URL, query included).
 
-        ``read_timeout`` bounds each wait for the peer (None: wait indefinitely). Raises
-        :class:`TransportError`.
+        ``read_timeout`` bounds each wait for the peer (None: wait indefinitely). ``abort``,
+        once called, ends the exchange (see :class:`Abort`). Raises :class:`TransportError`.
         """
         ...
 
@@ -283,6 +334,7 @@ class PoolTransport:
         body: bytes | None,
         connect_timeout: float,
         read_timeout: float | None,
+        abort: Abort | None = None,
     ) -> Response:
         # The arguments HTTPAdapter.send passes.
         arguments: dict[str, Any] = dict(
@@ -297,12 +349,13 @@ class PoolTransport:
         )
         try:
             pool = self._pool or self._connect()
-            try:
-                response = pool.urlopen(method, self._prefix + target, **arguments)
-            except ClosedPoolError:
-                # The session closed the pool (Session.close(), or it was the least recently
-                # used of too many); nothing was sent. Fetch the session's new pool and go again.
-                response = self._connect().urlopen(method, self._prefix + target, **arguments)
+            with _sending(abort, connect_timeout):
+                try:
+                    response = pool.urlopen(method, self._prefix + target, **arguments)
+                except ClosedPoolError:
+                    # The session closed the pool (Session.close(), or it was the least recently
+                    # used of too many); nothing was sent. Fetch the session's new pool and go again.
+                    response = self._connect().urlopen(method, self._prefix + target, **arguments)
         except _FOREIGN as e:
             raise _translate(e) from None
 
@@ -326,6 +379,7 @@ class PoolTransport:
         pool = self._adapter.get_connection_with_tls_context(request, verify, cert=cert)
         self._adapter.cert_verify(pool, request.url, verify, cert)
         assert isinstance(pool, urllib3.HTTPConnectionPool)
+        _let_abort_reach(pool)
         self._pool = pool
         return pool
 
@@ -366,8 +420,62 @@ class TLSPoolTransport(PoolTransport):
             assert_hostname=False if self._pin else None,
             **extra,
         )
+        _let_abort_reach(pool)
         self._pool = pool
         return pool
+
+
+@contextlib.contextmanager
+def _sending(abort: Abort | None, connect_timeout: float) -> Iterator[None]:
+    """Make ``abort`` this thread's current one while it sends through a pool."""
+    if abort is None:
+        yield
+        return
+    _calling.abort, _calling.connect_timeout = abort, connect_timeout
+    try:
+        yield
+    finally:
+        _calling.abort = _calling.connect_timeout = None
+
+
+_ABORT_ATTRIBUTE = "_connectplugin_abort"
+"""Set on a urllib3 connection while a cancellable call holds it: that call's Abort."""
+
+
+def _let_abort_reach(pool: urllib3.HTTPConnectionPool) -> None:
+    """Hand the socket of each connection a cancellable call takes from ``pool`` to its Abort.
+
+    urllib3 offers no way to reach the connection a request waits on, so the pool's own two
+    doors are watched (``_get_conn`` and ``_put_conn``, alike in urllib3 1.26 and 2): a
+    connection taken for a call with an Abort is connected at once, so that its socket
+    exists before the request waits, and handed to the Abort; it is taken back before the
+    pool may lend it again. Calls without an Abort (the session's own requests too) pass as
+    before. Idempotent.
+    """
+    if getattr(pool, _ABORT_ATTRIBUTE, False):
+        return
+    take, give_back = pool._get_conn, pool._put_conn
+
+    def get_conn(timeout: float | None = None) -> Any:
+        conn: Any = take(timeout)  # an HTTPConnection, with its socket (urllib3 types it less)
+        abort = _calling.abort
+        if abort is not None:
+            if conn.sock is None:
+                conn.timeout = _calling.connect_timeout
+                conn.connect()
+            abort.hold(conn.sock)
+            setattr(conn, _ABORT_ATTRIBUTE, abort)
+        return conn
+
+    def put_conn(conn: Any) -> None:
+        abort = conn.__dict__.pop(_ABORT_ATTRIBUTE, None) if conn is not None else None
+        if abort is not None:
+            abort.release(conn.sock)
+        give_back(conn)
+
+    pool._get_conn = get_conn  # type: ignore[method-assign]
+    pool._put_conn = put_conn  # type: ignore[method-assign]
+    setattr(pool, _ABORT_ATTRIBUTE, True)
 
 
 def _tls_settings(session: requests.Session) -> tuple[bool | str, Any]:
@@ -396,6 +504,7 @@ class AdapterTransport:
         body: bytes | None,
         connect_timeout: float,
         read_timeout: float | None,
+        abort: Abort | None = None,
     ) -> Response:
         prepared = requests.PreparedRequest()
         prepared.method = method
@@ -405,13 +514,19 @@ class AdapterTransport:
         prepared.hooks = {"response": []}
         verify, cert = _tls_settings(self._session)
         try:
-            response = self._adapter.send(
-                prepared,
-                stream=True,
-                timeout=(connect_timeout, read_timeout),  # type: ignore[arg-type]  # read may be None
-                verify=verify,
-                cert=cert,
-            )
+            if abort is not None and isinstance(self._adapter, HTTPAdapter):
+                # The pool its send will take the connection from (the adapter's cached one).
+                pool = self._adapter.get_connection_with_tls_context(prepared, verify, cert=cert)
+                if isinstance(pool, urllib3.HTTPConnectionPool):
+                    _let_abort_reach(pool)
+            with _sending(abort, connect_timeout):  # in process, the WSGIAdapter reads it
+                response = self._adapter.send(
+                    prepared,
+                    stream=True,
+                    timeout=(connect_timeout, read_timeout),  # type: ignore[arg-type]  # read may be None
+                    verify=verify,
+                    cert=cert,
+                )
         except _FOREIGN as e:
             raise _translate(e) from None
         headers = {key.lower(): value for key, value in response.headers.items()}
@@ -842,6 +957,9 @@ def _readable(sock: socket.socket, timeout: float) -> bool:
 # --- in process: a WSGI app called directly -------------------------------------------------
 
 
+_CLIENT_GONE = "connectplugin.client_disconnected"
+
+
 class WSGIAdapter(BaseAdapter):
     """A ``requests`` transport adapter that calls a WSGI app in this process instead of a socket.
 
@@ -876,6 +994,9 @@ class WSGIAdapter(BaseAdapter):
             "wsgi.multiprocess": False,
             "wsgi.run_once": False,
         }
+        abort = _calling.abort
+        if abort is not None:  # a cancellable call: its handler sees it cancelled as its client gone
+            environ[_CLIENT_GONE] = abort.is_set
         for key, value in request.headers.items():
             name = key.upper().replace("-", "_")
             if name in ("CONTENT_TYPE", "CONTENT_LENGTH"):
@@ -966,7 +1087,8 @@ class _PumpedBody(io.RawIOBase):
         self._buffer = bytearray()
         self._eof = False
         self._gone = threading.Event()
-        environ["connectplugin.client_disconnected"] = self._gone.is_set
+        aborted = environ.get(_CLIENT_GONE)
+        environ[_CLIENT_GONE] = self._gone.is_set if aborted is None else lambda: self._gone.is_set() or aborted()
         started = threading.Event()
 
         def marking_start_response(*args: Any) -> Any:

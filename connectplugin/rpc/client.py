@@ -11,6 +11,7 @@ import copy
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
@@ -22,7 +23,7 @@ from requests.adapters import HTTPAdapter
 
 from . import _protocol, _transport
 from ._metadata import Value, from_pairs, split_prefixed, to_wire
-from ._transport import Response, TransportError, TransportTimeout
+from ._transport import Abort, Response, TransportError, TransportTimeout
 from .errors import Code, ConnectError
 from .httpserver import is_loopback
 from .service import Method
@@ -35,6 +36,77 @@ log = logging.getLogger("connectplugin.client")
 _USER_AGENT = "connectplugin-python/0.1"
 
 
+class CancelToken:
+    """Gives up calls from another thread, as a Go context's cancel function does.
+
+    Pass one as ``cancel=`` to calls (generated client methods, ``call_unary``,
+    ``call_server_stream``); ``cancel()`` then ends every one still under way: its caller gets
+    ``ConnectError(canceled)`` at once, its connection is closed rather than kept for another
+    call, and so the server sees its client go (``Context.is_active()`` turns false). A call
+    made with a token already cancelled fails at once. One token may serve any number of
+    calls, cancelled together; it cannot be reset. Safe from any thread.
+
+    >>> token = CancelToken()
+    >>> threading.Timer(1.0, token.cancel).start()
+    >>> kv.get(GetRequest(key="slow"), cancel=token)  # ConnectError(canceled) after 1 s
+    """
+
+    def __init__(self) -> None:
+        self._cancelled = threading.Event()
+        self._lock = threading.Lock()  # guards _callbacks and _next
+        self._callbacks: dict[int, Callable[[], None]] = {}
+        self._next = 0
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        """Cancel the calls made with this token, now and from now on. Idempotent."""
+        with self._lock:
+            if self._cancelled.is_set():
+                return
+            self._cancelled.set()
+            callbacks, self._callbacks = list(self._callbacks.values()), {}
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("a cancellation callback failed")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until cancelled, at most ``timeout`` seconds; whether it was."""
+        return self._cancelled.wait(timeout)
+
+    def on_cancel(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Have ``cancel()`` call ``callback()`` (on its thread; at once if it came already).
+
+        Returns a function that forgets the callback. The callback should be quick: it runs
+        on the cancelling thread, one after the other with the token's other callbacks."""
+        with self._lock:
+            if not self._cancelled.is_set():
+                key = self._next
+                self._next += 1
+                self._callbacks[key] = callback
+                return lambda: self._forget(key)
+        callback()
+        return _nothing
+
+    def _forget(self, key: int) -> None:
+        with self._lock:
+            self._callbacks.pop(key, None)
+
+
+def _nothing() -> None:
+    pass
+
+
+def _call_if_alive(method: weakref.WeakMethod) -> None:
+    bound = method()
+    if bound is not None:
+        bound()
+
+
 @dataclass
 class Call:
     """One outgoing call as interceptors see it; they may change headers and timeout."""
@@ -45,6 +117,8 @@ class Call:
     timeout: float | None
     response_headers: dict[str, Value] = field(default_factory=dict)
     response_trailers: dict[str, Value] = field(default_factory=dict)
+    cancel: CancelToken | None = None
+    """The token that cancels this call, if its caller gave one."""
 
 
 Interceptor = Callable[[Call, Callable[[Call], Any]], Any]
@@ -225,8 +299,12 @@ class Client:
         *,
         timeout: float | None = None,
         headers: Mapping[str, Value] | None = None,
+        cancel: CancelToken | None = None,
     ) -> Res:
-        call = Call(method, request, dict(headers or {}), timeout if timeout is not None else self.config.timeout)
+        call = Call(
+            method, request, dict(headers or {}), timeout if timeout is not None else self.config.timeout,
+            cancel=cancel,
+        )
         try:
             result: Res = self._chain(call)
         finally:
@@ -242,9 +320,11 @@ class Client:
         *,
         timeout: float | None = None,
         headers: Mapping[str, Value] | None = None,
+        cancel: CancelToken | None = None,
     ) -> ServerStream[Res]:
         call = Call(
-            method, request, dict(headers or {}), timeout if timeout is not None else self.config.stream_timeout
+            method, request, dict(headers or {}), timeout if timeout is not None else self.config.stream_timeout,
+            cancel=cancel,
         )
         stream: ServerStream[Res] = self._chain(call)
         return stream
@@ -269,15 +349,21 @@ class Client:
         return chain
 
     def _invoke(self, call: Call) -> Any:
+        token = call.cancel
+        if token is not None and token.cancelled:
+            raise _cancelled()
         if call.method.server_streaming:
             return self._stream(call)
-        return self._unary(call)
+        abort, result = _cancellable(token, lambda abort: self._unary(call, abort))
+        if abort is not None and abort.fired:  # in process, the handler saw its caller go and returned
+            raise _cancelled()
+        return result
 
     def _path(self, method: Method) -> str:
         return f"/{method.name}" if self.config.service_url else method.path
 
     def _send(
-        self, call: Call, http_method: str, path: str, headers: _HeaderTable, body: bytes | None
+        self, call: Call, http_method: str, path: str, headers: _HeaderTable, body: bytes | None, abort: Abort | None
     ) -> tuple[Response, float | None]:
         """Send a request to ``base_url + path``; ``headers`` is a copy this call may change."""
         deadline = time.monotonic() + call.timeout if call.timeout is not None else None
@@ -293,7 +379,7 @@ class Client:
             connect_timeout = min(connect_timeout, read_timeout)
         try:
             response = self._transport.send(
-                http_method, path, dict(headers.values()), body, connect_timeout, read_timeout
+                http_method, path, dict(headers.values()), body, connect_timeout, read_timeout, abort
             )
         except TransportTimeout as e:
             raise _timeout_error(deadline, e) from None
@@ -301,18 +387,18 @@ class Client:
             raise ConnectError(Code.UNAVAILABLE, f"cannot reach {self.base_url}: {e.reason}") from None
         return response, deadline
 
-    def _unary(self, call: Call) -> Message:
+    def _unary(self, call: Call, abort: Abort | None) -> Message:
         method = call.method
         data = self._codec.encode(call.request)
         if self.config.use_get and method.idempotent:
             target = self._path(method) + "?" + _protocol.get_query(self.config.codec, data)
-            response, deadline = self._send(call, "GET", target, self._get_headers.copy(), None)
+            response, deadline = self._send(call, "GET", target, self._get_headers.copy(), None, abort)
         else:
             headers = self._post_headers.copy()
             if self.config.compression != _protocol.IDENTITY and len(data) >= self.config.compress_min_bytes:
                 data = _protocol.compress(self.config.compression, data)
                 headers[_UNARY_ENCODING_KEY] = (_protocol.UNARY_ENCODING_HEADER, self.config.compression)
-            response, deadline = self._send(call, "POST", self._path(method), headers, data)
+            response, deadline = self._send(call, "POST", self._path(method), headers, data, abort)
         try:
             body = self._read_all(response, deadline)
         finally:
@@ -359,7 +445,11 @@ class Client:
             data = _protocol.compress(self.config.compression, data)
             headers[_STREAM_ENCODING_KEY] = (_protocol.STREAM_ENCODING_HEADER, self.config.compression)
             flags = _protocol.FLAG_COMPRESSED
-        response, deadline = self._send(call, "POST", self._path(call.method), headers, _protocol.envelope(flags, data))
+        body = _protocol.envelope(flags, data)
+        # Cancellable while it opens; once open, cancelling closes the stream.
+        _, (response, deadline) = _cancellable(
+            call.cancel, lambda abort: self._send(call, "POST", self._path(call.method), headers, body, abort)
+        )
         meta = from_pairs(response.headers.items())
         call.response_headers = meta
         if response.status != 200:
@@ -374,6 +464,26 @@ class Client:
             response.close()
             raise
         return ServerStream(self, call, response, deadline)
+
+
+T = TypeVar("T")
+
+
+def _cancellable(token: CancelToken | None, work: Callable[[Abort | None], T]) -> tuple[Abort | None, T]:
+    """``work(abort)``, ``abort`` called when ``token`` is cancelled meanwhile; the failure it
+    causes is the call's ``canceled``. Returns the abort (None without a token) and the result."""
+    if token is None:
+        return None, work(None)
+    abort = Abort()
+    forget = token.on_cancel(abort)
+    try:
+        return abort, work(abort)
+    except ConnectError:
+        if abort.fired:
+            raise _cancelled() from None
+        raise
+    finally:
+        forget()
 
 
 def _bind(interceptor: Interceptor, proceed: Callable[[Call], Any]) -> Callable[[Call], Any]:
@@ -418,13 +528,19 @@ class ServerStream(Generic[Res]):
         self._response = response
         self._deadline = deadline
         self._encoding = response.headers.get(_STREAM_ENCODING_KEY, _protocol.IDENTITY)
-        self._lock = threading.Lock()  # guards _done, _reading and _canceled
+        self._lock = threading.Lock()  # guards _done, _reading, _canceled and _revoked
         self._done = False
         self._reading = False  # a thread is inside next()
         self._canceled = False  # close() came while it was
+        self._revoked = False  # the call's CancelToken closed it
+        self._forget: Callable[[], None] = _nothing
         if self._encoding not in _protocol.ENCODINGS:
             self.close()
             raise ConnectError(Code.INTERNAL, f"server used unknown compression {self._encoding!r}")
+        if call.cancel is not None:
+            # Weakly: a stream its caller dropped is still closed when collected.
+            revoke = weakref.WeakMethod(self._revoke)
+            self._forget = call.cancel.on_cancel(lambda: _call_if_alive(revoke))
 
     @property
     def headers(self) -> Mapping[str, Value]:
@@ -440,6 +556,8 @@ class ServerStream(Generic[Res]):
     def __next__(self) -> Res:
         with self._lock:
             if self._done:
+                if self._revoked:
+                    raise _cancelled()
                 raise StopIteration
             self._reading = True
         try:
@@ -490,6 +608,12 @@ class ServerStream(Generic[Res]):
             self._response.close()
         return canceled
 
+    def _revoke(self) -> None:
+        """The call's token was cancelled: close, and say so to every later ``next()``."""
+        with self._lock:
+            self._revoked = not self._done
+        self.close()
+
     def close(self) -> None:
         """End the call early and release its connection. Safe from any thread: a reader
         waiting in ``next()`` meanwhile gets ``ConnectError(canceled)``."""
@@ -498,6 +622,7 @@ class ServerStream(Generic[Res]):
                 return
             self._done = True
             self._canceled = reading = self._reading
+        self._forget()
         if reading:
             self._response.abort()  # the reader wakes and closes the response itself
         else:
@@ -518,6 +643,10 @@ class ServerStream(Generic[Res]):
 
 def _closed() -> ConnectError:
     return ConnectError(Code.CANCELED, "the stream was closed while this call waited for it")
+
+
+def _cancelled() -> ConnectError:
+    return ConnectError(Code.CANCELED, "the call was cancelled")
 
 
 def _timeout_error(deadline: float | None, cause: TransportError) -> ConnectError:

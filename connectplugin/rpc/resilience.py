@@ -59,7 +59,9 @@ class RetryConfig:
     clock: Callable[[], float] = time.monotonic
     """Where deadlines are measured (seconds, never going back); tests pass a fake one."""
     sleep: Callable[[float], None] = time.sleep
-    """How a backoff is waited out; tests pass one that moves their fake clock."""
+    """How a backoff is waited out; tests pass one that moves their fake clock. A call given
+    a :class:`~connectplugin.rpc.client.CancelToken` waits on its token instead, so cancelling
+    it ends the backoff."""
     random: Callable[[], float] = random.random
     """Uniform in [0, 1): the jitter's source; tests pass a fixed one."""
 
@@ -113,7 +115,10 @@ class Retry:
                         raise
                     call.timeout = left
                 log.debug("retrying %s in %.3f s (attempt %d failed: %s)", call.method.path, delay, attempt, e)
-                config.sleep(delay)
+                if call.cancel is None:
+                    config.sleep(delay)
+                elif call.cancel.wait(delay):  # cancelled during the backoff: no retry
+                    raise ConnectError(Code.CANCELED, "the call was cancelled") from None
                 attempt += 1
 
 

@@ -40,12 +40,14 @@ class CapabilityBrokerClient:
         *,
         timeout: float | None = None,
         headers: Mapping[str, str | bytes] | None = None,
+        cancel: rpc.CancelToken | None = None,
     ) -> broker_pb2.RequestCapabilityResponse:
         response: broker_pb2.RequestCapabilityResponse = self._client.call_unary(
             CAPABILITY_BROKER_SERVICE.methods["RequestCapability"],
             request,
             timeout=timeout,
             headers=headers,
+            cancel=cancel,
         )
         return response
 

@@ -40,6 +40,7 @@ class HandshakeServiceClient:
         *,
         timeout: float | None = None,
         headers: Mapping[str, str | bytes] | None = None,
+        cancel: rpc.CancelToken | None = None,
     ) -> handshake_pb2.HandshakeResponse:
         """Safe to repeat: the same request yields the same answer."""
         response: handshake_pb2.HandshakeResponse = self._client.call_unary(
@@ -47,6 +48,7 @@ class HandshakeServiceClient:
             request,
             timeout=timeout,
             headers=headers,
+            cancel=cancel,
         )
         return response
 

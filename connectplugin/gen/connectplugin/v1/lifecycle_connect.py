@@ -40,12 +40,14 @@ class PluginLifecycleClient:
         *,
         timeout: float | None = None,
         headers: Mapping[str, str | bytes] | None = None,
+        cancel: rpc.CancelToken | None = None,
     ) -> lifecycle_pb2.ReportHealthResponse:
         response: lifecycle_pb2.ReportHealthResponse = self._client.call_unary(
             PLUGIN_LIFECYCLE_SERVICE.methods["ReportHealth"],
             request,
             timeout=timeout,
             headers=headers,
+            cancel=cancel,
         )
         return response
 
@@ -116,12 +118,14 @@ class PluginControlClient:
         *,
         timeout: float | None = None,
         headers: Mapping[str, str | bytes] | None = None,
+        cancel: rpc.CancelToken | None = None,
     ) -> lifecycle_pb2.GetHealthResponse:
         response: lifecycle_pb2.GetHealthResponse = self._client.call_unary(
             PLUGIN_CONTROL_SERVICE.methods["GetHealth"],
             request,
             timeout=timeout,
             headers=headers,
+            cancel=cancel,
         )
         return response
 
@@ -131,6 +135,7 @@ class PluginControlClient:
         *,
         timeout: float | None = None,
         headers: Mapping[str, str | bytes] | None = None,
+        cancel: rpc.CancelToken | None = None,
     ) -> lifecycle_pb2.ShutdownResponse:
         """Stop taking calls, finish the ones in flight, exit."""
         response: lifecycle_pb2.ShutdownResponse = self._client.call_unary(
@@ -138,6 +143,7 @@ class PluginControlClient:
             request,
             timeout=timeout,
             headers=headers,
+            cancel=cancel,
         )
         return response
 

@@ -49,12 +49,14 @@ class PluginIdentityClient:
         *,
         timeout: float | None = None,
         headers: Mapping[str, str | bytes] | None = None,
+        cancel: rpc.CancelToken | None = None,
     ) -> plugininfo_pb2.GetPluginInfoResponse:
         response: plugininfo_pb2.GetPluginInfoResponse = self._client.call_unary(
             PLUGIN_IDENTITY_SERVICE.methods["GetPluginInfo"],
             request,
             timeout=timeout,
             headers=headers,
+            cancel=cancel,
         )
         return response
 
@@ -64,12 +66,14 @@ class PluginIdentityClient:
         *,
         timeout: float | None = None,
         headers: Mapping[str, str | bytes] | None = None,
+        cancel: rpc.CancelToken | None = None,
     ) -> plugininfo_pb2.SetRuntimeIdentityResponse:
         response: plugininfo_pb2.SetRuntimeIdentityResponse = self._client.call_unary(
             PLUGIN_IDENTITY_SERVICE.methods["SetRuntimeIdentity"],
             request,
             timeout=timeout,
             headers=headers,
+            cancel=cancel,
         )
         return response
 

@@ -64,12 +64,14 @@ class ServiceRegistryClient:
         *,
         timeout: float | None = None,
         headers: Mapping[str, str | bytes] | None = None,
+        cancel: rpc.CancelToken | None = None,
     ) -> registry_pb2.RegisterServiceResponse:
         response: registry_pb2.RegisterServiceResponse = self._client.call_unary(
             SERVICE_REGISTRY_SERVICE.methods["RegisterService"],
             request,
             timeout=timeout,
             headers=headers,
+            cancel=cancel,
         )
         return response
 
@@ -79,12 +81,14 @@ class ServiceRegistryClient:
         *,
         timeout: float | None = None,
         headers: Mapping[str, str | bytes] | None = None,
+        cancel: rpc.CancelToken | None = None,
     ) -> registry_pb2.UnregisterServiceResponse:
         response: registry_pb2.UnregisterServiceResponse = self._client.call_unary(
             SERVICE_REGISTRY_SERVICE.methods["UnregisterService"],
             request,
             timeout=timeout,
             headers=headers,
+            cancel=cancel,
         )
         return response
 
@@ -94,6 +98,7 @@ class ServiceRegistryClient:
         *,
         timeout: float | None = None,
         headers: Mapping[str, str | bytes] | None = None,
+        cancel: rpc.CancelToken | None = None,
     ) -> registry_pb2.DiscoverServiceResponse:
         """The host picks one provider."""
         response: registry_pb2.DiscoverServiceResponse = self._client.call_unary(
@@ -101,6 +106,7 @@ class ServiceRegistryClient:
             request,
             timeout=timeout,
             headers=headers,
+            cancel=cancel,
         )
         return response
 
@@ -110,6 +116,7 @@ class ServiceRegistryClient:
         *,
         timeout: float | None = None,
         headers: Mapping[str, str | bytes] | None = None,
+        cancel: rpc.CancelToken | None = None,
     ) -> rpc.ServerStream[registry_pb2.WatchServiceEvent]:
         """The current state first, then every change."""
         return self._client.call_server_stream(
@@ -117,6 +124,7 @@ class ServiceRegistryClient:
             request,
             timeout=timeout,
             headers=headers,
+            cancel=cancel,
         )
 
 

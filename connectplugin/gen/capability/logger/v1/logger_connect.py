@@ -37,9 +37,14 @@ class LoggerClient:
         *,
         timeout: float | None = None,
         headers: Mapping[str, str | bytes] | None = None,
+        cancel: rpc.CancelToken | None = None,
     ) -> logger_pb2.LogResponse:
         response: logger_pb2.LogResponse = self._client.call_unary(
-            LOGGER_SERVICE.methods["Log"], request, timeout=timeout, headers=headers
+            LOGGER_SERVICE.methods["Log"],
+            request,
+            timeout=timeout,
+            headers=headers,
+            cancel=cancel,
         )
         return response
 

@@ -45,10 +45,15 @@ class HealthServiceClient:
         *,
         timeout: float | None = None,
         headers: Mapping[str, str | bytes] | None = None,
+        cancel: rpc.CancelToken | None = None,
     ) -> health_pb2.HealthCheckResponse:
         """An empty service name asks about the server as a whole."""
         response: health_pb2.HealthCheckResponse = self._client.call_unary(
-            HEALTH_SERVICE.methods["Check"], request, timeout=timeout, headers=headers
+            HEALTH_SERVICE.methods["Check"],
+            request,
+            timeout=timeout,
+            headers=headers,
+            cancel=cancel,
         )
         return response
 
@@ -58,10 +63,15 @@ class HealthServiceClient:
         *,
         timeout: float | None = None,
         headers: Mapping[str, str | bytes] | None = None,
+        cancel: rpc.CancelToken | None = None,
     ) -> rpc.ServerStream[health_pb2.HealthCheckResponse]:
         """Sends the current status, then every change."""
         return self._client.call_server_stream(
-            HEALTH_SERVICE.methods["Watch"], request, timeout=timeout, headers=headers
+            HEALTH_SERVICE.methods["Watch"],
+            request,
+            timeout=timeout,
+            headers=headers,
+            cancel=cancel,
         )
 
 

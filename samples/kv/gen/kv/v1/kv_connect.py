@@ -61,9 +61,14 @@ class KVServiceClient:
         *,
         timeout: float | None = None,
         headers: Mapping[str, str | bytes] | None = None,
+        cancel: rpc.CancelToken | None = None,
     ) -> kv_pb2.GetResponse:
         response: kv_pb2.GetResponse = self._client.call_unary(
-            KV_SERVICE.methods["Get"], request, timeout=timeout, headers=headers
+            KV_SERVICE.methods["Get"],
+            request,
+            timeout=timeout,
+            headers=headers,
+            cancel=cancel,
         )
         return response
 
@@ -73,9 +78,14 @@ class KVServiceClient:
         *,
         timeout: float | None = None,
         headers: Mapping[str, str | bytes] | None = None,
+        cancel: rpc.CancelToken | None = None,
     ) -> kv_pb2.PutResponse:
         response: kv_pb2.PutResponse = self._client.call_unary(
-            KV_SERVICE.methods["Put"], request, timeout=timeout, headers=headers
+            KV_SERVICE.methods["Put"],
+            request,
+            timeout=timeout,
+            headers=headers,
+            cancel=cancel,
         )
         return response
 
@@ -85,9 +95,14 @@ class KVServiceClient:
         *,
         timeout: float | None = None,
         headers: Mapping[str, str | bytes] | None = None,
+        cancel: rpc.CancelToken | None = None,
     ) -> kv_pb2.DeleteResponse:
         response: kv_pb2.DeleteResponse = self._client.call_unary(
-            KV_SERVICE.methods["Delete"], request, timeout=timeout, headers=headers
+            KV_SERVICE.methods["Delete"],
+            request,
+            timeout=timeout,
+            headers=headers,
+            cancel=cancel,
         )
         return response
 
@@ -97,10 +112,15 @@ class KVServiceClient:
         *,
         timeout: float | None = None,
         headers: Mapping[str, str | bytes] | None = None,
+        cancel: rpc.CancelToken | None = None,
     ) -> rpc.ServerStream[kv_pb2.WatchEvent]:
         """Changes to keys under a prefix, in the order they happen."""
         return self._client.call_server_stream(
-            KV_SERVICE.methods["Watch"], request, timeout=timeout, headers=headers
+            KV_SERVICE.methods["Watch"],
+            request,
+            timeout=timeout,
+            headers=headers,
+            cancel=cancel,
         )
 
 
