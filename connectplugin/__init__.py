@@ -52,7 +52,7 @@ from .runtime.launcher import (
     Strategy,
 )
 from .runtime.plugin import Plugin, Requirement, ServiceDeclaration
-from .runtime.pluginclient import PluginClient, PluginClientConfig
+from .runtime.pluginclient import PluginClient, PluginClientConfig, PluginNotServedError
 from .runtime.serving import NotLaunchedError, PluginServer, ServeConfig, serve
 
 __all__ = [
@@ -96,6 +96,7 @@ __all__ = [
     "PluginClient",
     "PluginClientConfig",
     "PluginHost",
+    "PluginNotServedError",
     "PluginServer",
     "PluginSpec",
     "ProcessStrategy",

@@ -48,6 +48,7 @@ from connectplugin import (
     PluginClient,
     PluginClientConfig,
     PluginHost,
+    PluginNotServedError,
     PluginServer,
     ProcessStrategy,
     ServeConfig,
@@ -536,18 +537,20 @@ def test_handshake_with_the_wrong_cookie_is_invalid_argument(plugin, cookie):
     assert HANDSHAKE.magic_cookie_value not in info.value.message
 
 
-def test_requesting_a_plugin_the_server_does_not_serve_is_not_found(host, plugin):
+def test_a_client_expecting_a_plugin_the_server_does_not_serve_says_which(host, plugin):
     other = dataclasses.replace(KV_PLUGIN, name="cache")
     secret = host_secret(host, plugin)
     client = PluginClient(plugin.url, {"kv": KV_PLUGIN, "cache": other}, HANDSHAKE, host_secret=secret)
     try:
-        with pytest.raises(ConnectError) as info:
+        with pytest.raises(PluginNotServedError) as info:
             client.handshake()
     finally:
         client.close()
 
-    assert info.value.code is Code.NOT_FOUND
-    assert "cache" in info.value.message
+    # The handshake succeeds (the plugin leaves "cache" out, as a Go plugin does); the
+    # client names what it misses.
+    assert (info.value.missing, info.value.served, info.value.url) == (("cache",), ("kv",), plugin.url)
+    assert "cache" in str(info.value)
 
 
 # --- start failures -------------------------------------------------------------------------
@@ -1014,13 +1017,16 @@ def test_report_health_with_an_issued_identity_reaches_the_host(host):
     ],
     ids=["none", "id-only", "token-only", "wrong-token", "unknown-id", "not-bearer"],
 )
-def test_report_health_without_valid_credentials_is_unauthenticated(host, headers):
+def test_report_health_without_valid_credentials_is_refused(host, headers):
     issued = host_handshake(host, self_id="external")
+    sent = headers(issued.runtime_id, issued.runtime_token)
 
     with pytest.raises(ConnectError) as info:
-        report_health(host, headers(issued.runtime_id, issued.runtime_token))
+        report_health(host, sent)
 
-    assert info.value.code is Code.UNAUTHENTICATED
+    # No runtime id at all is a malformed call (invalid_argument, as the Go host answers).
+    expected = Code.UNAUTHENTICATED if "X-Plugin-Runtime-ID" in sent else Code.INVALID_ARGUMENT
+    assert info.value.code is expected
     assert host.reported_health(issued.runtime_id) is None
 
 

@@ -246,8 +246,9 @@ class Identities:
         return identity is not None and self._clock() < identity.expires_at
 
     def caller(self, ctx: Context) -> Identity:
-        """The identity a call to the host's API is made with (see :meth:`verify`)."""
-        return self.verify(ctx.request_headers, tls.peer_certificate(ctx.environ))
+        """The identity a call to the host's API is made with (see :meth:`verify`); without
+        ``X-Plugin-Runtime-ID`` the call is ``invalid_argument``, as the Go host answers."""
+        return self.verify(ctx.request_headers, tls.peer_certificate(ctx.environ), missing=Code.INVALID_ARGUMENT)
 
     def bound_to(self, fingerprints: set[str]) -> list[str]:
         """Runtime ids of the identities bound to one of these certificate fingerprints."""
@@ -265,21 +266,25 @@ class Identities:
         if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
             raise ConnectError(Code.UNAUTHENTICATED, "the client certificate is not valid now (expired?)")
 
-    def verify(self, headers: Mapping[str, Any], peer: x509.Certificate | None) -> Identity:
+    def verify(
+        self, headers: Mapping[str, Any], peer: x509.Certificate | None, missing: Code = Code.UNAUTHENTICATED
+    ) -> Identity:
         """The caller's identity from ``X-Plugin-Runtime-ID`` and ``Authorization: Bearer``,
         and ``peer``, the client certificate of the connection the call came on (from the TLS
         server, :func:`connectplugin.rpc.tls.peer_certificate`; never from a header).
 
-        Missing or wrong pairs, and expired tokens, are ``unauthenticated``; the message
+        A call without ``X-Plugin-Runtime-ID`` is ``missing`` (the router's default,
+        ``unauthenticated``, as the Go router's 401; :meth:`caller` passes ``invalid_argument``).
+        Wrong or missing tokens, and expired ones, are ``unauthenticated``; the message
         never says which half failed. So is an identity bound to a certificate called
         without it (another certificate, or none), or with it revoked or expired.
         """
         runtime_id = headers.get(RUNTIME_ID_HEADER.lower(), "")
         auth = headers.get("authorization", "")
-        if not isinstance(runtime_id, str) or not isinstance(auth, str) or not runtime_id:
-            raise ConnectError(
-                Code.UNAUTHENTICATED, f"{RUNTIME_ID_HEADER} and a bearer token are required"
-            )
+        if not isinstance(runtime_id, str) or not runtime_id:
+            raise ConnectError(missing, f"{RUNTIME_ID_HEADER} header required")
+        if not isinstance(auth, str):
+            raise ConnectError(Code.UNAUTHENTICATED, "invalid runtime identity or token")
         identity = self.get(runtime_id)
         now = self._clock()
         current = bearer_matches(auth, identity.token if identity is not None else None)

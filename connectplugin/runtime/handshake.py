@@ -87,8 +87,8 @@ def check_request(config: HandshakeConfig, request: handshake_pb2.HandshakeReque
             "with its configured value",
         )
     if request.core_protocol_version != CORE_PROTOCOL_VERSION:
-        raise ConnectError(
-            Code.FAILED_PRECONDITION,
+        raise ConnectError(  # the caller's error, as Go answers it
+            Code.INVALID_ARGUMENT,
             f"core protocol version {request.core_protocol_version} is not supported "
             f"(this {us} speaks {CORE_PROTOCOL_VERSION})",
         )
@@ -101,7 +101,11 @@ def plugin_info(name: str, plugin: Plugin) -> handshake_pb2.PluginInfo:
 
 
 class PluginHandshake(HandshakeServiceHandler):
-    """The plugin's side: answers a host's handshake with the plugins it serves."""
+    """The plugin's side: answers a host's handshake with the plugins it serves.
+
+    A requested plugin it does not serve is left out of the answer, as a Go plugin leaves it
+    out: the caller names what it misses (``PluginClient`` raises ``PluginNotServedError``).
+    """
 
     def __init__(self, config: HandshakeConfig, plugins: Mapping[str, Plugin]) -> None:
         self._config = config
@@ -109,12 +113,6 @@ class PluginHandshake(HandshakeServiceHandler):
 
     def handshake(self, request: handshake_pb2.HandshakeRequest, ctx: Context) -> handshake_pb2.HandshakeResponse:
         version = check_request(self._config, request, "plugin")
-        unknown = sorted(set(request.requested_plugins) - set(self._plugins))
-        if unknown:
-            raise ConnectError(
-                Code.NOT_FOUND,
-                f"plugin(s) {', '.join(unknown)} not served here; available: {', '.join(sorted(self._plugins))}",
-            )
         return handshake_pb2.HandshakeResponse(
             core_protocol_version=CORE_PROTOCOL_VERSION,
             app_protocol_version=version,

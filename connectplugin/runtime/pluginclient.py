@@ -23,6 +23,25 @@ from .launcher import Running
 from .plugin import ClientT, Plugin, plugin_name
 
 
+class PluginNotServedError(LookupError):
+    """The endpoint at ``url`` answered the handshake without plugins this client expects.
+
+    ``plugin`` is the client's name, ``missing`` the expected plugins the answer left out,
+    ``served`` the ones it listed. (The handshake itself succeeds, as a Go plugin answers
+    it: only the caller knows that what it asked for is missing.)
+    """
+
+    def __init__(self, plugin: str, url: str, missing: Sequence[str], served: Sequence[str]) -> None:
+        self.plugin = plugin
+        self.url = url
+        self.missing = tuple(missing)
+        self.served = tuple(served)
+        super().__init__(
+            f"plugin {plugin!r} at {url} does not serve {', '.join(self.missing)} "
+            f"(it serves {', '.join(self.served) or 'none of the plugins asked for'})"
+        )
+
+
 @dataclass(frozen=True)
 class PluginClientConfig:
     """How a host's client of one plugin calls it."""
@@ -73,7 +92,8 @@ class PluginClient:
         """Handshake once (later calls return the first answer): cookie, versions, plugins.
 
         Callers racing on the first use may each send a handshake; the first accepted
-        answer is kept, and the call itself runs outside the lock.
+        answer is kept, and the call itself runs outside the lock. Raises
+        ``PluginNotServedError`` when the answer leaves out a plugin of this client's set.
         """
         with self._lock:
             if self._handshake is not None:
@@ -83,10 +103,10 @@ class PluginClient:
             hs.request_for(config, self._plugins), timeout=self.config.handshake_timeout
         )
         hs.check_response(config, response, them=f"plugin {self.name!r}")
-        served = {p.name for p in response.plugins}
-        missing = sorted(set(self._plugins) - served)
+        served = sorted({p.name for p in response.plugins})
+        missing = sorted(set(self._plugins) - set(served))
         if missing:
-            raise ConnectError(Code.NOT_FOUND, f"plugin {self.name!r} does not serve {', '.join(missing)}")
+            raise PluginNotServedError(self.name, self.url, missing, served)
         with self._lock:
             if self._handshake is None:
                 self._handshake = response
