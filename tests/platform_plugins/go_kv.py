@@ -1,4 +1,4 @@
-"""The sample KV store as a plugin under the Go reference's magic cookie (tests/test_goref.py).
+"""The sample KV store as a plugin under the Go reference's magic cookie (tests/test_go_interop.py).
 
 Served with ``serve()`` as any plugin is: ``--host-url URL`` joins that host by itself;
 started by the Go launcher (``PORT`` and ``HOST_URL`` in its environment) it serves in the
