@@ -210,7 +210,9 @@ def test_a_call_without_credentials_gets_the_hosts_connect_error_not_a_csrf_page
     with pytest.raises(ConnectError) as refused:
         lifecycle.report_health(lifecycle_pb2.ReportHealthRequest())
 
-    assert refused.value.code is Code.UNAUTHENTICATED
+    # The host's own answer to a call without a runtime id (Go's code for it).
+    assert refused.value.code is Code.INVALID_ARGUMENT
+    assert "X-Plugin-Runtime-ID" in refused.value.message
 
 
 def test_a_server_stream_passes_through_the_include_message_by_message(through_django):
