@@ -44,10 +44,10 @@ def _env(**extra: str) -> dict[str, str]:
 # --- The README quick start, from an empty directory ------------------------------------------
 
 
-def _quick_start() -> tuple[dict[str, str], list[str]]:
-    """The files (path -> text) and shell commands of the README's Quick start section."""
+def _quick_start(heading: str = "## Quick start") -> tuple[dict[str, str], list[str]]:
+    """The files (path -> text) and shell commands of a README section."""
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("\n## Quick start\n", 1)[1].split("\n## ", 1)[0]
+    section = readme.split(f"\n{heading}\n", 1)[1].split("\n## ", 1)[0]
     files, commands = {}, []
     for lang, body in re.findall(r"^```(\w+)\n(.*?)^```$", section, re.MULTILINE | re.DOTALL):
         if lang == "sh":
@@ -77,6 +77,14 @@ def test_readme_quick_start_runs_in_an_empty_directory(tmp_path):
         outputs.append((result.stdout.strip(), expected))
     assert [out for out, expected in outputs if expected] == [e for _, e in outputs if e]
     assert any(expected for _, expected in outputs), "the quick start shows no output to check"
+    # The Flask section's app, beside the quick start's files, answers through the plugin.
+    flask_files, _ = _quick_start("## Flask")
+    (tmp_path / "app.py").write_text(flask_files["app.py"])
+    served = subprocess.run(
+        [sys.executable, "-c", "from app import app; print(app.test_client().get('/hello/world').text)"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60,
+    )
+    assert (served.returncode, served.stdout) == (0, "Hello, world!\n"), served.stderr
     # What ran came from the directory and the installed package, not from the checkout.
     probe = subprocess.run(
         [sys.executable, "-c", "import samples"], cwd=tmp_path, env=_env(), capture_output=True
