@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -32,6 +33,7 @@ from connectplugin import (
     Rate,
     RegistryConfig,
     ServeConfig,
+    TLSConfig,
 )
 from connectplugin.gen.capability.logger.v1 import logger_pb2
 from connectplugin.gen.capability.logger.v1.logger_connect import LoggerClient
@@ -55,6 +57,7 @@ from samples.kv.gen.kv.v1.kv_connect import KVServiceClient
 from samples.platform import HANDSHAKE
 from samples.platform.capabilities import HostLogger
 from tests.helpers import (
+    BOTH_SERVERS,
     ENV,
     ROOT,
     Clock,
@@ -176,32 +179,41 @@ def hello(environ, start_response):
 
 
 @pytest.fixture
-def hygienic() -> Iterator[HTTPServer]:
-    """A server with a small connection limit and short timeouts, so the test runs fast."""
+def hygienic(server_kind, pki) -> Iterator[HTTPServer]:
+    """A server with a small connection limit and short timeouts, so the test runs fast (on
+    waitress, or cheroot over TLS for tests marked ``BOTH_SERVERS``)."""
     config = HTTPConfig(
-        threads=2, connection_limit=20, request_timeout=0.5, idle_timeout=0.5, sweep_interval=0.05
+        threads=2, connection_limit=20, request_timeout=0.5, idle_timeout=0.5, handshake_timeout=0.5,
+        sweep_interval=0.05, tls=TLSConfig(key_pair=pki.host) if server_kind == "tls" else None,
     )
     server = HTTPServer(hello, config).start()
     yield server
     server.close(grace=0)
 
 
-def _connect(server: HTTPServer) -> socket.socket:
+def _connect(server: HTTPServer, handshake: bool = True) -> socket.socket:
+    """A connection to ``server``, over TLS (its handshake done, unless not ``handshake``)
+    when it serves TLS."""
     sock = socket.create_connection((server.host, server.port), timeout=5)
-    return sock
+    if server.config.tls is None or not handshake:
+        return sock
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # an attacker checks nothing
+    return context.wrap_socket(sock, server_hostname=server.host)
 
 
 def _closed_by_server(sock: socket.socket) -> bool:
     sock.setblocking(False)
     try:
         return sock.recv(4096) == b""
-    except BlockingIOError:
+    except (BlockingIOError, ssl.SSLWantReadError):
         return False
     except OSError:
         return True
 
 
-def test_slow_half_open_connections_do_not_lock_out_a_normal_call(hygienic):
+@BOTH_SERVERS
+def test_slow_half_open_connections_do_not_lock_out_a_normal_call(hygienic, ca_file):
     slow = []
     try:
         for _ in range(3 * hygienic.config.connection_limit):
@@ -209,7 +221,7 @@ def test_slow_half_open_connections_do_not_lock_out_a_normal_call(hygienic):
             sock.sendall(HEAD)
             slow.append(sock)
 
-        response = requests.get(hygienic.url + "/", timeout=5)
+        response = requests.get(hygienic.url + "/", timeout=5, verify=ca_file)
 
         assert (response.status_code, response.text) == (200, "hello")
         wait_until(lambda: all(_closed_by_server(s) for s in slow), "every slow connection to be closed")
@@ -218,6 +230,48 @@ def test_slow_half_open_connections_do_not_lock_out_a_normal_call(hygienic):
             sock.close()
 
 
+@BOTH_SERVERS
+def test_silent_connections_hold_no_worker_thread(server_kind, pki, ca_file):
+    # Long limits: only a server that gives them no thread can answer while they are open.
+    config = HTTPConfig(
+        threads=2, max_streams=1, request_timeout=60, idle_timeout=60, handshake_timeout=60,
+        tls=TLSConfig(key_pair=pki.host) if server_kind == "tls" else None,
+    )
+    with HTTPServer(hello, config) as server:
+        # No request (plaintext) or not even a ClientHello (TLS), more of them than workers.
+        silent = [_connect(server, handshake=False) for _ in range(3 * config.workers)]
+        try:
+            response = requests.get(server.url + "/", timeout=10, verify=ca_file)
+        finally:
+            for sock in silent:
+                sock.close()
+
+    assert (response.status_code, response.text) == (200, "hello")
+
+
+@BOTH_SERVERS
+def test_silent_connections_are_closed(hygienic):
+    silent = [_connect(hygienic, handshake=False) for _ in range(3 * hygienic.config.workers)]
+    try:
+        wait_until(lambda: all(_closed_by_server(s) for s in silent), "every silent connection to be closed")
+    finally:
+        for sock in silent:
+            sock.close()
+
+
+@pytest.mark.parametrize("server_kind", ["tls"], indirect=True)  # plaintext has no handshake
+def test_a_tls_client_feeding_its_handshake_byte_by_byte_is_closed(hygienic):
+    sock = _connect(hygienic, handshake=False)
+    try:
+        # The first bytes of a TLS 1.2 ClientHello record, one at a time, never the whole.
+        for byte in b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03":
+            sock.sendall(bytes([byte]))
+        wait_until(lambda: _closed_by_server(sock), "the connection stuck in its handshake to be closed")
+    finally:
+        sock.close()
+
+
+@BOTH_SERVERS
 def test_a_request_trickling_in_is_closed_after_request_timeout_however_busy_it_looks(hygienic):
     sock = _connect(hygienic)
     closed = threading.Event()
@@ -239,6 +293,7 @@ def test_a_request_trickling_in_is_closed_after_request_timeout_however_busy_it_
         sock.close()
 
 
+@BOTH_SERVERS
 def test_an_idle_keep_alive_connection_is_closed_after_idle_timeout(hygienic):
     sock = _connect(hygienic)
     try:
@@ -252,16 +307,20 @@ def test_an_idle_keep_alive_connection_is_closed_after_idle_timeout(hygienic):
         sock.close()
 
 
-def test_a_connection_with_a_call_in_progress_is_never_closed_as_slow():
+@BOTH_SERVERS
+def test_a_connection_with_a_call_in_progress_is_never_closed_as_slow(server_kind, pki, ca_file):
     release = threading.Event()
 
     def busy(environ, start_response):
         release.wait(2.0)  # the handler's work: longer than request_timeout
         return hello(environ, start_response)
 
-    config = HTTPConfig(threads=2, request_timeout=0.1, idle_timeout=0.1, sweep_interval=0.02)
+    config = HTTPConfig(
+        threads=2, request_timeout=0.1, idle_timeout=0.1, handshake_timeout=0.1, sweep_interval=0.02,
+        tls=TLSConfig(key_pair=pki.host) if server_kind == "tls" else None,
+    )
     with HTTPServer(busy, config) as server:
-        response = requests.get(server.url + "/", timeout=5)
+        response = requests.get(server.url + "/", timeout=5, verify=ca_file)
 
     assert response.status_code == 200
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import _pyio  # cheroot's socket files are built on it
 import ctypes
+import enum
 import ipaddress
 import logging
 import select
+import selectors
 import socket
 import threading
 import time
@@ -57,6 +59,10 @@ class HTTPConfig:
     request_timeout: float = 15.0
     """Seconds a client has to send a whole request (head and body) once its first byte has
     arrived; a slower one (a "slowloris" feeding a header line every few seconds) is closed."""
+    handshake_timeout: float = 10.0
+    """TLS only: seconds a new connection has to finish its TLS handshake. Until it has, and
+    until a request's head has arrived whole, the connection waits without a worker thread,
+    so clients that connect and send nothing (or a ClientHello byte by byte) hold none."""
     sweep_interval: float = 0.5
     """Seconds between looks for idle and slow connections."""
     max_request_body_size: int = 64 * 1024 * 1024
@@ -243,7 +249,7 @@ class HTTPServer:
 
     def _serve_cheroot(self) -> None:
         srv = self._server
-        srv.prepare()
+        srv.prepare(self.config)
         with self._lock:
             self._prepared = True
             stopping = self._stopping.is_set()
@@ -422,14 +428,23 @@ _TLS_ALERT = 0x15
 
 
 class _CherootServer(cheroot_wsgi.Server):
-    def prepare(self) -> None:
+    """cheroot's WSGI server whose workers only ever get a connection whose TLS handshake is
+    done and whose request head has arrived whole (see :class:`_Connections`)."""
+
+    def prepare(self, config: HTTPConfig) -> None:  # type: ignore[override]  # ours takes the limits
         # cheroot's prepare() also binds; HTTPServer.bind() has, so this is the rest of it.
         self._interrupt = None
         self.software = self.software or f"{self.version} Server"
-        self._connections = cheroot_connections.ConnectionManager(self)
+        self._connections = _Connections(self, config)
         self.requests.start()
         self.ready = True
         self._start_time = time.time()
+
+    def process_conn(self, conn: Any) -> None:
+        """From the selector thread (a new or readable connection) or a worker (a kept-alive
+        one with bytes already buffered): to a worker once its request head is in."""
+        if self._connections.ready_for_worker(conn):
+            super().process_conn(conn)
 
 
 class _Gateway(cheroot_wsgi.Gateway_10):
@@ -451,21 +466,57 @@ class _TLSSocketIO(socket.SocketIO):
     pyOpenSSL raises WantRead/WantWrite where such a socket waits (cheroot's own reader
     retries whole buffered reads, losing the bytes already taken, and polls with sleeps);
     here the raw calls wait on the descriptor, up to the socket's timeout, and the TLS
-    errors become the socket errors cheroot knows.
+    errors become the socket errors cheroot knows. Reads first return what the selector
+    thread read ahead (``pending``, or the error it met), and wait no later than
+    ``deadline`` (a ``time.monotonic()`` reading: the end of the request's time).
     """
 
     _sock: Any
+    pending: bytearray
+    failure: BaseException | None = None
+    deadline: float | None = None
 
     def readinto(self, b: Any) -> int:
+        pending = self.pending
+        if pending:
+            n = min(len(b), len(pending))
+            b[:n] = pending[:n]
+            del pending[:n]
+            return n
+        if self.failure is not None:
+            raise self.failure
         return self._retry(lambda: self._sock.recv_into(b), reading=True)
+
+    def read_ahead(self, limit: int) -> bool | None:
+        """Without waiting, take what has arrived into ``pending`` (the TLS handshake runs
+        here too). True once a request head is in (or ``limit`` bytes, for cheroot to
+        refuse), None when the connection ended or failed (left for a worker to find out),
+        False while more is to come."""
+        while True:
+            try:
+                data = self._sock.recv(_READ_AHEAD)
+            except (SSL.WantReadError, SSL.WantWriteError):
+                return False
+            except (SSL.ZeroReturnError, SSL.SysCallError):
+                return None
+            except SSL.Error as e:
+                self.failure = _tls_failure(e)
+                return None
+            if not data:
+                return None
+            self.pending += data
+            if b"\r\n\r\n" in self.pending or len(self.pending) >= limit:
+                return True
 
     def write(self, b: Any) -> int:
         return self._retry(lambda: self._sock.send(bytes(b)), reading=False)
 
     def _retry(self, call: Callable[[], int], reading: bool) -> int:
         sock = self._sock
-        timeout = sock.gettimeout()
         while True:
+            timeout = sock.gettimeout()
+            if reading and self.deadline is not None:
+                timeout = max(0.0, min(timeout, self.deadline - time.monotonic()))
             try:
                 return call()
             except SSL.WantReadError:
@@ -479,16 +530,30 @@ class _TLSSocketIO(socket.SocketIO):
                     return 0
                 raise ConnectionResetError(str(e)) from None
             except SSL.Error as e:
-                if "http request" in str(e):
-                    raise cheroot_errors.NoSSLError from None  # cheroot answers 400 in plaintext
-                raise cheroot_errors.FatalSSLAlert(str(e)) from None  # handshake refused: dropped
+                raise _tls_failure(e) from None
             if not ready:
                 raise TimeoutError("timed out")  # cheroot's words for a timeout (408 mid-request)
 
 
+def _tls_failure(e: SSL.Error) -> Exception:
+    """A TLS error as cheroot knows it: plaintext HTTP at a TLS port gets a plaintext 400
+    telling it so; anything else (a refused handshake) drops the connection."""
+    if "http request" in str(e):
+        return cheroot_errors.NoSSLError()
+    return cheroot_errors.FatalSSLAlert(str(e))
+
+
+_READ_AHEAD = 16 * 1024
+"""Bytes the selector thread reads from a connection at a time while its request head arrives."""
+_MAX_READ_AHEAD = 64 * 1024
+"""A request head not ended within this many bytes goes to a worker anyway, for cheroot to refuse."""
+
+
 class _TLSReader(cheroot_makefile.StreamReader):
     def __init__(self, sock: Any, mode: str = "rb", bufsize: int = _pyio.DEFAULT_BUFFER_SIZE) -> None:
-        _pyio.BufferedReader.__init__(self, _TLSSocketIO(sock, "rb"), bufsize)
+        raw = _TLSSocketIO(sock, "rb")
+        raw.pending = bytearray()
+        _pyio.BufferedReader.__init__(self, raw, bufsize)
         self.bytes_read = 0
 
 
@@ -508,6 +573,101 @@ class _TLSAdapter(pyOpenSSLAdapter):
     def makefile(self, sock: Any, mode: str = "r", bufsize: int = -1) -> Any:
         size = bufsize if bufsize > 0 else _pyio.DEFAULT_BUFFER_SIZE
         return _TLSReader(sock, mode, size) if "r" in mode else _TLSWriter(sock, mode, size)
+
+
+class _Wait(enum.Enum):
+    """What a connection without a worker waits for, each with its own time limit."""
+
+    HANDSHAKE = "handshake"  # accepted; HTTPConfig.handshake_timeout
+    IDLE = "idle"  # between requests; HTTPConfig.idle_timeout
+    REQUEST = "request"  # a request's first bytes are in, not its whole head; request_timeout
+
+
+class _Connections(cheroot_connections.ConnectionManager):
+    """cheroot's selector loop with the bounds waitress gets from :class:`_Sweeper`.
+
+    cheroot hands every new connection to a worker thread at once, and a worker reads the
+    request with a timeout per read: a client that never sends its ClientHello, or feeds a
+    header line every few seconds, holds a worker, and a few such clients hold them all.
+    Here a connection gets a worker only once its handshake is done and its request head has
+    arrived whole; until then the selector thread reads what comes without waiting, and
+    closes connections past their limit: ``handshake_timeout`` from the accept,
+    ``request_timeout`` from a request's first byte (the worker's reads of the body stop at
+    the same deadline), ``idle_timeout`` between requests. Near ``connection_limit`` the
+    waiting connections longest unused are closed to make room. Connections with a worker
+    are never touched. Runs on the selector thread, but ``ready_for_worker`` and ``put``
+    also on workers (a kept-alive connection); a connection is only ever in one place.
+    """
+
+    _selector: Any  # cheroot's, not in its type stubs
+
+    def __init__(self, server: Any, config: HTTPConfig) -> None:
+        super().__init__(server)
+        self._config = config
+        margin = max(1, config.connection_limit // 20)  # as _Sweeper's
+        self._crowded = max(1, config.connection_limit - margin)
+        self._roomy = max(1, config.connection_limit - 2 * margin)
+
+    def put(self, conn: Any) -> None:
+        """A worker is done with ``conn``'s request and keeps it open: wait for the next."""
+        _set_waiting(conn, _Wait.IDLE)
+        conn.rfile.raw.deadline = None
+        super().put(conn)  # to a worker at once if the next request is buffered already
+
+    def ready_for_worker(self, conn: Any) -> bool:
+        """Whether ``conn`` should go to a worker now; if not, it waits in the selector."""
+        raw = conn.rfile.raw
+        waiting = getattr(conn, _WAITING, None)
+        if waiting is None:  # just accepted
+            waiting = _set_waiting(conn, _Wait.HANDSHAKE)
+        if conn.rfile.has_data():
+            arrived: bool | None = True
+        else:
+            before = len(raw.pending)
+            arrived = raw.read_ahead(_MAX_READ_AHEAD)
+            if arrived is False and waiting[0] is not _Wait.REQUEST:
+                if len(raw.pending) > before:
+                    waiting = _set_waiting(conn, _Wait.REQUEST)
+                elif waiting[0] is _Wait.HANDSHAKE and conn.socket.get_finished() is not None:
+                    waiting = _set_waiting(conn, _Wait.IDLE)  # a handshake and no request yet
+        if arrived is False:
+            self._selector.register(conn.socket.fileno(), selectors.EVENT_READ, data=conn)
+            return False
+        started = waiting[1] if waiting[0] is _Wait.REQUEST else time.monotonic()
+        raw.deadline = started + self._config.request_timeout
+        return True
+
+    def _expire(self, threshold: float) -> None:
+        """Close connections past their own limit (cheroot's one ``threshold`` is ignored),
+        and when crowded the longest unused beyond the limit's margin."""
+        cfg = self._config
+        limits = {_Wait.HANDSHAKE: cfg.handshake_timeout, _Wait.IDLE: cfg.idle_timeout, _Wait.REQUEST: cfg.request_timeout}
+        now = time.monotonic()
+        expired: list[tuple[float, int, Any]] = []
+        unused: list[tuple[float, int, Any]] = []
+        for fd, conn in self._selector.connections:
+            if conn is self.server:
+                continue
+            waiting, since = getattr(conn, _WAITING, (_Wait.IDLE, now))
+            age = now - since
+            (expired if age > limits[waiting] else unused).append((age, fd, conn))
+        excess = len(expired) + len(unused) - self._roomy if len(expired) + len(unused) >= self._crowded else 0
+        if excess > len(expired):
+            unused.sort(key=lambda item: item[0], reverse=True)
+            expired += unused[: excess - len(expired)]
+        for _, fd, conn in expired:
+            self._selector.unregister(fd)
+            conn.close()
+
+
+_WAITING = "_connectplugin_waiting"
+"""A cheroot connection's (_Wait, since) while no worker has it; ``since`` is monotonic."""
+
+
+def _set_waiting(conn: Any, waiting: _Wait) -> tuple[_Wait, float]:
+    state = (waiting, time.monotonic())
+    setattr(conn, _WAITING, state)
+    return state
 
 
 def _wait(fd: int, event: int, timeout: float | None) -> bool:
@@ -562,15 +722,16 @@ def _bind_cheroot(app: Callable[..., Any], cfg: HTTPConfig) -> tuple[Any, tuple[
         max=cfg.workers,
         server_name="connectplugin",
         request_queue_size=cfg.connection_limit,
-        # One timeout in cheroot: for each read of a request and for an idle keep-alive.
-        timeout=min(cfg.request_timeout, cfg.idle_timeout),  # type: ignore[arg-type]  # any number
+        # Each blocking read or write of a worker; _Connections bounds the waits without one.
+        timeout=cfg.request_timeout,  # type: ignore[arg-type]  # any number
         shutdown_timeout=cfg.close_grace,  # type: ignore[arg-type]
         accepted_queue_size=cfg.connection_limit,
     )
     server.gateway = _Gateway
     server.max_request_body_size = cfg.max_request_body_size
     server.keep_alive_conn_limit = cfg.connection_limit  # cheroot's default keeps only 10
-    server.expiration_interval = cfg.tls.stop_poll_interval
+    # How often the selector loop wakes: to notice close(), and to close connections past their limits.
+    server.expiration_interval = min(cfg.tls.stop_poll_interval, cfg.sweep_interval)
     server.ssl_adapter = _TLSAdapter(_tls.server_context(cfg.tls))
     family, kind, proto, _, _ = socket.getaddrinfo(
         cfg.host, cfg.port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
