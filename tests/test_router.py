@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 import requests
@@ -15,6 +16,7 @@ import connectplugin
 from connectplugin import (
     BreakerConfig,
     BreakerState,
+    CancelToken,
     Client,
     ClientConfig,
     Code,
@@ -258,6 +260,56 @@ def test_a_killed_caller_holding_routed_streams_leaves_host_and_plugin_serving(h
         admissions.close()
 
 
+@pytest.mark.parametrize("path", ["direct", "routed"])
+def test_a_cancelled_call_and_a_closed_stream_reach_the_providers_handler(host, peer, path):
+    client = host.launch(provider_process("svc"), name="p")
+    caller = peer(host, "caller")
+    if path == "routed":
+        url, extra = caller.host_url + caller.discover("svc").endpoint_url, None
+    else:
+        url, extra = client.url, {HOST_SECRET_HEADER: host_secret(host, client)}
+    # A minute's deadline: what releases the handler is the cancel, never its deadline.
+    held = KVServiceClient(caller.client(url, timeout=60, extra=extra))
+    probe = KVServiceClient(caller.client(url, extra=extra))
+
+    def state(name: str) -> bytes:
+        return probe.get(kv_pb2.GetRequest(key=f"held/{name}")).value
+
+    token = CancelToken()
+    outcome: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            held.get(kv_pb2.GetRequest(key="hold/unary"), cancel=token)
+        except ConnectError as e:
+            outcome.append(e)
+
+    caller_thread = threading.Thread(target=call, name="test-caller")
+    caller_thread.start()
+    wait_until(lambda: state("unary") == b"holding", "the provider to hold the call")
+    token.cancel()
+    caller_thread.join(timeout=10)
+
+    assert not caller_thread.is_alive()
+    assert [e.code for e in outcome] == [Code.CANCELED]  # type: ignore[attr-defined]
+    wait_until(lambda: state("unary") == b"released", lambda: f"the handler to see its client go: {state('unary')!r}")
+
+    # A stream closed by its caller, and one whose token is cancelled.
+    watchers = lambda: probe.get(kv_pb2.GetRequest(key="watchers")).value  # noqa: E731
+    streams = KVServiceClient(caller.client(url, timeout=None, extra=extra))
+    stream_token = CancelToken()
+    closed = streams.watch(kv_pb2.WatchRequest(prefix="a"))
+    cancelled = streams.watch(kv_pb2.WatchRequest(prefix="b"), cancel=stream_token)
+    wait_until(lambda: watchers() == b"2", "both watches to be open")
+    closed.close()
+    wait_until(lambda: watchers() == b"1", lambda: f"the closed watch to end: {watchers()!r} open")
+    stream_token.cancel()
+    wait_until(lambda: watchers() == b"0", lambda: f"the cancelled watch to end: {watchers()!r} open")
+    with pytest.raises(ConnectError) as e:
+        next(iter(cancelled))
+    assert e.value.code is Code.CANCELED
+
+
 def test_provider_crash_during_a_routed_call_is_unavailable_and_withdraws_it(host, peer):
     client = host.launch(provider_process("svc"), name="p")
     runtime_id = host.runtime_id(client)
@@ -355,6 +407,11 @@ def test_routed_call_without_a_deadline_ends_at_the_routers_unary_timeout(make_h
 
     assert e.value.code is Code.DEADLINE_EXCEEDED
     assert caller.discover("svc").provider_id == provider.runtime_id  # slow is not gone
+
+
+def test_router_config_keeps_at_least_the_first_and_the_latest_alias():
+    with pytest.raises(ValueError):
+        RouterConfig(max_aliases=1)
 
 
 def test_router_breaker_opens_per_provider_fails_fast_and_closes_after_probes(make_host, peer):

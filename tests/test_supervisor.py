@@ -16,9 +16,11 @@ from connectplugin import (
     PluginSpec,
     RestartPolicy,
     RetryConfig,
+    RouterConfig,
     SupervisionEvent,
     Transition,
 )
+from connectplugin.gen.connectplugin.v1 import registry_pb2
 from samples.kv.gen.kv.v1 import kv_pb2
 from tests.helpers import provider_ids, provider_process, wait_until
 
@@ -199,3 +201,34 @@ def test_platform_specs_opt_into_supervision_and_see_the_restarted_instance(host
     wait_until(lambda: provider_ids(host, "svc") == [host.runtime_id(now)], "the new instance registered")
     platform.remove("p")
     assert events.empty() and provider_ids(host, "svc") == []
+
+
+def test_routes_to_a_restarted_plugin_stay_bounded_and_lead_to_it(make_host, peer):
+    host = make_host(router=RouterConfig(max_aliases=2))
+    events = Events(host)
+    first = host.launch(provider_process("svc"), name="p", restart=RestartPolicy(FAST.backoff, max_crashes=100))
+    caller = peer(host, "caller")
+    ids = [host.runtime_id(first)]
+    found_first = caller.kv(caller.discover("svc"))  # before any restart: what callers hold most
+
+    for _ in range(4):
+        _crash(caller.kv(caller.discover("svc")))
+        assert events.next().transition is Transition.CRASHED
+        restarted = events.next()
+        assert restarted.transition is Transition.RESTARTED
+        ids.append(restarted.runtime_id)
+        assert len(host.router.aliases()) <= 2
+
+    # The first name and the latest predecessor's lead to the instance up now; those between
+    # were forgotten.
+    assert host.router.aliases() == {ids[0]: ids[-1], ids[-2]: ids[-1]}
+    now = str(host.current(first).running.pid)
+    assert _whoami(found_first) == now
+    assert _whoami(caller.kv(registry_pb2.ServiceEndpoint(endpoint_url=f"/services/svc/{ids[-2]}"))) == now
+    with pytest.raises(ConnectError) as forgotten:
+        _whoami(caller.kv(registry_pb2.ServiceEndpoint(endpoint_url=f"/services/svc/{ids[1]}")))
+    assert forgotten.value.code is Code.NOT_FOUND
+
+    host.stop(host.current(first))  # gone for good: no name leads anywhere
+
+    assert host.router.aliases() == {}

@@ -615,7 +615,7 @@ class PluginHost:
     def stop(self, client: PluginClient, grace: float | None = None) -> None:
         """Stop one launched plugin: Shutdown, then SIGTERM, then SIGKILL after the grace period."""
         self._check_owner()
-        self._supervisor.release(client)
+        restarting = self._supervisor.release(client)
         grace = self.config.stop_grace if grace is None else grace
         running = client.running
         identity = self._identity_of(client)
@@ -624,6 +624,8 @@ class PluginHost:
         if identity is not None:
             # New calls stop reaching it now; calls already routed to it may finish.
             self.registry.remove_provider(identity.runtime_id)
+            if not restarting:  # gone for good: the names that led to it lead nowhere
+                self.router.forget(identity.runtime_id)
         if running is None:
             if identity is not None:
                 self._revoke(identity.runtime_id, "stopped")

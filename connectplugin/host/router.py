@@ -90,6 +90,15 @@ class RouterConfig:
     breaker: BreakerConfig | None = field(default_factory=BreakerConfig)
     """The circuit breaker each (networked) provider gets: while open, calls to it fail at once
     with ``unavailable``. None: no breakers."""
+    max_aliases: int = 32
+    """Most former provider ids routed to one provider (its predecessors: one per blue-green
+    replace or supervised restart). Beyond it the oldest are forgotten but for the first, the
+    endpoint callers found before any of them; a call to a forgotten one is ``not_found``, and
+    its caller discovers the provider again."""
+
+    def __post_init__(self) -> None:
+        if self.max_aliases < 2:
+            raise ValueError(f"max_aliases must be at least 2 (the first and the last), not {self.max_aliases}")
 
 
 class Router:
@@ -121,12 +130,30 @@ class Router:
         """Send calls addressed to a replaced provider (or its predecessors) to its successor.
 
         ``alias(old, old)`` says a successor is coming: calls to ``old`` are ``unavailable``
-        (not ``not_found``) until ``alias(old, new)``."""
+        (not ``not_found``) until ``alias(old, new)``. At most ``config.max_aliases`` names lead
+        to one provider: the first and the latest are kept."""
         with self._lock:
             for key, target in list(self._aliases.items()):
                 if target == old_provider_id:
                     self._aliases[key] = new_provider_id
             self._aliases[old_provider_id] = new_provider_id
+            # In the order they were first aliased (retargeting keeps a key's place).
+            names = [key for key, target in self._aliases.items() if target == new_provider_id != key]
+            for key in names[1 : len(names) - self.config.max_aliases + 1]:
+                del self._aliases[key]
+
+    def forget(self, provider_id: str) -> None:
+        """``provider_id`` is gone for good: calls to the names that led to it (a successor's
+        predecessors, or itself awaiting a successor) are no longer redirected."""
+        with self._lock:
+            for key, target in list(self._aliases.items()):
+                if target == provider_id:
+                    del self._aliases[key]
+
+    def aliases(self) -> dict[str, str]:
+        """Former provider id -> the provider its calls go to now (a copy)."""
+        with self._lock:
+            return dict(self._aliases)
 
     def detach_local(self, provider_id: str) -> None:
         with self._lock:

@@ -143,8 +143,9 @@ class Supervisor:
         with self._lock:
             self._listeners.append(listener)
 
-    def release(self, client: PluginClient) -> None:
-        """The host stops ``client`` on purpose: its plugin is no longer restarted."""
+    def release(self, client: PluginClient) -> bool:
+        """The host stops ``client``: on purpose, and its plugin is no longer restarted, unless
+        it is a crashed instance the supervisor forgets before restarting it (then True)."""
         plugin = self.of(client)
         with self._lock:
             ours = id(client) in self._forgetting
@@ -152,6 +153,7 @@ class Supervisor:
             with plugin._lock:
                 plugin._released = True
                 plugin._client = None
+        return ours
 
     def close(self) -> None:
         """No more restarts; waits for restarts under way (they stop what they started)."""

@@ -13,6 +13,10 @@ reached through ordinary ``Get`` calls:
   after writing ``crashing as asked`` to stderr.
 - ``Get("fail/<code>")`` fails with that Connect code (``fail/unavailable``).
 - ``Get("sleep/<seconds>")`` answers after that long: a provider that hangs.
+- ``Get("hold/<name>")`` answers only once its client has gone (``Context.is_active()``
+  false); ``Get("held/<name>")`` says where that call is: ``holding``, ``released`` (it saw
+  its client go) or ``unknown``.
+- ``Get("watchers")`` answers how many Watch streams are open, as a decimal number.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -55,6 +60,8 @@ class Recorder(KVStore):
     def __init__(self, label: str) -> None:
         super().__init__()
         self.label = label
+        self.held: dict[str, str] = {}
+        self._quiet = threading.Event()  # never set: what a held call waits on between looks
 
     def get(self, request: kv_pb2.GetRequest, ctx: Context) -> kv_pb2.GetResponse:
         if request.key == "headers":
@@ -71,6 +78,18 @@ class Recorder(KVStore):
             os._exit(3)
         if request.key.startswith("fail/"):
             raise ConnectError(Code(request.key.removeprefix("fail/")), "failing as asked")
+        if request.key.startswith("hold/"):
+            name = request.key.removeprefix("hold/")
+            self.held[name] = "holding"
+            while ctx.is_active():  # a handler can only ask: every 20 ms
+                self._quiet.wait(0.02)
+            self.held[name] = "released"
+            return kv_pb2.GetResponse(value=b"released", found=True)
+        if request.key.startswith("held/"):
+            return kv_pb2.GetResponse(value=self.held.get(request.key.removeprefix("held/"), "unknown").encode())
+        if request.key == "watchers":
+            with self._lock:
+                return kv_pb2.GetResponse(value=str(len(self._watchers)).encode(), found=True)
         if request.key.startswith("sleep/"):
             time.sleep(float(request.key.removeprefix("sleep/")))
             return kv_pb2.GetResponse(value=b"slept", found=True)
