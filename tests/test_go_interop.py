@@ -18,6 +18,7 @@ from connectplugin import (
     ClientConfig,
     Code,
     ConnectError,
+    HandshakeConfig,
     Health,
     HostLink,
     LaunchContext,
@@ -210,6 +211,60 @@ def test_our_client_names_the_plugin_a_go_plugin_or_ours_does_not_serve(go, serv
             client.close()
         assert (e.value.plugin, e.value.url, e.value.missing, e.value.served) == ("store", url, ("cache",), ("kv",))
         assert "'store'" in str(e.value) and "cache" in str(e.value)
+
+
+# --- app protocol versions --------------------------------------------------------------------
+
+V1_V2 = HandshakeConfig(GO_HANDSHAKE.magic_cookie_key, GO_HANDSHAKE.magic_cookie_value, (1, 2))
+"""The Go cookie, offering app protocol versions 1 and 2 (the Go reference speaks only 1)."""
+
+
+def test_a_go_plugin_refuses_another_app_version_by_name_and_our_v1_plugin_negotiates(go, serve):
+    request = hs.request_for(V1_V2, ["kv"])  # asks for 2, lists 1 and 2
+
+    with pytest.raises(ConnectError) as e:
+        handshake(go_plugin(go), request)
+    assert e.value.code is Code.FAILED_PRECONDITION
+    assert "version mismatch: client=2, server=1" in e.value.message
+    assert handshake(our_plugin(serve), request).app_protocol_version == 1
+
+
+def test_our_client_offering_versions_1_and_2_settles_on_1_with_a_go_plugin_and_with_ours(go, serve):
+    for url in (go_plugin(go), our_plugin(serve)):
+        client = PluginClient(url, {"kv": KV_PLUGIN}, V1_V2)
+        try:
+            assert client.app_protocol_version == 1
+            kv = client.dispense("kv")
+            assert kv.put(kv_pb2.PutRequest(key="v", value=b"1")) == kv_pb2.PutResponse()
+            assert kv.get(kv_pb2.GetRequest(key="v")) == kv_pb2.GetResponse(value=b"1", found=True)
+        finally:
+            client.close()
+
+
+def test_our_client_with_no_version_the_go_plugin_speaks_fails_naming_both(go):
+    v2_v3 = dataclasses.replace(V1_V2, app_protocol_versions=(2, 3))
+    client = PluginClient(go_plugin(go), {"kv": KV_PLUGIN}, v2_v3, name="kv")
+    try:
+        with pytest.raises(ConnectError) as e:
+            client.handshake()
+    finally:
+        client.close()
+    assert e.value.code is Code.FAILED_PRECONDITION
+    assert "plugin 'kv' supports [1]" in e.value.message and "[2, 3]" in e.value.message
+
+
+def test_our_plugin_offering_versions_1_and_2_joins_the_go_host_on_1(go):
+    host_url = go_host(go)
+    link = HostLink()
+    link.attach(Health(), (), host_url)
+    try:
+        link.connect(V1_V2, "versions", "1.0.0", base_url="")
+        assert link.runtime_id.startswith("versions-")
+        with pytest.raises(ConnectError) as e:  # an identity the Go host accepts
+            link.discover("nothing")
+        assert e.value.code is Code.NOT_FOUND
+    finally:
+        link.close()
 
 
 # --- our plugin with the Go host ---------------------------------------------------------------

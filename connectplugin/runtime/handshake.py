@@ -3,12 +3,15 @@
 Both sides may support several app protocol versions; they agree on the highest one in
 common. The request's single ``app_protocol_version`` field carries the caller's highest
 version (what a Go peer compares exactly); the full list travels in the metadata maps under
-``app-protocol-versions`` so two connectplugin peers can negotiate.
+``app-protocol-versions`` so two connectplugin peers can negotiate. A Go peer speaks one
+version and refuses any other by name (``version mismatch: client=C, server=S``): a caller
+then asks once more for S when S is one of its own (:func:`exchange`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..gen.connectplugin.v1 import handshake_pb2
@@ -23,6 +26,8 @@ JOIN_TOKEN_KEY = "join-token"
 """``client_metadata`` key: the join token a self-registering plugin presents to its host."""
 BASE_URL_KEY = "base-url"
 """``client_metadata`` key: where a self-registering plugin listens (fixed by the host once)."""
+GO_VERSION_MISMATCH = re.compile(r"version mismatch: client=(-?\d+), server=(-?\d+)")
+"""How a Go peer refuses a request for another app protocol version than its one."""
 TOKEN_TTL_KEY = "runtime-token-ttl"
 """``server_metadata`` key: seconds the runtime token in the response stays valid."""
 
@@ -147,3 +152,54 @@ def check_response(config: HandshakeConfig, response: handshake_pb2.HandshakeRes
         negotiate(config.app_protocol_versions, theirs, us="host", them=them)  # raises, naming both
         raise ConnectError(Code.FAILED_PRECONDITION, f"{them} chose app protocol version {version}, which we do not support")
     return version
+
+
+def go_fallback(
+    config: HandshakeConfig, request: handshake_pb2.HandshakeRequest, error: ConnectError, them: str
+) -> handshake_pb2.HandshakeRequest | None:
+    """The request to send again after a Go peer refused ``request``'s app version; None
+    when ``error`` is not that refusal.
+
+    A Go peer serves one app protocol version S and takes a handshake only for exactly S,
+    refusing any other with ``failed_precondition`` "version mismatch: client=C, server=S"
+    (ignoring our version list). The peer decides, as between Go peers: when S is another
+    of our versions, the same request for S alone (field and list); when it is none of
+    ours, a mismatch naming both sides.
+    """
+    found = GO_VERSION_MISMATCH.search(error.message) if error.code is Code.FAILED_PRECONDITION else None
+    if found is None or int(found[1]) != request.app_protocol_version:
+        return None
+    theirs = int(found[2])
+    if theirs == request.app_protocol_version:
+        return None
+    if theirs not in config.app_protocol_versions:
+        raise ConnectError(
+            Code.FAILED_PRECONDITION,
+            f"app protocol version mismatch: {them} supports [{theirs}], "
+            f"this side supports {sorted(set(config.app_protocol_versions))}",
+        )
+    retry = handshake_pb2.HandshakeRequest()
+    retry.CopyFrom(request)
+    retry.app_protocol_version = theirs
+    retry.client_metadata[VERSIONS_KEY] = str(theirs)
+    return retry
+
+
+def exchange(
+    config: HandshakeConfig,
+    request: handshake_pb2.HandshakeRequest,
+    send: Callable[[handshake_pb2.HandshakeRequest], handshake_pb2.HandshakeResponse],
+    them: str,
+) -> handshake_pb2.HandshakeResponse:
+    """Send a handshake ``request`` (``send`` makes the call) and check the answer; when a Go
+    peer refuses the version for another of ours, once more for that one (:func:`go_fallback`).
+    """
+    try:
+        response = send(request)
+    except ConnectError as e:
+        retry = go_fallback(config, request, e, them)
+        if retry is None:
+            raise
+        response = send(retry)
+    check_response(config, response, them)
+    return response

@@ -28,7 +28,7 @@ from .handshake import (
     JOIN_TOKEN_KEY,
     TOKEN_TTL_KEY,
     HandshakeConfig,
-    check_response,
+    exchange,
     request_for,
 )
 from .health import Health, HealthReport, report_to_wire
@@ -188,8 +188,7 @@ class HostLink:
         request = request_for(handshake, (), self_id=self_id, self_version=self_version)
         request.client_metadata.update(metadata)
         with Client(self.host_url, self._config(self.host_url, timeout=self.config.call_timeout, headers=headers)) as client:
-            response = HandshakeServiceClient(client).handshake(request)
-        check_response(handshake, response, them="host")
+            response = exchange(handshake, request, HandshakeServiceClient(client).handshake, them="host")
         try:
             ttl = float(response.server_metadata.get(TOKEN_TTL_KEY, "inf"))
         except ValueError:

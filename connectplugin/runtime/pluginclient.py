@@ -99,10 +99,13 @@ class PluginClient:
             if self._handshake is not None:
                 return self._handshake
         config = self._handshake_config
-        response = HandshakeServiceClient(self.rpc).handshake(
-            hs.request_for(config, self._plugins), timeout=self.config.handshake_timeout
+        client = HandshakeServiceClient(self.rpc)
+        response = hs.exchange(
+            config,
+            hs.request_for(config, self._plugins),
+            lambda request: client.handshake(request, timeout=self.config.handshake_timeout),
+            them=f"plugin {self.name!r}",
         )
-        hs.check_response(config, response, them=f"plugin {self.name!r}")
         served = sorted({p.name for p in response.plugins})
         missing = sorted(set(self._plugins) - set(served))
         if missing:
