@@ -1,6 +1,7 @@
 """connectplugin: remote-first plugins that talk Connect RPC over plain HTTP."""
 
-from .host.admission import CertificateIdentity, JoinToken
+from .host.admission import CertificateIdentity, JoinToken, OperatorToken
+from .host.metrics import MetricsConfig, MetricsUnavailableError
 from .host.platform import DependencyError, Platform, PluginSpec
 from .host.pluginhost import HostConfig, PluginHost
 from .host.ratelimit import Rate
@@ -57,6 +58,7 @@ from .runtime.serving import NotLaunchedError, PluginServer, ServeConfig, serve
 
 __all__ = [
     "NotLaunchedError",
+    "OperatorToken",
     "App",
     "BreakerConfig",
     "BreakerState",
@@ -90,6 +92,8 @@ __all__ = [
     "LaunchError",
     "LaunchFailure",
     "Method",
+    "MetricsConfig",
+    "MetricsUnavailableError",
     "PlaintextRefusedError",
     "Platform",
     "Plugin",

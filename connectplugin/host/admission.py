@@ -1,4 +1,5 @@
-"""Who may join the host by itself (model B), what it may provide, and where it is reached.
+"""Who may join the host by itself (model B), what it may provide, and where it is reached;
+and who may observe it (operators: metrics, the dashboard).
 
 A self-registering plugin presents a join token in its handshake (``client_metadata``
 under ``handshake.JOIN_TOKEN_KEY``), or, to a host serving mTLS, a client certificate naming
@@ -76,6 +77,50 @@ class CertificateIdentity:
         validation.check_name(self.self_id, "self_id")
         for service_type in self.service_types:
             validation.check_name(service_type, "service type")
+
+
+@dataclass(frozen=True)
+class OperatorToken:
+    """A secret that lets a person or a tool observe the host: ``/metrics``, the dashboard
+    and the registry-wide watch behind it. It admits no plugin and reaches no plugin.
+
+    Presented as ``Authorization: Bearer <secret>``.
+    """
+
+    secret: str
+    name: str = ""
+    """For logs: which token was used (the secret is never logged)."""
+
+    def __post_init__(self) -> None:
+        if len(self.secret) < MIN_JOIN_TOKEN_LEN:
+            raise ValueError(f"an operator token secret needs at least {MIN_JOIN_TOKEN_LEN} characters")
+
+
+class Operators:
+    """Checks operator credentials. Safe from any thread (configuration only)."""
+
+    def __init__(self, tokens: Sequence[OperatorToken]) -> None:
+        self._tokens = list(tokens)
+
+    def token(self, authorization: str) -> OperatorToken | None:
+        """The operator token an ``Authorization`` header value presents, None for any other."""
+        scheme, _, secret = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not secret:
+            return None
+        # Compare with every token, so the time taken does not say which one nearly matched.
+        matches = [t for t in self._tokens if hmac.compare_digest(t.secret.encode(), secret.strip().encode())]
+        return matches[0] if matches else None
+
+    def check(self, authorization: str) -> OperatorToken:
+        """The operator token presented; raises ``unauthenticated`` without a valid one."""
+        token = self.token(authorization)
+        if token is not None:
+            return token
+        if not self._tokens:
+            raise ConnectError(
+                Code.UNAUTHENTICATED, "this host has no operator tokens (HostConfig.operator_tokens)"
+            )
+        raise ConnectError(Code.UNAUTHENTICATED, "an operator token (Authorization: Bearer ...) is required")
 
 
 class HostAddress(Protocol):

@@ -51,10 +51,11 @@ from ..runtime.launcher import (
 from ..runtime.plugin import Plugin
 from ..runtime.pluginclient import PluginClient, PluginClientConfig
 from . import validation
-from .admission import Admission, CertificateIdentity, JoinToken
+from .admission import Admission, CertificateIdentity, JoinToken, Operators, OperatorToken
 from .broker import DEFAULT_MAX_GRANTS, DEFAULT_TTL, Broker, BrokerService
 from .broker import ROUTE as BROKER_ROUTE
 from .identities import DEFAULT_ROTATION_GRACE, DEFAULT_TOKEN_TTL, Identities, Identity, utc_now
+from .metrics import DirectCalls, HostMetrics, MetricsConfig, MetricsEndpoint
 from .ratelimit import Rate, RateLimiter
 from .registry import Declared, Provider, Registry, RegistryConfig, RegistryService
 from .router import ROUTE as ROUTER_ROUTE
@@ -119,6 +120,13 @@ class HostConfig:
     wall_clock: Callable[[], datetime.datetime] = utc_now
     """Where certificate validity is checked on each call (an aware UTC datetime); tests
     pass a fake one. The TLS handshake itself checks against the system clock."""
+    operator_tokens: Sequence[OperatorToken] = ()
+    """Secrets that let people and tools observe the host (``Authorization: Bearer``):
+    ``/metrics``, the dashboard and the registry-wide watch behind it. With none, only
+    ``MetricsConfig.loopback_without_token`` opens ``/metrics``."""
+    metrics: MetricsConfig | None = None
+    """Keep Prometheus metrics and serve them at ``/metrics`` (needs ``prometheus_client``:
+    ``pip install 'connectplugin[metrics]'``). None, the default: no metrics, nothing counted."""
     dev_cookie_joins: bool = False
     """Development only: admit self-registering plugins that present just the magic cookie,
     from loopback, to provide any service type no launched plugin declares. The cookie is
@@ -336,8 +344,16 @@ class PluginHost:
         self.handshake_rate = RateLimiter(config.handshake_rate, "HostConfig.handshake_rate", config.max_rate_keys)
         self.registration_rate = RateLimiter(config.registration_rate, "HostConfig.registration_rate", config.max_rate_keys)
         self.grant_rate = RateLimiter(config.grant_rate, "HostConfig.grant_rate", config.max_rate_keys)
-        self.router = Router(self.registry, self.identities, config.router)
+        self.operators = Operators(config.operator_tokens)
+        self.metrics = HostMetrics(config.metrics, self.identities, self.registry) if config.metrics else None
+        self.router = Router(
+            self.registry, self.identities, config.router, calls=self.metrics.routed if self.metrics else None
+        )
         self._supervisor = Supervisor(self)
+        if self.metrics is not None:
+            self._supervisor.on_event(self.metrics.supervision)
+        # The services dispense() hands out: the host's own calls to them are counted.
+        self._services = frozenset(p.service.name for p in self.plugins.values())
         self._roster = Roster(self.identities)
         self._health_check = _HealthCheck(config.health_check_timeout)
         self._admission = Admission(
@@ -368,6 +384,7 @@ class PluginHost:
                 BROKER_ROUTE: self.broker.endpoint,
                 "/healthz": lambda environ, start_response: text_response(start_response, 200, "ok"),
                 "/readyz": self._ready,
+                "/metrics": MetricsEndpoint(self.metrics, self.operators),
             },
         )
 
@@ -429,6 +446,11 @@ class PluginHost:
         _exit_hooks.add(self, config.handle_signals)
         if config.dev_cookie_joins:
             log.warning("development switch on: plugins on this machine may join with the magic cookie alone")
+        if config.metrics and not config.operator_tokens and not config.metrics.loopback_without_token:
+            log.warning(
+                "metrics are kept but nobody may read /metrics: set HostConfig.operator_tokens "
+                "or MetricsConfig.loopback_without_token"
+            )
         return self
 
     def _check_owner(self) -> None:
@@ -500,11 +522,12 @@ class PluginHost:
         )
         running = strategy.start(context)
         running_tls = getattr(running, "tls", None)
+        counted = DirectCalls(self.metrics.direct, self._services) if self.metrics is not None else None
         client = PluginClient(
             running.url,
             self.plugins,
             self.handshake_config,
-            config=self._client_config(running_tls),
+            config=self._client_config(running_tls, counted),
             session=None if running_tls else running.session,
             running=running,
             name=name,
@@ -521,6 +544,8 @@ class PluginHost:
                     )
                 identity = self._await_join(running.url)
                 issued.append(identity)
+                if counted is not None:
+                    counted.bind(identity.runtime_id)
                 with self._lock:
                     self._launched.append((client, identity))
                 if not running.alive():
@@ -534,6 +559,8 @@ class PluginHost:
                 host_secret=secret, tls=running_tls,
             )
             issued.append(identity)
+            if counted is not None:
+                counted.bind(identity.runtime_id)
             self.registry.declare(identity.runtime_id, declared)
             with self._lock:
                 self._launched.append((client, identity))
@@ -561,10 +588,15 @@ class PluginHost:
         log.info("launched %s (pid %s) at %s as %s", name, running.pid, running.url, identity.runtime_id)
         return client
 
-    def _client_config(self, running_tls: tls.TLSConfig | None) -> PluginClientConfig:
-        """``HostConfig.client``, speaking TLS to a plugin that serves it (auto mTLS)."""
+    def _client_config(self, running_tls: tls.TLSConfig | None, counted: DirectCalls | None) -> PluginClientConfig:
+        """``HostConfig.client``, speaking TLS to a plugin that serves it (auto mTLS), its
+        dispensed clients' calls counted when the host keeps metrics."""
         config = self.config.client
-        return replace(config, rpc=replace(config.rpc, tls=running_tls)) if running_tls else config
+        if running_tls:
+            config = replace(config, rpc=replace(config.rpc, tls=running_tls))
+        if counted is not None:
+            config = replace(config, rpc=replace(config.rpc, interceptors=(counted, *config.rpc.interceptors)))
+        return config
 
     def _await_join(self, url: str) -> Identity:
         """The identity of the launched plugin that joined by itself and registered at ``url``
@@ -766,6 +798,8 @@ class PluginHost:
         self._roster.forget(runtime_id)
         self.registration_rate.forget(runtime_id)
         self.grant_rate.forget(runtime_id)
+        if self.metrics is not None:
+            self.metrics.forget(runtime_id)
         if identity is not None and not identity.launched:
             with self._lock:
                 self._health.pop(runtime_id, None)

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from ..rpc import _protocol
@@ -35,6 +35,9 @@ from ..rpc.tls import TLSConfig, peer_certificate
 from ..runtime.credentials import CALLER_HEADER, HOST_SECRET_HEADER, RUNTIME_ID_HEADER
 from .identities import Identities
 from .registry import UNHEALTHY, Provider, Registry
+
+if TYPE_CHECKING:
+    from .metrics import CallCounts, Outcome
 
 log = logging.getLogger("connectplugin.router")
 
@@ -105,11 +108,17 @@ class Router:
     """A WSGI app proxying routed calls to providers. Safe from any thread."""
 
     def __init__(
-        self, registry: Registry, identities: Identities, config: RouterConfig | None = None
+        self,
+        registry: Registry,
+        identities: Identities,
+        config: RouterConfig | None = None,
+        calls: CallCounts | None = None,
     ) -> None:
+        """``calls``: where routed calls are counted (the host's metrics), None to count nothing."""
         self._registry = registry
         self._identities = identities
         self.config = config = config or RouterConfig()
+        self._calls = calls
         # Keep-alive connections, one pool per provider address, shared by all calls.
         self._pools: dict[tuple[str, TLSConfig | None], ConnectionPool] = {}
         self._pools_lock = threading.Lock()
@@ -160,12 +169,26 @@ class Router:
             self._local.pop(provider_id, None)
 
     def _call_local(
-        self, app: Callable[..., Iterable[bytes]], path: str, caller_id: str, environ: dict, start_response: Callable[..., Any]
+        self,
+        app: Callable[..., Iterable[bytes]],
+        path: str,
+        caller_id: str,
+        environ: dict,
+        start_response: Callable[..., Any],
+        outcome: Outcome | None,
     ) -> Iterable[bytes]:
         inner = {k: v for k, v in environ.items() if k not in _DROP}
         inner["PATH_INFO"] = path
         inner[_CALLER] = caller_id
-        return app(inner, start_response)
+        if outcome is None:
+            return app(inner, start_response)
+
+        def start(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
+            lowered = {k.lower(): v for k, v in headers}
+            outcome.respond(int(status[:3]), lowered, _protocol.is_streaming(lowered.get("content-type", "")))
+            return start_response(status, headers, *exc_info)
+
+        return _observed(app(inner, start), outcome)
 
     def __call__(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
         try:
@@ -175,6 +198,10 @@ class Router:
             return error_response(start_response, ConnectError(Code.INTERNAL, "internal error"))
 
     def _route(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        # Counting costs a clock read, one dict lookup and a few counter updates per call.
+        calls = self._calls
+        started = time.perf_counter() if calls is not None else 0.0
+        outcome: Outcome | None = None
         args = environ.get("connectplugin.route_args", {})
         content_type = environ.get("CONTENT_TYPE", "")
         streaming = _protocol.is_streaming(content_type)
@@ -201,12 +228,14 @@ class Router:
             tried = ""
             while True:
                 provider = self._resolve(args)
+                if calls is not None:
+                    outcome = calls.outcome(provider.provider_id, started)
                 path = self._path(provider, args["method"])
                 with self._lock:
                     local = self._local.get(provider.provider_id)
                 if local is not None:
                     environ["wsgi.input"] = io.BytesIO(body)
-                    return self._call_local(local, path, caller.runtime_id, environ, start_response)
+                    return self._call_local(local, path, caller.runtime_id, environ, start_response, outcome)
                 # PATH_INFO arrives decoded; quote it again for the next hop.
                 target = quote(path, safe="/")
                 if environ.get("QUERY_STRING"):
@@ -249,10 +278,17 @@ class Router:
                         ) from None
                     tried = provider.provider_id
         except ConnectError as e:
+            if outcome is not None:
+                outcome.respond(e.code.http_status, {}, streaming)
+                outcome.end(e.code.value)
+            elif calls is not None:
+                calls.refused(e.code.value)
             return refusal(start_response, content_type, e)
         out_headers = [(k, v) for k, v in upstream.header_items() if k.lower() not in _HOP_BY_HOP]
         status = f"{upstream.status} {upstream.reason or ''}".strip()
         streamed = _protocol.is_streaming(upstream.headers.get("content-type", ""))
+        if outcome is not None:
+            outcome.respond(upstream.status, upstream.headers, streamed)
         length = upstream.headers.get("content-length", "")
         if not streamed and length.isdigit() and int(length) <= RELAY_CHUNK:
             # A unary answer of known, small length arrives with its headers: passed on
@@ -261,7 +297,12 @@ class Router:
             try:
                 whole = self._read_whole(upstream, provider.provider_id, int(length))
             except ConnectError as e:
+                if outcome is not None:
+                    outcome.end(e.code.value)
                 return refusal(start_response, content_type, e)
+            if outcome is not None:
+                outcome.feed(whole)
+                outcome.end()
             start_response(status, out_headers)
             return [whole]
         write = start_response(status, out_headers)
@@ -269,7 +310,7 @@ class Router:
             # The provider sent its headers at once; so do we, or a quiet stream leaves the
             # caller waiting for them (servers send headers with the first non-empty chunk).
             write(b"")
-        return self._relay(upstream, provider.provider_id, streamed, caller_gone, timeout)
+        return self._relay(upstream, provider.provider_id, streamed, caller_gone, timeout, outcome)
 
     def _send(
         self, provider_id: str, pool: ConnectionPool, method: str, target: str, headers: dict[str, str],
@@ -332,6 +373,7 @@ class Router:
         streamed: bool,
         caller_gone: Callable[[], bool] | None,
         timeout: float | None,
+        outcome: Outcome | None = None,
     ) -> Iterator[bytes]:
         """Pass the body on as it arrives; a stream that breaks mid-way marks its provider.
 
@@ -345,25 +387,39 @@ class Router:
                 while caller_gone is not None and not upstream.wait(CANCEL_CHECK_INTERVAL):
                     if caller_gone():
                         log.debug("caller of a stream from %s left; closing it", provider_id)
+                        if outcome is not None:
+                            outcome.end(Code.CANCELED.value)
                         return
                     if timeout is not None and time.monotonic() - quiet_since >= timeout:
                         raise TransportTimeout("the provider sent nothing in time")
                 chunk = upstream.read1(RELAY_CHUNK)
                 if not chunk:
                     break
+                if outcome is not None:
+                    outcome.feed(chunk)
                 yield chunk
+        except GeneratorExit:  # the server stopped sending: the caller left
+            if outcome is not None:
+                outcome.end(Code.CANCELED.value)
+            raise
         except TransportTimeout:
+            if outcome is not None:
+                outcome.end(Code.DEADLINE_EXCEEDED.value)
             # Slow is not gone, as when waiting for the headers.
             if streamed:
                 yield _protocol.end_stream(
                     ConnectError(Code.DEADLINE_EXCEEDED, f"provider {provider_id} did not answer in time")
                 )
         except TransportError as e:
+            if outcome is not None:
+                outcome.end(Code.UNAVAILABLE.value)
             self._unreachable(provider_id, e)
             # The response has started: end the stream the Connect way if we can say so.
             if streamed:
                 yield _protocol.end_stream(ConnectError(Code.UNAVAILABLE, f"provider {provider_id} went away"))
         finally:
+            if outcome is not None:
+                outcome.end()
             upstream.close()
 
     def _resolve(self, args: dict[str, str]) -> Provider:
@@ -418,6 +474,22 @@ class Router:
             pools, self._pools = list(self._pools.values()), {}
         for pool in pools:
             pool.close()
+
+
+def _observed(body: Iterable[bytes], outcome: Outcome) -> Iterator[bytes]:
+    """An in-process provider's response, counted as it passes."""
+    try:
+        for chunk in body:
+            outcome.feed(chunk)
+            yield chunk
+    except GeneratorExit:
+        outcome.end(Code.CANCELED.value)
+        raise
+    finally:
+        outcome.end()
+        close = getattr(body, "close", None)
+        if close is not None:
+            close()
 
 
 def _check_headers(environ: dict, streaming: bool) -> float | None:
