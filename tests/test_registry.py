@@ -346,3 +346,28 @@ def test_awaiting_registration_names_what_is_still_missing_when_time_is_up():
     registry.register("p-1", "svc", "1.0.0", "/svc/", "http://127.0.0.1:1")
 
     assert registry.await_registered("p-1", ["svc", "other"], timeout=0.01) == ["other"]
+
+
+def test_lookups_follow_every_change_of_the_providers():
+    """The registry's indexes (by type, by plugin, usable per type) never answer from before a change."""
+    registry = Registry(RegistryConfig(max_registrations_per_identity=2))
+    for plugin in ("a", "b"):
+        registry.declare(plugin, Declared(launched=True, paths={"svc": "/svc/", "other": "/other/"}))
+    a_svc = registry.register("a", "svc", "1.0.0", "/svc/", "http://127.0.0.1:1")
+    registry.register("a", "other", "1.0.0", "/other/", "http://127.0.0.1:1")
+    b_svc = registry.register("b", "svc", "1.0.0", "/svc/", "http://127.0.0.1:2")
+    assert registry.discover("svc", "")[0] == a_svc
+
+    registry.set_health("a", UNHEALTHY)
+    assert registry.discover("svc", "") == (registry.provider("b", "svc"), 1)
+    assert registry.provider("a", "other").health == UNHEALTHY
+
+    registry.unregister(b_svc.registration_id)
+    with pytest.raises(ConnectError) as e:
+        registry.discover("svc", "")
+    assert e.value.code is Code.UNAVAILABLE
+    registry.register("b", "other", "1.0.0", "/other/", "http://127.0.0.1:2")  # room again
+
+    registry.remove_provider("a")
+    assert [p.provider_id for p in registry.providers()] == ["b"]
+    assert registry.providers("svc") == [] and registry.provider("a", "other") is None

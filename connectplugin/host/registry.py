@@ -128,7 +128,9 @@ class Registry:
 
     ``_lock`` guards every table; watchers are fed under it (a queue put, no I/O), so every
     watcher sees events in the order the changes happened. ``_changed`` is signalled on every
-    change to the providers or their health.
+    change to the providers or their health. Providers are indexed by type and by plugin, and
+    each type's usable providers are kept until it changes, so a lookup costs the same with
+    ten thousand providers as with one.
     """
 
     def __init__(self, config: RegistryConfig | None = None, route_prefix: str = "/services") -> None:
@@ -137,6 +139,10 @@ class Registry:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._providers: dict[str, Provider] = {}  # by registration id
+        # The same providers by service type and by plugin (then registration id), in order.
+        self._by_type: dict[str, dict[str, Provider]] = {}
+        self._by_plugin: dict[str, dict[str, Provider]] = {}
+        self._usable_now: dict[str, list[Provider]] = {}  # by type, until the type changes
         self._known_types: set[str] = set()
         self._declared: dict[str, Declared] = {}  # runtime id -> what it may register
         self._watchers: dict[str, list[queue.SimpleQueue[registry_pb2.WatchServiceEvent | None]]] = {}
@@ -177,7 +183,7 @@ class Registry:
             declared = self._declared.get(provider_id)
             self._check_declared(provider_id, declared, service_type, endpoint_path)
             assert declared is not None
-            held = sum(1 for p in self._providers.values() if p.provider_id == provider_id)
+            held = len(self._by_plugin.get(provider_id, ()))
             if held >= config.max_registrations_per_identity:
                 raise ConnectError(
                     Code.RESOURCE_EXHAUSTED,
@@ -199,7 +205,7 @@ class Registry:
                 health=self._health_of(provider_id),
                 launched=declared.launched,
             )
-            self._providers[provider.registration_id] = provider
+            self._add(provider)
             self._known_types.add(service_type)
             self._publish(service_type)
         return provider
@@ -210,7 +216,7 @@ class Registry:
         deadline = time.monotonic() + timeout
         with self._changed:
             while True:
-                registered = {p.service_type for p in self._providers.values() if p.provider_id == provider_id}
+                registered = {p.service_type for p in self._by_plugin.get(provider_id, {}).values()}
                 missing = sorted(set(service_types) - registered)
                 remaining = deadline - time.monotonic()
                 if not missing or remaining <= 0:
@@ -235,15 +241,15 @@ class Registry:
             provider = self._providers.get(registration_id)
             if provider is None or (provider_id is not None and provider.provider_id != provider_id):
                 raise ConnectError(Code.NOT_FOUND, f"no registration {registration_id!r} of yours")
-            del self._providers[registration_id]
+            self._drop(provider)
             self._publish(provider.service_type)
 
     def remove_provider(self, provider_id: str) -> None:
         """Drop every registration of a plugin (it stopped or crashed)."""
         with self._lock:
-            gone = [p for p in self._providers.values() if p.provider_id == provider_id]
+            gone = list(self._by_plugin.get(provider_id, {}).values())
             for p in gone:
-                del self._providers[p.registration_id]
+                self._drop(p)
             self._declared.pop(provider_id, None)
             for service_type in {p.service_type for p in gone}:
                 self._publish(service_type)
@@ -251,9 +257,9 @@ class Registry:
     def set_health(self, provider_id: str, state: HealthState) -> None:
         with self._lock:
             changed = set()
-            for reg_id, p in list(self._providers.items()):
-                if p.provider_id == provider_id and p.health != state:
-                    self._providers[reg_id] = replace(p, health=state)
+            for p in list(self._by_plugin.get(provider_id, {}).values()):
+                if p.health != state:
+                    self._add(replace(p, health=state))
                     changed.add(p.service_type)
             for service_type in changed:
                 self._publish(service_type)
@@ -262,14 +268,16 @@ class Registry:
 
     def provider(self, provider_id: str, service_type: str) -> Provider | None:
         with self._lock:
-            for p in self._providers.values():
-                if p.provider_id == provider_id and p.service_type == service_type:
+            for p in self._by_plugin.get(provider_id, {}).values():
+                if p.service_type == service_type:
                     return p
         return None
 
     def providers(self, service_type: str | None = None) -> list[Provider]:
         with self._lock:
-            return [p for p in self._providers.values() if service_type in (None, p.service_type)]
+            if service_type is None:
+                return list(self._providers.values())
+            return list(self._by_type.get(service_type, {}).values())
 
     def discover(self, service_type: str, min_version: str = "") -> tuple[Provider, int]:
         """Pick a provider; returns it and how many were usable.
@@ -345,18 +353,31 @@ class Registry:
         """Whether one more known type fits, forgetting types nobody provides if needed."""
         if len(self._known_types) < self.config.max_service_types:
             return True
-        provided = {p.service_type for p in self._providers.values()}
-        for service_type in self._known_types - provided - set(self._watchers):
+        for service_type in self._known_types - set(self._by_type) - set(self._watchers):
             self._known_types.discard(service_type)
             self._last_event.pop(service_type, None)
         return len(self._known_types) < self.config.max_service_types
 
     def _forget_quiet(self, service_type: str) -> None:
         """Drop the last event of a type nobody provides or watches (it is UNAVAILABLE anyway)."""
-        if service_type not in self._watchers and not any(
-            p.service_type == service_type for p in self._providers.values()
-        ):
+        if service_type not in self._watchers and service_type not in self._by_type:
             self._last_event.pop(service_type, None)
+
+    def _add(self, provider: Provider) -> None:
+        """Add a provider, or replace the one with its registration id."""
+        reg_id = provider.registration_id
+        self._providers[reg_id] = provider
+        self._by_type.setdefault(provider.service_type, {})[reg_id] = provider
+        self._by_plugin.setdefault(provider.provider_id, {})[reg_id] = provider
+
+    def _drop(self, provider: Provider) -> None:
+        reg_id = provider.registration_id
+        del self._providers[reg_id]
+        for index, key in ((self._by_type, provider.service_type), (self._by_plugin, provider.provider_id)):
+            entries = index[key]
+            del entries[reg_id]
+            if not entries:
+                del index[key]
 
     def _check_declared(self, provider_id: str, declared: Declared | None, service_type: str, path: str) -> None:
         if declared is not None and service_type in declared.paths:
@@ -375,17 +396,22 @@ class Registry:
         raise ConnectError(Code.PERMISSION_DENIED, f"{provider_id} may not provide {service_type!r}")
 
     def _health_of(self, provider_id: str) -> HealthState:
-        for p in self._providers.values():
-            if p.provider_id == provider_id:
-                return p.health
+        for p in self._by_plugin.get(provider_id, {}).values():
+            return p.health
         return HEALTHY
 
     def _usable(self, service_type: str, min_version: str) -> list[Provider]:
-        floor = version_key(min_version) if min_version else None
+        if not min_version:
+            usable = self._usable_now.get(service_type)
+            if usable is None:
+                usable = self._usable_now[service_type] = self._pick_usable(service_type, None)
+            return usable
+        return self._pick_usable(service_type, version_key(min_version))
+
+    def _pick_usable(self, service_type: str, floor: tuple | None) -> list[Provider]:
         candidates = [
-            p for p in self._providers.values()
-            if p.service_type == service_type and p.health != UNHEALTHY
-            and (floor is None or version_key(p.version) >= floor)
+            p for p in self._by_type.get(service_type, {}).values()
+            if p.health != UNHEALTHY and (floor is None or version_key(p.version) >= floor)
         ]
         # Policy: a plugin that joined by itself never displaces one the host launched; it
         # is picked only when no launched provider can serve the request.
@@ -415,6 +441,7 @@ class Registry:
         )
 
     def _publish(self, service_type: str) -> None:
+        self._usable_now.pop(service_type, None)
         self._changed.notify_all()
         event = self._event(service_type)
         key = (event.state, event.endpoint.provider_id)
