@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from bench import client, codec, launch, report, router, tls
+from bench import client, codec, discovery, fanout, launch, many, report, router, tls
 from bench.settings import Settings
 
 SECTIONS: dict[str, tuple[Callable[[Settings], bool], str]] = {
@@ -23,6 +23,9 @@ SECTIONS: dict[str, tuple[Callable[[Settings], bool], str]] = {
     "launch": (launch.run, "plugin launch time vs a bare interpreter; 10 plugins at once"),
     "router": (router.run, "plugin-to-plugin Get through the host's router vs direct"),
     "tls": (tls.run, "unary Get plaintext vs mTLS (keep-alive); launch with and without auto-mTLS"),
+    "fanout": (fanout.run, "one change to 100 registry watchers and to 100 KV watchers: change to receipt"),
+    "discovery": (discovery.run, "DiscoverService with 1, 100 and 10,000 providers of a type (1,000 types)"),
+    "many": (many.run, "50 plugins launched at once: time to ready, host RSS and threads, calls to all"),
 }
 
 

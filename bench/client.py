@@ -8,16 +8,14 @@ Calls are made in interleaved blocks (raw, requests, ours, raw, ...) to share an
 
 from __future__ import annotations
 
-import contextlib
 import http.client
-import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import requests
 
 from bench import fixtures, report
-from bench.servers import ServerProcess, http_config, pin_to, placement
+from bench.servers import ServerProcess, http_config, pinned, placement
 from bench.settings import Settings
 from connectplugin import Client
 from samples.kv.gen.kv.v1 import kv_pb2
@@ -73,20 +71,6 @@ def _ours(url: str) -> tuple[Call, Callable[[], None]]:
     return call, client.close
 
 
-@contextlib.contextmanager
-def _pinned(cpu: int | None) -> Iterator[None]:
-    """Pin this process to ``cpu`` for the block, then give it back the CPUs it had."""
-    if cpu is None:
-        yield
-        return
-    before = os.sched_getaffinity(0)
-    pin_to(cpu)
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
-
-
 def run(settings: Settings) -> bool:
     report.title("Client latency: sequential unary Get (proto), one keep-alive connection")
     blocks = 10
@@ -107,7 +91,7 @@ def run(settings: Settings) -> bool:
         f"pinning : {pinning}"
     )
     report.load_warning()
-    with ServerProcess("ours", settings.server_threads, server_cpu) as server, _pinned(client_cpu):
+    with ServerProcess("ours", settings.server_threads, server_cpu) as server, pinned(client_cpu):
         print(f"started : ours pid {server.pid} port {server.port}", flush=True)
         clients: dict[str, tuple[Call, Callable[[], None]]] = {}
         try:

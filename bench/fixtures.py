@@ -17,7 +17,8 @@ from google.protobuf.message import Message
 
 from connectplugin import Context
 from samples.kv.gen.kv.v1 import kv_pb2
-from samples.kv.gen.kv.v1.kv_connect import KV_SERVICE, KVServiceHandler
+from samples.kv.gen.kv.v1.kv_connect import KV_SERVICE
+from samples.kv.store import KVStore
 
 M = TypeVar("M", bound=Message)
 
@@ -29,8 +30,9 @@ REQUEST = kv_pb2.GetRequest(key="bench-key")
 RESPONSE = kv_pb2.GetResponse(value=b"x", found=True)
 
 
-class FixedKV(KVServiceHandler):
-    """Get answers ``found=true`` with a 1-byte value and sets no headers; nothing else is served."""
+class FixedKV(KVStore):
+    """Get answers ``found=true`` with a 1-byte value and sets no headers; Put, Delete and
+    Watch are the sample store's (the stream benchmarks put and watch)."""
 
     def get(self, request: kv_pb2.GetRequest, ctx: Context) -> kv_pb2.GetResponse:
         return kv_pb2.GetResponse(value=b"x", found=True)

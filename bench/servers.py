@@ -14,6 +14,7 @@ Kinds:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import selectors
@@ -24,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,20 @@ def pin_to(cpu: int | None) -> None:
     """Pin the calling process (threads started later inherit it) to one CPU."""
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
+
+
+@contextlib.contextmanager
+def pinned(cpu: int | None) -> Iterator[None]:
+    """Pin this process to ``cpu`` for the block, then give it back the CPUs it had."""
+    if cpu is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    pin_to(cpu)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 # --- the child ------------------------------------------------------------------------------

@@ -316,7 +316,9 @@ class Registry:
                     f"{self.config.max_watchers_per_type}); try again later",
                 )
             self._watchers.setdefault(service_type, []).append(events)
-            events.put(self._event(service_type))
+            first = self._event(service_type)
+            self._last_event[service_type] = (first.state, first.endpoint.provider_id)
+            events.put(first)
         try:
             while active():
                 try:
@@ -443,6 +445,10 @@ class Registry:
     def _publish(self, service_type: str) -> None:
         self._usable_now.pop(service_type, None)
         self._changed.notify_all()
+        if service_type not in self._watchers:
+            # Nobody to tell: a watcher that comes gets the state then (and it is remembered).
+            self._last_event.pop(service_type, None)
+            return
         event = self._event(service_type)
         key = (event.state, event.endpoint.provider_id)
         if self._last_event.get(service_type) == key:

@@ -555,11 +555,17 @@ _BODYLESS_STATUS = frozenset({204, 304})
 class _Connection:
     """One keep-alive connection of a pool: its socket, and bytes received but not yet read."""
 
-    __slots__ = ("sock", "buffer")
+    __slots__ = ("sock", "buffer", "_timeout")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buffer = bytearray()
+        self._timeout: float | None = sock.gettimeout()
+
+    def settimeout(self, timeout: float | None) -> None:
+        if timeout != self._timeout:  # a system call each time it changes
+            self.sock.settimeout(timeout)
+            self._timeout = timeout
 
     def fill(self) -> bool:
         """Receive what has arrived (waiting up to the socket's timeout); False at its end."""
@@ -859,25 +865,34 @@ class ConnectionPool:
         cancelled: Callable[[], bool] | None,
     ) -> _PooledResponse:
         sock = conn.sock
-        sock.settimeout(timeout)
-        sock.sendall(request)
-        if cancelled is not None:
-            # Wait in steps, looking at the caller between them.
+        if cancelled is None:
+            conn.settimeout(timeout)
+            sock.sendall(request)
+        else:
+            # Wait for the reply's first bytes in steps, looking at the caller between them.
+            step = CANCEL_CHECK_INTERVAL if timeout is None else min(timeout, CANCEL_CHECK_INTERVAL)
+            conn.settimeout(step)
+            sock.sendall(request)
             deadline = None if timeout is None else time.monotonic() + timeout
-            while not _readable(sock, CANCEL_CHECK_INTERVAL):
-                if cancelled():
-                    raise TransportCanceled("the call was given up before the peer answered")
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError("the peer did not answer in time")
+            while True:
+                try:
+                    if not conn.fill():
+                        raise http.client.RemoteDisconnected("the peer closed the connection without a response")
+                    break
+                except TimeoutError:
+                    if cancelled():
+                        raise TransportCanceled("the call was given up before the peer answered") from None
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise
+            conn.settimeout(timeout)
         return _PooledResponse(conn, self, method == "HEAD")
 
     def _take(self, connect_timeout: float) -> tuple[_Connection, bool]:
+        # An idle connection the peer has closed is not looked for here: sending on it fails
+        # before any reply, and send() retries that once on a fresh one.
         with self._lock:
-            while self._idle:
-                conn = self._idle.pop()
-                if not _dropped(conn.sock):
-                    return conn, True
-                conn.close()
+            if self._idle:
+                return self._idle.pop(), True
         return self._connect(connect_timeout), False
 
     def _connect(self, timeout: float) -> _Connection:
@@ -912,14 +927,6 @@ def _check_pin(sock: ssl.SSLSocket, pin: str) -> None:
     der = sock.getpeercert(binary_form=True) or b""
     if hashlib.sha256(der).hexdigest() != pin:
         raise ssl.SSLError("the server's certificate is not the pinned one")
-
-
-def _dropped(sock: socket.socket) -> bool:
-    """An idle keep-alive socket that is readable has been closed by the other end."""
-    try:
-        return _readable(sock, 0)
-    except (OSError, ValueError):
-        return True
 
 
 def _socket_of(raw: Any) -> socket.socket | None:
