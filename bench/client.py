@@ -9,38 +9,44 @@ Calls are made in interleaved blocks (raw, requests, ours, raw, ...) to share an
 from __future__ import annotations
 
 import http.client
+import json
 import time
 from collections.abc import Callable
+from typing import Any
 
 import requests
 
 from bench import fixtures, report
 from bench.servers import ServerProcess, http_config, pinned, placement
 from bench.settings import Settings
-from connectplugin import Client
+from connectplugin import Client, ClientConfig
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KVServiceClient
 
-TARGETS = {"connectplugin.Client": 1.5}
-"""Largest acceptable p50 ratio to raw http.client, per client."""
-EXPECTED = {"requests.Session.post": 3.0}
+RAW = {"proto": "http.client (raw) proto", "json": "http.client (raw) json"}
+TARGETS = {"connectplugin.Client proto": ("proto", 1.4), "connectplugin.Client json": ("json", 1.4)}
+"""Largest acceptable p50 ratio to raw http.client of the same codec, per client."""
+EXPECTED = {"requests.Session.post proto": 3.0}
 
-Call = Callable[[], kv_pb2.GetResponse]
+Call = Callable[[], Any]
 
 
-def _raw(host: str, port: int) -> tuple[Call, Callable[[], None]]:
+def _raw(host: str, port: int, codec: str) -> tuple[Call, Callable[[], None]]:
+    """Hand-built POSTs; JSON as plain dicts through the json module (no protobuf at all)."""
     conn = http.client.HTTPConnection(host, port, timeout=10)
-    headers = fixtures.request_headers("proto")
+    headers = fixtures.request_headers(codec)
 
-    def call() -> kv_pb2.GetResponse:
-        conn.request(
-            "POST", fixtures.PATH, kv_pb2.GetRequest(key="bench-key").SerializeToString(), headers
-        )
+    def call() -> Any:
+        if codec == "proto":
+            body = kv_pb2.GetRequest(key="bench-key").SerializeToString()
+        else:
+            body = json.dumps({"key": "bench-key"}, separators=(",", ":")).encode()
+        conn.request("POST", fixtures.PATH, body, headers)
         response = conn.getresponse()
-        body = response.read()
+        data = response.read()
         if response.status != 200:
-            raise RuntimeError(f"raw http.client: HTTP {response.status} {body[:200]!r}")
-        return kv_pb2.GetResponse.FromString(body)
+            raise RuntimeError(f"raw http.client: HTTP {response.status} {data[:200]!r}")
+        return kv_pb2.GetResponse.FromString(data) if codec == "proto" else json.loads(data)
 
     return call, conn.close
 
@@ -61,8 +67,8 @@ def _requests(url: str) -> tuple[Call, Callable[[], None]]:
     return call, session.close
 
 
-def _ours(url: str) -> tuple[Call, Callable[[], None]]:
-    client = Client(url)
+def _ours(url: str, codec: str) -> tuple[Call, Callable[[], None]]:
+    client = Client(url, ClientConfig(codec=codec))
     kv = KVServiceClient(client)
 
     def call() -> kv_pb2.GetResponse:
@@ -85,7 +91,8 @@ def run(settings: Settings) -> bool:
         f"server  : connectplugin.App in its own process on connectplugin.HTTPServer,"
         f" {http_config(settings.server_threads)}\n"
         f"clients : in this process: raw http.client.HTTPConnection (hand-built POST),"
-        f" requests.Session().post, KVServiceClient(connectplugin.Client(url)).get\n"
+        f" requests.Session().post, KVServiceClient(connectplugin.Client(url)).get;\n"
+        "          proto, and JSON for raw and ours\n"
         f"calls   : {settings.client_warmup} warm-up per client, then {blocks} interleaved blocks x"
         f" {per_block} calls per client ({blocks * per_block} measured); wall time per call\n"
         f"pinning : {pinning}"
@@ -95,13 +102,17 @@ def run(settings: Settings) -> bool:
         print(f"started : ours pid {server.pid} port {server.port}", flush=True)
         clients: dict[str, tuple[Call, Callable[[], None]]] = {}
         try:
-            clients["http.client (raw)"] = _raw(server.host, server.port)
-            clients["requests.Session.post"] = _requests(server.url)
-            clients["connectplugin.Client"] = _ours(server.url)
-            for call, _ in clients.values():
+            clients[RAW["proto"]] = _raw(server.host, server.port, "proto")
+            clients["requests.Session.post proto"] = _requests(server.url)
+            clients["connectplugin.Client proto"] = _ours(server.url, "proto")
+            clients[RAW["json"]] = _raw(server.host, server.port, "json")
+            clients["connectplugin.Client json"] = _ours(server.url, "json")
+            json_answer = json.loads(fixtures.encode(fixtures.RESPONSE, "json"))
+            for name, (call, _) in clients.items():
+                expected = json_answer if name == RAW["json"] else fixtures.RESPONSE
                 for _ in range(settings.client_warmup):
-                    if call() != fixtures.RESPONSE:
-                        raise RuntimeError("a client got a wrong answer")
+                    if call() != expected:
+                        raise RuntimeError(f"{name} got a wrong answer")
             latencies: dict[str, list[int]] = {name: [] for name in clients}
             cpu: dict[str, float] = dict.fromkeys(clients, 0.0)
             for _ in range(blocks):
@@ -123,9 +134,9 @@ def run(settings: Settings) -> bool:
     for name, samples in latencies.items():
         ordered = sorted(samples)
         stats[name] = (report.percentile(ordered, 50) / 1000, report.percentile(ordered, 99) / 1000)
-    raw_p50, raw_p99 = stats["http.client (raw)"]
     rows = []
     for name, (p50, p99) in stats.items():
+        raw_p50, raw_p99 = stats[RAW["json" if name.endswith("json") else "proto"]]
         cpu_us = cpu[name] / len(latencies[name]) * 1e6
         rows.append(
             [
@@ -142,15 +153,15 @@ def run(settings: Settings) -> bool:
     )
     print()
     print(
-        "p50/p99: wall time of one call, server time included; client CPU: this process's CPU per call."
+        "p50/p99: wall time of one call, server time included; client CPU: this process's CPU per call.\n"
+        "vs raw : against raw http.client of the same codec; raw JSON is json.dumps/json.loads of dicts."
     )
-    for name, target in TARGETS.items():
-        ratio = stats[name][0] / raw_p50
+    for name, (codec, target) in TARGETS.items():
+        ratio = stats[name][0] / stats[RAW[codec]][0]
         print(
             f"target  : {name} p50 <= {target:.1f} x raw http.client: {ratio:.2f} {report.verdict(ratio <= target)}"
         )
     for name, expected in EXPECTED.items():
-        print(
-            f"expected: {name} p50 about {expected:.1f} x raw http.client: {stats[name][0] / raw_p50:.2f}"
-        )
+        ratio = stats[name][0] / stats[RAW["proto"]][0]
+        print(f"expected: {name} p50 about {expected:.1f} x raw http.client: {ratio:.2f}")
     return True

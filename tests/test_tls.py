@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import stat
 import sys
 import threading
@@ -119,6 +120,22 @@ def test_the_router_pool_verifies_and_presents_certificates(mtls_server, pki):
         pool.close()
 
     assert response.status == 404  # reached the app over mTLS
+
+
+def test_requests_sent_back_to_back_on_one_tls_connection_are_both_answered(mtls_server, pki):
+    """The server's TLS reader keeps what it read past one request for the next."""
+    context = tls.client_context(as_plugin(pki))
+    request = b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n" + b"GET /second HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection((mtls_server.host, mtls_server.port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as conn:
+            conn.sendall(request)
+            received = b""
+            while received.count(b"no procedure at") < 2:
+                data = conn.recv(65536)
+                assert data, f"the server closed after {received!r}"
+                received += data
+
+    assert b"/first" in received and b"/second" in received
 
 
 # --- refused, clearly, and the server keeps serving -------------------------------------------

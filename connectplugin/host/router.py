@@ -321,7 +321,7 @@ class Router:
         ticket = breaker.admit() if breaker else 0
         failed = True
         try:
-            upstream = pool.send(method, target, headers, body, self.config.connect_timeout, timeout, caller_gone)
+            upstream = pool.send(method, target, headers, body, self.config.connect_timeout, timeout, cancelled=caller_gone)
             failed = upstream.status in self._failure_statuses
             return upstream
         except TransportCanceled:

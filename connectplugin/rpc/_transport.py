@@ -384,47 +384,6 @@ class PoolTransport:
         return pool
 
 
-class TLSPoolTransport(PoolTransport):
-    """An HTTPS urllib3 pool of its own for a :class:`~connectplugin.rpc.tls.TLSConfig`.
-
-    requests' adapter would add its CA bundle to any context, accepting every public CA; this
-    pool verifies the server against exactly the configured CAs, or its one pinned
-    certificate, and presents our key pair, loaded once without touching a disk.
-    """
-
-    def __init__(self, base_url: str, config: _tls.TLSConfig, pool_size: int) -> None:
-        parts = urlsplit(base_url)
-        if parts.scheme != "https":
-            raise ValueError(f"TLS settings need an https:// URL, not {base_url!r}")
-        self._base_url = base_url
-        self._prefix = parts.path
-        self._retries = 0
-        self._host = parts.hostname or "localhost"
-        self._port = parts.port or 443
-        self._config = config
-        self._pool_size = pool_size
-        self._context = _tls.client_context(config)
-        self._pin = _tls.pin_fingerprint(config.trust)
-        self._pool: urllib3.HTTPConnectionPool | None = None
-
-    def _connect(self) -> urllib3.HTTPConnectionPool:
-        extra: dict[str, Any] = {}
-        if self._config.server_name:
-            extra["server_hostname"] = self._config.server_name
-        pool = urllib3.HTTPSConnectionPool(
-            self._host,
-            self._port,
-            maxsize=self._pool_size,
-            ssl_context=self._context,
-            assert_fingerprint=self._pin,
-            assert_hostname=False if self._pin else None,
-            **extra,
-        )
-        _let_abort_reach(pool)
-        self._pool = pool
-        return pool
-
-
 @contextlib.contextmanager
 def _sending(abort: Abort | None, connect_timeout: float) -> Iterator[None]:
     """Make ``abort`` this thread's current one while it sends through a pool."""
@@ -555,12 +514,28 @@ _BODYLESS_STATUS = frozenset({204, 304})
 class _Connection:
     """One keep-alive connection of a pool: its socket, and bytes received but not yet read."""
 
-    __slots__ = ("sock", "buffer", "_timeout")
+    __slots__ = ("sock", "buffer", "_timeout", "_abort")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buffer = bytearray()
         self._timeout: float | None = sock.gettimeout()
+        self._abort: Abort | None = None
+
+    def hold(self, abort: Abort | None) -> None:
+        """Lend the socket to a cancellable call's Abort until ``release()``."""
+        if abort is not None:
+            self._abort = abort
+            abort.hold(self.sock)
+
+    def release(self) -> bool:
+        """Take the socket back from the call's Abort; whether the Abort fired (the socket is
+        shut down then, and must not be used again)."""
+        abort, self._abort = self._abort, None
+        if abort is None:
+            return False
+        abort.release(self.sock)
+        return abort.fired
 
     def settimeout(self, timeout: float | None) -> None:
         if timeout != self._timeout:  # a system call each time it changes
@@ -574,6 +549,7 @@ class _Connection:
         return bool(data)
 
     def close(self) -> None:
+        self.release()
         try:
             self.sock.close()
         except OSError:
@@ -726,7 +702,8 @@ class _PooledResponse(Response):
 
     def close(self) -> None:
         conn = self._conn
-        if self._ended and not self._failed and not self._will_close and not conn.buffer:
+        aborted = conn.release()
+        if self._ended and not self._failed and not self._will_close and not conn.buffer and not aborted:
             self._pool.give_back(conn)
         else:
             conn.close()
@@ -792,6 +769,8 @@ class ConnectionPool:
         self._pin = _tls.pin_fingerprint(tls.trust) if tls is not None else None
         self._host = url.hostname or "127.0.0.1"
         self._port = url.port or (443 if self._https else 80)
+        # The name the server's certificate must carry: the configured one, else the URL's.
+        self._server_name = (tls.server_name if tls is not None else None) or self._host
         host = f"[{self._host}]" if ":" in self._host else self._host
         self._authority = host if self._port == (443 if self._https else 80) else f"{host}:{self._port}"
         self._prefix = url.path.rstrip("/")
@@ -807,12 +786,14 @@ class ConnectionPool:
         body: bytes | None,
         connect_timeout: float,
         read_timeout: float | None,
+        abort: Abort | None = None,
         cancelled: Callable[[], bool] | None = None,
     ) -> Response:
         """Send on an idle connection (or a new one).
 
         An idle connection the peer closed while we held it fails before any reply; that one
-        case is retried once on a fresh connection. While the peer has not answered,
+        case is retried once on a fresh connection. ``abort`` holds the connection's socket
+        until the response is closed (see :class:`Abort`). While the peer has not answered,
         ``cancelled()`` is asked every ``CANCEL_CHECK_INTERVAL`` seconds; once it is true the
         connection is closed and :class:`TransportCanceled` raised. A header or target that
         would smuggle a line in is ``ValueError``, as in http.client.
@@ -821,16 +802,18 @@ class ConnectionPool:
         try:
             conn, reused = self._take(connect_timeout)
             try:
+                conn.hold(abort)
                 return self._exchange(conn, method, request, read_timeout, cancelled)
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                 conn.close()
-                if not reused:
+                if not reused or (abort is not None and abort.fired):
                     raise
             except BaseException:
                 conn.close()
                 raise
             conn = self._connect(connect_timeout)
             try:
+                conn.hold(abort)
                 return self._exchange(conn, method, request, read_timeout, cancelled)
             except BaseException:
                 conn.close()
@@ -900,7 +883,7 @@ class ConnectionPool:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._context is not None:
-                sock = self._context.wrap_socket(sock, server_hostname=self._host)
+                sock = self._context.wrap_socket(sock, server_hostname=self._server_name)
                 if self._pin is not None:
                     _check_pin(sock, self._pin)
         except BaseException:
