@@ -34,7 +34,7 @@ from samples.platform import HANDSHAKE
 from samples.platform.capabilities import HostLogger
 from tests.helpers import ENV, ROOT, GoProcess, Peer, World, wait_until
 from tests.platform_plugins.provider import PLUGINS, Recorder, declare
-from tests.services import IdentityRecorder, ScriptedKV
+from tests.services import IdentityRecorder, ReadableKV, ScriptedKV
 from tests.webapps import WebServer, serve_app
 
 WSGIApp = Callable[[dict, Callable[..., Any]], Iterable[bytes]]
@@ -114,8 +114,9 @@ def identity() -> IdentityRecorder:
 
 @pytest.fixture
 def server(serve, kv, identity) -> HTTPServer:
-    """The scripted KV store and the identity recorder, with the default server config."""
-    return serve(App([kv, identity]))
+    """The scripted KV store (also as the side-effect-free ``ReadableKV``) and the identity
+    recorder, with the default server config."""
+    return serve(App([kv, ReadableKV(kv), identity]))
 
 
 @pytest.fixture

@@ -37,6 +37,8 @@ from protobuf.wkt import StringValue
 from connectplugin import Method
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KV_SERVICE
+from tests.kvget.gen.kvget.v1 import kvget_pb2
+from tests.kvget.gen.kvget.v1.kvget_connect import KV_GET_SERVICE
 
 SLOW_KEY = "slow"
 SLOW_SECONDS = 0.5
@@ -68,6 +70,8 @@ def method_info(method: Method) -> MethodInfo:
 
 
 KV_METHODS: dict[str, MethodInfo] = {name: method_info(m) for name, m in KV_SERVICE.methods.items()}
+READ = KV_GET_SERVICE.methods["Get"]
+"""The store's Get declared side-effect free (tests/kvget): what GET calls go to."""
 
 
 def echo_metadata(
@@ -193,6 +197,12 @@ class KVServiceWSGIApplication(ConnectWSGIApplication):
                 endpoints[method.path] = EndpointSync.server_stream(method=info, function=function)
             else:
                 endpoints[method.path] = EndpointSync.unary(method=info, function=function)
+
+        def read(request: kvget_pb2.GetRequest, ctx: RequestContext) -> kvget_pb2.GetResponse:
+            found = store.get(kv_pb2.GetRequest(key=request.key), ctx)
+            return kvget_pb2.GetResponse(value=found.value, found=found.found)
+
+        endpoints[READ.path] = EndpointSync.unary(method=method_info(READ), function=read)
         super().__init__(endpoints=endpoints, codecs=google_protobuf_codecs())
 
     @property
@@ -218,6 +228,10 @@ class ConnectrpcKVClient(ConnectClientSync):
             timeout_ms=timeout_ms,
             use_get=use_get,
         )
+
+    def read(self, request: kvget_pb2.GetRequest, *, use_get: bool = False) -> kvget_pb2.GetResponse:
+        """Get as the side-effect-free ``kvget.v1.KVGetService/Get`` (GET allowed)."""
+        return self.execute_unary(request=request, method=method_info(READ), use_get=use_get)
 
     def put(
         self, request: kv_pb2.PutRequest, *, headers: Mapping[str, str] | None = None

@@ -26,9 +26,13 @@ from connectplugin.gen.connectplugin.v1 import plugininfo_pb2
 from connectplugin.gen.connectplugin.v1.plugininfo_connect import PluginIdentityHandler
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.store import KVStore
+from tests.kvget.gen.kvget.v1 import kvget_pb2
+from tests.kvget.gen.kvget.v1.kvget_connect import KVGetServiceHandler
 
 KV = "/kv.v1.KVService"
 GET, PUT, DELETE, WATCH = f"{KV}/Get", f"{KV}/Put", f"{KV}/Delete", f"{KV}/Watch"
+READ = "/kvget.v1.KVGetService/Get"
+"""The store's Get declared side-effect free (tests/kvget): callable with GET, retried."""
 IDENTITY = "/connectplugin.v1.PluginIdentity"
 GET_INFO, SET_IDENTITY = f"{IDENTITY}/GetPluginInfo", f"{IDENTITY}/SetRuntimeIdentity"
 
@@ -99,6 +103,21 @@ class ScriptedKV(KVStore):
         if fn is None:
             return getattr(KVStore, name)(self, request, ctx)
         return fn(request, ctx)
+
+
+class ReadableKV(KVGetServiceHandler):
+    """``kv``'s Get as ``kvget.v1.KVGetService/Get``, a method declared side-effect free (the
+    samples' KV contract is Go's, whose Get is not); a ``ScriptedKV`` records and scripts it
+    as its own Get."""
+
+    def __init__(self, kv: KVStore) -> None:
+        self.kv = kv
+
+    def get(self, request, ctx):  # type: ignore[override]
+        found = self.kv.get(kv_pb2.GetRequest(key=request.key), ctx)
+        if isinstance(found, kv_pb2.GetResponse):
+            return kvget_pb2.GetResponse(value=found.value, found=found.found)
+        return found
 
 
 class IdentityRecorder(PluginIdentityHandler):

@@ -39,6 +39,8 @@ from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KVServiceClient
 from samples.kv.store import KVStore
 from tests.helpers import BOTH_SERVERS, wait_until
+from tests.kvget.gen.kvget.v1 import kvget_pb2
+from tests.kvget.gen.kvget.v1.kvget_connect import KVGetServiceClient
 from tests.services import ScriptedKV, envelope, events
 
 MiB = 1024 * 1024
@@ -201,18 +203,20 @@ def test_empty_gzip_response_body_is_the_empty_message(canned_client):
 
 
 @pytest.mark.parametrize("codec", ["proto", "json"])
-def test_use_get_calls_side_effect_free_methods_with_get(connect, url, kv, codec):
-    client = connect(url, codec=codec, use_get=True)
-
-    client.get(kv_pb2.GetRequest(key="a/b?c=d&e"))
+def test_use_get_calls_side_effect_free_methods_with_get(url, kv, codec):
+    with Client(url, ClientConfig(codec=codec, use_get=True)) as rpc:
+        KVGetServiceClient(rpc).get(kvget_pb2.GetRequest(key="a/b?c=d&e"))
 
     assert kv.last.http_method == "GET"
     assert kv.last.request == kv_pb2.GetRequest(key="a/b?c=d&e")
 
 
 def test_use_get_still_posts_methods_with_side_effects(connect, url, kv):
-    connect(url, use_get=True).put(kv_pb2.PutRequest(key="a"))
-
+    client = connect(url, use_get=True)
+    client.put(kv_pb2.PutRequest(key="a"))
+    assert kv.last.http_method == "POST"
+    # The samples' Get is one: Go's testdata declares no idempotency level for it.
+    client.get(kv_pb2.GetRequest(key="a"))
     assert kv.last.http_method == "POST"
 
 
@@ -223,6 +227,9 @@ def test_a_service_url_client_calls_its_base_url_plus_the_method_name(connect, u
 
     client.put(kv_pb2.PutRequest(key="a", value=b"1"))
     assert client.get(kv_pb2.GetRequest(key="a")).value == b"1"
+    assert kv.last.http_method == "POST"
+    with Client(url + "/kvget.v1.KVGetService", ClientConfig(service_url=True, use_get=use_get)) as rpc:
+        assert KVGetServiceClient(rpc).get(kvget_pb2.GetRequest(key="a")).value == b"1"
     assert kv.last.http_method == ("GET" if use_get else "POST")
 
 

@@ -13,6 +13,7 @@ import pytest
 import connectplugin
 from connectplugin.codegen import PROJECT_TARGETS, CodegenError, generate
 from connectplugin.codegen.__main__ import main
+from tests.kvget.gen.kvget.v1.kvget_connect import KV_GET_SERVICE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +54,9 @@ def test_kv_service_description(kv):
         "/kv.v1.KVService/Delete",
         "/kv.v1.KVService/Watch",
     ]
-    assert [m.idempotent for m in methods.values()] == [True, False, False, False]
+    # Go's testdata declares no idempotency level on Get: POST only, never retried on a timeout.
+    assert [m.idempotent for m in methods.values()] == [False, False, False, False]
+    assert KV_GET_SERVICE.methods["Get"].idempotent  # tests/kvget declares NO_SIDE_EFFECTS
     assert [m.server_streaming for m in methods.values()] == [False, False, False, True]
     assert methods["Get"].input is kv.kv_pb2.GetRequest
     assert methods["Watch"].output is kv.kv_pb2.WatchEvent

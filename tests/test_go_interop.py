@@ -12,6 +12,7 @@ import logging
 import sys
 
 import pytest
+import requests
 
 from connectplugin import (
     Client,
@@ -25,6 +26,7 @@ from connectplugin import (
     LaunchError,
     LaunchFailure,
     PluginClient,
+    PluginClientConfig,
     PluginNotServedError,
     PluginServer,
     ProcessStrategy,
@@ -265,6 +267,26 @@ def test_our_plugin_offering_versions_1_and_2_joins_the_go_host_on_1(go):
         assert e.value.code is Code.NOT_FOUND
     finally:
         link.close()
+
+
+# --- the samples' KV contract ------------------------------------------------------------------
+
+
+def test_our_client_with_use_get_gets_from_a_go_plugin_as_from_ours(go, serve):
+    config = PluginClientConfig(rpc=ClientConfig(timeout=5, use_get=True))
+    for url in (go_plugin(go), our_plugin(serve)):
+        # Get declares no idempotency level in Go's testdata: a GET is refused by both...
+        query = "?connect=v1&encoding=json&message=%7B%7D"
+        refused = requests.get(f"{url}/kv.v1.KVService/Get{query}", timeout=5)
+        assert (refused.status_code, refused.headers.get("Allow")) == (405, "POST")
+        # ...so our client posts it, even configured to use GET where it may.
+        client = PluginClient(url, {"kv": KV_PLUGIN}, GO_HANDSHAKE, config=config)
+        try:
+            kv = client.dispense("kv")
+            kv.put(kv_pb2.PutRequest(key="g", value=b"posted"))
+            assert kv.get(kv_pb2.GetRequest(key="g")) == kv_pb2.GetResponse(value=b"posted", found=True)
+        finally:
+            client.close()
 
 
 # --- our plugin with the Go host ---------------------------------------------------------------

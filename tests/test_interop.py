@@ -54,6 +54,7 @@ from tests.interop_connectrpc import (
     LOCKED_DETAIL,
     LOCKED_KEY,
     LOCKED_MESSAGE,
+    READ,
     SLOW_KEY,
     SLOW_SECONDS,
     ConnectrpcKVClient,
@@ -61,6 +62,9 @@ from tests.interop_connectrpc import (
     KVServiceWSGIApplication,
     echo_metadata,
 )
+from tests.kvget.gen.kvget.v1 import kvget_pb2
+from tests.kvget.gen.kvget.v1.kvget_connect import KVGetServiceClient
+from tests.services import ReadableKV
 
 T = TypeVar("T")
 
@@ -253,7 +257,8 @@ class Served:
 
 @pytest.fixture
 def our_server() -> Iterator[Served]:
-    recorder = Recorder(App([InteropStore()]))
+    store = InteropStore()
+    recorder = Recorder(App([store, ReadableKV(store)]))
     server = HTTPServer(recorder).start()
     yield Served(server.url, recorder)
     server.close()
@@ -664,10 +669,10 @@ def test_their_client_gets_from_our_server_with_http_get(
 ) -> None:
     their_client.put(kv_pb2.PutRequest(key="k", value=BIG))
 
-    assert their_client.get(kv_pb2.GetRequest(key="k"), use_get=True) == kv_pb2.GetResponse(
+    assert their_client.read(kvget_pb2.GetRequest(key="k"), use_get=True) == kvget_pb2.GetResponse(
         value=BIG, found=True
     )
-    sent = our_server.recorder.last(KV_SERVICE.methods["Get"])
+    sent = our_server.recorder.last(READ)
     assert (sent.method, sent.request_body) == ("GET", b"")
     assert f"encoding={wire.codec}" in sent.query
 
@@ -889,9 +894,9 @@ def test_our_client_gets_from_their_server_with_http_get(
     our_kv.put(kv_pb2.PutRequest(key="k", value=BIG))
 
     with Client(their_server.url, ClientConfig(codec=wire.codec, use_get=True)) as client:
-        assert KVServiceClient(client).get(kv_pb2.GetRequest(key="k")) == kv_pb2.GetResponse(
+        assert KVGetServiceClient(client).get(kvget_pb2.GetRequest(key="k")) == kvget_pb2.GetResponse(
             value=BIG, found=True
         )
-    sent = their_server.recorder.last(KV_SERVICE.methods["Get"])
+    sent = their_server.recorder.last(READ)
     assert (sent.method, sent.status[:3], sent.request_body) == ("GET", "200", b"")
     assert f"encoding={wire.codec}" in sent.query

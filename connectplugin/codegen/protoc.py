@@ -43,6 +43,7 @@ PROJECT_TARGETS = (
         _ROOT / "samples" / "kv" / "gen",
         "samples.kv.gen",
     ),
+    Target(_ROOT / "tests" / "kvget" / "proto", _ROOT / "tests" / "kvget" / "gen", "tests.kvget.gen"),
 )
 """What ``make proto`` (``python -m connectplugin.codegen`` without arguments) regenerates."""
 

@@ -19,7 +19,7 @@ KV_SERVICE = Service(
             input=kv_pb2.GetRequest,
             output=kv_pb2.GetResponse,
             server_streaming=False,
-            idempotent=True,
+            idempotent=False,
         ),
         "Put": Method(
             service="kv.v1.KVService",

@@ -24,15 +24,13 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0ekv/v1/kv.proto\x12\x05kv.v1\"\x19\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"+\n\x0bGetResponse\x12\r\n\x05value\x18\x01 \x01(\x0c\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\"(\n\nPutRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\"\r\n\x0bPutResponse\"\x1c\n\rDeleteRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"\x1f\n\x0e\x44\x65leteResponse\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\"\x1e\n\x0cWatchRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\"H\n\nWatchEvent\x12\x1e\n\x04type\x18\x01 \x01(\x0e\x32\x10.kv.v1.EventType\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x0c*R\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x45VENT_TYPE_PUT\x10\x01\x12\x15\n\x11\x45VENT_TYPE_DELETE\x10\x02\x32\xd6\x01\n\tKVService\x12\x31\n\x03Get\x12\x11.kv.v1.GetRequest\x1a\x12.kv.v1.GetResponse\"\x03\x90\x02\x01\x12,\n\x03Put\x12\x11.kv.v1.PutRequest\x1a\x12.kv.v1.PutResponse\x12\x35\n\x06\x44\x65lete\x12\x14.kv.v1.DeleteRequest\x1a\x15.kv.v1.DeleteResponse\x12\x31\n\x05Watch\x12\x13.kv.v1.WatchRequest\x1a\x11.kv.v1.WatchEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0ekv/v1/kv.proto\x12\x05kv.v1\"\x19\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"+\n\x0bGetResponse\x12\r\n\x05value\x18\x01 \x01(\x0c\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\"(\n\nPutRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\"\r\n\x0bPutResponse\"\x1c\n\rDeleteRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"\x1f\n\x0e\x44\x65leteResponse\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\"\x1e\n\x0cWatchRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\"H\n\nWatchEvent\x12\x1e\n\x04type\x18\x01 \x01(\x0e\x32\x10.kv.v1.EventType\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x0c*R\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x45VENT_TYPE_PUT\x10\x01\x12\x15\n\x11\x45VENT_TYPE_DELETE\x10\x02\x32\xd1\x01\n\tKVService\x12,\n\x03Get\x12\x11.kv.v1.GetRequest\x1a\x12.kv.v1.GetResponse\x12,\n\x03Put\x12\x11.kv.v1.PutRequest\x1a\x12.kv.v1.PutResponse\x12\x35\n\x06\x44\x65lete\x12\x14.kv.v1.DeleteRequest\x1a\x15.kv.v1.DeleteResponse\x12\x31\n\x05Watch\x12\x13.kv.v1.WatchRequest\x1a\x11.kv.v1.WatchEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'samples.kv.gen.kv.v1.kv_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KVSERVICE'].methods_by_name['Get']._loaded_options = None
-  _globals['_KVSERVICE'].methods_by_name['Get']._serialized_options = b'\220\002\001'
   _globals['_EVENTTYPE']._serialized_start=323
   _globals['_EVENTTYPE']._serialized_end=405
   _globals['_GETREQUEST']._serialized_start=25
@@ -52,5 +50,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHEVENT']._serialized_start=249
   _globals['_WATCHEVENT']._serialized_end=321
   _globals['_KVSERVICE']._serialized_start=408
-  _globals['_KVSERVICE']._serialized_end=622
+  _globals['_KVSERVICE']._serialized_end=617
 # @@protoc_insertion_point(module_scope)
