@@ -22,11 +22,14 @@ from connectplugin import (
     Health,
     HealthState,
     JoinToken,
+    OperatorToken,
+    ProcessStrategy,
     Rate,
     ServingStatus,
 )
 from connectplugin.cli import hostfile
 from connectplugin.runtime.health import HealthService
+from samples.kv import plugin as kv_plugin
 from samples.kv.gen.kv.v1 import kv_pb2
 from tests.helpers import free_port, wait_until
 
@@ -99,9 +102,8 @@ KV_MODULE = ["--module", "samples.kv.gen.kv.v1.kv_pb2"]
 
 def connectplugin(*args: str, timeout: float = 60, **run: Any) -> subprocess.CompletedProcess[str]:
     """Run the installed ``connectplugin`` command in the checkout (where ``samples`` imports)."""
-    return subprocess.run(
-        ["connectplugin", *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout, **run
-    )
+    run.setdefault("env", _env())
+    return subprocess.run(["connectplugin", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, **run)
 
 
 def test_call_sends_the_json_request_and_prints_the_json_answer(kv, url):
@@ -259,8 +261,8 @@ def test_health_of_nothing_listening_exits_1():
 
 HOST_FILE = """\
 [handshake]
-magic_cookie_key = "CONNECTPLUGIN_KV"
-magic_cookie_value = "8c1f2a4e-kv-sample"
+magic_cookie_key = "CONNECTPLUGIN_PLATFORM"
+magic_cookie_value = "5e0b7d2c-platform-sample"
 app_protocol_versions = [1]
 
 [host]
@@ -270,8 +272,11 @@ stop_grace = 2.0
 port = 0
 threads = 4
 
+[[host.operator_tokens]]
+secret_env = "CLI_TEST_OPERATOR_TOKEN"
+
 [plugins.kv]
-command = [{python}, "-m", "samples.kv"]
+command = [{python}, "-m", "tests.platform_plugins.provider", "--type", "kv", "--version", "1.2.0"]
 cwd = {root}
 restart = {{ max_crashes = 3, window = 30.0 }}
 """
@@ -287,7 +292,8 @@ def _host_file(tmp_path: Path, text: str = HOST_FILE) -> Path:
 def test_host_runs_a_toml_files_plugins_until_a_signal_stops_them_all(tmp_path, signum):
     with subprocess.Popen(
         ["connectplugin", "host", str(_host_file(tmp_path))],
-        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path, env=_env(CLI_TEST_OPERATOR_TOKEN=OPERATOR), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
     ) as process:
         assert process.stdout is not None
         listening = process.stdout.readline()
@@ -296,12 +302,17 @@ def test_host_runs_a_toml_files_plugins_until_a_signal_stops_them_all(tmp_path, 
         pid = int(re.search(r"\(pid (\d+)\)", launched).group(1))  # type: ignore[union-attr]
         assert url.startswith("http://127.0.0.1:"), listening + (process.stderr.read() if process.stderr else "")
         assert connectplugin("health", url).returncode == 0
+        listed = connectplugin("list", url, "--json", env=_env(CONNECTPLUGIN_TOKEN=OPERATOR))
         process.send_signal(signum)
         out, errors = process.communicate(timeout=30)
 
     assert launched.startswith("plugin kv launched at http://127.0.0.1:")
     assert "(restarted when it crashes)" in launched
     assert (process.returncode, out) == (0, "host stopped\n"), errors
+    assert listed.returncode == 0, listed.stderr
+    [kv] = json.loads(listed.stdout)
+    assert (kv["name"], kv["launched"], kv["health"]) == ("kv", True, "HEALTHY")
+    assert [(s["service_type"], s["version"], s["health"]) for s in kv["services"]] == [("kv", "1.2.0", "HEALTHY")]
     wait_until(lambda: not _alive(pid), "the plugin to exit with its host", timeout=10)
 
 
@@ -319,14 +330,16 @@ def _alive(pid: int) -> bool:
         (("port = 0", "prot = 0"), "[host.http]: unknown key 'prot'; known: "),
         (("threads = 4", 'threads = "four"'), "host.http.threads: must be a int, not 'four'"),
         (("stop_grace = 2.0", "clock = 1"), "host.clock: cannot be set from a file"),
-        (('magic_cookie_value = "8c1f2a4e-kv-sample"\n', ""), "[handshake]: missing: magic_cookie_value"),
+        (('magic_cookie_value = "5e0b7d2c-platform-sample"\n', ""), "[handshake]: missing: magic_cookie_value"),
         (("[plugins.kv]", "[plugins.kv.x]"), "[plugins.kv]: unknown key 'x'"),
         (("max_crashes = 3", "max_crashes = 0"), "[plugins.kv.restart]: RestartPolicy: max_crashes"),
         (("app_protocol_versions = [1]", "app_protocol_versions = [1"), "not TOML"),
     ],
 )
 def test_a_host_file_written_wrongly_exits_2_naming_the_key(tmp_path, change, says):
-    done = connectplugin("host", str(_host_file(tmp_path, HOST_FILE.replace(*change))), timeout=30)
+    done = connectplugin(
+        "host", str(_host_file(tmp_path, HOST_FILE.replace(*change))), env=_env(CLI_TEST_OPERATOR_TOKEN=OPERATOR)
+    )
 
     assert (done.returncode, done.stdout) == (2, "")
     assert says in done.stderr
@@ -334,7 +347,7 @@ def test_a_host_file_written_wrongly_exits_2_naming_the_key(tmp_path, change, sa
 
 def test_a_host_file_secret_comes_from_the_environment_it_names(tmp_path):
     text = HOST_FILE + '\n[[host.join_tokens]]\nsecret_env = "CLI_TEST_JOIN_TOKEN"\nservice_types = ["kv"]\n'
-    done = connectplugin("host", str(_host_file(tmp_path, text)), timeout=30)
+    done = connectplugin("host", str(_host_file(tmp_path, text)), env=_env(CLI_TEST_OPERATOR_TOKEN=OPERATOR))
 
     assert done.returncode == 2
     assert "host.join_tokens[0].secret_env: the environment variable CLI_TEST_JOIN_TOKEN is not set" in done.stderr
@@ -368,3 +381,43 @@ def test_the_readme_host_file_reads_as_the_configs_it_names(tmp_path, pki, monke
     assert kv.strategy.cwd == str(tmp_path)
     assert kv.restart is not None
     assert (kv.restart.max_crashes, kv.restart.window, kv.restart.backoff.max_backoff) == (5, 60.0, 30.0)
+
+
+# --- connectplugin list --------------------------------------------------------------------------
+
+OPERATOR = "operator-token-for-the-cli-tests"
+
+
+def test_list_prints_a_table_of_the_hosts_plugins(make_host):
+    host = make_host(kv_plugin.HANDSHAKE, kv_plugin.PLUGINS, operator_tokens=[OperatorToken(OPERATOR)])
+    host.launch(ProcessStrategy([sys.executable, "-m", "samples.kv"], cwd=str(ROOT)), name="kv")
+    done = connectplugin("list", host.url, "--token", OPERATOR)
+
+    assert done.returncode == 0, done.stderr
+    header, row = done.stdout.splitlines()
+    assert header.split() == ["PLUGIN", "SELF", "ID", "VERSION", "HEALTH", "LAUNCHED", "SERVICES"]
+    plugin, self_id, _, health, launched, *service = row.split()
+    assert (plugin, self_id, health, launched, service) == ("kv", "kv-store", "HEALTHY", "yes", ["kv", "1.0.0"])
+
+
+@pytest.mark.parametrize(
+    ("token", "says"),
+    [
+        ("wrong-token-of-sufficient-length!", "an operator token (Authorization: Bearer ...) is required"),
+        ("", "an operator token is needed: --token or the environment variable CONNECTPLUGIN_TOKEN"),
+    ],
+)
+def test_list_refuses_without_the_operator_token(make_host, token, says):
+    host = make_host(operator_tokens=[OperatorToken(OPERATOR)])
+    done = connectplugin("list", host.url, *(["--token", token] if token else []))
+
+    assert done.returncode == (1 if token else 2)
+    assert says in done.stderr
+    assert done.stdout == ""
+
+
+def test_a_host_without_operator_tokens_lists_to_nobody(make_host):
+    done = connectplugin("list", make_host().url, "--token", OPERATOR)
+
+    assert done.returncode == 1
+    assert "unauthenticated" in done.stderr and "HostConfig.operator_tokens" in done.stderr

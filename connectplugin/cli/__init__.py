@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -111,6 +112,18 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("url", help="the plugin's or host's base URL")
     health.add_argument("service", nargs="?", default="", help="a service name (default: the whole server)")
     health.set_defaults(run=_health)
+
+    listing = commands.add_parser(
+        "list", parents=[connection], help="list a host's plugins, their services, versions and health",
+        description="Print the plugins the host at HOST_URL launched or admitted, the services "
+        f"each provides and their health. The host answers operators only: give one of its "
+        f"operator tokens (HostConfig.operator_tokens) with --token or in ${TOKEN_ENV}.",
+    )
+    listing.add_argument("url", metavar="HOST_URL", help="the host's URL")
+    listing.add_argument("--token", help=f"an operator token of the host (default: ${TOKEN_ENV}); "
+                         "a token on the command line is visible to other local users, prefer the variable")
+    listing.add_argument("--json", action="store_true", help="print the host's JSON as it is")
+    listing.set_defaults(run=_list)
 
     host = commands.add_parser(
         "host", help="run a host from a TOML file until SIGTERM or SIGINT",
@@ -274,15 +287,7 @@ def _health(args: argparse.Namespace) -> int:
 
 def _readyz(args: argparse.Namespace) -> ServingStatus:
     """The host's readiness probe: 200 is SERVING, any other answer NOT_SERVING."""
-    verify: str | bool = str(args.cacert) if args.cacert else True
-    cert = (str(args.cert), str(args.key)) if args.cert else None
-    try:
-        answer = requests.get(
-            f"{args.url.rstrip('/')}/readyz", verify=verify, cert=cert, timeout=args.timeout or ClientConfig.timeout
-        )
-    except requests.RequestException as e:
-        raise ConnectError(Code.UNAVAILABLE, f"{args.url}/readyz: {e}") from None
-    return ServingStatus.SERVING if answer.status_code == 200 else ServingStatus.NOT_SERVING
+    return ServingStatus.SERVING if _get(args, "/readyz").status_code == 200 else ServingStatus.NOT_SERVING
 
 
 # --- host ----------------------------------------------------------------------------------------
@@ -301,3 +306,52 @@ def _host(args: argparse.Namespace) -> int:
     except (KeyboardInterrupt, SystemExit):  # SIGINT, SIGTERM: the with block stopped everything
         print("host stopped", flush=True)
     return 0
+
+
+# --- list ----------------------------------------------------------------------------------------
+
+
+def _list(args: argparse.Namespace) -> int:
+    token = args.token or os.environ.get(TOKEN_ENV, "")
+    if not token:
+        raise UsageError(f"an operator token is needed: --token or the environment variable {TOKEN_ENV}")
+    answer = _get(args, "/plugins", {"Authorization": f"Bearer {token}"})
+    if answer.status_code != 200:
+        code = _HTTP_CODES.get(answer.status_code, Code.UNKNOWN)
+        raise ConnectError(code, f"{args.url.rstrip('/')}/plugins answered {answer.status_code}: {answer.text.strip()}")
+    plugins = answer.json()["plugins"]
+    if args.json:
+        print(json.dumps(plugins, indent=2))
+        return 0
+    rows = [("PLUGIN", "SELF ID", "VERSION", "HEALTH", "LAUNCHED", "SERVICES")]
+    for p in plugins:
+        services = ", ".join(f"{s['service_type']} {s['version']}".strip() for s in p["services"])
+        rows.append((p["name"], p["self_id"], p["version"] or "-", p["health"], "yes" if p["launched"] else "no",
+                     services or "-"))
+    widths = [max(len(row[n]) for row in rows) for n in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    return 0
+
+
+# How list reads a refusal of /plugins.
+_HTTP_CODES = {401: Code.UNAUTHENTICATED, 403: Code.PERMISSION_DENIED, 404: Code.UNIMPLEMENTED}
+
+
+def _get(args: argparse.Namespace, path: str, headers: dict[str, str] | None = None) -> requests.Response:
+    """A plain GET of ``URL + path`` with the connection options (a probe, the inventory)."""
+    if not args.url.startswith(("http://", "https://")):
+        raise UsageError(f"{args.url!r} is not an http:// or https:// URL")
+    if (args.cert is None) != (args.key is None):
+        raise UsageError("--cert and --key go together")
+    url = f"{args.url.rstrip('/')}{path}"
+    try:
+        return requests.get(
+            url,
+            headers={**_client_config(args).headers, **(headers or {})},
+            verify=str(args.cacert) if args.cacert else True,
+            cert=(str(args.cert), str(args.key)) if args.cert else None,
+            timeout=args.timeout or ClientConfig.timeout,
+        )
+    except requests.RequestException as e:
+        raise ConnectError(Code.UNAVAILABLE, f"{url}: {e}") from None

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..host.admission import JoinToken
+from ..host.admission import JoinToken, OperatorToken
+from ..host.metrics import MetricsConfig
 from ..host.pluginhost import HostConfig, PluginHost
 from ..host.supervisor import RestartPolicy
 from ..rpc.httpserver import HTTPConfig
@@ -60,7 +61,9 @@ class HostFile:
 
 
 # Sequences of tables, by field name: the element type each table builds.
-_ELEMENTS: dict[str, type] = {"join_tokens": JoinToken}
+_ELEMENTS: dict[str, type] = {"join_tokens": JoinToken, "operator_tokens": OperatorToken}
+# Optional parts (None by default), by field name: the type a table of them builds.
+_OPTIONAL: dict[str, type] = {"metrics": MetricsConfig}
 # Fields a file cannot set: what the command decides, or what is no value (clocks, callables).
 _NOT_IN_FILES = {"handle_signals"}
 
@@ -156,6 +159,8 @@ class _Reader:
             return tuple(self.build(_ELEMENTS[field.name], item, f"{where}[{n}]") for n, item in enumerate(value))
         if dataclasses.is_dataclass(default) and not isinstance(default, type):
             return self.build(type(default), value, where)
+        if field.name in _OPTIONAL:
+            return self.build(_OPTIONAL[field.name], value, where)
         if isinstance(default, tuple) or field.type in ("Sequence[str]", "Sequence[int]"):
             if not isinstance(value, list):
                 raise self.error(where, "must be an array")

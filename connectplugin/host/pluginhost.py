@@ -55,6 +55,8 @@ from .admission import Admission, CertificateIdentity, JoinToken, Operators, Ope
 from .broker import DEFAULT_MAX_GRANTS, DEFAULT_TTL, Broker, BrokerService
 from .broker import ROUTE as BROKER_ROUTE
 from .identities import DEFAULT_ROTATION_GRACE, DEFAULT_TOKEN_TTL, Identities, Identity, utc_now
+from .inventory import ROUTE as INVENTORY_ROUTE
+from .inventory import InventoryEndpoint, PluginSummary, ServiceSummary
 from .metrics import DirectCalls, HostMetrics, MetricsConfig, MetricsEndpoint
 from .ratelimit import Rate, RateLimiter
 from .registry import Declared, Provider, Registry, RegistryConfig, RegistryService
@@ -385,6 +387,7 @@ class PluginHost:
                 "/healthz": lambda environ, start_response: text_response(start_response, 200, "ok"),
                 "/readyz": self._ready,
                 "/metrics": MetricsEndpoint(self.metrics, self.operators),
+                INVENTORY_ROUTE: InventoryEndpoint(self.inventory, self.operators),
             },
         )
 
@@ -633,6 +636,42 @@ class PluginHost:
     def redirect(self, old: PluginClient, new: PluginClient) -> None:
         """Route calls addressed to ``old``'s endpoints to ``new`` from now on (blue-green)."""
         self.router.alias(self.runtime_id(old), self.runtime_id(new))
+
+    def inventory(self) -> list[PluginSummary]:
+        """The plugins this host launched or that registered services, with those services
+        and their health, as operators see them (``GET /plugins``, ``connectplugin list``)."""
+        with self._lock:
+            names = {identity.runtime_id: client.name for client, identity in self._launched}
+            health = dict(self._health)
+        providers: dict[str, list[Provider]] = {runtime_id: [] for runtime_id in names}
+        for provider in self.registry.providers():
+            providers.setdefault(provider.provider_id, []).append(provider)
+        summaries = []
+        for runtime_id, provided in providers.items():
+            identity = self.identities.get(runtime_id)
+            if identity is None:  # revoked since: gone
+                continue
+            reported = health.get(runtime_id)
+            worst = max((p.health for p in provided), default=HealthState.HEALTHY)
+            state = reported.state if reported else worst
+            services = tuple(
+                ServiceSummary(p.service_type, p.version, p.endpoint_path, p.health.name)
+                for p in sorted(provided, key=lambda p: (p.service_type, p.version))
+            )
+            if runtime_id in names:
+                services += tuple(
+                    ServiceSummary(d.name, d.version, d.service_path, state.name, registered=False)
+                    for d in self.plugins.values()
+                )
+            summaries.append(
+                PluginSummary(
+                    name=names.get(runtime_id, identity.self_id), runtime_id=runtime_id,
+                    self_id=identity.self_id, version=identity.self_version, launched=identity.launched,
+                    health=state.name,
+                    reason=reported.reason if reported else "", services=services,
+                )
+            )
+        return sorted(summaries, key=lambda s: (s.name, s.runtime_id))
 
     def reported_health(self, runtime_id: str) -> HealthReport | None:
         """The last health a plugin reported (or its crash), by runtime id."""
