@@ -21,6 +21,8 @@ from connectplugin import (
     HandshakeConfig,
     Health,
     HealthState,
+    HTTPConfig,
+    HTTPServer,
     JoinToken,
     OperatorToken,
     ProcessStrategy,
@@ -28,6 +30,7 @@ from connectplugin import (
     ServingStatus,
 )
 from connectplugin.cli import hostfile
+from connectplugin.rpc import tls
 from connectplugin.runtime.health import HealthService
 from samples.kv import plugin as kv_plugin
 from samples.kv.gen.kv.v1 import kv_pb2
@@ -309,6 +312,7 @@ def test_host_runs_a_toml_files_plugins_until_a_signal_stops_them_all(tmp_path, 
     assert launched.startswith("plugin kv launched at http://127.0.0.1:")
     assert "(restarted when it crashes)" in launched
     assert (process.returncode, out) == (0, "host stopped\n"), errors
+    assert "INFO connectplugin.host: launched kv" in errors  # the host's log, on stderr
     assert listed.returncode == 0, listed.stderr
     [kv] = json.loads(listed.stdout)
     assert (kv["name"], kv["launched"], kv["health"]) == ("kv", True, "HEALTHY")
@@ -421,3 +425,19 @@ def test_a_host_without_operator_tokens_lists_to_nobody(make_host):
 
     assert done.returncode == 1
     assert "unauthenticated" in done.stderr and "HostConfig.operator_tokens" in done.stderr
+
+
+def test_call_presents_a_client_certificate_to_a_server_that_requires_one(serve, kv, pki, tmp_path):
+    pki.write(tmp_path)
+    mtls = tls.TLSConfig(key_pair=pki.host, trust=tls.Trust(cas=(pki.ca.certificate,)))
+    url = HTTPServer(App([kv]), HTTPConfig(tls=mtls)).start()
+    try:
+        args = ["call", url.url, "kv.v1.KVService/Get", '{"key": "k"}', *KV_MODULE, "--cacert", str(tmp_path / "ca.pem")]
+        with_cert = connectplugin(*args, "--cert", str(tmp_path / "kv.pem"), "--key", str(tmp_path / "kv-key.pem"))
+        without = connectplugin(*args)
+    finally:
+        url.close(grace=1.0)
+
+    assert (with_cert.returncode, with_cert.stderr) == (0, "")
+    assert without.returncode == 1
+    assert "unavailable" in without.stderr

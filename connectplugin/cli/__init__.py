@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -57,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader (head, a closed pipe) went away: not our failure
         sys.stderr.close()
         return 0
+    except KeyboardInterrupt:  # Ctrl-C during a call or a stream: the shell's convention
+        return 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -133,6 +136,8 @@ def _parser() -> argparse.ArgumentParser:
         "stop the plugins and the host (exit status 0).",
     )
     host.add_argument("config", type=Path, help="the host's TOML file")
+    host.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                      help="the host's and its plugins' log records shown on stderr (default INFO)")
     host.set_defaults(run=_host)
 
     codegen_parser = commands.add_parser(
@@ -298,6 +303,8 @@ def _host(args: argparse.Namespace) -> int:
         described = hostfile.load(args.config)
     except hostfile.HostFileError as e:
         raise UsageError(str(e)) from None
+    # Plugin output arrives as records under connectplugin.plugin.<name>, at its own level.
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         hostfile.run(described, out=lambda line: print(line, flush=True))
     except LaunchError as e:
