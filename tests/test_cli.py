@@ -441,3 +441,25 @@ def test_call_presents_a_client_certificate_to_a_server_that_requires_one(serve,
     assert (with_cert.returncode, with_cert.stderr) == (0, "")
     assert without.returncode == 1
     assert "unavailable" in without.stderr
+
+
+# --- the command itself --------------------------------------------------------------------------
+
+
+def test_python_m_connectplugin_is_the_command_and_help_lists_the_subcommands():
+    helped = subprocess.run(
+        [sys.executable, "-m", "connectplugin", "--help"], env=_env(), capture_output=True, text=True, timeout=60
+    )
+
+    assert helped.returncode == 0
+    for command in ("call", "health", "list", "host", "codegen"):
+        assert f"\n    {command} " in helped.stdout
+    assert "Exit status: 0 success, 1" in helped.stdout
+
+
+@pytest.mark.parametrize("args", [[], ["nope"], ["call", "http://127.0.0.1:1"], ["health"]])
+def test_usage_errors_exit_2(args):
+    done = connectplugin(*args)
+
+    assert done.returncode == 2
+    assert done.stderr.startswith("usage: connectplugin")
