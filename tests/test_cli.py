@@ -30,6 +30,7 @@ from connectplugin import (
     ServingStatus,
 )
 from connectplugin.cli import hostfile
+from connectplugin.host.metrics import MetricsConfig
 from connectplugin.rpc import tls
 from connectplugin.runtime.health import HealthService
 from samples.kv import plugin as kv_plugin
@@ -367,6 +368,7 @@ def test_the_readme_host_file_reads_as_the_configs_it_names(tmp_path, pki, monke
     (tmp_path / "pki" / "ca.pem").write_bytes(pki.ca.certificate_pem())
     (tmp_path / "host.toml").write_text(text)
     monkeypatch.setenv("KV_JOIN_TOKEN", "k" * 32)
+    monkeypatch.setenv("OPERATOR_TOKEN", "o" * 32)
 
     described = hostfile.load(tmp_path / "host.toml")
 
@@ -378,6 +380,8 @@ def test_the_readme_host_file_reads_as_the_configs_it_names(tmp_path, pki, monke
     assert http.tls.key_pair.fingerprint == pki.host.fingerprint
     assert http.tls.trust.cas == (pki.ca.certificate,)
     assert described.host.join_tokens == (JoinToken("k" * 32, ("kv",), "kv-joiners"),)
+    assert described.host.operator_tokens == (OperatorToken("o" * 32),)
+    assert described.host.metrics == MetricsConfig()
     [kv] = described.plugins
     assert (kv.name, tuple(kv.strategy.command), kv.strategy.env) == (
         "kv", ("python3", "-m", "samples.kv"), {"KV_LOG": "debug"}
