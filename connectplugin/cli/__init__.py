@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
@@ -28,6 +29,7 @@ from ..gen.connectplugin.health.v1 import health_pb2
 from ..gen.connectplugin.health.v1.health_connect import HealthServiceClient
 from ..rpc.client import Client, ClientConfig
 from ..rpc.errors import Code, ConnectError
+from ..rpc.httpserver import is_loopback
 from ..rpc.service import Method
 from ..rpc.tls import KeyPair, TLSConfig, Trust
 from ..runtime.health import ServingStatus, status_from_wire
@@ -322,6 +324,10 @@ def _list(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get(TOKEN_ENV, "")
     if not token:
         raise UsageError(f"an operator token is needed: --token or the environment variable {TOKEN_ENV}")
+    host = urlsplit(args.url).hostname or ""
+    if args.url.startswith("http://") and not is_loopback(host):
+        print(f"{PROG} list: warning: the operator token crosses the network to {host} in clear; use https",
+              file=sys.stderr)
     answer = _get(args, "/plugins", {"Authorization": f"Bearer {token}"})
     if answer.status_code != 200:
         code = _HTTP_CODES.get(answer.status_code, Code.UNKNOWN)
