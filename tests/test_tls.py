@@ -4,9 +4,11 @@ and that a refusal is a clear error while the server keeps serving."""
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import socket
 import stat
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -41,7 +43,7 @@ from connectplugin.runtime import handshake as hs
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KVServiceClient
 from samples.platform import HANDSHAKE
-from tests.helpers import provider_process
+from tests.helpers import ENV, ROOT, provider_process
 from tests.platform_plugins.provider import PLUGINS, Recorder, declare
 from tests.services import ScriptedKV
 
@@ -587,3 +589,36 @@ def test_auto_mtls_certificates_outlive_any_launch(mtls_host):
 
     assert plugin_certificate.not_valid_after_utc > in_five_years
     assert host_certificate.not_valid_after_utc > in_five_years
+
+
+# --- lazy imports: plaintext never loads the TLS stack -----------------------------------------
+
+PLAINTEXT_ONLY = """
+import json, sys, threading
+from connectplugin import HostConfig, HTTPConfig, PluginHost, PluginServer, ServeConfig
+from samples.platform import HANDSHAKE
+from tests.platform_plugins.provider import PLUGINS, Recorder, declare
+
+with PluginHost(HANDSHAKE, PLUGINS, HostConfig(dev_cookie_joins=True)) as host:
+    config = ServeConfig(self_id="svc", self_version="1.0.0", host_url=host.url, provides=[declare("svc")])
+    plugin = PluginServer(PLUGINS, {"kv": Recorder("svc")}, HANDSHAKE, config)
+    url = plugin.listen()
+    serving = threading.Thread(target=plugin.run)
+    serving.start()
+    plugin.link.connect(HANDSHAKE, "svc", "1.0.0", url)
+    host.discover("svc")
+    plugin.stop(grace=0)
+    serving.join()
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"cryptography", "OpenSSL", "cheroot"})
+print(json.dumps(heavy))
+"""
+
+
+def test_a_plaintext_host_and_plugin_never_import_cryptography_openssl_or_cheroot():
+    done = subprocess.run(
+        [sys.executable, "-c", PLAINTEXT_ONLY], cwd=ROOT, env={**os.environ, **ENV},
+        capture_output=True, text=True, timeout=60,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []

@@ -6,6 +6,9 @@ short-lived self-signed pairs of automatic mTLS), and turned into the contexts t
 use. Keys stay in memory: pyOpenSSL takes key objects, and the ``ssl`` module, which only
 reads keys from files, reads them from an anonymous in-memory file (Linux ``memfd``) or,
 elsewhere, from a temporary file holding the key encrypted under a one-time password.
+
+``cryptography`` and pyOpenSSL are imported by the functions that use them, never by
+importing this module: a plaintext plugin or host loads neither (they cost ~30 ms).
 """
 
 from __future__ import annotations
@@ -24,14 +27,11 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from OpenSSL import SSL, crypto
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
 DEV_LIFETIME = datetime.timedelta(days=30)
 """How long the certificates of ``make_dev_pki`` are valid."""
@@ -51,11 +51,15 @@ URI_SCHEME = "connectplugin"
 
 def fingerprint(certificate: x509.Certificate) -> str:
     """The SHA-256 fingerprint of a certificate's DER bytes, as lower-case hex."""
+    from cryptography.hazmat.primitives import hashes
+
     return certificate.fingerprint(hashes.SHA256()).hex()
 
 
 def load_certificates(pem: bytes | str) -> tuple[x509.Certificate, ...]:
     """Every certificate in a PEM text; ValueError when there is none."""
+    from cryptography import x509
+
     data = pem.encode() if isinstance(pem, str) else pem
     certificates = tuple(x509.load_pem_x509_certificates(data))
     if not certificates:
@@ -64,6 +68,8 @@ def load_certificates(pem: bytes | str) -> tuple[x509.Certificate, ...]:
 
 
 def certificates_pem(certificates: Iterable[x509.Certificate]) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certificates)
 
 
@@ -79,6 +85,8 @@ class KeyPair:
     @classmethod
     def from_pem(cls, certificate: bytes | str, private_key: bytes | str, password: bytes | None = None) -> KeyPair:
         """From PEM text: the certificate first, then any intermediates; the key, maybe encrypted."""
+        from cryptography.hazmat.primitives import serialization
+
         leaf, *chain = load_certificates(certificate)
         key_data = private_key.encode() if isinstance(private_key, str) else private_key
         key = serialization.load_pem_private_key(key_data, password)
@@ -94,6 +102,8 @@ class KeyPair:
         return certificates_pem((self.certificate, *self.chain))
 
     def private_key_pem(self, password: bytes | None = None) -> bytes:
+        from cryptography.hazmat.primitives import serialization
+
         encryption: serialization.KeySerializationEncryption = (
             serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
         )
@@ -212,6 +222,11 @@ def generate_key_pair(
     must). ``not_before`` defaults to now less :data:`CLOCK_SKEW`; tests pass a past time
     to make an expired certificate.
     """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
     key = ec.generate_private_key(ec.SECP256R1())
     start = not_before or datetime.datetime.now(datetime.timezone.utc) - CLOCK_SKEW
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
@@ -254,6 +269,9 @@ def plugin_uri(self_id: str) -> str:
 
 def certificate_ids(certificate: x509.Certificate) -> list[str]:
     """The self ids a certificate names: its ``connectplugin://plugin/<id>`` SAN URIs, else its CN."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
     try:
         san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         prefix = plugin_uri("")
@@ -286,11 +304,15 @@ def pinned_to(own: KeyPair, peer: x509.Certificate) -> TLSConfig:
 
 def encode_certificate(certificate: x509.Certificate) -> str:
     """A certificate as one token for a line of text (base64 of its DER, no ``|``)."""
+    from cryptography.hazmat.primitives import serialization
+
     return base64.b64encode(certificate.public_bytes(serialization.Encoding.DER)).decode()
 
 
 def decode_certificate(text: str) -> x509.Certificate:
     """The certificate :func:`encode_certificate` made; ValueError for anything else."""
+    from cryptography import x509
+
     try:
         return x509.load_der_x509_certificate(base64.b64decode(text.strip(), validate=True))
     except (binascii.Error, ValueError) as e:
@@ -404,11 +426,14 @@ def pin_fingerprint(trust: Trust | None) -> str | None:
 def server_context(config: TLSConfig) -> Any:
     """The pyOpenSSL context the TLS server uses: our pair from memory, and when ``trust`` is
     set, a client certificate that trust accepts is required."""
+    from OpenSSL import SSL, crypto
+
     if config.key_pair is None:
         raise ValueError("a TLS server needs a key pair")
     pair = config.key_pair
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
-    context.set_min_proto_version(_OPENSSL_VERSIONS[config.minimum_version])
+    versions = {ssl.TLSVersion.TLSv1_2: SSL.TLS1_2_VERSION, ssl.TLSVersion.TLSv1_3: SSL.TLS1_3_VERSION}
+    context.set_min_proto_version(versions[config.minimum_version])
     context.use_certificate(pair.certificate)
     context.use_privatekey(pair.private_key)  # type: ignore[arg-type]  # pyOpenSSL takes cryptography keys
     for extra in pair.chain:
@@ -431,9 +456,6 @@ def server_context(config: TLSConfig) -> Any:
 
         context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
     return context
-
-
-_OPENSSL_VERSIONS = {ssl.TLSVersion.TLSv1_2: SSL.TLS1_2_VERSION, ssl.TLSVersion.TLSv1_3: SSL.TLS1_3_VERSION}
 
 
 def peer_certificate(environ: dict) -> x509.Certificate | None:

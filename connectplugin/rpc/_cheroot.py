@@ -1,0 +1,447 @@
+"""TLS serving on cheroot with its pyOpenSSL adapter, behind :class:`~.httpserver.HTTPServer`.
+
+What waitress gives plaintext apps, given here too: limits on slow and idle connections
+(:class:`_Connections`), a disconnection check for ``Context.is_active()``, and the client's
+verified certificate in the environ. Imported only when a server is configured with TLS, so
+plaintext plugins and hosts never load cheroot or pyOpenSSL.
+"""
+
+from __future__ import annotations
+
+import enum
+import select
+import selectors
+import socket
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from cheroot import connections as cheroot_connections
+from cheroot import errors as cheroot_errors
+from cheroot import wsgi as cheroot_wsgi
+from cheroot.ssl.pyopenssl import pyOpenSSLAdapter
+from OpenSSL import SSL
+
+from . import tls as _tls
+
+if TYPE_CHECKING:
+    from .httpserver import HTTPConfig
+
+CLIENT_DISCONNECTED_KEY = "connectplugin.client_disconnected"
+"""WSGI environ key: a callable true once the client has gone (waitress has its own)."""
+_TLS_ALERT = 0x15
+"""The first byte of a TLS alert record: a client's close_notify before it hangs up."""
+
+
+class _CherootServer(cheroot_wsgi.Server):
+    """cheroot's WSGI server whose workers only ever get a connection whose TLS handshake is
+    done and whose request head has arrived whole (see :class:`_Connections`)."""
+
+    def prepare(self, config: HTTPConfig) -> None:  # type: ignore[override]  # ours takes the limits
+        # cheroot's prepare() also binds; HTTPServer.bind() has, so this is the rest of it.
+        self._interrupt = None
+        self.software = self.software or f"{self.version} Server"
+        self._connections = _Connections(self, config)
+        self.requests.start()
+        self.ready = True
+        self._start_time = time.time()
+
+    def process_conn(self, conn: Any) -> None:
+        """From the selector thread (a new or readable connection) or a worker (a kept-alive
+        one with bytes already buffered): to a worker once its request head is in."""
+        if self._connections.ready_for_worker(conn):
+            super().process_conn(conn)
+
+
+class _Gateway(cheroot_wsgi.Gateway_10):
+    """cheroot's WSGI 1.0 gateway, adding what waitress offers: a disconnection check, and
+    the verified client certificate."""
+
+    def get_environ(self) -> dict:  # type: ignore[override]  # cheroot's stub says None
+        environ = super().get_environ()
+        connection = self.req.conn
+        fd = connection.socket.fileno()
+        environ[CLIENT_DISCONNECTED_KEY] = lambda: _peer_gone(fd)
+        environ[_tls.PEER_CERTIFICATE_KEY] = lambda: _peer_certificate(connection)
+        return environ
+
+    def write(self, chunk: bytes) -> None:
+        req = self.req
+        if not req.sent_headers and (self.remaining_bytes_out is None or len(chunk) <= self.remaining_bytes_out):
+            hold = getattr(req.conn.wfile, "hold_next", None)
+            if hold is not None:  # the head goes out with this first chunk
+                hold()
+        super().write(chunk)
+
+
+class _TLSSocketIO(socket.SocketIO):
+    """A pyOpenSSL connection read and written as a socket with a timeout would be.
+
+    pyOpenSSL raises WantRead/WantWrite where such a socket waits (cheroot's own reader
+    retries whole buffered reads, losing the bytes already taken, and polls with sleeps);
+    here the raw calls wait on the descriptor, up to the socket's timeout, and the TLS
+    errors become the socket errors cheroot knows. Reads first return what the selector
+    thread read ahead (``pending``, or the error it met), and wait no later than
+    ``deadline`` (a ``time.monotonic()`` reading: the end of the request's time).
+    """
+
+    _sock: Any
+    pending: bytearray
+    failure: BaseException | None = None
+    deadline: float | None = None
+
+    def readinto(self, b: Any) -> int:
+        pending = self.pending
+        if pending:
+            n = min(len(b), len(pending))
+            b[:n] = pending[:n]
+            del pending[:n]
+            return n
+        if self.failure is not None:
+            raise self.failure
+        return self._retry(lambda: self._sock.recv_into(b), reading=True)
+
+    def read_ahead(self, limit: int) -> bool | None:
+        """Without waiting, take what has arrived into ``pending`` (the TLS handshake runs
+        here too). True once a request head is in (or ``limit`` bytes, for cheroot to
+        refuse), None when the connection ended or failed (left for a worker to find out),
+        False while more is to come."""
+        while True:
+            try:
+                data = self._sock.recv(_READ_AHEAD)
+            except (SSL.WantReadError, SSL.WantWriteError):
+                return False
+            except (SSL.ZeroReturnError, SSL.SysCallError):
+                return None
+            except SSL.Error as e:
+                self.failure = _tls_failure(e)
+                return None
+            if not data:
+                return None
+            self.pending += data
+            if b"\r\n\r\n" in self.pending or len(self.pending) >= limit:
+                return True
+
+    def write(self, b: Any) -> int:
+        return self._retry(lambda: self._sock.send(bytes(b)), reading=False)
+
+    def _retry(self, call: Callable[[], int], reading: bool) -> int:
+        sock = self._sock
+        while True:
+            timeout = sock.gettimeout()
+            if reading and self.deadline is not None:
+                timeout = max(0.0, min(timeout, self.deadline - time.monotonic()))
+            try:
+                return call()
+            except SSL.WantReadError:
+                ready = _wait(sock.fileno(), select.POLLIN, timeout)
+            except SSL.WantWriteError:
+                ready = _wait(sock.fileno(), select.POLLOUT, timeout)
+            except SSL.ZeroReturnError:  # the client's close_notify
+                return 0
+            except SSL.SysCallError as e:
+                if reading and e.args[0] in (-1, 0):  # end of file without close_notify
+                    return 0
+                raise ConnectionResetError(str(e)) from None
+            except SSL.Error as e:
+                raise _tls_failure(e) from None
+            if not ready:
+                raise TimeoutError("timed out")  # cheroot's words for a timeout (408 mid-request)
+
+
+def _tls_failure(e: SSL.Error) -> Exception:
+    """A TLS error as cheroot knows it: plaintext HTTP at a TLS port gets a plaintext 400
+    telling it so; anything else (a refused handshake) drops the connection."""
+    if "http request" in str(e):
+        return cheroot_errors.NoSSLError()
+    return cheroot_errors.FatalSSLAlert(str(e))
+
+
+_READ_AHEAD = 16 * 1024
+"""Bytes the selector thread reads from a connection at a time while its request head arrives."""
+_MAX_READ_AHEAD = 64 * 1024
+"""A request head not ended within this many bytes goes to a worker anyway, for cheroot to refuse."""
+
+
+class _TLSReader:
+    """cheroot's request reader on a TLS connection, with a buffer of its own: a line is found
+    with one search (cheroot's reader, _pyio's, walks each line in Python, the most of what a
+    TLS request cost). What cheroot asks of it: ``read``, ``readline``, ``has_data``, ``close``;
+    ``raw`` is the connection, where the selector thread reads a request head ahead.
+    """
+
+    def __init__(self, sock: Any, size: int) -> None:
+        self.raw = _TLSSocketIO(sock, "rb")
+        self.raw.pending = bytearray()
+        self._size = max(size, _READ_AHEAD)
+        self._buffer = bytearray()
+        self.bytes_read = 0
+
+    def has_data(self) -> bool:
+        """Whether bytes were received and not yet read (a request sent without waiting),
+        here or read ahead by the selector thread."""
+        return bool(self._buffer or self.raw.pending)
+
+    def _fill(self) -> bool:
+        data = self.raw.read(self._size)
+        if not data:
+            return False
+        self._buffer += data
+        return True
+
+    def readline(self, size: int | None = -1) -> bytes:
+        buffer = self._buffer
+        limit = -1 if size is None else size
+        start = 0
+        while True:
+            end = buffer.find(b"\n", start)
+            if end >= 0:
+                take = end + 1
+                break
+            if 0 <= limit <= len(buffer):
+                take = limit
+                break
+            start = len(buffer)
+            if not self._fill():
+                take = len(buffer)
+                break
+        if 0 <= limit < take:
+            take = limit
+        return self._take(take)
+
+    def read(self, size: int | None = -1) -> bytes:
+        buffer = self._buffer
+        if size is None or size < 0:
+            while self._fill():
+                pass
+            size = len(buffer)
+        while len(buffer) < size and self._fill():
+            pass
+        return self._take(min(size, len(buffer)))
+
+    def _take(self, n: int) -> bytes:
+        data = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        self.bytes_read += n
+        return data
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+class _TLSWriter:
+    """cheroot's response writer on a TLS connection. ``hold_next()`` keeps the next write to
+    go out with the one after it: the gateway has a response's head sent with its body, one
+    TLS record and one system call instead of two."""
+
+    def __init__(self, sock: Any) -> None:
+        self._raw = _TLSSocketIO(sock, "wb")
+        self._held = b""
+        self._holding = False
+        self.bytes_written = 0
+
+    def hold_next(self) -> None:
+        self._holding = True
+
+    def write(self, data: bytes) -> int:
+        if self._holding:
+            self._holding = False
+            self._held += data
+            return len(data)
+        out = memoryview(self._held + data if self._held else data)
+        self._held = b""
+        while out:
+            out = out[self._raw.write(out) :]
+        self.bytes_written += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self._holding = False
+        if self._held:
+            self.write(b"")
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._raw.close()
+
+
+class _TLSAdapter(pyOpenSSLAdapter):
+    """cheroot's pyOpenSSL adapter with a context built in memory and our socket files."""
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(None, None)
+        self.context = context
+
+    def makefile(self, sock: Any, mode: str = "r", bufsize: int = -1) -> Any:
+        return _TLSReader(sock, bufsize) if "r" in mode else _TLSWriter(sock)
+
+
+class _Wait(enum.Enum):
+    """What a connection without a worker waits for, each with its own time limit."""
+
+    HANDSHAKE = "handshake"  # accepted; HTTPConfig.handshake_timeout
+    IDLE = "idle"  # between requests; HTTPConfig.idle_timeout
+    REQUEST = "request"  # a request's first bytes are in, not its whole head; request_timeout
+
+
+class _Connections(cheroot_connections.ConnectionManager):
+    """cheroot's selector loop with the bounds waitress gets from ``httpserver._Sweeper``.
+
+    cheroot hands every new connection to a worker thread at once, and a worker reads the
+    request with a timeout per read: a client that never sends its ClientHello, or feeds a
+    header line every few seconds, holds a worker, and a few such clients hold them all.
+    Here a connection gets a worker only once its handshake is done and its request head has
+    arrived whole; until then the selector thread reads what comes without waiting, and
+    closes connections past their limit: ``handshake_timeout`` from the accept,
+    ``request_timeout`` from a request's first byte (the worker's reads of the body stop at
+    the same deadline), ``idle_timeout`` between requests. Near ``connection_limit`` the
+    waiting connections longest unused are closed to make room. Connections with a worker
+    are never touched. Runs on the selector thread, but ``ready_for_worker`` and ``put``
+    also on workers (a kept-alive connection); a connection is only ever in one place.
+    """
+
+    _selector: Any  # cheroot's, not in its type stubs
+
+    def __init__(self, server: Any, config: HTTPConfig) -> None:
+        super().__init__(server)
+        self._config = config
+        margin = max(1, config.connection_limit // 20)  # as _Sweeper's
+        self._crowded = max(1, config.connection_limit - margin)
+        self._roomy = max(1, config.connection_limit - 2 * margin)
+
+    def put(self, conn: Any) -> None:
+        """A worker is done with ``conn``'s request and keeps it open: wait for the next."""
+        _set_waiting(conn, _Wait.IDLE)
+        conn.rfile.raw.deadline = None
+        super().put(conn)  # to a worker at once if the next request is buffered already
+
+    def ready_for_worker(self, conn: Any) -> bool:
+        """Whether ``conn`` should go to a worker now; if not, it waits in the selector."""
+        raw = conn.rfile.raw
+        waiting = getattr(conn, _WAITING, None)
+        if waiting is None:  # just accepted
+            waiting = _set_waiting(conn, _Wait.HANDSHAKE)
+        if conn.rfile.has_data():
+            arrived: bool | None = True
+        else:
+            before = len(raw.pending)
+            arrived = raw.read_ahead(_MAX_READ_AHEAD)
+            if arrived is False and waiting[0] is not _Wait.REQUEST:
+                if len(raw.pending) > before:
+                    waiting = _set_waiting(conn, _Wait.REQUEST)
+                elif waiting[0] is _Wait.HANDSHAKE and conn.socket.get_finished() is not None:
+                    waiting = _set_waiting(conn, _Wait.IDLE)  # a handshake and no request yet
+        if arrived is False:
+            self._selector.register(conn.socket.fileno(), selectors.EVENT_READ, data=conn)
+            return False
+        started = waiting[1] if waiting[0] is _Wait.REQUEST else time.monotonic()
+        raw.deadline = started + self._config.request_timeout
+        return True
+
+    def _expire(self, threshold: float) -> None:
+        """Close connections past their own limit (cheroot's one ``threshold`` is ignored),
+        and when crowded the longest unused beyond the limit's margin."""
+        cfg = self._config
+        limits = {_Wait.HANDSHAKE: cfg.handshake_timeout, _Wait.IDLE: cfg.idle_timeout, _Wait.REQUEST: cfg.request_timeout}
+        now = time.monotonic()
+        expired: list[tuple[float, int, Any]] = []
+        unused: list[tuple[float, int, Any]] = []
+        for fd, conn in self._selector.connections:
+            if conn is self.server:
+                continue
+            waiting, since = getattr(conn, _WAITING, (_Wait.IDLE, now))
+            age = now - since
+            (expired if age > limits[waiting] else unused).append((age, fd, conn))
+        excess = len(expired) + len(unused) - self._roomy if len(expired) + len(unused) >= self._crowded else 0
+        if excess > len(expired):
+            unused.sort(key=lambda item: item[0], reverse=True)
+            expired += unused[: excess - len(expired)]
+        for _, fd, conn in expired:
+            self._selector.unregister(fd)
+            conn.close()
+
+
+_WAITING = "_connectplugin_waiting"
+"""A cheroot connection's (_Wait, since) while no worker has it; ``since`` is monotonic."""
+
+
+def _set_waiting(conn: Any, waiting: _Wait) -> tuple[_Wait, float]:
+    state = (waiting, time.monotonic())
+    setattr(conn, _WAITING, state)
+    return state
+
+
+def _wait(fd: int, event: int, timeout: float | None) -> bool:
+    """Whether ``fd`` became ready for ``event`` within ``timeout`` seconds (poll: select
+    cannot watch descriptors past 1023)."""
+    poller = select.poll()
+    poller.register(fd, event)
+    return bool(poller.poll(None if timeout is None else timeout * 1000))
+
+
+def _peer_gone(fd: int) -> bool:
+    """Whether the client hung up: its socket reads as end of file (or a TLS alert) without
+    touching the TLS stream, which a worker may be writing to."""
+    try:
+        if not _wait(fd, select.POLLIN, 0):
+            return False
+        probe = socket.socket(fileno=fd)
+        try:
+            data = probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        finally:
+            probe.detach()
+    except BlockingIOError:
+        return False
+    except (OSError, ValueError):
+        return True
+    return not data or data[0] == _TLS_ALERT
+
+
+_PEER_ATTRIBUTE = "_connectplugin_peer"
+"""Where a cheroot connection keeps its client certificate once read: one per connection,
+fixed by its handshake (renegotiation is off), so each call need not convert it again."""
+
+
+def _peer_certificate(connection: Any) -> Any:
+    """The verified client certificate of a cheroot connection, as a cryptography object."""
+    try:
+        return getattr(connection, _PEER_ATTRIBUTE)
+    except AttributeError:
+        pass
+    certificate = connection.socket.get_peer_certificate()
+    found = None if certificate is None else certificate.to_cryptography()
+    setattr(connection, _PEER_ATTRIBUTE, found)
+    return found
+
+
+def bind(app: Callable[..., Any], cfg: HTTPConfig) -> tuple[Any, tuple[str, int]]:
+    """A cheroot server for ``app`` bound (not serving) as ``cfg`` says, and its address."""
+    assert cfg.tls is not None
+    server = _CherootServer(
+        (cfg.host, cfg.port),
+        app,
+        numthreads=cfg.workers,
+        max=cfg.workers,
+        server_name="connectplugin",
+        request_queue_size=cfg.connection_limit,
+        # Each blocking read or write of a worker; _Connections bounds the waits without one.
+        timeout=cfg.request_timeout,  # type: ignore[arg-type]  # any number
+        shutdown_timeout=cfg.close_grace,  # type: ignore[arg-type]
+        accepted_queue_size=cfg.connection_limit,
+    )
+    server.gateway = _Gateway
+    server.max_request_body_size = cfg.max_request_body_size
+    server.keep_alive_conn_limit = cfg.connection_limit  # cheroot's default keeps only 10
+    # How often the selector loop wakes: to notice close(), and to close connections past their limits.
+    server.expiration_interval = min(cfg.tls.stop_poll_interval, cfg.sweep_interval)
+    server.ssl_adapter = _TLSAdapter(_tls.server_context(cfg.tls))
+    family, kind, proto, _, _ = socket.getaddrinfo(
+        cfg.host, cfg.port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+    )[0]
+    server.bind(family, kind, proto)
+    server.socket.settimeout(1)  # as cheroot's prepare(): its accept loop wakes to check for stop
+    server.socket.listen(server.request_queue_size)
+    host, port = server.bind_addr[:2]
+    return server, (host, int(port))
