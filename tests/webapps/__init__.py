@@ -82,6 +82,16 @@ def is_kv_plugin(pid: int) -> bool:
     return b"tests.webapps.kv" in cmdline
 
 
+AS_FROM_A_TERMINAL = [
+    sys.executable, "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])",
+]  # fmt: skip
+"""Runs the command that follows with Ctrl-C's SIGINT at its default, as a terminal would,
+however these tests were started: a background job of a non-interactive shell (``pytest &``
+in a script) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt, so
+``runserver`` and ``flask run`` would not stop on the Ctrl-C the tests send."""
+
+
 class WebServer:
     """A web server in its own session on a free loopback port; ``url`` once it answers."""
 
@@ -94,7 +104,7 @@ class WebServer:
         self.launch_log.touch()
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
-                list(argv),
+                [*AS_FROM_A_TERMINAL, *argv],
                 cwd=ROOT,
                 env={**os.environ, **KV_ENV, "WEBAPP_LAUNCH_LOG": str(self.launch_log), **env},
                 stdin=subprocess.DEVNULL,
