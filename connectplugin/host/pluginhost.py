@@ -54,6 +54,8 @@ from . import validation
 from .admission import Admission, CertificateIdentity, JoinToken, Operators, OperatorToken
 from .broker import DEFAULT_MAX_GRANTS, DEFAULT_TTL, Broker, BrokerService
 from .broker import ROUTE as BROKER_ROUTE
+from .dashboard import ROUTES as DASHBOARD_ROUTES
+from .dashboard import Dashboard
 from .identities import DEFAULT_ROTATION_GRACE, DEFAULT_TOKEN_TTL, Identities, Identity, utc_now
 from .inventory import ROUTE as INVENTORY_ROUTE
 from .inventory import InventoryEndpoint, PluginSummary, ServiceSummary
@@ -377,7 +379,8 @@ class PluginHost:
                 _HostHandshake(self),
                 _Lifecycle(self),
                 RegistryService(
-                    self.registry, self.identities, self._roster, self._admission, self.registration_rate
+                    self.registry, self.identities, self._roster, self._admission, self.registration_rate,
+                    self.operators,
                 ),
                 BrokerService(self.broker, self.identities, self, self.grant_rate),
             ],
@@ -388,6 +391,7 @@ class PluginHost:
                 "/readyz": self._ready,
                 "/metrics": MetricsEndpoint(self.metrics, self.operators),
                 INVENTORY_ROUTE: InventoryEndpoint(self.inventory, self.operators),
+                **dict.fromkeys(DASHBOARD_ROUTES, Dashboard(self.inventory, self.operators, self.metrics)),
             },
         )
 

@@ -22,6 +22,7 @@ from ..gen.connectplugin.v1 import registry_pb2
 from ..gen.connectplugin.v1.registry_connect import ServiceRegistryHandler
 from ..rpc.errors import Code, ConnectError
 from ..rpc.server import Context
+from ..runtime.credentials import RUNTIME_ID_HEADER
 from ..runtime.health import DEGRADED, HEALTHY, UNHEALTHY, HealthState
 from . import validation
 from .identities import Identities, Identity
@@ -32,6 +33,9 @@ UNAVAILABLE = registry_pb2.SERVICE_STATE_UNAVAILABLE
 SERVICE_DEGRADED = registry_pb2.SERVICE_STATE_DEGRADED
 
 STRATEGIES = ("first", "round_robin", "random", "weighted")
+
+ALL_TYPES = ""
+"""The service type to watch for every type at once (operators only: the dashboard)."""
 
 
 @dataclass(frozen=True)
@@ -305,7 +309,10 @@ class Registry:
     # --- watching -----------------------------------------------------------------------------
 
     def watch(self, service_type: str, active: Callable[[], bool]) -> Iterator[registry_pb2.WatchServiceEvent]:
-        """The current state of ``service_type``, then each change, while ``active()``."""
+        """The current state of ``service_type``, then each change, while ``active()``.
+
+        ``ALL_TYPES`` watches every type: the current state of each known one, then each
+        change of any (``max_watchers_per_type`` counts such watchers as one type)."""
         poll = self.config.watch_check_interval
         events: queue.SimpleQueue[registry_pb2.WatchServiceEvent | None] = queue.SimpleQueue()
         with self._lock:
@@ -316,9 +323,10 @@ class Registry:
                     f"{self.config.max_watchers_per_type}); try again later",
                 )
             self._watchers.setdefault(service_type, []).append(events)
-            first = self._event(service_type)
-            self._last_event[service_type] = (first.state, first.endpoint.provider_id)
-            events.put(first)
+            for watched in sorted(self._known_types) if service_type == ALL_TYPES else [service_type]:
+                first = self._event(watched)
+                self._last_event[watched] = (first.state, first.endpoint.provider_id)
+                events.put(first)
         try:
             while active():
                 try:
@@ -445,7 +453,7 @@ class Registry:
     def _publish(self, service_type: str) -> None:
         self._usable_now.pop(service_type, None)
         self._changed.notify_all()
-        if service_type not in self._watchers:
+        if service_type not in self._watchers and ALL_TYPES not in self._watchers:
             # Nobody to tell: a watcher that comes gets the state then (and it is remembered).
             self._last_event.pop(service_type, None)
             return
@@ -455,6 +463,8 @@ class Registry:
             return
         self._last_event[service_type] = key
         for events in self._watchers.get(service_type, ()):
+            events.put(event)
+        for events in self._watchers.get(ALL_TYPES, ()):
             events.put(event)
         self._forget_quiet(service_type)
 
@@ -476,13 +486,33 @@ class BaseURLs(Protocol):
         ...
 
 
+class Operators(Protocol):
+    """Tells operators (people and tools observing the host) by their credential."""
+
+    def token(self, authorization: str) -> object | None:
+        """The operator token an ``Authorization`` value presents, None for any other."""
+        ...
+
+    def check(self, authorization: str) -> object:
+        """As ``token``, raising ``unauthenticated`` for anything but an operator token."""
+        ...
+
+
 class RegistryService(ServiceRegistryHandler):
-    """``connectplugin.v1.ServiceRegistry`` for plugins: every call is authenticated."""
+    """``connectplugin.v1.ServiceRegistry`` for plugins: every call is authenticated. Operators
+    may also watch, every type at once included (``ALL_TYPES``)."""
 
     def __init__(
-        self, registry: Registry, identities: Identities, roster: Roster, base_urls: BaseURLs, rate: RateLimiter
+        self,
+        registry: Registry,
+        identities: Identities,
+        roster: Roster,
+        base_urls: BaseURLs,
+        rate: RateLimiter,
+        operators: Operators,
     ) -> None:
         """``rate``: registrations allowed per plugin, by runtime id."""
+        self._operators = operators
         self._registry = registry
         self._identities = identities
         self._roster = roster
@@ -512,5 +542,11 @@ class RegistryService(ServiceRegistryHandler):
         return registry_pb2.DiscoverServiceResponse(endpoint=self._registry.endpoint(provider), single_provider=count == 1)
 
     def watch_service(self, request: registry_pb2.WatchServiceRequest, ctx: Context) -> Iterator[registry_pb2.WatchServiceEvent]:
-        self._identities.caller(ctx)
+        authorization = str(ctx.request_headers.get("authorization", ""))
+        if request.service_type == ALL_TYPES:
+            self._operators.check(authorization)
+        elif not ctx.request_headers.get(RUNTIME_ID_HEADER.lower()) and self._operators.token(authorization):
+            pass  # an operator watching one type
+        else:
+            self._identities.caller(ctx)
         return self._registry.watch(request.service_type, ctx.is_active)
