@@ -1,8 +1,12 @@
 """Against the Go reference itself (masegraye/connect-plugin-go at 6f150b6, as ``goref``).
 
-Each test runs the real Go program next to ours, in both directions: Go plugins with our
-host, our plugins with the Go host, each launcher starting the other's plugins. They skip,
-naming the missing file, on a checkout without ``../shared/goref/goref.xz``.
+Each test runs the real Go program next to ours, one row of docs/go-compat.md each: a Go
+client's handshake and ours with the other's plugin (unary, stream, health); the same bad
+request answered with the same code by both; app version fallback; the samples' KV
+contract; our plugin self-registering with the Go host and called through the Go router
+(HostLink); the Go platform (Model A) adding our running plugin; each launcher starting
+the other's plugins; a Go plugin self-registering with our host and called through our
+router. They skip, naming the missing file, on a checkout without ``../shared/goref/goref.xz``.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from connectplugin import (
     PluginNotServedError,
     PluginServer,
     ProcessStrategy,
+    ServingStatus,
 )
 from connectplugin.gen.connectplugin.health.v1 import health_pb2
 from connectplugin.gen.connectplugin.health.v1.health_connect import HealthServiceClient
@@ -132,6 +137,60 @@ def test_our_plugin_answers_health_for_its_plugin_name_as_the_go_plugin_does(go,
     ours = serve(PluginServer({"kv": KV_PLUGIN}, {"kv": KVStore()}, GO_HANDSHAKE).app)
     assert check(go_url, "kv") == check(ours.url, "kv") == SERVING
     assert check(ours.url, "kv.v1.KVService") == SERVING
+
+
+# --- a Go client and ours, each with the other's plugin --------------------------------------------
+
+
+def go_client_handshake(requested: list[str]) -> handshake_pb2.HandshakeRequest:
+    """What the Go reference's ``Client.Connect`` sends (client.go): its one app version, no
+    version list, its own metadata. (goref has no KV client subcommand: this is its request.)"""
+    return handshake_pb2.HandshakeRequest(
+        core_protocol_version=1,
+        app_protocol_version=1,
+        magic_cookie_key=GO_HANDSHAKE.magic_cookie_key,
+        magic_cookie_value=GO_HANDSHAKE.magic_cookie_value,
+        requested_plugins=requested,
+        client_metadata={"client_version": "0.1.0"},
+    )
+
+
+def test_our_plugin_answers_the_go_clients_handshake_as_the_go_plugin_does(go, serve):
+    request = go_client_handshake(["kv"])
+
+    answers = [handshake(url, request) for url in (go_plugin(go), our_plugin(serve))]
+
+    # What the Go client checks: core 1, its own app version, every requested plugin listed.
+    go_answer, ours = [(a.core_protocol_version, a.app_protocol_version, [p.name for p in a.plugins]) for a in answers]
+    assert go_answer == ours == (1, 1, ["kv"])
+    # A deviation no Go peer reads (docs/go-compat.md): Go's generated metadata names the
+    # service bare, ours as the path prefix.
+    assert [a.plugins[0].service_path for a in answers] == ["kv.v1.KVService", "/kv.v1.KVService/"]
+
+
+def test_our_client_calls_a_go_plugin_unary_stream_and_health(go):
+    client = PluginClient(go_plugin(go), {"kv": KV_PLUGIN}, GO_HANDSHAKE)
+    try:
+        answer = client.handshake()
+        assert (answer.app_protocol_version, [p.name for p in answer.plugins]) == (1, ["kv"])
+        kv = client.dispense("kv")
+        # The Go store's watch opens with a "_watch_started" event.
+        watch = Reader(lambda: client.dispense("kv").watch(kv_pb2.WatchRequest(prefix="w")), until=lambda e: e.key == "w")
+
+        def put_seen() -> bool:
+            kv.put(kv_pb2.PutRequest(key="w", value=b"go"))
+            return watch.ended.is_set()
+
+        wait_until(put_seen, "a watch event from the Go plugin")
+        assert (watch.messages[-1].type, watch.messages[-1].value) == (kv_pb2.EVENT_TYPE_PUT, b"go")
+        watch.join()
+        assert kv.get(kv_pb2.GetRequest(key="w")) == kv_pb2.GetResponse(value=b"go", found=True)
+        assert kv.delete(kv_pb2.DeleteRequest(key="w")) == kv_pb2.DeleteResponse(found=True)
+        assert kv.get(kv_pb2.GetRequest(key="w")) == kv_pb2.GetResponse(found=False)
+        assert client.check_health("kv") is ServingStatus.SERVING
+        assert client.check_health() is ServingStatus.SERVING
+    finally:
+        client.close()
 
 
 # --- the same bad request, the same answer -------------------------------------------------------
