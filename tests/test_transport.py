@@ -244,6 +244,14 @@ def test_the_pool_sends_head_and_body_in_one_write_with_its_host():
     assert b"X-Test: t" in lines and b"Content-Length: 2" in lines and body == b"hi"
 
 
+def test_a_host_header_of_the_callers_replaces_the_pools_own():
+    with raw_peer(b"HTTP/1.1 204 No Content\r\n\r\n") as (pool, received):
+        read_all(pool.send("GET", "/", {"Host": "plugin.example"}, None, 5.0, 5.0))
+
+    lines = received[0].split(b"\r\n")
+    assert [line for line in lines if line.lower().startswith(b"host:")] == [b"Host: plugin.example"]
+
+
 @pytest.mark.parametrize(
     "headers, target",
     [({"X-Test": "t\r\nX-Smuggled: 1"}, "/p"), ({"X-Test\r\nX-Smuggled": "1"}, "/p"), ({}, "/p HTTP/1.1\r\nX: 1")],

@@ -831,7 +831,11 @@ class ConnectionPool:
                 raise ValueError(f"invalid header name {name!r}")
             if _ILLEGAL_VALUE(value):
                 raise ValueError(f"invalid header value {value!r}")
-            sized = sized or name.lower() == "content-length"
+            lowered = name.lower()
+            if lowered == "host":  # the caller's own Host replaces ours
+                lines[1] = f"{name}: {value}"
+                continue
+            sized = sized or lowered == "content-length"
             lines.append(f"{name}: {value}")
         if not sized and (body or method in ("POST", "PUT", "PATCH")):
             lines.append(f"Content-Length: {len(body or b'')}")
