@@ -107,9 +107,9 @@ def test_open_streams_are_a_gauge_and_a_stream_closed_early_ends_canceled(metere
     kv = caller.kv(caller.discover("svc")) if via == "router" else client.dispense("kv")
     labels = {"plugin": "svc", "via": via}
 
-    kv.put(kv_pb2.PutRequest(key="k1", value=b"1"))
     stream = kv.watch(kv_pb2.WatchRequest(prefix="k"), timeout=30)
-    assert stream.headers is not None  # open: the headers came
+    kv.put(kv_pb2.PutRequest(key="k1", value=b"1"))
+    assert next(stream).key == "k1"
     assert value(scrape(host), "connectplugin_streams_open", **labels) == 1
 
     stream.close()
