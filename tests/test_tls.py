@@ -23,6 +23,7 @@ from connectplugin import (
     Code,
     ConnectError,
     HostConfig,
+    HostLink,
     HTTPConfig,
     HTTPServer,
     LaunchError,
@@ -43,7 +44,7 @@ from connectplugin.runtime import handshake as hs
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KVServiceClient
 from samples.platform import HANDSHAKE
-from tests.helpers import ENV, ROOT, provider_process
+from tests.helpers import ENV, ROOT, in_process, provider_process
 from tests.platform_plugins.provider import PLUGINS, Recorder, declare
 from tests.services import ScriptedKV
 
@@ -324,6 +325,27 @@ def test_the_host_refuses_a_plugin_that_does_not_announce_a_certificate(mtls_hos
         mtls_host.launch(liar, name="liar")
 
     assert failed.value.reason is LaunchFailure.REFUSED
+
+
+# --- a host serving TLS launches plugins -------------------------------------------------------
+
+
+@pytest.mark.parametrize("auto_mtls", [False, True], ids=["tls", "tls+auto_mtls"])
+def test_plugins_a_tls_host_launches_call_it_back_over_tls(make_host, pki, auto_mtls):
+    host = make_host(http=HTTPConfig(threads=8, tls=tls.TLSConfig(key_pair=pki.host)), auto_mtls=auto_mtls)
+    assert host.url.startswith("https://")
+
+    # launch() returns once the subprocess registered "svc" with the host's registry, over TLS.
+    provider = host.launch(provider_process("svc"), name="provider")
+    link = HostLink()
+    host.launch(in_process("caller", link=link), name="caller")
+    found = link.discover("svc")
+    kv = link.client("svc", KVServiceClient)
+    kv.put(kv_pb2.PutRequest(key="k", value=b"over tls"))
+
+    assert found.endpoint.provider_id == host.discover("svc").provider_id
+    assert kv.get(kv_pb2.GetRequest(key="k")).value == b"over tls"
+    assert provider.check_health() is ServingStatus.SERVING
 
 
 # --- plaintext off loopback ---------------------------------------------------------------------

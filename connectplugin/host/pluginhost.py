@@ -524,8 +524,12 @@ class PluginHost:
         # One secret per launch: what this plugin will accept from us and our router only.
         secret = new_secret()
         pair = tls.auto_key_pair(self.config.auto_mtls_lifetime) if self.config.auto_mtls else None
+        served = self.config.http.tls
+        # What our plugin needs to call us back over TLS: the certificate we serve with.
+        host_certificate = served.key_pair.certificate if served and served.key_pair and self.url.startswith("https://") else None
         context = LaunchContext(
-            name, self.handshake_config, self.plugins, self.url, on_exit, host_secret=secret, auto_mtls=pair
+            name, self.handshake_config, self.plugins, self.url, on_exit, host_secret=secret, auto_mtls=pair,
+            host_certificate=host_certificate,
         )
         running = strategy.start(context)
         running_tls = getattr(running, "tls", None)

@@ -21,7 +21,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import requests
 
@@ -37,12 +37,17 @@ from .serving import (
     ENV_AUTO_MTLS,
     ENV_GO_HOST_URL,
     ENV_GO_PORT,
+    ENV_HOST_CERTIFICATE,
     ENV_HOST_URL,
     ENV_SECRET_ON_STDIN,
     ENV_WATCH_STDIN,
     PluginServer,
     ServeConfig,
+    pinned_host,
 )
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 log = logging.getLogger("connectplugin.launcher")
 
@@ -134,6 +139,9 @@ class LaunchContext:
     auto_mtls: KeyPair | None = field(default=None, repr=False)
     """The host's pair for automatic mTLS with this launch: a subprocess gets its certificate
     after the secret, serves TLS accepting only it, and announces its own certificate."""
+    host_certificate: x509.Certificate | None = None
+    """The certificate the host serves ``host_url`` with, when it serves TLS: the plugin's
+    calls back to the host accept exactly it (public material; the key stays with the host)."""
 
 
 class Running(Protocol):
@@ -226,15 +234,19 @@ class ProcessStrategy:
             env[ENV_HOST_URL] = ctx.host_url
         if ctx.host_secret:
             env[ENV_SECRET_ON_STDIN] = "1"
+        if (ctx.auto_mtls is not None or ctx.host_certificate is not None) and not ctx.host_secret:
+            raise ValueError("the host's certificates are handed over with the host secret")
         if ctx.auto_mtls is not None:
-            if not ctx.host_secret:
-                raise ValueError("automatic mTLS hands the host's certificate over with the host secret")
             env[ENV_AUTO_MTLS] = "1"
+        if ctx.host_certificate is not None:
+            env[ENV_HOST_CERTIFICATE] = "1"
         proc = self._popen(ctx, env)
         if ctx.host_secret:
             lines = [ctx.host_secret]
             if ctx.auto_mtls is not None:
                 lines.append(encode_certificate(ctx.auto_mtls.certificate))
+            if ctx.host_certificate is not None:
+                lines.append(encode_certificate(ctx.host_certificate))
             _hand_over(proc, lines)
         running = _Process(ctx, proc, self)
         running.await_address()
@@ -621,7 +633,10 @@ class InProcessStrategy:
 
     def start(self, ctx: LaunchContext) -> Running:
         plugins = self.plugins if self.plugins is not None else ctx.plugins
-        server = PluginServer(plugins, self.impls, ctx.handshake_config, self.config, self.health, self.link)
+        host_tls = None if ctx.host_certificate is None else pinned_host(self.config, ctx.host_certificate)
+        server = PluginServer(
+            plugins, self.impls, ctx.handshake_config, self.config, self.health, self.link, host_tls=host_tls
+        )
         return _InProcess(ctx, server)
 
 

@@ -20,7 +20,7 @@ import time
 import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..gen.connectplugin.v1 import handshake_pb2, lifecycle_pb2, plugininfo_pb2
 from ..gen.connectplugin.v1.lifecycle_connect import PluginControlHandler
@@ -35,6 +35,9 @@ from .gate import HostGate, warn_unauthenticated
 from .health import NOT_SERVING, SERVING, Health, HealthService, report_to_wire
 from .hostlink import HostLink
 from .plugin import Plugin, Requirement, ServiceDeclaration
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 log = logging.getLogger("connectplugin.plugin")
 
@@ -52,6 +55,11 @@ and which the plugin's own children would inherit."""
 ENV_AUTO_MTLS = "CONNECTPLUGIN_AUTO_MTLS"
 """Set to 1 when the host asks for automatic mTLS: its certificate is the line after the
 secret on stdin, and the plugin announces its own after its URL in the address line."""
+ENV_HOST_CERTIFICATE = "CONNECTPLUGIN_HOST_CERTIFICATE"
+"""Set to 1 when the host serves TLS: the next line on stdin (after the secret and the
+automatic-mTLS certificate, when given) is the certificate the host serves with, which the
+plugin's host link then accepts, pinned, for its calls back to the host (public material:
+the host's key never leaves it)."""
 ENV_ALLOW_UNAUTHENTICATED = "CONNECTPLUGIN_ALLOW_UNAUTHENTICATED"
 """Set to 1 to run a plugin by hand with no host secret (``ServeConfig.allow_unauthenticated``)."""
 PROBE_PATHS = ("/healthz", "/readyz")
@@ -200,7 +208,11 @@ class PluginServer:
         config: ServeConfig | None = None,
         health: Health | None = None,
         link: HostLink | None = None,
+        *,
+        host_tls: tls.TLSConfig | None = None,
     ) -> None:
+        """``host_tls``: how ``link`` reaches an https:// host, when not with ``config.http.tls``
+        (a launched plugin: pinned to the certificate its host handed over)."""
         self.config = config = config or ServeConfig()
         self.health = health or Health()
         self.handshake_config = handshake
@@ -216,7 +228,10 @@ class PluginServer:
         self.link = link or HostLink()
         self_registering = bool(config.host_url)
         self.link.attach(
-            self.health, config.provides, config.host_url or os.environ.get(ENV_HOST_URL, ""), config.http.tls
+            self.health,
+            config.provides,
+            config.host_url or os.environ.get(ENV_HOST_URL, ""),
+            host_tls if host_tls is not None else config.http.tls,
         )
         handlers: list[Any] = [impls[name] for name in plugins]
         handlers += [
@@ -333,7 +348,7 @@ def serve(
         config = _go_launched(config)
     if os.environ.get(ENV_ALLOW_UNAUTHENTICATED) == "1":
         config = dataclasses.replace(config, allow_unauthenticated=True)
-    version, secret, announced = 0, "", ""
+    version, secret, announced, host_tls = 0, "", "", None
     if not config.host_url:
         version = _launched_version(handshake, _importing_module(sys._getframe(1)))
         if config.structured_logs:
@@ -341,7 +356,9 @@ def serve(
         secret = _launch_secret(config)
         if os.environ.get(ENV_AUTO_MTLS) == "1":
             config, announced = _auto_mtls(config)
-    server = PluginServer(plugins, impls, handshake, config, health, link)
+        if os.environ.get(ENV_HOST_CERTIFICATE) == "1":
+            host_tls = _host_tls(config)
+    server = PluginServer(plugins, impls, handshake, config, health, link, host_tls=host_tls)
     if secret:
         server.link.expect_host(secret)
     url = server.listen()
@@ -453,6 +470,24 @@ def _auto_mtls(config: ServeConfig) -> tuple[ServeConfig, str]:
     own = tls.auto_key_pair()
     http = dataclasses.replace(config.http, tls=tls.pinned_to(own, host_certificate))
     return dataclasses.replace(config, http=http), tls.encode_certificate(own.certificate)
+
+
+def _host_tls(config: ServeConfig) -> tls.TLSConfig:
+    """How the host link reaches the TLS host that launched us, whose certificate is the
+    next line on stdin."""
+    try:
+        certificate = tls.decode_certificate(_read_line(0, config.secret_timeout))
+    except ValueError as e:
+        sys.stderr.write(f"connectplugin: the host serves TLS but its certificate is not on stdin: {e}\n")
+        sys.exit(1)
+    return pinned_host(config, certificate)
+
+
+def pinned_host(config: ServeConfig, certificate: x509.Certificate) -> tls.TLSConfig:
+    """A launched plugin's TLS for calls to its host: accepting exactly the ``certificate``
+    the host serves with, presenting our own pair if we have one (automatic mTLS's)."""
+    own = config.http.tls.key_pair if config.http.tls is not None else None
+    return tls.TLSConfig(key_pair=own, trust=tls.Trust(pinned=(certificate,)))
 
 
 def _read_line(fd: int, timeout: float) -> str:
