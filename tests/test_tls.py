@@ -348,6 +348,38 @@ def test_plugins_a_tls_host_launches_call_it_back_over_tls(make_host, pki, auto_
     assert provider.check_health() is ServingStatus.SERVING
 
 
+# --- a client speaking the other protocol than a PluginHost -------------------------------------
+
+
+def test_a_plaintext_client_at_a_tls_host_is_told_to_use_https_and_the_host_keeps_serving(make_host, pki):
+    host = make_host(http=HTTPConfig(threads=8, tls=tls.TLSConfig(key_pair=pki.host)))
+    plugin = host.launch(provider_process("svc"), name="p")
+    registry_url = host.url.replace("https://", "http://")
+
+    with pytest.raises(ConnectError) as refused:
+        with Client(registry_url, ClientConfig(timeout=10)) as client:
+            ServiceRegistryClient(client).discover_service(registry_pb2.DiscoverServiceRequest(service_type="svc"))
+
+    assert "HTTPS" in refused.value.message
+    assert plugin.check_health() is ServingStatus.SERVING
+    assert host.discover("svc").provider_id
+
+
+def test_a_tls_client_at_a_plaintext_host_is_told_it_may_not_serve_tls_and_the_host_keeps_serving(make_host, pki):
+    host = make_host()
+    plugin = host.launch(provider_process("svc"), name="p")
+    trusting = tls.TLSConfig(trust=tls.Trust(cas=(pki.ca.certificate,)))
+
+    # The host waits for a request line the handshake never sends: the connect timeout ends it.
+    with pytest.raises(ConnectError) as refused:
+        put(host.url.replace("http://", "https://"), trusting, connect_timeout=0.3)
+
+    assert refused.value.code is Code.UNAVAILABLE
+    assert "plain HTTP" in refused.value.message, refused.value.message
+    assert plugin.check_health() is ServingStatus.SERVING
+    assert plugin.dispense("kv").get(kv_pb2.GetRequest(key="whoami")).found
+
+
 # --- plaintext off loopback ---------------------------------------------------------------------
 
 

@@ -887,7 +887,14 @@ class ConnectionPool:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._context is not None:
-                sock = self._context.wrap_socket(sock, server_hostname=self._server_name)
+                try:
+                    sock = self._context.wrap_socket(sock, server_hostname=self._server_name)
+                except TimeoutError:
+                    # A plaintext server waits for a request line the handshake never sends.
+                    raise ssl.SSLError(
+                        f"no answer to the TLS handshake within {timeout:g} s: is the server serving "
+                        "plain HTTP (http://, not https://)?"
+                    ) from None
                 if self._pin is not None:
                     _check_pin(sock, self._pin)
         except BaseException:
