@@ -16,6 +16,7 @@ import pytest
 
 from connectplugin import (
     App,
+    CertificateIdentity,
     Code,
     ConnectError,
     HandshakeConfig,
@@ -35,7 +36,7 @@ from connectplugin.rpc import tls
 from connectplugin.runtime.health import HealthService
 from samples.kv import plugin as kv_plugin
 from samples.kv.gen.kv.v1 import kv_pb2
-from tests.helpers import free_port, wait_until
+from tests.helpers import ENV, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -380,6 +381,7 @@ def test_the_readme_host_file_reads_as_the_configs_it_names(tmp_path, pki, monke
     assert http.tls.key_pair.fingerprint == pki.host.fingerprint
     assert http.tls.trust.cas == (pki.ca.certificate,)
     assert described.host.join_tokens == (JoinToken("k" * 32, ("kv",), "kv-joiners"),)
+    assert described.host.certificate_identities == (CertificateIdentity("reporter", ("reports",)),)
     assert described.host.operator_tokens == (OperatorToken("o" * 32),)
     assert described.host.metrics == MetricsConfig()
     [kv] = described.plugins
@@ -389,6 +391,68 @@ def test_the_readme_host_file_reads_as_the_configs_it_names(tmp_path, pki, monke
     assert kv.strategy.cwd == str(tmp_path)
     assert kv.restart is not None
     assert (kv.restart.max_crashes, kv.restart.window, kv.restart.backoff.max_backoff) == (5, 60.0, 30.0)
+
+
+CERTIFICATE_HOST_FILE = """\
+[handshake]
+magic_cookie_key = "CONNECTPLUGIN_PLATFORM"
+magic_cookie_value = "5e0b7d2c-platform-sample"
+app_protocol_versions = [1]
+
+[host.http]
+port = 0
+threads = 4
+
+[host.http.tls]
+cert = "pki/host.pem"
+key = "pki/host-key.pem"
+client_ca = "pki/ca.pem"
+
+[[host.certificate_identities]]
+self_id = "kv"
+service_types = ["kv"]
+
+[[host.operator_tokens]]
+secret_env = "CLI_TEST_OPERATOR_TOKEN"
+"""
+
+
+def test_a_host_file_admits_a_joiner_by_its_certificate_identity(tmp_path, pki):
+    pki.write(tmp_path / "pki")
+    (tmp_path / "host.toml").write_text(CERTIFICATE_HOST_FILE)
+    listing = ["--json", "--cacert", str(tmp_path / "pki" / "ca.pem")]
+    listing += ["--cert", str(tmp_path / "pki" / "other.pem"), "--key", str(tmp_path / "pki" / "other-key.pem")]
+    with subprocess.Popen(
+        ["connectplugin", "host", str(tmp_path / "host.toml")],
+        cwd=tmp_path, env=_env(CLI_TEST_OPERATOR_TOKEN=OPERATOR), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    ) as process:
+        assert process.stdout is not None
+        listening = process.stdout.readline()
+        url = listening.removeprefix("host listening on ").strip()
+        assert url.startswith("https://127.0.0.1:"), listening + (process.stderr.read() if process.stderr else "")
+        # The joiner presents kv.pem (self id kv, from the CA of client_ca) and no join token.
+        joiner = subprocess.Popen(
+            [sys.executable, "-m", "tests.platform_plugins.provider", "--type", "kv", "--host-url", url,
+             "--pki", str(tmp_path / "pki")],
+            cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            def joined() -> bool:
+                listed = connectplugin("list", url, *listing, env=_env(CONNECTPLUGIN_TOKEN=OPERATOR))
+                return listed.returncode == 0 and bool(json.loads(listed.stdout))
+
+            wait_until(joined, "the joiner to be listed", timeout=30)
+            listed = connectplugin("list", url, *listing, env=_env(CONNECTPLUGIN_TOKEN=OPERATOR))
+        finally:
+            joiner.terminate()
+            joiner.wait(timeout=30)
+        process.send_signal(signal.SIGTERM)
+        out, errors = process.communicate(timeout=30)
+
+    [kv] = json.loads(listed.stdout)
+    assert (kv["launched"], [s["service_type"] for s in kv["services"]]) == (False, ["kv"]), listed.stdout
+    assert (process.returncode, out) == (0, "host stopped\n"), errors
 
 
 # --- connectplugin list --------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..host.admission import JoinToken, OperatorToken
+from ..host.admission import CertificateIdentity, JoinToken, OperatorToken
 from ..host.metrics import MetricsConfig
 from ..host.pluginhost import HostConfig, PluginHost
 from ..host.supervisor import RestartPolicy
@@ -61,7 +61,11 @@ class HostFile:
 
 
 # Sequences of tables, by field name: the element type each table builds.
-_ELEMENTS: dict[str, type] = {"join_tokens": JoinToken, "operator_tokens": OperatorToken}
+_ELEMENTS: dict[str, type] = {
+    "join_tokens": JoinToken,
+    "operator_tokens": OperatorToken,
+    "certificate_identities": CertificateIdentity,
+}
 # Optional parts (None by default), by field name: the type a table of them builds.
 _OPTIONAL: dict[str, type] = {"metrics": MetricsConfig}
 # Fields a file cannot set: what the command decides, or what is no value (clocks, callables).
