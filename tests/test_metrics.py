@@ -20,7 +20,7 @@ from connectplugin import (
     RestartPolicy,
     RetryConfig,
 )
-from connectplugin.host.metrics import end_stream_code
+from connectplugin.host.metrics import ERROR_BODY_LIMIT, end_stream_code
 from connectplugin.rpc import _protocol
 from samples.kv.gen.kv.v1 import kv_pb2
 from tests.helpers import in_process, provider_process, wait_until
@@ -134,6 +134,12 @@ def test_a_streams_code_is_read_from_its_end_message(error, before):
 
 def test_a_stream_without_an_end_message_counts_as_unknown():
     assert end_stream_code(_protocol.envelope(0, b"half a stream"), "") == "unknown"
+
+
+def test_an_end_message_larger_than_the_limit_counts_as_unknown():
+    huge = ConnectError(Code.PERMISSION_DENIED, "x" * (ERROR_BODY_LIMIT + 10))
+
+    assert end_stream_code(_protocol.end_stream(huge), "") == "unknown"
 
 
 # --- supervision and health -------------------------------------------------------------------

@@ -199,9 +199,11 @@ class Outcome:
 
 def end_stream_code(tail: bytes, encoding: str) -> str | None:
     """The error code of the end-of-stream envelope that ``tail`` ends with (None: no error);
-    ``unknown`` when no well-formed one is found there."""
+    ``unknown`` when no well-formed one is found there. Looks at most ``ERROR_BODY_LIMIT``
+    bytes back, so a provider ending its streams with garbage costs the host little."""
     start = len(tail) - _protocol.ENVELOPE_HEADER_SIZE
-    while start >= 0:
+    stop = max(0, start - ERROR_BODY_LIMIT)
+    while start >= stop:
         flags = tail[start]
         size = int.from_bytes(tail[start + 1 : start + 5], "big")
         if flags & _protocol.FLAG_END_STREAM and start + _protocol.ENVELOPE_HEADER_SIZE + size == len(tail):
