@@ -152,11 +152,12 @@ class WebServer:
         the master none; the plugins launched, all running."""
         by_worker = self.plugins_by_process()
         plugins = {pid for pids in by_worker.values() for pid in pids}
-        assert plugins and all(len(pids) <= 1 for pids in by_worker.values())
+        assert all(len(pids) <= 1 for pids in by_worker.values()), by_worker
         # gunicorn need not hand the later requests to every worker that served the first
-        # one, so the answers may not name every plugin: the launch log does.
+        # one (sync workers under load alternate: one may serve every Get, the other every
+        # /pids), so the answers may name no plugin at all: the launch log names them all.
         launched = set(self.launches())
-        assert plugins <= launched == self.plugin_processes()
+        assert launched and plugins <= launched == self.plugin_processes(), (launched, by_worker)
         assert len(launched) <= WORKERS
         return launched
 
