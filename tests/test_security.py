@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -11,7 +12,7 @@ import ssl
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import requests
@@ -32,6 +33,7 @@ from connectplugin import (
     PluginServer,
     Rate,
     RegistryConfig,
+    RouterConfig,
     ServeConfig,
     TLSConfig,
 )
@@ -50,6 +52,7 @@ from connectplugin.gen.connectplugin.v1.registry_connect import ServiceRegistryC
 from connectplugin.host.admission import Admission
 from connectplugin.host.identities import Identities
 from connectplugin.host.ratelimit import RateLimiter
+from connectplugin.rpc import tls
 from connectplugin.runtime import handshake as hs
 from connectplugin.runtime.credentials import HOST_SECRET_HEADER
 from samples.kv.gen.kv.v1 import kv_pb2
@@ -61,6 +64,7 @@ from tests.helpers import (
     ENV,
     ROOT,
     Clock,
+    Peer,
     free_port,
     host_secret,
     http_ok,
@@ -1180,3 +1184,216 @@ def test_the_host_renews_a_launched_plugins_token_before_it_expires(make_host):
     wait_until(lambda: link.connected, "the link to hold its identity")
     link.discover("svc")
     assert provider_ids(host, "svc") == [host.runtime_id(client)]
+
+
+# --- a malicious provider behind the router (sec-relay) ----------------------------------------
+# The attacker is a joined plugin whose address, once registered (the host checks it once),
+# answers the router with raw bytes. It wants to reach the caller beyond its own answer (split
+# headers into it, desynchronise its keep-alive connection) or to hold the host's threads.
+
+
+class RawProvider:
+    """Takes over a registered peer's port: answers each request with ``head``, then sends
+    ``drip`` every 50 ms until the router closes the connection (``closed``) or 30 s pass."""
+
+    def __init__(self, peer, head: bytes, drip: bytes = b"") -> None:
+        assert peer.http is not None
+        port = peer.http.port
+        peer.http.close(grace=0)
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", port))
+        self._listener.listen()
+        self.head, self.drip = head, drip
+        self.asked = threading.Event()
+        self.closed = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="raw-provider", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self._listener.accept()
+        except OSError:  # closed: the test is over
+            return
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            self.asked.set()
+            conn.sendall(self.head)
+            conn.settimeout(0.05)
+            for _ in range(600):
+                try:
+                    if self.drip:
+                        conn.sendall(self.drip)
+                    if not conn.recv(65536):
+                        break
+                except TimeoutError:
+                    continue
+                except OSError:
+                    break
+        self.closed.set()
+
+    def close(self) -> None:
+        self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept() (Linux)
+        self._listener.close()
+        self._thread.join(35)
+
+
+@pytest.fixture
+def raw_provider(peer) -> Iterator[Callable[..., tuple[RawProvider, Peer]]]:
+    """``raw_provider(host, head, drip=b"")``: a provider of ``svc`` that answers raw bytes."""
+    made: list[RawProvider] = []
+
+    def make(host, head: bytes, drip: bytes = b""):
+        provider = peer(host, "rogue")
+        provider.register("svc")
+        made.append(RawProvider(provider, head, drip))
+        return made[-1], provider
+
+    yield make
+    for provider in made:
+        provider.close()
+
+
+def _call_through_router(host, caller, provider, headers: dict[str, str] | None = None) -> http.client.HTTPConnection:
+    """A caller's keep-alive connection to the host with a routed unary call to ``provider`` sent."""
+    conn = http.client.HTTPConnection(host.url.split("://")[1], timeout=10)
+    conn.request(
+        "POST",
+        f"/services/svc/{provider.runtime_id}/Get",
+        b"{}",
+        {**caller.credentials(), "Content-Type": "application/json", **(headers or {})},
+    )
+    return conn
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-A: v\nSet-Cookie: injected=1\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-A: v\rSet-Cookie: injected=1\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\nSet-Cookie: injected=1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-A: a\x00b\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: \xb2\r\n\r\n{}",
+    ],
+    ids=["lone-LF-in-value", "lone-CR-in-value", "LF-in-reason", "NUL-in-value", "non-ASCII-digit-length"],
+)
+def test_a_provider_cannot_split_headers_into_its_callers_answer(host, peer, raw_provider, head):
+    provider, registered = raw_provider(host, head)
+    caller = peer(host, "caller")
+    conn = _call_through_router(host, caller, registered)
+    try:
+        answer = conn.getresponse()
+        body = json.loads(answer.read())
+        assert (answer.status, body["code"], answer.getheader("Set-Cookie")) == (503, "unavailable", None)
+        # The caller's connection still carries the host's own answers.
+        conn.request("POST", "/connectplugin.v1.ServiceRegistry/DiscoverService", b'{"serviceType":"none"}',
+                     {**caller.credentials(), "Content-Type": "application/json"})
+        answer = conn.getresponse()
+        assert (answer.status, json.loads(answer.read())["code"]) == (404, "not_found")
+    finally:
+        conn.close()
+
+
+def test_a_provider_sending_a_length_beside_chunks_cannot_desynchronise_its_callers_connection(host, peer, raw_provider):
+    head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
+    provider, registered = raw_provider(host, head)
+    caller = peer(host, "caller")
+    conn = _call_through_router(host, caller, registered)
+    try:
+        answer = conn.getresponse()
+        assert (answer.status, answer.getheader("Content-Length"), answer.read()) == (200, None, b"{}")
+        if not answer.will_close:
+            conn.request("POST", "/connectplugin.v1.ServiceRegistry/DiscoverService", b'{"serviceType":"none"}',
+                         {**caller.credentials(), "Content-Type": "application/json"})
+            answer = conn.getresponse()
+            assert (answer.status, json.loads(answer.read())["code"]) == (404, "not_found")
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    "head, drip",
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n", b" "),
+        (b"", b"HTTP/1.1 100 Continue\r\n\r\n"),
+        (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n", b"X-T: 1\r\n"),
+    ],
+    ids=["trickled-body", "interim-flood", "trailer-flood"],
+)
+def test_a_trickling_provider_holds_the_router_no_longer_than_the_callers_deadline(make_host, peer, raw_provider, head, drip):
+    host = make_host(router=RouterConfig(deadline_margin=0.1))
+    provider, registered = raw_provider(host, head, drip)
+    caller = peer(host, "caller")
+    conn = _call_through_router(host, caller, registered, {"Connect-Timeout-Ms": "200", "Connect-Protocol-Version": "1"})
+    try:
+        assert provider.closed.wait(10), "the router kept reading from the provider past the deadline"
+    finally:
+        conn.close()
+
+
+def test_a_trickling_provider_holds_the_router_no_longer_than_its_caller_stays(host, peer, raw_provider):
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    provider, registered = raw_provider(host, head, b" ")
+    caller = peer(host, "caller")
+    conn = _call_through_router(host, caller, registered)  # no deadline: the host's unary_timeout (30 s) applies
+    assert provider.asked.wait(10)
+    conn.close()  # the caller gives up
+
+    assert provider.closed.wait(10), "the router kept reading from the provider for a caller gone"
+
+
+# --- the TLS server (cheroot) as strict as waitress ----------------------------------------------
+
+
+def _raw_connection(server: HTTPServer, pki) -> socket.socket:
+    sock = socket.create_connection((server.host, server.port), timeout=5)
+    if server.config.tls is None:
+        return sock
+    context = tls.client_context(tls.TLSConfig(trust=tls.Trust(cas=(pki.ca.certificate,))))
+    return context.wrap_socket(sock, server_hostname="127.0.0.1")
+
+
+def _exchange(sock: socket.socket, request: bytes) -> http.client.HTTPResponse:
+    sock.sendall(request)
+    answer = http.client.HTTPResponse(sock)
+    answer.begin()
+    return answer
+
+
+@BOTH_SERVERS
+def test_an_apps_header_with_a_line_break_never_reaches_the_client(serve, pki):
+    def splitting(environ, start_response):
+        start_response("200 OK", [("X-A", "v\r\nSet-Cookie: injected=1"), ("Content-Length", "2")])
+        return [b"{}"]
+
+    with _raw_connection(serve(splitting), pki) as sock:
+        answer = _exchange(sock, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (answer.status, answer.getheader("Set-Cookie")) == (500, None)
+
+
+@BOTH_SERVERS
+def test_an_answer_shorter_than_its_content_length_closes_the_connection(serve, pki):
+    def short(environ, start_response):
+        start_response("200 OK", [("Content-Length", "100")])
+        return [b"{}"]
+
+    with _raw_connection(serve(short), pki) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        while True:  # the server must close, or the next answer would be read as this one's rest
+            data = sock.recv(65536)
+            if not data:
+                break
+            received += data
+        assert received.endswith(b"{}")
+
+
+@BOTH_SERVERS
+@pytest.mark.parametrize("line", [b"X\x0bA: 1", b"X-A: a\x00b", b"X-Plugin-Caller-ID\x0b: evil"])
+def test_a_request_header_with_a_control_character_is_400(serve, pki, line):
+    with _raw_connection(serve(hello), pki) as sock:
+        answer = _exchange(sock, b"GET / HTTP/1.1\r\nHost: x\r\n" + line + b"\r\n\r\n")
+        assert answer.status == 400

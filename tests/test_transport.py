@@ -7,6 +7,7 @@ import contextlib
 import json
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -297,8 +298,26 @@ def test_a_body_ending_with_the_connection_is_read_to_its_end_and_not_kept():
         b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 101 + b"\r\n",
+        b"HTTP/1.1 200 OK\r\nX-A: v\nSet-Cookie: injected=1\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-A: v\rSet-Cookie: injected=1\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\nSet-Cookie: injected=1\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX Evil: 1\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX\x0bA: 1\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n",
+        b"HTTP/1.1 000 Zero\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\n" * 11 + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x2\r\n{}\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n+2\r\n{}\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + b"T: 1\r\n" * 101 + b"\r\n",
     ],
-    ids=["version", "status", "header", "length", "chunk-size", "too-many-headers"],
+    ids=[
+        "version", "status", "header", "length", "chunk-size", "too-many-headers",
+        "lone-LF-in-value", "lone-CR-in-value", "LF-in-reason", "NUL-in-value", "space-in-name",
+        "VT-in-name", "status-101", "status-000", "interim-flood", "non-ASCII-digit-length",
+        "0x-chunk-size", "signed-chunk-size", "trailer-flood",
+    ],
 )
 def test_a_malformed_response_is_a_transport_error(reply):
     with raw_peer(reply) as (pool, _):
@@ -363,3 +382,49 @@ def test_an_app_failing_before_it_answers_is_a_500_in_process():
     response = transport.send("GET", "/", {}, None, 5.0, None)
 
     assert (response.status, response.read(10)) == (500, b"")
+
+
+def test_content_length_beside_chunked_framing_is_dropped_not_passed_on():
+    # A relay passing on the length of a chunked body lets the client read past its end.
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+    with raw_peer(reply) as (pool, _):
+        response = pool.send("GET", "/", {}, None, 5.0, 5.0)
+        items = [name.lower() for name, _ in response.header_items()]
+        assert ("content-length" in response.headers, "content-length" in items, read_all(response)) == (False, False, b"{}")
+
+
+def test_a_peer_trickling_its_body_is_cut_off_at_the_deadline_not_each_waits_timeout():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        closed = threading.Event()
+
+        def trickle() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+                conn.settimeout(0.05)
+                # A byte every 50 ms, well inside the 5 s timeout of each wait, for up to 30 s.
+                for _ in range(600):
+                    try:
+                        conn.sendall(b" ")
+                        if not conn.recv(1):
+                            break
+                    except TimeoutError:
+                        continue
+                    except OSError:
+                        break
+                closed.set()
+
+        thread = threading.Thread(target=trickle, name="trickle")
+        thread.start()
+        pool = ConnectionPool(f"http://127.0.0.1:{listener.getsockname()[1]}", 4)
+        try:
+            deadline = time.monotonic() + 0.5
+            with pytest.raises(TransportTimeout):
+                read_all(pool.send("GET", "/", {}, None, 5.0, 5.0, deadline=deadline))
+            assert closed.wait(10), "the pool kept reading past its deadline"
+        finally:
+            pool.close()
+            thread.join(35)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -191,11 +192,23 @@ class Router:
         return _observed(app(inner, start), outcome)
 
     def __call__(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        started = False
+
+        def starting(*args: Any) -> Any:
+            nonlocal started
+            started = True
+            return start_response(*args)
+
         try:
-            return self._route(environ, start_response)
+            return self._route(environ, starting)
         except Exception:
             log.exception("unhandled error routing %s", environ.get("PATH_INFO", ""))
-            return error_response(start_response, ConnectError(Code.INTERNAL, "internal error"))
+            error = ConnectError(Code.INTERNAL, "internal error")
+            if not started:
+                return error_response(start_response, error)
+            # Called already (and failed, or the error came after): WSGI's second call names the error.
+            exc_info = sys.exc_info()
+            return error_response(lambda status, headers: start_response(status, headers, exc_info), error)
 
     def _route(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
         # Counting costs a clock read, one dict lookup and a few counter updates per call.
@@ -214,6 +227,8 @@ class Router:
             if environ["REQUEST_METHOD"] == "POST" and not _protocol.codec_for(content_type, types):
                 return unsupported_media(start_response, types)
             timeout = self._upstream_timeout(_check_headers(environ, streaming), streaming)
+            # One deadline for everything the provider sends, however steadily it trickles.
+            deadline = None if timeout is None else time.monotonic() + timeout
             body = read_body(environ, self.config.read_limit, _protocol.ENVELOPE_HEADER_SIZE if streaming else 0)
             headers = {
                 key[5:].replace("_", "-").title(): value
@@ -253,7 +268,9 @@ class Router:
                 pool = self._pool_for(provider.base_url, identity.client_tls)
                 headers[HOST_SECRET_HEADER] = identity.host_secret
                 try:
-                    upstream = self._send(provider.provider_id, pool, environ["REQUEST_METHOD"], target, headers, body, timeout, caller_gone)
+                    upstream = self._send(
+                        provider.provider_id, pool, environ["REQUEST_METHOD"], target, headers, body, timeout, caller_gone, deadline
+                    )
                     break
                 except TransportCanceled:
                     # The provider saw its connection close; the answer goes nowhere.
@@ -290,7 +307,7 @@ class Router:
         if outcome is not None:
             outcome.respond(upstream.status, upstream.headers, streamed)
         length = upstream.headers.get("content-length", "")
-        if not streamed and length.isdigit() and int(length) <= RELAY_CHUNK:
+        if not streamed and length.isascii() and length.isdigit() and int(length) <= RELAY_CHUNK:
             # A unary answer of known, small length arrives with its headers: passed on
             # whole, and a provider that fails before its end is a Connect error, not a
             # cut-off body.
@@ -310,18 +327,20 @@ class Router:
             # The provider sent its headers at once; so do we, or a quiet stream leaves the
             # caller waiting for them (servers send headers with the first non-empty chunk).
             write(b"")
-        return self._relay(upstream, provider.provider_id, streamed, caller_gone, timeout, outcome)
+        return self._relay(upstream, provider.provider_id, streamed, caller_gone, deadline, outcome)
 
     def _send(
         self, provider_id: str, pool: ConnectionPool, method: str, target: str, headers: dict[str, str],
-        body: bytes, timeout: float | None, caller_gone: Callable[[], bool] | None,
+        body: bytes, timeout: float | None, caller_gone: Callable[[], bool] | None, deadline: float | None,
     ) -> Response:
         """Forward a call through the provider's circuit breaker, which hears how it went."""
         breaker = self.breaker(provider_id)
         ticket = breaker.admit() if breaker else 0
         failed = True
         try:
-            upstream = pool.send(method, target, headers, body, self.config.connect_timeout, timeout, cancelled=caller_gone)
+            upstream = pool.send(
+                method, target, headers, body, self.config.connect_timeout, timeout, cancelled=caller_gone, deadline=deadline
+            )
             failed = upstream.status in self._failure_statuses
             return upstream
         except TransportCanceled:
@@ -357,6 +376,8 @@ class Router:
     def _read_whole(self, upstream: Response, provider_id: str, length: int) -> bytes:
         try:
             body = upstream.read(length)
+        except TransportCanceled:
+            raise ConnectError(Code.CANCELED, "the caller left before the provider answered") from None
         except TransportTimeout:
             raise ConnectError(Code.DEADLINE_EXCEEDED, f"provider {provider_id} did not answer in time") from None
         except TransportError as e:
@@ -372,25 +393,22 @@ class Router:
         provider_id: str,
         streamed: bool,
         caller_gone: Callable[[], bool] | None,
-        timeout: float | None,
+        deadline: float | None,
         outcome: Outcome | None = None,
     ) -> Iterator[bytes]:
         """Pass the body on as it arrives; a stream that breaks mid-way marks its provider.
 
         While the provider is quiet the caller is looked at every ``CANCEL_CHECK_INTERVAL``
         seconds: once it has gone the upstream connection is closed, which the provider
-        sees (``Context.is_active``), so neither side holds a thread for nobody.
+        sees (``Context.is_active``), so neither side holds a thread for nobody. Past the
+        call's deadline the relay ends, however steadily the provider trickles.
         """
         try:
             while True:
-                quiet_since = time.monotonic()
                 while caller_gone is not None and not upstream.wait(CANCEL_CHECK_INTERVAL):
                     if caller_gone():
-                        log.debug("caller of a stream from %s left; closing it", provider_id)
-                        if outcome is not None:
-                            outcome.end(Code.CANCELED.value)
-                        return
-                    if timeout is not None and time.monotonic() - quiet_since >= timeout:
+                        raise TransportCanceled("the caller left")
+                    if deadline is not None and time.monotonic() >= deadline:
                         raise TransportTimeout("the provider sent nothing in time")
                 chunk = upstream.read1(RELAY_CHUNK)
                 if not chunk:
@@ -402,6 +420,10 @@ class Router:
             if outcome is not None:
                 outcome.end(Code.CANCELED.value)
             raise
+        except TransportCanceled:
+            log.debug("caller of a response from %s left; closing it", provider_id)
+            if outcome is not None:
+                outcome.end(Code.CANCELED.value)
         except TransportTimeout:
             if outcome is not None:
                 outcome.end(Code.DEADLINE_EXCEEDED.value)

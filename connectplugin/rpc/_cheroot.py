@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 from cheroot import connections as cheroot_connections
 from cheroot import errors as cheroot_errors
+from cheroot import server as cheroot_server
 from cheroot import wsgi as cheroot_wsgi
 from cheroot.ssl.pyopenssl import pyOpenSSLAdapter
 from OpenSSL import SSL
 
+from . import _protocol
 from . import tls as _tls
 
 if TYPE_CHECKING:
@@ -33,9 +35,36 @@ _TLS_ALERT = 0x15
 """The first byte of a TLS alert record: a client's close_notify before it hangs up."""
 
 
+class _StrictHeaderReader(cheroot_server.HeaderReader):
+    """cheroot's request header reader, as strict as waitress's: a name that is no token, or
+    a value holding a control character, is 400. (cheroot strips blanks and control
+    characters around a name: ``X-Plugin-Caller-ID\\x0b`` would pass as the real header.)"""
+
+    def __call__(self, rfile: Any, hdict: Any = None) -> Any:
+        headers = super().__call__(rfile, hdict)
+        if any(_protocol.has_illegal_text(value.decode("latin-1")) for value in headers.values()):
+            raise ValueError("Illegal header value.")
+        return headers
+
+    def _transform_key(self, key_name: bytes) -> bytes:
+        if not _protocol.is_header_name(key_name.decode("latin-1")):
+            raise ValueError("Illegal header name.")
+        return key_name.title()
+
+
+class _Request(cheroot_server.HTTPRequest):
+    header_reader = _StrictHeaderReader()
+
+
+class _CherootConnection(cheroot_server.HTTPConnection):
+    RequestHandlerClass = _Request
+
+
 class _CherootServer(cheroot_wsgi.Server):
     """cheroot's WSGI server whose workers only ever get a connection whose TLS handshake is
     done and whose request head has arrived whole (see :class:`_Connections`)."""
+
+    ConnectionClass = _CherootConnection
 
     def prepare(self, config: HTTPConfig) -> None:  # type: ignore[override]  # ours takes the limits
         # cheroot's prepare() also binds; HTTPServer.bind() has, so this is the rest of it.
@@ -54,8 +83,11 @@ class _CherootServer(cheroot_wsgi.Server):
 
 
 class _Gateway(cheroot_wsgi.Gateway_10):
-    """cheroot's WSGI 1.0 gateway, adding what waitress offers: a disconnection check, and
-    the verified client certificate."""
+    """cheroot's WSGI 1.0 gateway, adding what waitress offers: a disconnection check, the
+    verified client certificate, and its strictness. An app's status or header holding a
+    control character is refused in ``start_response`` (nothing can be split into the
+    response); a response shorter than its Content-Length closes the connection, so the
+    client's next response is never read as its rest."""
 
     def get_environ(self) -> dict:  # type: ignore[override]  # cheroot's stub says None
         environ = super().get_environ()
@@ -65,6 +97,21 @@ class _Gateway(cheroot_wsgi.Gateway_10):
         environ[_tls.PEER_CERTIFICATE_KEY] = lambda: _peer_certificate(connection)
         return environ
 
+    def respond(self) -> None:
+        self._sent = 0
+        super().respond()
+        declared = self.remaining_bytes_out
+        if declared is not None and self._sent < declared and self.req.method != b"HEAD":
+            self.req.close_connection = True
+
+    def start_response(self, status: str, headers: Any, exc_info: Any = None) -> Any:
+        illegal = _protocol.has_illegal_text
+        if illegal(status) or any(illegal(k) or illegal(v) for k, v in headers):
+            raise ValueError(f"control character in a response status or header: {status!r}")
+        if exc_info and not self.req.sent_headers:
+            self.req.outheaders = []  # cheroot would keep the first call's headers
+        return super().start_response(status, headers, exc_info)
+
     def write(self, chunk: bytes) -> None:
         req = self.req
         if not req.sent_headers and (self.remaining_bytes_out is None or len(chunk) <= self.remaining_bytes_out):
@@ -72,6 +119,7 @@ class _Gateway(cheroot_wsgi.Gateway_10):
             if hold is not None:  # the head goes out with this first chunk
                 hold()
         super().write(chunk)
+        self._sent += len(chunk)
 
 
 class _TLSSocketIO(socket.SocketIO):

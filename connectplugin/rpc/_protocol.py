@@ -11,6 +11,7 @@ import base64
 import binascii
 import gzip
 import json
+import re
 import struct
 import zlib
 from collections.abc import Callable, Iterable, Mapping
@@ -42,6 +43,13 @@ UNARY_ACCEPT_ENCODING_HEADER = "Accept-Encoding"
 STREAM_ENCODING_HEADER = "Connect-Content-Encoding"
 STREAM_ACCEPT_ENCODING_HEADER = "Connect-Accept-Encoding"
 TRAILER_PREFIX = "trailer-"
+
+# HTTP/1.1 header syntax, held to by whatever reads a head it may pass on (RFC 9110/9112).
+is_header_name = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+").fullmatch
+"""Whether a string is a header name (a token)."""
+has_illegal_text = re.compile("[\x00-\x08\x0a-\x1f\x7f]").search
+"""Whether a header value, status or reason holds what it may not: a control character but
+tab, above all a lone CR or LF that would split the line for whoever reads it next, or NUL."""
 """Unary trailers travel as headers with this prefix; stream trailers in the end-stream message."""
 
 

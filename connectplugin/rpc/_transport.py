@@ -503,24 +503,37 @@ _MAX_HEAD = 65536
 """Most bytes of a response's status line and headers (http.client's line limit)."""
 _MAX_HEADERS = 100
 """Most header fields in a response (http.client's limit)."""
+_MAX_INTERIM = 10
+"""Most interim (1xx) responses skipped before a final one; more is a peer stalling us."""
 _RECV = 65536
-_LEGAL_NAME = re.compile(r"[^:\s][^:\r\n]*").fullmatch
 _ILLEGAL_VALUE = re.compile(r"\n(?![ \t])|\r(?![ \t\n])").search
 _ILLEGAL_TARGET = re.compile("[\x00-\x20\x7f]").search
 # The same checks as http.client's putrequest/putheader: no header or line can be smuggled in.
+_STATUS_LINE = re.compile(r"HTTP/\d\.\d (\d{3})(?: (.*))?").fullmatch
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}").fullmatch
+"""A chunk size: hex digits only (no sign, prefix or blanks, as int(x, 16) would take)."""
 _BODYLESS_STATUS = frozenset({204, 304})
 
 
 class _Connection:
     """One keep-alive connection of a pool: its socket, and bytes received but not yet read."""
 
-    __slots__ = ("sock", "buffer", "_timeout", "_abort")
+    __slots__ = ("sock", "buffer", "_timeout", "_abort", "timeout", "deadline", "cancelled", "_next_check")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buffer = bytearray()
         self._timeout: float | None = sock.gettimeout()
         self._abort: Abort | None = None
+        self.timeout: float | None = None
+        """Longest wait for the peer's next bytes, in seconds."""
+        self.deadline: float | None = None
+        """``time.monotonic()`` past which no wait for the current response goes on, however
+        steadily the peer trickles; None: only ``timeout`` bounds each wait."""
+        self.cancelled: Callable[[], bool] | None = None
+        """Asked every ``CANCEL_CHECK_INTERVAL`` seconds of waiting; once true the wait ends
+        with :class:`TransportCanceled`, however steadily the peer trickles."""
+        self._next_check = 0.0
 
     def hold(self, abort: Abort | None) -> None:
         """Lend the socket to a cancellable call's Abort until ``release()``."""
@@ -542,11 +555,46 @@ class _Connection:
             self.sock.settimeout(timeout)
             self._timeout = timeout
 
+    def start(self, timeout: float | None, deadline: float | None, cancelled: Callable[[], bool] | None) -> None:
+        """Take a call's timeout, deadline and cancellation check."""
+        self.timeout, self.deadline, self.cancelled = timeout, deadline, cancelled
+        if cancelled is not None:
+            self._next_check = time.monotonic() + CANCEL_CHECK_INTERVAL
+        self.settimeout(timeout)
+
+    def done(self) -> None:
+        """Forget the finished call's deadline and cancellation check."""
+        self.deadline = self.cancelled = None
+
     def fill(self) -> bool:
-        """Receive what has arrived (waiting up to the socket's timeout); False at its end."""
-        data = self.sock.recv(_RECV)
+        """Receive what has arrived (waiting up to the timeout, deadline or cancellation);
+        False at its end."""
+        data = self.sock.recv(_RECV) if self.deadline is None and self.cancelled is None else self._recv_in_steps()
         self.buffer += data
         return bool(data)
+
+    def _recv_in_steps(self) -> bytes:
+        now = time.monotonic()
+        limit = self.deadline
+        if self.timeout is not None:
+            limit = now + self.timeout if limit is None else min(limit, now + self.timeout)
+        if self.cancelled is not None and now >= self._next_check:
+            self._next_check = now + CANCEL_CHECK_INTERVAL
+            if self.cancelled():
+                raise TransportCanceled("the call was given up while waiting for the peer")
+        while True:
+            step = None if self.cancelled is None else CANCEL_CHECK_INTERVAL
+            if limit is not None:
+                left = limit - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("the peer did not answer in time")
+                step = left if step is None else min(step, left)
+            self.settimeout(step)
+            try:
+                return self.sock.recv(_RECV)
+            except TimeoutError:
+                if self.cancelled is not None and self.cancelled():
+                    raise TransportCanceled("the call was given up while waiting for the peer") from None
 
     def close(self) -> None:
         self.release()
@@ -563,7 +611,7 @@ class _PooledResponse(Response):
     bytes of a chunked body are passed on without their framing, as http.client does.
     """
 
-    __slots__ = ("_items", "_headers", "_conn", "_pool", "_left", "_chunk", "_ended", "_failed", "_will_close")
+    __slots__ = ("_items", "_headers", "_conn", "_pool", "_left", "_chunk", "_ended", "_failed", "_will_close", "_trailers")
 
     # _chunk: where a chunked body is between its data sections.
     _NOT_CHUNKED, _SIZE, _DATA_END, _TRAILERS = 0, 1, 2, 3
@@ -577,6 +625,7 @@ class _PooledResponse(Response):
         self._pool = pool
         self._failed = False
         self._chunk = self._NOT_CHUNKED
+        self._trailers = 0
         self._left: int | None = 0
         """Bytes left in the current data section; None: the body ends with the connection."""
         headers = self.headers
@@ -586,6 +635,11 @@ class _PooledResponse(Response):
         if head_only or status in _BODYLESS_STATUS or status < 200:
             pass
         elif encoding is not None:
+            if "content-length" in headers:
+                # Framed by its chunks, not by its length: a relay passing the length on would
+                # let the next response on the client's connection be read as this body.
+                self._items = [(k, v) for k, v in items if k.lower() != "content-length"]
+                self._headers = None
             if encoding.rsplit(",", 1)[-1].strip().lower() == "chunked":
                 self._chunk = self._SIZE
             else:
@@ -593,7 +647,7 @@ class _PooledResponse(Response):
         elif "content-length" in headers:
             lengths = {v.strip() for v in headers["content-length"].split(",")}
             length = lengths.pop() if len(lengths) == 1 else ""
-            if not length.isdigit():
+            if not (length.isascii() and length.isdigit()):
                 raise http.client.HTTPException(f"bad Content-Length {headers['content-length']!r}")
             self._left = int(length)
         else:
@@ -677,16 +731,17 @@ class _PooledResponse(Response):
                 self._chunk = self._SIZE
             elif self._chunk == self._SIZE:
                 size = line.split(b";", 1)[0].strip()
-                try:
-                    self._left = int(size, 16)
-                except ValueError:
-                    raise http.client.HTTPException(f"bad chunk size {size[:20]!r}") from None
-                if self._left < 0:
+                if not _HEX(size):
                     raise http.client.HTTPException(f"bad chunk size {size[:20]!r}")
+                self._left = int(size, 16)
                 if not self._left:
                     self._chunk = self._TRAILERS
             elif not line:  # the blank line after the trailers (we keep none)
                 self._ended = True
+            else:
+                self._trailers += 1
+                if self._trailers > _MAX_HEADERS:
+                    raise http.client.HTTPException(f"got more than {_MAX_HEADERS} trailers")
         return True
 
     def wait(self, timeout: float) -> bool:
@@ -711,8 +766,13 @@ class _PooledResponse(Response):
 
 def _read_head(conn: _Connection) -> tuple[int, str, str, list[tuple[str, str]]]:
     """(status, reason, HTTP version, header fields) of the next final response on ``conn``;
-    interim (1xx) responses are skipped."""
+    up to ``_MAX_INTERIM`` interim (1xx) responses are skipped.
+
+    Strict, as the head may be passed on to another client: lines end in CRLF only, names are
+    tokens, values and the reason phrase hold no control character but tab.
+    """
     buffer = conn.buffer
+    interim = 0
     while True:
         start = 0
         while True:
@@ -728,25 +788,32 @@ def _read_head(conn: _Connection) -> tuple[int, str, str, list[tuple[str, str]]]
                 raise http.client.RemoteDisconnected("the peer closed the connection without a response")
         lines = bytes(buffer[:end]).decode("latin-1").split("\r\n")
         del buffer[: end + 4]
-        version, _, rest = lines[0].partition(" ")
-        code, _, reason = rest.partition(" ")
-        if not version.startswith("HTTP/") or len(code) != 3 or not code.isdigit():
+        status_line = _STATUS_LINE(lines[0])
+        if status_line is None or _protocol.has_illegal_text(lines[0]):
             raise http.client.BadStatusLine(lines[0][:100])
-        status = int(code)
+        status, reason = int(status_line[1]), status_line[2] or ""
+        if not 100 <= status < 600 or status == 101:  # we never ask to switch protocols
+            raise http.client.BadStatusLine(lines[0][:100])
+        version = lines[0][:8]
         if len(lines) > _MAX_HEADERS + 1:
             raise http.client.HTTPException(f"got more than {_MAX_HEADERS} headers")
         items: list[tuple[str, str]] = []
         for line in lines[1:]:
+            if _protocol.has_illegal_text(line):
+                raise http.client.HTTPException(f"control character in header line {line[:100]!r}")
             if line[:1] in (" ", "\t") and items:  # an obsolete folded continuation
                 name, value = items[-1]
-                items[-1] = (name, f"{value} {line.strip()}")
+                items[-1] = (name, value + " " + line.strip(" \t"))
                 continue
             name, colon, value = line.partition(":")
-            if not colon or not _LEGAL_NAME(name):
+            if not colon or not _protocol.is_header_name(name):
                 raise http.client.HTTPException(f"malformed header line {line[:100]!r}")
             items.append((name, value.strip(" \t")))
-        if not 100 <= status < 200 or status == 101:
-            return status, reason.strip(), version, items
+        if status >= 200:
+            return status, reason.strip(" \t"), version, items
+        interim += 1
+        if interim > _MAX_INTERIM:
+            raise http.client.HTTPException(f"more than {_MAX_INTERIM} interim (1xx) responses")
 
 
 class ConnectionPool:
@@ -788,12 +855,15 @@ class ConnectionPool:
         read_timeout: float | None,
         abort: Abort | None = None,
         cancelled: Callable[[], bool] | None = None,
+        deadline: float | None = None,
     ) -> Response:
         """Send on an idle connection (or a new one).
 
         An idle connection the peer closed while we held it fails before any reply; that one
         case is retried once on a fresh connection. ``abort`` holds the connection's socket
-        until the response is closed (see :class:`Abort`). While the peer has not answered,
+        until the response is closed (see :class:`Abort`). ``read_timeout`` bounds each wait
+        for the peer, ``deadline`` (a ``time.monotonic()``) all waits for this response
+        together, head and body: a peer trickling bytes keeps a call no longer. While waiting,
         ``cancelled()`` is asked every ``CANCEL_CHECK_INTERVAL`` seconds; once it is true the
         connection is closed and :class:`TransportCanceled` raised. A header or target that
         would smuggle a line in is ``ValueError``, as in http.client.
@@ -803,7 +873,7 @@ class ConnectionPool:
             conn, reused = self._take(connect_timeout)
             try:
                 conn.hold(abort)
-                return self._exchange(conn, method, request, read_timeout, cancelled)
+                return self._exchange(conn, method, request, read_timeout, cancelled, deadline)
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                 conn.close()
                 if not reused or (abort is not None and abort.fired):
@@ -814,7 +884,7 @@ class ConnectionPool:
             conn = self._connect(connect_timeout)
             try:
                 conn.hold(abort)
-                return self._exchange(conn, method, request, read_timeout, cancelled)
+                return self._exchange(conn, method, request, read_timeout, cancelled, deadline)
             except BaseException:
                 conn.close()
                 raise
@@ -827,7 +897,7 @@ class ConnectionPool:
         lines = [f"{method} {target} HTTP/1.1", f"Host: {self._authority}"]
         sized = False
         for name, value in headers.items():
-            if not _LEGAL_NAME(name):
+            if not _protocol.is_header_name(name):
                 raise ValueError(f"invalid header name {name!r}")
             if _ILLEGAL_VALUE(value):
                 raise ValueError(f"invalid header value {value!r}")
@@ -850,28 +920,12 @@ class ConnectionPool:
         request: bytes,
         timeout: float | None,
         cancelled: Callable[[], bool] | None,
+        deadline: float | None,
     ) -> _PooledResponse:
-        sock = conn.sock
-        if cancelled is None:
-            conn.settimeout(timeout)
-            sock.sendall(request)
-        else:
-            # Wait for the reply's first bytes in steps, looking at the caller between them.
-            step = CANCEL_CHECK_INTERVAL if timeout is None else min(timeout, CANCEL_CHECK_INTERVAL)
-            conn.settimeout(step)
-            sock.sendall(request)
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while True:
-                try:
-                    if not conn.fill():
-                        raise http.client.RemoteDisconnected("the peer closed the connection without a response")
-                    break
-                except TimeoutError:
-                    if cancelled():
-                        raise TransportCanceled("the call was given up before the peer answered") from None
-                    if deadline is not None and time.monotonic() >= deadline:
-                        raise
-            conn.settimeout(timeout)
+        if cancelled is not None and deadline is None and timeout is not None:
+            deadline = time.monotonic() + timeout  # waiting for the head: as long as one wait
+        conn.start(timeout, deadline, cancelled)
+        conn.sock.sendall(request)
         return _PooledResponse(conn, self, method == "HEAD")
 
     def _take(self, connect_timeout: float) -> tuple[_Connection, bool]:
@@ -903,6 +957,7 @@ class ConnectionPool:
         return _Connection(sock)
 
     def give_back(self, conn: _Connection) -> None:
+        conn.done()
         with self._lock:
             if len(self._idle) < self._size:
                 self._idle.append(conn)
