@@ -44,7 +44,7 @@ from connectplugin.runtime import handshake as hs
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KVServiceClient
 from samples.platform import HANDSHAKE
-from tests.helpers import ENV, ROOT, in_process, provider_process
+from tests.helpers import ENV, ROOT, in_process, port_is_free, provider_process, wait_until
 from tests.platform_plugins.provider import PLUGINS, Recorder, declare
 from tests.services import ScriptedKV
 
@@ -676,3 +676,84 @@ def test_a_plaintext_host_and_plugin_never_import_cryptography_openssl_or_cheroo
 
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+# --- what a certificate names (sec-review of certificates as identity) ------------------------
+
+
+def _issued(pki: tls.DevPKI, common_name: str, uris: list[str]) -> tls.KeyPair:
+    return tls.generate_key_pair(
+        common_name, issuer=pki.ca, dns_names=tls.LOOPBACK_NAMES, ip_addresses=tls.LOOPBACK_ADDRESSES, uris=uris
+    )
+
+
+@pytest.mark.parametrize(
+    "common_name, uris, self_id, code",
+    [
+        ("kv", [], "kv", Code.UNAUTHENTICATED),  # the CA issued it for something else: names no plugin
+        ("kv", ["spiffe://corp/ns/web/sa/frontend"], "kv", Code.UNAUTHENTICATED),
+        ("kv", ["CONNECTPLUGIN://Plugin/other"], "kv", Code.PERMISSION_DENIED),  # names other, in any case
+        ("x", [tls.plugin_uri("other"), tls.plugin_uri("kv")], "kv", Code.PERMISSION_DENIED),
+        ("x", [tls.plugin_uri("other"), tls.plugin_uri("kv")], "other", Code.PERMISSION_DENIED),
+    ],
+    ids=["common-name-only", "spiffe-uri", "scheme-in-upper-case", "two-ids-as-kv", "two-ids-as-other"],
+)
+def test_only_one_plugin_uri_names_a_certificates_self_id(cert_host, join, pki, common_name, uris, self_id, code):
+    with pytest.raises(ConnectError) as refused:
+        join(cert_host, self_id, pair=_issued(pki, common_name, uris))
+
+    assert refused.value.code is code
+
+
+def test_a_plugin_uri_is_read_in_any_case_and_a_common_name_never():
+    pki = tls.make_dev_pki([])
+    assert tls.certificate_ids(_issued(pki, "kv", ["CONNECTPLUGIN://PLUGIN/other"]).certificate) == ["other"]
+    assert tls.certificate_ids(_issued(pki, "kv", []).certificate) == []
+
+
+def test_the_router_refuses_another_plugin_serving_at_a_providers_address(cert_host, join, pki):
+    provider = join(cert_host, "kv", provides=("svc",))
+    caller = join(cert_host, "other")
+    (registered,) = [p for p in cert_host.registry.providers() if p.service_type == "svc"]
+    port = int(registered.base_url.rsplit(":", 1)[1])
+    provider._http.close(grace=0)
+    wait_until(lambda: port_is_free(port), "kv's port to be free")
+    reached = []
+
+    def impostor(environ, start_response):  # another plugin of the same CA, at kv's address
+        reached.append(environ.get("HTTP_X_PLUGIN_HOST_SECRET"))
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", "2")])
+        return [b"{}"]
+
+    config = HTTPConfig(host="127.0.0.1", port=port, threads=2, tls=tls.TLSConfig(key_pair=pki.plugins["other"]))
+    with HTTPServer(impostor, config).start():
+        with pytest.raises(ConnectError) as refused:
+            caller.link.client("svc", KVServiceClient).get(kv_pb2.GetRequest(key="k"))
+
+    assert refused.value.code is Code.UNAVAILABLE
+    assert reached == []  # neither the call nor kv's host secret went to the impostor
+
+
+def test_a_revoked_certificate_resuming_its_tls_session_gets_a_full_handshake_and_a_clean_refusal(cert_host, join, pki):
+    join(cert_host, "kv", provides=("svc",))
+    own = tls.TLSConfig(key_pair=pki.plugins["kv"], trust=tls.Trust(cas=(pki.ca.certificate,)))
+    context = tls.client_context(own)
+    host, port = cert_host.url.split("://")[1].rsplit(":", 1)
+
+    def ask(session=None):
+        raw = socket.create_connection((host, int(port)), timeout=5)
+        with context.wrap_socket(raw, server_hostname=host, session=session) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            return sock.recv(65536), sock.session, sock.session_reused
+
+    answer, session, _ = ask()
+    assert answer.startswith(b"HTTP/1.1 ")
+    cert_host.revoke_certificate(pki.plugins["kv"].certificate)
+
+    try:
+        answer, _, reused = ask(session)
+    except OSError as e:  # the server's alert, or its end of the connection
+        answer, reused = repr(e).encode(), False
+
+    assert not reused and not answer.startswith(b"HTTP/")
+    assert b"INTERNAL_ERROR" not in answer.upper().replace(b" ", b"_")

@@ -64,8 +64,8 @@ class CertificateIdentity:
     types it may provide (as a :class:`JoinToken`'s; with none it may only call others).
 
     The certificate must chain to the host's ``HTTPConfig.tls.trust`` (the TLS handshake
-    checks that, and its validity and revocation) and name ``self_id``: a SAN URI
-    ``connectplugin://plugin/<self_id>`` or, without such URIs, its common name (see
+    checks that, and its validity and revocation) and name ``self_id`` and no other id: one
+    SAN URI ``connectplugin://plugin/<self_id>`` (the common name is never read, see
     :func:`connectplugin.rpc.tls.certificate_ids`). The plugin's identity is then bound to
     that certificate: every later call must come with it.
     """
@@ -171,6 +171,12 @@ class Admission:
             )
         named = tls.certificate_ids(certificate) if certificate is not None and self._certificates else []
         listed = [i for i in named if i in self._certificates]
+        if listed and len(named) > 1:
+            raise ConnectError(
+                Code.PERMISSION_DENIED,
+                f"the client certificate names several plugins ({', '.join(map(repr, named))}); "
+                "a certificate identity names exactly one",
+            )
         if listed:
             if self_id not in listed:
                 raise ConnectError(

@@ -858,11 +858,16 @@ class PluginHost:
         if certificate is not None:
             self.identities.check_certificate(certificate)
         declared, admitted_by = self._admission.admit(request.self_id, request.client_metadata, ctx.peer, certificate)
+        server_tls = self.config.http.tls
+        if server_tls is not None and certificate is not None and request.self_id in tls.certificate_ids(certificate):
+            # Joined by a certificate naming it: the server it calls must be that plugin too,
+            # not another one of the same CA answering at its address.
+            server_tls = replace(server_tls, plugin_id=request.self_id)
         identity = self.identities.issue(
             request.self_id, request.self_version,
             limit=self.config.max_identities, limit_name="HostConfig.max_identities",
             # The router calls a plugin serving TLS as the host serves: our certificate, our CAs.
-            tls=self.config.http.tls, certificate=certificate,
+            tls=server_tls, certificate=certificate,
         )
         try:
             self.registry.declare(identity.runtime_id, declared)

@@ -834,6 +834,7 @@ class ConnectionPool:
         if self._https:
             self._context = _tls.client_context(tls) if tls is not None else ssl.create_default_context()
         self._pin = _tls.pin_fingerprint(tls.trust) if tls is not None else None
+        self._plugin_id = tls.plugin_id if tls is not None else None
         self._host = url.hostname or "127.0.0.1"
         self._port = url.port or (443 if self._https else 80)
         # The name the server's certificate must carry: the configured one, else the URL's.
@@ -951,6 +952,8 @@ class ConnectionPool:
                     ) from None
                 if self._pin is not None:
                     _check_pin(sock, self._pin)
+                if self._plugin_id is not None:
+                    _tls.check_names_plugin(sock.getpeercert(binary_form=True) or b"", self._plugin_id)
         except BaseException:
             sock.close()
             raise

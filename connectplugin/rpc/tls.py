@@ -196,6 +196,10 @@ class TLSConfig:
     server_name: str | None = None
     """Client: the name the server's certificate must carry, when not the URL's host. Not
     checked against pinned certificates, which are the identity themselves."""
+    plugin_id: str | None = None
+    """Client: the plugin self id the server's certificate must name, and no other (see
+    :func:`certificate_ids`): another plugin's certificate from the same CA, valid for the
+    same address, is refused. The host's router sets it for plugins joined by certificate."""
     minimum_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2
     stop_poll_interval: float = 0.1
     """Server: how often cheroot's connection loop wakes to notice ``close()`` (it has no
@@ -268,19 +272,38 @@ def plugin_uri(self_id: str) -> str:
 
 
 def certificate_ids(certificate: x509.Certificate) -> list[str]:
-    """The self ids a certificate names: its ``connectplugin://plugin/<id>`` SAN URIs, else its CN."""
+    """The self ids a certificate names: its SAN URIs ``connectplugin://plugin/<id>`` (scheme
+    and host in any case, as URIs compare them), in order.
+
+    Never its common name, nor any other URI: a CA may also issue certificates for other uses
+    (a server called ``kv``, a SPIFFE workload), and those name no plugin. A host admits a
+    certificate naming exactly one id (:class:`~connectplugin.host.admission.CertificateIdentity`).
+    """
     from cryptography import x509
-    from cryptography.x509.oid import NameOID
 
     try:
         san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        prefix = plugin_uri("")
-        ids = [u[len(prefix):] for u in san.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith(prefix)]
     except x509.ExtensionNotFound:
-        ids = []
-    if ids:
-        return ids
-    return [str(a.value) for a in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        return []
+    ids = []
+    for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
+        scheme, separator, rest = uri.partition("://")
+        host, slash, self_id = rest.partition("/")
+        if separator and slash and self_id and scheme.lower() == URI_SCHEME and host.lower() == "plugin":
+            ids.append(self_id)
+    return ids
+
+
+def check_names_plugin(der: bytes, self_id: str) -> None:
+    """A server certificate (DER) must name plugin ``self_id`` and no other;
+    ``ssl.SSLCertVerificationError`` otherwise."""
+    from cryptography import x509
+
+    named = certificate_ids(x509.load_der_x509_certificate(der))
+    if named != [self_id]:
+        raise ssl.SSLCertVerificationError(
+            f"the server's certificate names plugins {named}, not only {self_id!r}"
+        )
 
 
 LOOPBACK_NAMES = ("localhost",)
@@ -439,7 +462,11 @@ def server_context(config: TLSConfig) -> Any:
     for extra in pair.chain:
         context.add_extra_chain_cert(crypto.X509.from_cryptography(extra))  # takes no other type yet
     context.check_privatekey()
-    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_TICKET)
+    # No session resumption: every connection's certificate is checked afresh (a revoked one
+    # is refused, not resumed), and OpenSSL answers a resumption attempt with a full handshake
+    # instead of an internal-error alert (it has no session id context to resume in).
+    context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     trust = config.trust
     if trust is not None:
         store = context.get_cert_store()
