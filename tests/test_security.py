@@ -1397,3 +1397,17 @@ def test_a_request_header_with_a_control_character_is_400(serve, pki, line):
     with _raw_connection(serve(hello), pki) as sock:
         answer = _exchange(sock, b"GET / HTTP/1.1\r\nHost: x\r\n" + line + b"\r\n\r\n")
         assert answer.status == 400
+
+
+@BOTH_SERVERS
+def test_a_request_header_named_with_an_underscore_never_reaches_the_app(serve, pki):
+    seen = []
+
+    def app(environ, start_response):
+        seen.extend(key for key in environ if key.startswith("HTTP_"))
+        return hello(environ, start_response)
+
+    with _raw_connection(serve(app), pki) as sock:
+        answer = _exchange(sock, b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization_: x\r\nX_Plugin_Caller_ID: evil\r\n\r\n")
+        assert answer.status == 200
+    assert seen == ["HTTP_HOST"]

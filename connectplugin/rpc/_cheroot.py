@@ -38,13 +38,18 @@ _TLS_ALERT = 0x15
 class _StrictHeaderReader(cheroot_server.HeaderReader):
     """cheroot's request header reader, as strict as waitress's: a name that is no token, or
     a value holding a control character, is 400. (cheroot strips blanks and control
-    characters around a name: ``X-Plugin-Caller-ID\\x0b`` would pass as the real header.)"""
+    characters around a name: ``X-Plugin-Caller-ID\\x0b`` would pass as the real header.)
+    A name with an underscore is dropped, as waitress drops it: in the WSGI environ
+    ``X_Plugin_Caller_ID`` and ``X-Plugin-Caller-ID`` would be one key."""
 
     def __call__(self, rfile: Any, hdict: Any = None) -> Any:
         headers = super().__call__(rfile, hdict)
         if any(_protocol.has_illegal_text(value.decode("latin-1")) for value in headers.values()):
             raise ValueError("Illegal header value.")
         return headers
+
+    def _allow_header(self, key_name: bytes) -> bool:
+        return b"_" not in key_name  # (cheroot's DropUnderscoreHeaderReader looks for a str)
 
     def _transform_key(self, key_name: bytes) -> bytes:
         if not _protocol.is_header_name(key_name.decode("latin-1")):
