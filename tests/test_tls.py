@@ -7,6 +7,7 @@ import datetime
 import json
 import os
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -711,27 +712,39 @@ def test_a_plugin_uri_is_read_in_any_case_and_a_common_name_never():
     assert tls.certificate_ids(_issued(pki, "kv", []).certificate) == []
 
 
-def test_the_router_refuses_another_plugin_serving_at_a_providers_address(cert_host, join, pki):
+def test_the_router_refuses_another_plugin_serving_at_a_providers_address(cert_host, join, pki, tmp_path):
     provider = join(cert_host, "kv", provides=("svc",))
     caller = join(cert_host, "other")
     (registered,) = [p for p in cert_host.registry.providers() if p.service_type == "svc"]
     port = int(registered.base_url.rsplit(":", 1)[1])
     provider._http.close(grace=0)
     wait_until(lambda: port_is_free(port), "kv's port to be free")
-    reached = []
+    # Another plugin of the same CA at kv's address: a bare TLS server with other's certificate.
+    (tmp_path / "cert.pem").write_bytes(pki.plugins["other"].certificate_pem())
+    (tmp_path / "key.pem").write_bytes(pki.plugins["other"].private_key_pem())
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    received: list[bytes] = []
+    with socket.create_server(("127.0.0.1", port)) as listener:
+        listener.settimeout(10)
 
-    def impostor(environ, start_response):  # another plugin of the same CA, at kv's address
-        reached.append(environ.get("HTTP_X_PLUGIN_HOST_SECRET"))
-        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", "2")])
-        return [b"{}"]
+        def impostor() -> None:
+            with listener.accept()[0] as raw:
+                raw.settimeout(10)
+                try:
+                    with context.wrap_socket(raw, server_side=True) as conn:
+                        received.append(conn.recv(65536))
+                except OSError:
+                    pass  # the router hung up once it saw the certificate
 
-    config = HTTPConfig(host="127.0.0.1", port=port, threads=2, tls=tls.TLSConfig(key_pair=pki.plugins["other"]))
-    with HTTPServer(impostor, config).start():
+        thread = threading.Thread(target=impostor, name="impostor")
+        thread.start()
         with pytest.raises(ConnectError) as refused:
             caller.link.client("svc", KVServiceClient).get(kv_pb2.GetRequest(key="k"))
+        thread.join(15)
 
     assert refused.value.code is Code.UNAVAILABLE
-    assert reached == []  # neither the call nor kv's host secret went to the impostor
+    assert not any(received)  # neither the call nor kv's host secret went to the impostor
 
 
 def test_a_client_resuming_its_tls_session_gets_a_full_handshake_and_its_certificate_checked_again(cert_host, join, pki):
