@@ -21,6 +21,7 @@ from pathlib import Path
 import requests
 
 from tests.helpers import ROOT, free_port, wait_until
+from tests.webapps.gunicorn_conf import WORKER_READY
 
 KV_COMMAND = [sys.executable, "-m", "tests.webapps.kv"]
 KV_ENV = {"PYTHONPATH": str(ROOT), "WEBAPP_LAUNCH_LOG": os.environ.get("WEBAPP_LAUNCH_LOG", "")}
@@ -31,6 +32,7 @@ GUNICORN = [
     sys.executable, "-m", "gunicorn", "-w", str(WORKERS), "-b", "127.0.0.1:{port}", "--graceful-timeout", "10",
     # Its control socket has one path per user: servers running side by side would share it.
     "--no-control-socket",
+    "--config", "python:tests.webapps.gunicorn_conf",
 ]  # fmt: skip
 """Two sync workers; the app goes last."""
 STARTUP_TIMEOUT = 30.0
@@ -98,6 +100,8 @@ class WebServer:
     def __init__(self, argv: Sequence[str], port: int, env: dict[str, str], log: Path) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
+        self.workers = WORKERS if "gunicorn" in argv else 0
+        """Workers that must handle signals themselves before the server counts as ready."""
         self.log = log
         self.seen_plugins: set[int] = set()  # every plugin pid a response named, for cleanup
         self.launch_log = log.with_suffix(".launches")
@@ -124,6 +128,11 @@ class WebServer:
         wait_until(
             answers,
             lambda: f"{self.url} to answer; its log:\n{self.log.read_text()[-3000:]}",
+            STARTUP_TIMEOUT,
+        )
+        wait_until(
+            lambda: self.log.read_text().count(WORKER_READY) >= self.workers,
+            lambda: f"{self.workers} workers to handle signals; the log:\n{self.log.read_text()[-3000:]}",
             STARTUP_TIMEOUT,
         )
         return self
