@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import socket
 import ssl
@@ -768,3 +769,18 @@ def test_a_client_resuming_its_tls_session_gets_a_full_handshake_and_its_certifi
 
     with pytest.raises(OSError):  # the TLS server refuses it (its alert, or its end of the connection)
         ask(session)
+
+
+def test_cheroots_own_messages_go_to_our_logger_and_a_client_hanging_up_is_only_debug(
+    mtls_server, capfd, caplog
+):
+    # cheroot writes its messages straight to stderr; its pyOpenSSL writer reports a client
+    # that hung up mid-answer as an unrecognised "socket.error" (seen as stray suite output).
+    cheroot = mtls_server._server
+    with caplog.at_level(logging.DEBUG, logger="connectplugin.httpserver"):
+        cheroot.error_log("socket.error \"(32, 'EPIPE')\"", level=logging.WARNING, traceback=True)
+        cheroot.error_log("Error in HTTPServer.serve", level=logging.ERROR)
+
+    assert capfd.readouterr().err == ""
+    levels = {r.getMessage(): r.levelno for r in caplog.records if r.name == "connectplugin.httpserver"}
+    assert levels == {"socket.error \"(32, 'EPIPE')\"": logging.DEBUG, "Error in HTTPServer.serve": logging.ERROR}

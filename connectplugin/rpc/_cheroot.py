@@ -9,6 +9,7 @@ plaintext plugins and hosts never load cheroot or pyOpenSSL.
 from __future__ import annotations
 
 import enum
+import logging
 import select
 import selectors
 import socket
@@ -33,6 +34,10 @@ CLIENT_DISCONNECTED_KEY = "connectplugin.client_disconnected"
 """WSGI environ key: a callable true once the client has gone (waitress has its own)."""
 _TLS_ALERT = 0x15
 """The first byte of a TLS alert record: a client's close_notify before it hangs up."""
+_PEER_HUNG_UP = ("EPIPE", "ECONNRESET", "ECONNABORTED", "ESHUTDOWN")
+"""What cheroot reports (as text) when a client left while it was being answered."""
+
+log = logging.getLogger("connectplugin.httpserver")
 
 
 class _StrictHeaderReader(cheroot_server.HeaderReader):
@@ -79,6 +84,14 @@ class _CherootServer(cheroot_wsgi.Server):
         self.requests.start()
         self.ready = True
         self._start_time = time.time()
+
+    def error_log(self, msg: str = "", level: int = logging.INFO, traceback: bool = False) -> None:
+        """cheroot's own messages, to our logger instead of straight to stderr. A client that
+        hung up while it was being answered is no server error (cheroot's pyOpenSSL writer
+        reports its EPIPE in a form cheroot does not recognise as one to ignore): DEBUG."""
+        if any(name in msg for name in _PEER_HUNG_UP):
+            level = logging.DEBUG
+        log.log(level, "%s", msg, exc_info=traceback)
 
     def process_conn(self, conn: Any) -> None:
         """From the selector thread (a new or readable connection) or a worker (a kept-alive
