@@ -199,6 +199,38 @@ def test_a_revoked_client_certificate_is_refused(pki, kv):
     assert refused.value.code is Code.UNAVAILABLE
 
 
+def test_a_client_whose_certificate_is_revoked_is_told_so_and_accepted_again_once_unrevoked(pki, kv):
+    revoked = tls.RevocationList()
+    config = tls.TLSConfig(key_pair=pki.host, trust=tls.Trust(cas=(pki.ca.certificate,), revoked=revoked))
+    with HTTPServer(App([kv]), HTTPConfig(threads=2, tls=config)) as server:
+        put(server.url, as_plugin(pki, "kv"))
+        revoked.add(pki.plugins["kv"].certificate)
+
+        with pytest.raises(ConnectError) as refused:
+            put(server.url, as_plugin(pki, "kv"))
+        put(server.url, as_plugin(pki, "other"))  # same CA, not revoked
+        revoked.discard(pki.plugins["kv"].certificate)
+        put(server.url, as_plugin(pki, "kv"))
+
+    assert refused.value.code is Code.UNAVAILABLE
+    assert "certificate revoked" in refused.value.message
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_pythons_ssl_reads_the_alert_certificate_revoked(pki, kv, version):
+    revoked = tls.RevocationList([pki.plugins["kv"].certificate, pki.plugins["other"].fingerprint])
+    config = tls.TLSConfig(key_pair=pki.host, trust=tls.Trust(cas=(pki.ca.certificate,), revoked=revoked))
+    with HTTPServer(App([kv]), HTTPConfig(threads=2, tls=config)) as server:
+        context = tls.client_context(as_plugin(pki, "kv"))
+        context.maximum_version = version
+        with socket.create_connection((server.host, server.port), timeout=10) as raw:
+            with pytest.raises(ssl.SSLError) as refused:
+                with context.wrap_socket(raw, server_hostname="localhost") as sock:
+                    sock.recv(1)  # TLS 1.3: the client's handshake ends before the server's check
+
+    assert "certificate revoked" in str(refused.value)
+
+
 def test_a_plaintext_client_at_a_tls_port_is_told_to_use_https(mtls_server, pki):
     plain_url = mtls_server.url.replace("https://", "http://")
 
@@ -589,6 +621,7 @@ def test_a_revoked_certificate_loses_its_identity_and_is_refused_at_the_next_han
     with pytest.raises(ConnectError) as handshake:
         provider.link.connect(HANDSHAKE, "kv", "1.0.0", "")
     assert handshake.value.code is Code.UNAVAILABLE  # the TLS handshake refuses the certificate
+    assert "certificate revoked" in handshake.value.message
     caller.link.heartbeat()  # the host keeps serving others
 
 

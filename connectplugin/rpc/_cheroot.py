@@ -340,6 +340,12 @@ class _TLSAdapter(pyOpenSSLAdapter):
         super().__init__(None, None)
         self.context = context
 
+    def wrap(self, sock: Any) -> Any:
+        """A connection just accepted, before its handshake: revocations made since the last
+        one apply to it (``tls.sync_revocations``)."""
+        _tls.sync_revocations(self.context)
+        return super().wrap(sock)
+
     def makefile(self, sock: Any, mode: str = "r", bufsize: int = -1) -> Any:
         return _TLSReader(sock, bufsize) if "r" in mode else _TLSWriter(sock)
 

@@ -926,7 +926,13 @@ class ConnectionPool:
         if cancelled is not None and deadline is None and timeout is not None:
             deadline = time.monotonic() + timeout  # waiting for the head: as long as one wait
         conn.start(timeout, deadline, cancelled)
-        conn.sock.sendall(request)
+        try:
+            conn.sock.sendall(request)
+        except ssl.SSLEOFError:
+            alert = _alert_sent(conn.sock)
+            if alert is None:
+                raise
+            raise alert from None
         return _PooledResponse(conn, self, method == "HEAD")
 
     def _take(self, connect_timeout: float) -> tuple[_Connection, bool]:
@@ -972,6 +978,22 @@ class ConnectionPool:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+
+def _alert_sent(sock: socket.socket) -> ssl.SSLError | None:
+    """Why a TLS server closed a connection a request could not be sent on: with TLS 1.3
+    a server refuses a client certificate (revoked, say) after the client's handshake has
+    ended, and its alert waits unread behind the failed send. That alert as an error, if
+    there is one."""
+    sock.setblocking(False)
+    try:
+        sock.recv(1)
+    except ssl.SSLError as e:
+        if "ALERT" in (e.reason or ""):
+            return e
+    except OSError:
+        pass
+    return None
 
 
 def _check_pin(sock: ssl.SSLSocket, pin: str) -> None:

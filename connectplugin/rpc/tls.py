@@ -115,32 +115,59 @@ class KeyPair:
 
 
 class RevocationList:
-    """Fingerprints of certificates refused from now on, added to while serving (a CRL kept
+    """Fingerprints of certificates refused from now on, changed while serving (a CRL kept
     in memory). A server whose ``Trust.revoked`` is one refuses a certificate at the next
     handshake that presents it; a host also refuses it on the calls of connections already
-    open. Safe from any thread; ``_lock`` guards ``_prints``."""
+    open. A certificate revoked as itself (not only by its fingerprint) is refused with the
+    TLS alert ``certificate_revoked``, so its holder is told why. Safe from any thread;
+    ``_lock`` guards ``_revoked`` and ``_version``."""
 
     def __init__(self, revoked: Iterable[str | x509.Certificate] = ()) -> None:
         self._lock = threading.Lock()
-        self._prints: set[str] = {_print_of(r) for r in revoked}
+        self._revoked: dict[str, x509.Certificate | None] = {}
+        self._version = 0
+        self.add(*revoked)
 
     def add(self, *revoked: str | x509.Certificate) -> None:
         """Revoke certificates, given as certificates or SHA-256 fingerprints."""
+        entries = [(_print_of(r), None if isinstance(r, str) else r) for r in revoked]
+        with self._lock:
+            for print_, certificate in entries:
+                if certificate is not None or print_ not in self._revoked:
+                    self._revoked[print_] = certificate
+            self._version += 1
+
+    def discard(self, *revoked: str | x509.Certificate) -> None:
+        """Accept these certificates again (a revocation made by mistake); identities already
+        revoked for them stay revoked (their plugins join again)."""
         prints = {_print_of(r) for r in revoked}
         with self._lock:
-            self._prints |= prints
+            for print_ in prints:
+                self._revoked.pop(print_, None)
+            self._version += 1
+
+    @property
+    def version(self) -> int:
+        """A number that changes with every change (read without the lock: an int)."""
+        return self._version
+
+    def certificates(self) -> tuple[int, tuple[x509.Certificate, ...]]:
+        """A version number that changes with every change, and the certificates revoked as
+        themselves (not those known only by their fingerprint)."""
+        with self._lock:
+            return self._version, tuple(c for c in self._revoked.values() if c is not None)
 
     def __contains__(self, print_: object) -> bool:
         with self._lock:
-            return print_ in self._prints
+            return print_ in self._revoked
 
     def __iter__(self) -> Iterator[str]:
         with self._lock:
-            return iter(sorted(self._prints))
+            return iter(sorted(self._revoked))
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._prints)
+            return len(self._revoked)
 
 
 def _print_of(revoked: str | x509.Certificate) -> str:
@@ -475,14 +502,102 @@ def server_context(config: TLSConfig) -> Any:
             store.add_cert(crypto.X509.from_cryptography(anchor))
         if trust.pinned:  # a pinned certificate anchors a chain by itself even when a CA issued it
             store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
+        if isinstance(trust.revoked, RevocationList):
+            alerts = _RevocationAlerts(store, trust.revoked)
+            alerts.sync()
+            context.set_app_data(alerts)
 
         def verify(conn: Any, certificate: Any, errno: int, depth: int, ok: int) -> bool:
+            if errno in _CRL_TROUBLE:
+                return True  # our own CRLs (see _RevocationAlerts): they decide nothing
+            if errno == _CERT_REVOKED:  # in our CRL, so most likely revoked: the list decides
+                return fingerprint(certificate.to_cryptography()) not in trust.revoked
             if not ok:
                 return False
             return depth > 0 or trust.accepts_leaf(certificate.to_cryptography())
 
         context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
     return context
+
+
+def sync_revocations(context: Any) -> None:
+    """Before a handshake on ``context`` (a :func:`server_context`): bring what it tells
+    revoked certificates up to date with its ``RevocationList``. Cheap when nothing changed."""
+    alerts = context.get_app_data()
+    if alerts is not None:
+        alerts.sync()
+
+
+_CERT_REVOKED = 23
+"""OpenSSL's X509_V_ERR_CERT_REVOKED: a certificate listed in a CRL (alert certificate_revoked)."""
+_CRL_TROUBLE = frozenset({3, 5, 8, 11, 12, 15, 16, 33, 35, 36, 44, 54})
+"""OpenSSL's verification errors that only checking CRLs raises (X509_V_ERR_UNABLE_TO_GET_CRL,
+_UNABLE_TO_DECRYPT_CRL_SIGNATURE, _CRL_SIGNATURE_FAILURE, _CRL_NOT_YET_VALID, _CRL_HAS_EXPIRED,
+_ERROR_IN_CRL_LAST_UPDATE_FIELD, _ERROR_IN_CRL_NEXT_UPDATE_FIELD, _UNABLE_TO_GET_CRL_ISSUER,
+_KEYUSAGE_NO_CRL_SIGN, _UNHANDLED_CRITICAL_CRL_EXTENSION, _DIFFERENT_CRL_SCOPE,
+_CRL_PATH_VALIDATION_ERROR)."""
+
+
+class _RevocationAlerts:
+    """Makes a TLS server refuse a revoked certificate with the alert ``certificate_revoked``.
+
+    pyOpenSSL's verify callback can refuse a certificate but not say why: OpenSSL then sends
+    ``internal_error``, and the client is left guessing. OpenSSL says "revoked" only for a
+    certificate its own CRL check finds in a CRL, and a CRL must be signed by the issuing
+    CA's key, which a server rarely holds. So the server keeps CRLs of its own, signed by a
+    throwaway key, listing the revoked certificates it knows by issuer and serial; the check
+    finds their signature wrong, the verify callback accepts every error that only CRLs raise
+    (``_CRL_TROUBLE``), and what remains is OpenSSL's "revoked" for a listed serial, which the
+    callback confirms against the fingerprints. The fingerprints decide, as without CRLs: a
+    CRL only chooses the alert. A certificate revoked by its fingerprint alone has no serial
+    to list, and gets ``internal_error`` still.
+
+    Each change of the list adds one CRL per issuer (the store cannot drop one); OpenSSL uses
+    the one issued last, so each is dated one second after the one before (from a year ago).
+    Only ever called on the server's connection thread (``_lock`` all the same)."""
+
+    def __init__(self, store: Any, revoked: RevocationList) -> None:
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        self._store = store
+        self._revoked = revoked
+        self._version = -1
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        self._epoch = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=365)
+        self._issued = 0
+        self._lock = threading.Lock()
+
+    def sync(self) -> None:
+        if self._revoked.version == self._version:
+            return
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+        from OpenSSL import crypto
+
+        with self._lock:
+            version, certificates = self._revoked.certificates()
+            if version == self._version:
+                return
+            by_issuer: dict[x509.Name, list[int]] = {}
+            for certificate in certificates:
+                by_issuer.setdefault(certificate.issuer, []).append(certificate.serial_number)
+            self._issued += 1
+            issued = self._epoch + datetime.timedelta(seconds=self._issued)
+            for issuer, serials in by_issuer.items():
+                builder = (
+                    x509.CertificateRevocationListBuilder()
+                    .issuer_name(issuer)
+                    .last_update(issued)
+                    .next_update(issued + datetime.timedelta(days=36500))
+                )
+                for serial in serials:
+                    builder = builder.add_revoked_certificate(
+                        x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(issued).build()
+                    )
+                self._store.add_crl(builder.sign(self._key, hashes.SHA256()))
+            if by_issuer:
+                self._store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
+            self._version = version
 
 
 def peer_certificate(environ: dict) -> x509.Certificate | None:
