@@ -7,6 +7,7 @@ import datetime
 import json
 import logging
 import os
+import signal
 import socket
 import ssl
 import stat
@@ -28,11 +29,14 @@ from connectplugin import (
     HostLink,
     HTTPConfig,
     HTTPServer,
+    InProcessStrategy,
     LaunchError,
     LaunchFailure,
     PluginHost,
     PluginServer,
     ProcessStrategy,
+    RestartPolicy,
+    RetryConfig,
     ServeConfig,
     ServingStatus,
 )
@@ -44,9 +48,9 @@ from connectplugin.rpc._transport import ConnectionPool
 from connectplugin.rpc.httpserver import PlaintextRefusedError
 from connectplugin.runtime import handshake as hs
 from samples.kv.gen.kv.v1 import kv_pb2
-from samples.kv.gen.kv.v1.kv_connect import KVServiceClient
+from samples.kv.gen.kv.v1.kv_connect import KV_PLUGIN, KVServiceClient
 from samples.platform import HANDSHAKE
-from tests.helpers import ENV, ROOT, in_process, port_is_free, provider_process, wait_until
+from tests.helpers import ENV, ROOT, in_process, module, port_is_free, provider_process, wait_until
 from tests.platform_plugins.provider import PLUGINS, Recorder, declare
 from tests.services import ScriptedKV
 
@@ -364,9 +368,13 @@ def test_the_host_refuses_a_plugin_that_does_not_announce_a_certificate(mtls_hos
 # --- a host serving TLS launches plugins -------------------------------------------------------
 
 
-@pytest.mark.parametrize("auto_mtls", [False, True], ids=["tls", "tls+auto_mtls"])
-def test_plugins_a_tls_host_launches_call_it_back_over_tls(make_host, pki, auto_mtls):
-    host = make_host(http=HTTPConfig(threads=8, tls=tls.TLSConfig(key_pair=pki.host)), auto_mtls=auto_mtls)
+@pytest.mark.parametrize(
+    ("auto_mtls", "client_certificates"), [(False, False), (True, False), (False, True)],
+    ids=["tls", "tls+auto_mtls", "mtls"],
+)
+def test_plugins_a_tls_host_launches_call_it_back_over_tls(make_host, pki, auto_mtls, client_certificates):
+    trust = tls.Trust(cas=(pki.ca.certificate,)) if client_certificates else None
+    host = make_host(http=HTTPConfig(threads=8, tls=tls.TLSConfig(key_pair=pki.host, trust=trust)), auto_mtls=auto_mtls)
     assert host.url.startswith("https://")
 
     # launch() returns once the subprocess registered "svc" with the host's registry, over TLS.
@@ -380,6 +388,184 @@ def test_plugins_a_tls_host_launches_call_it_back_over_tls(make_host, pki, auto_
     assert found.endpoint.provider_id == host.discover("svc").provider_id
     assert kv.get(kv_pb2.GetRequest(key="k")).value == b"over tls"
     assert provider.check_health() is ServingStatus.SERVING
+
+
+# --- a host requiring client certificates launches plugins -------------------------------------
+
+
+@pytest.fixture
+def pins() -> tls.PinList:
+    return tls.PinList()
+
+
+@pytest.fixture
+def revoked() -> tls.RevocationList:
+    return tls.RevocationList()
+
+
+@pytest.fixture
+def pinning_server(pki, kv, pins, revoked) -> Iterator[HTTPServer]:
+    """A TLS server requiring a client certificate from the development CA or in ``pins``."""
+    trust = tls.Trust(cas=(pki.ca.certificate,), revoked=revoked, live_pins=pins)
+    server = HTTPServer(App([kv]), HTTPConfig(threads=2, tls=tls.TLSConfig(key_pair=pki.host, trust=trust))).start()
+    yield server
+    server.close(grace=1.0)
+
+
+def presenting(pki: tls.DevPKI, pair: tls.KeyPair | None) -> tls.TLSConfig:
+    """A client presenting ``pair`` (None: no certificate) to a server of the development CA."""
+    return tls.TLSConfig(key_pair=pair, trust=tls.Trust(cas=(pki.ca.certificate,)))
+
+
+def test_a_live_pin_is_accepted_while_listed_whoever_issued_it(pinning_server, pki, pins):
+    own, foreign = tls.auto_key_pair(), tls.make_dev_pki(["kv"]).plugins["kv"]  # self-signed; another CA's
+    pins.add(own.certificate, foreign.certificate)
+
+    put(pinning_server.url, presenting(pki, own))
+    put(pinning_server.url, presenting(pki, foreign))
+    put(pinning_server.url, as_plugin(pki))  # the CA's certificates still are
+
+    pins.discard(own.certificate)
+    with pytest.raises(ConnectError) as refused:
+        put(pinning_server.url, presenting(pki, own))
+    assert refused.value.code is Code.UNAVAILABLE
+    put(pinning_server.url, presenting(pki, foreign))
+
+
+def _signed_by(issuer: tls.KeyPair) -> tls.KeyPair:
+    """A certificate ``issuer`` signed, sent with ``issuer``'s certificate as its chain."""
+    leaf = tls.generate_key_pair("signed by a pin", issuer=issuer)
+    return tls.KeyPair(leaf.certificate, leaf.private_key, (issuer.certificate,))
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["no certificate", "not pinned", "pinned then removed", "pinned but expired", "pinned but not yet valid",
+     "pinned but revoked", "signed by a pinned certificate"],
+)
+def test_nothing_but_a_listed_valid_live_pin_slips_in(pinning_server, pki, pins, revoked, case):
+    pinned = tls.auto_key_pair()
+    pins.add(pinned.certificate)
+    expired = tls.generate_key_pair("x", not_before=A_YEAR_AGO, lifetime=datetime.timedelta(days=1))
+    future = tls.generate_key_pair("x", not_before=datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=1))
+    presented = {
+        "no certificate": None,
+        "not pinned": tls.auto_key_pair(),
+        "pinned then removed": pinned,
+        "pinned but expired": expired,
+        "pinned but not yet valid": future,
+        "pinned but revoked": pinned,
+        "signed by a pinned certificate": _signed_by(pinned),
+    }[case]
+    pins.add(expired.certificate, future.certificate)
+    if case == "pinned then removed":
+        pins.discard(pinned.certificate)
+    if case == "pinned but revoked":
+        revoked.add(pinned.certificate)
+
+    with pytest.raises(ConnectError) as refused:
+        put(pinning_server.url, presenting(pki, presented))
+
+    assert refused.value.code is Code.UNAVAILABLE
+    put(pinning_server.url, as_plugin(pki))
+
+
+def requiring_certificates(pki: tls.DevPKI) -> HTTPConfig:
+    """A host's server requiring client certificates from the development CA."""
+    server_tls = tls.TLSConfig(key_pair=pki.host, trust=tls.Trust(cas=(pki.ca.certificate,)))
+    return HTTPConfig(threads=8, max_streams=8, tls=server_tls)
+
+
+@pytest.fixture
+def ca_host(make_host, pki) -> PluginHost:
+    """A host requiring client certificates, admitting no joiners; ``auto_mtls`` left off."""
+    return make_host(http=requiring_certificates(pki), dev_cookie_joins=False)
+
+
+def holding(name: str, pair: tls.KeyPair, link: HostLink, *provides: str) -> InProcessStrategy:
+    """An in-process plugin configured with ``pair``, which it presents calling its host:
+    the test holds the key a subprocess keeps to itself."""
+    config = ServeConfig(
+        self_id=name, self_version="1.0.0", provides=[declare(t) for t in provides],
+        http=HTTPConfig(tls=tls.TLSConfig(key_pair=pair)),
+    )
+    return InProcessStrategy({"kv": Recorder(name)}, config, link=link)
+
+
+def host_answer(host: PluginHost, pki: tls.DevPKI, pair: tls.KeyPair | None, credentials: dict[str, str]) -> Code | None:
+    """What a Discover of the host presenting ``pair`` and ``credentials`` gets: None when it
+    is answered; ``unavailable`` when the TLS handshake refuses the certificate."""
+    config = tls.TLSConfig(key_pair=pair, trust=tls.Trust(pinned=(pki.host.certificate,)))
+    try:
+        with Client(host.url, ClientConfig(tls=config, headers=credentials, timeout=5)) as client:
+            discover(client)
+    except ConnectError as e:
+        return e.code
+    return None
+
+
+def test_plugins_a_host_requiring_client_certificates_launches_register_discover_and_call_each_other(
+    make_host, pki, caplog
+):
+    caplog.set_level(logging.INFO, logger="connectplugin.plugin.logger")
+    ca_host = make_host(plugins={"cache": KV_PLUGIN}, http=requiring_certificates(pki), dev_cookie_joins=False)
+    ca_host.launch(module("samples.platform.logger"), name="logger")
+    # The cache discovers the logger before it serves, registers, and logs each write
+    # through the host's router: every one a call back to the host over mTLS.
+    cache = ca_host.launch(module("samples.platform.cache"), name="cache")
+
+    cache.dispense("cache").put(kv_pb2.PutRequest(key="greeting", value=b"hi"))
+
+    cache_id = ca_host.runtime_id(cache)
+    wait_until(
+        lambda: any(f"[{cache_id}] cache put key=greeting" in r.getMessage() for r in caplog.records),
+        "the logger to log the cache's write, routed through the host",
+    )
+    assert cache.running is not None and cache.running.client_certificate is not None  # auto mTLS, though off
+    certificate = tls.fingerprint(cache.running.client_certificate)
+    assert certificate in ca_host.pins and len(ca_host.pins) == 2
+    assert ca_host.identities.get(cache_id).certificate == certificate
+
+
+def test_a_launched_plugins_certificate_is_accepted_while_it_runs_and_a_restart_brings_a_new_one(ca_host):
+    first = ca_host.launch(provider_process("svc"), name="p", restart=RestartPolicy(RetryConfig(initial_backoff=0.0, jitter=0.0)))
+    assert first.running is not None and first.running.client_certificate is not None
+    old = tls.fingerprint(first.running.client_certificate)
+    assert list(ca_host.pins) == [old]
+
+    os.kill(first.running.pid, signal.SIGKILL)
+    wait_until(lambda: ca_host.current(first) is not first, "the crashed plugin's successor", timeout=30)
+
+    successor = ca_host.current(first)
+    assert successor.running is not None and successor.running.client_certificate is not None
+    new = tls.fingerprint(successor.running.client_certificate)
+    assert list(ca_host.pins) == [new] and new != old
+    assert successor.check_health() is ServingStatus.SERVING  # it registered again, over mTLS
+    ca_host.stop(successor)
+    assert list(ca_host.pins) == []
+
+
+def test_the_host_refuses_a_stopped_plugins_certificate_a_stranger_and_no_certificate(ca_host, pki):
+    own, link = tls.auto_key_pair(), HostLink()
+    plugin = ca_host.launch(holding("p", own, link, "svc"), name="p")  # it registered: a call back
+    assert host_answer(ca_host, pki, own, link.headers()) is None
+
+    ca_host.stop(plugin)
+
+    assert host_answer(ca_host, pki, own, {}) is Code.UNAVAILABLE
+    assert host_answer(ca_host, pki, tls.auto_key_pair(), {}) is Code.UNAVAILABLE
+    assert host_answer(ca_host, pki, None, {}) is Code.UNAVAILABLE
+    assert host_answer(ca_host, pki, pki.plugins["kv"], {}) is Code.INVALID_ARGUMENT  # its handshake passed
+
+
+def test_a_launched_plugins_token_over_another_launched_plugins_certificate_is_unauthenticated(ca_host, pki):
+    pairs, links = {n: tls.auto_key_pair() for n in "ab"}, {n: HostLink() for n in "ab"}
+    ca_host.launch(holding("a", pairs["a"], links["a"], "svc"), name="a")
+    ca_host.launch(holding("b", pairs["b"], links["b"]), name="b")
+
+    assert host_answer(ca_host, pki, pairs["b"], links["a"].headers()) is Code.UNAUTHENTICATED
+    assert host_answer(ca_host, pki, pki.plugins["kv"], links["a"].headers()) is Code.UNAUTHENTICATED
+    assert host_answer(ca_host, pki, pairs["a"], links["a"].headers()) is None
 
 
 # --- a client speaking the other protocol than a PluginHost -------------------------------------

@@ -18,7 +18,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..gen.connectplugin.health.v1 import health_pb2
 from ..gen.connectplugin.health.v1.health_connect import HealthServiceClient
@@ -65,6 +65,9 @@ from .registry import Declared, Provider, Registry, RegistryConfig, RegistryServ
 from .router import ROUTE as ROUTER_ROUTE
 from .router import Router, RouterConfig
 from .supervisor import RestartPolicy, Supervised, SupervisionListener, Supervisor
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 log = logging.getLogger("connectplugin.host")
 
@@ -175,7 +178,10 @@ class HostConfig:
     """Automatic mTLS with launched subprocess plugins: per launch the host makes a key pair
     and the plugin another (in memory, never on disk); each accepts only the other's
     certificate, so no other local process can call or impersonate the plugin, nor read
-    the calls. Plugins must support it (connectplugin's ``serve()`` does)."""
+    the calls. Plugins must support it (connectplugin's ``serve()`` does). A host whose
+    ``http.tls.trust`` requires client certificates uses it for every launch, whatever this
+    says: its plugins call it back presenting their automatic-mTLS certificate, which it
+    accepts while they run (``PluginHost.pins``) and only with their own runtime identity."""
     auto_mtls_lifetime: datetime.timedelta = tls.AUTO_LIFETIME
     """Validity of the host's automatic-mTLS certificates: ten years, so that no launch
     outlives them (a new launch makes new ones; see ``tls.AUTO_LIFETIME`` for why they are
@@ -195,18 +201,18 @@ class HostConfig:
         return max(MIN_REAP_INTERVAL, self.heartbeat_timeout / 4)
 
 
-def _live_revocations(config: HostConfig) -> tuple[HostConfig, tls.RevocationList]:
-    """``config`` whose TLS trust refuses what ``revoke_certificate`` adds, and that list
-    (the one given, when ``http.tls.trust.revoked`` is a RevocationList already)."""
+def _live_trust(config: HostConfig) -> tuple[HostConfig, tls.RevocationList, tls.PinList]:
+    """``config`` whose TLS trust refuses what ``revoke_certificate`` adds and accepts the
+    certificates of the plugins the host launched while they run, and those two lists (the
+    ones given, when ``http.tls.trust`` holds them already)."""
     server_tls = config.http.tls
     trust = server_tls.trust if server_tls is not None else None
     if trust is None or server_tls is None:
-        return config, tls.RevocationList()
-    if isinstance(trust.revoked, tls.RevocationList):
-        return config, trust.revoked
-    live = tls.RevocationList(trust.revoked)
-    server_tls = replace(server_tls, trust=replace(trust, revoked=live))
-    return replace(config, http=replace(config.http, tls=server_tls)), live
+        return config, tls.RevocationList(), tls.PinList()
+    revoked = trust.revoked if isinstance(trust.revoked, tls.RevocationList) else tls.RevocationList(trust.revoked)
+    pins = trust.live_pins if trust.live_pins is not None else tls.PinList()
+    server_tls = replace(server_tls, trust=replace(trust, revoked=revoked, live_pins=pins))
+    return replace(config, http=replace(config.http, tls=server_tls)), revoked, pins
 
 
 def _declared(info: plugininfo_pb2.GetPluginInfoResponse) -> Declared:
@@ -338,7 +344,7 @@ class PluginHost:
         self.handshake_config = handshake
         self.plugins = dict(plugins)
         config = config or HostConfig()
-        config, self.revoked = _live_revocations(config)
+        config, self.revoked, self.pins = _live_trust(config)
         self.config = config
         self.identities = Identities(
             config.token_ttl, config.clock, config.token_rotation_grace, self.revoked, config.wall_clock
@@ -523,7 +529,10 @@ class PluginHost:
 
         # One secret per launch: what this plugin will accept from us and our router only.
         secret = new_secret()
-        pair = tls.auto_key_pair(self.config.auto_mtls_lifetime) if self.config.auto_mtls else None
+        # A host requiring client certificates accepts its plugins' automatic-mTLS ones: on.
+        requires_certificates = self._requires_client_certificates()
+        auto_mtls = self.config.auto_mtls or requires_certificates
+        pair = tls.auto_key_pair(self.config.auto_mtls_lifetime) if auto_mtls else None
         served = self.config.http.tls
         # What our plugin needs to call us back over TLS: the certificate we serve with.
         host_certificate = served.key_pair.certificate if served and served.key_pair and self.url.startswith("https://") else None
@@ -533,6 +542,10 @@ class PluginHost:
         )
         running = strategy.start(context)
         running_tls = getattr(running, "tls", None)
+        # The certificate it calls us back with: accepted while its identity lasts (_revoke).
+        certificate = getattr(running, "client_certificate", None) if requires_certificates else None
+        if certificate is not None:
+            self.pins.add(certificate)
         counted = DirectCalls(self.metrics.direct, self._services) if self.metrics is not None else None
         client = PluginClient(
             running.url,
@@ -567,7 +580,7 @@ class PluginHost:
             declared = _declared(info)
             identity = self.identities.issue(
                 info.self_id or name, info.self_version, launched=True, base_url=running.url,
-                host_secret=secret, tls=running_tls,
+                host_secret=secret, tls=running_tls, certificate=certificate,
             )
             issued.append(identity)
             if counted is not None:
@@ -589,15 +602,30 @@ class PluginHost:
             self._await_registration(identity.runtime_id, list(declared.paths))
         except ConnectError as e:
             self.stop(client, grace=self.config.failed_launch_grace)
+            self._unpin(certificate)
             reason = LaunchFailure.UNREACHABLE if e.code is Code.UNAVAILABLE else LaunchFailure.SETUP
             raise LaunchError(
                 name, reason, f"{reason.value} ({running.url}): {e.code.value}: {e.message}", client.exit_code
             ) from e
         except BaseException:
             self.stop(client, grace=self.config.failed_launch_grace)
+            self._unpin(certificate)
             raise
         log.info("launched %s (pid %s) at %s as %s", name, running.pid, running.url, identity.runtime_id)
         return client
+
+    def _unpin(self, certificate: x509.Certificate | str | None) -> None:
+        """Accept a launched plugin's client certificate (or fingerprint) no more."""
+        if certificate:
+            self.pins.discard(certificate)
+
+    def _requires_client_certificates(self) -> bool:
+        """Whether our own TLS server requires a certificate of every caller (a mounted
+        host's server is another's, which hands us none)."""
+        served = self.config.http.tls
+        with self._lock:
+            serving = self._http is not None
+        return serving and served is not None and served.trust is not None
 
     def _client_config(self, running_tls: tls.TLSConfig | None, counted: DirectCalls | None) -> PluginClientConfig:
         """``HostConfig.client``, speaking TLS to a plugin that serves it (auto mTLS), its
@@ -835,8 +863,8 @@ class PluginHost:
     def _revoke(self, runtime_id: str, why: str) -> None:
         """Everything an identity held ends here, whatever ended it (crash, stop, silence,
         expiry, a failed join): its registrations (watchers are told), the routes to it, its
-        grants, its token, and what the host kept about it (a launched plugin's last health
-        stays readable: it says how it ended). Idempotent."""
+        grants, its token, a launched plugin's live pin, and what the host kept about it (a
+        launched plugin's last health stays readable: it says how it ended). Idempotent."""
         identity = self.identities.get(runtime_id)
         self.registry.remove_provider(runtime_id)
         self.router.detach_local(runtime_id)
@@ -847,7 +875,9 @@ class PluginHost:
         self.grant_rate.forget(runtime_id)
         if self.metrics is not None:
             self.metrics.forget(runtime_id)
-        if identity is not None and not identity.launched:
+        if identity is not None and identity.launched:
+            self._unpin(identity.certificate)
+        elif identity is not None:
             with self._lock:
                 self._health.pop(runtime_id, None)
         log.info("revoked %s (%s)", runtime_id, why)

@@ -17,7 +17,7 @@ from .httpserver import HTTPConfig, HTTPServer, PlaintextRefusedError
 from .resilience import BreakerConfig, BreakerState, CircuitBreaker, Retry, RetryConfig
 from .server import App, Context, ServerConfig
 from .service import Method, Service
-from .tls import DevPKI, KeyPair, RevocationList, TLSConfig, Trust, make_dev_pki
+from .tls import DevPKI, KeyPair, PinList, RevocationList, TLSConfig, Trust, make_dev_pki
 
 __all__ = [
     "App",
@@ -38,6 +38,7 @@ __all__ = [
     "HTTPServer",
     "Interceptor",
     "Method",
+    "PinList",
     "PlaintextRefusedError",
     "ResponseMetadata",
     "RevocationList",

@@ -170,8 +170,47 @@ class RevocationList:
             return len(self._revoked)
 
 
-def _print_of(revoked: str | x509.Certificate) -> str:
-    return revoked.lower() if isinstance(revoked, str) else fingerprint(revoked)
+class PinList:
+    """Fingerprints of client certificates accepted for as long as they are listed, whoever
+    issued them (self-signed ones too): added and removed while serving. A host puts here
+    the automatic-mTLS certificate of each plugin it launched, while that plugin runs, so
+    that the plugin can call it back although the host requires certificates from a CA.
+    A server whose ``Trust.live_pins`` is one accepts a listed certificate at the next
+    handshake and refuses it once removed (a host also refuses the calls made with the
+    plugin's identity on connections already open, the identity being revoked with it).
+    Safe from any thread; ``_lock`` guards ``_prints``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._prints: set[str] = set()
+
+    def add(self, *certificates: str | x509.Certificate) -> None:
+        """Accept these (certificates or SHA-256 fingerprints) from the next handshake on."""
+        prints = {_print_of(c) for c in certificates}
+        with self._lock:
+            self._prints |= prints
+
+    def discard(self, *certificates: str | x509.Certificate) -> None:
+        """Accept these no more (absent ones are ignored)."""
+        prints = {_print_of(c) for c in certificates}
+        with self._lock:
+            self._prints -= prints
+
+    def __contains__(self, print_: object) -> bool:
+        with self._lock:
+            return print_ in self._prints
+
+    def __iter__(self) -> Iterator[str]:
+        with self._lock:
+            return iter(sorted(self._prints))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._prints)
+
+
+def _print_of(certificate: str | x509.Certificate) -> str:
+    return certificate.lower() if isinstance(certificate, str) else fingerprint(certificate)
 
 
 @dataclass(frozen=True)
@@ -179,11 +218,15 @@ class Trust:
     """Whom one side accepts: a peer whose chain leads to one of ``cas`` or ``pinned``, and,
     when only ``pinned`` is given, whose certificate is one of them. ``revoked`` lists the
     SHA-256 fingerprints (see :func:`fingerprint`) of certificates refused all the same: a
-    fixed set, or a :class:`RevocationList` that grows while serving."""
+    fixed set, or a :class:`RevocationList` that grows while serving. A server also accepts
+    a client certificate listed in ``live_pins`` while it is listed, whatever its chain."""
 
     cas: tuple[x509.Certificate, ...] = ()
     pinned: tuple[x509.Certificate, ...] = ()
     revoked: frozenset[str] | RevocationList = frozenset()
+    live_pins: PinList | None = None
+    """Server: client certificates accepted as they are while listed (a host's launched
+    plugins'); still refused when revoked or outside their validity."""
 
     def __post_init__(self) -> None:
         if not self.cas and not self.pinned:
@@ -205,11 +248,15 @@ class Trust:
         return self.cas + self.pinned
 
     def accepts_leaf(self, certificate: x509.Certificate) -> bool:
-        """The checks beyond the chain: pinned (when pins only) and not revoked."""
+        """The checks beyond the chain: pinned (when pins only) or a live pin, and not revoked."""
         print_ = fingerprint(certificate)
         if print_ in self.revoked:
             return False
-        return not self.pins_only or print_ in {fingerprint(c) for c in self.pinned}
+        return not self.pins_only or print_ in {fingerprint(c) for c in self.pinned} or self.live_pinned(print_)
+
+    def live_pinned(self, print_: str) -> bool:
+        """Whether the certificate of this fingerprint is in ``live_pins`` now, and not revoked."""
+        return self.live_pins is not None and print_ in self.live_pins and print_ not in self.revoked
 
 
 @dataclass(frozen=True)
@@ -513,7 +560,10 @@ def server_context(config: TLSConfig) -> Any:
             if errno == _CERT_REVOKED:  # in our CRL, so most likely revoked: the list decides
                 return fingerprint(certificate.to_cryptography()) not in trust.revoked
             if not ok:
-                return False
+                # A live pin anchors itself: OpenSSL's only complaint allowed is that the
+                # client's own certificate leads to no anchor in the store. Any other (expired,
+                # not yet valid, wrong purpose, a bad certificate above it) still refuses it.
+                return depth == 0 and errno in _NO_ANCHOR and trust.live_pinned(fingerprint(certificate.to_cryptography()))
             return depth > 0 or trust.accepts_leaf(certificate.to_cryptography())
 
         context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
@@ -528,6 +578,10 @@ def sync_revocations(context: Any) -> None:
         alerts.sync()
 
 
+_NO_ANCHOR = frozenset({18, 20, 21})
+"""OpenSSL's verify errors that only say a client certificate leads to no anchor in the
+store: X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT, _UNABLE_TO_GET_ISSUER_CERT_LOCALLY,
+_UNABLE_TO_VERIFY_LEAF_SIGNATURE."""
 _CERT_REVOKED = 23
 """OpenSSL's X509_V_ERR_CERT_REVOKED: a certificate listed in a CRL (alert certificate_revoked)."""
 _CRL_TROUBLE = frozenset({3, 5, 8, 11, 12, 15, 16, 33, 35, 36, 44, 54})

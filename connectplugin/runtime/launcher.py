@@ -20,13 +20,20 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import requests
 
 from ..rpc._transport import WSGIAdapter
-from ..rpc.tls import KeyPair, TLSConfig, decode_certificate, encode_certificate, pinned_to
+from ..rpc.tls import (
+    KeyPair,
+    TLSConfig,
+    auto_key_pair,
+    decode_certificate,
+    encode_certificate,
+    pinned_to,
+)
 from . import handshake as hs
 from . import logs as plugin_logs
 from .health import Health
@@ -138,7 +145,9 @@ class LaunchContext:
     where no other process can read it (a subprocess: the first line of its stdin)."""
     auto_mtls: KeyPair | None = field(default=None, repr=False)
     """The host's pair for automatic mTLS with this launch: a subprocess gets its certificate
-    after the secret, serves TLS accepting only it, and announces its own certificate."""
+    after the secret, serves TLS accepting only it, and announces its own certificate, which
+    it also presents calling the host back; an in-process plugin (no socket) makes a pair
+    only to present to a TLS host."""
     host_certificate: x509.Certificate | None = None
     """The certificate the host serves ``host_url`` with, when it serves TLS: the plugin's
     calls back to the host accept exactly it (public material; the key stays with the host)."""
@@ -154,6 +163,10 @@ class Running(Protocol):
     tls: TLSConfig | None
     """How a client reaches ``url`` over automatic mTLS (our pair, its pinned certificate);
     None when it is not served over TLS."""
+    client_certificate: x509.Certificate | None
+    """The certificate it presents when it calls the host back (its automatic-mTLS one, or
+    an in-process plugin's made for the launch); None when it presents none. A host that
+    requires client certificates accepts it while the plugin runs."""
     joins_by_itself: bool
     """It joins the host on its own (the Go launch model): the host waits for its
     registration instead of giving it an identity."""
@@ -318,12 +331,12 @@ def _hand_over(proc: subprocess.Popen[bytes], lines: Sequence[str]) -> None:
         pass
 
 
-def _auto_mtls_peer(own: KeyPair, url: str, certificate: str) -> tuple[TLSConfig | None, str]:
-    """How to reach a plugin that announced ``certificate`` at ``url``, or why it is refused."""
+def _announced(url: str, certificate: str) -> tuple[x509.Certificate | None, str]:
+    """The certificate a plugin announced with ``url`` under automatic mTLS, or why it is refused."""
     if not certificate or not url.startswith("https://"):
         return None, "it did not announce a TLS certificate (it does not support automatic mTLS)"
     try:
-        return pinned_to(own, decode_certificate(certificate)), ""
+        return decode_certificate(certificate), ""
     except ValueError as e:
         return None, f"it announced a certificate the host cannot read ({e})"
 
@@ -341,6 +354,7 @@ class _Process:
         self.pid = proc.pid
         self.url = ""
         self.tls: TLSConfig | None = None
+        self.client_certificate: x509.Certificate | None = None
         self.owner_pid = os.getpid()
         self._ctx = ctx
         self._proc = proc
@@ -453,20 +467,22 @@ class _Process:
 
     def _accept(self, core: int, app: int, url: str, certificate: str) -> None:
         refused = ""
-        tls = None
+        announced = None
         if core != hs.CORE_PROTOCOL_VERSION:
             refused = f"it speaks core protocol {core}, not {hs.CORE_PROTOCOL_VERSION}"
         elif app not in self._ctx.handshake_config.app_protocol_versions:
             refused = f"it chose app protocol {app}; the host offers {sorted(self._ctx.handshake_config.app_protocol_versions)}"
         elif self._ctx.auto_mtls is not None:
-            tls, refused = _auto_mtls_peer(self._ctx.auto_mtls, url, certificate)
+            announced, refused = _announced(url, certificate)
         with self._reported_or_exited:
             # A refusal fails the launch now rather than at the start timeout.
             if refused:
                 self._refused = refused
             else:
                 self.app_protocol_version = app
-                self.tls = tls
+                if self._ctx.auto_mtls is not None and announced is not None:
+                    self.tls = pinned_to(self._ctx.auto_mtls, announced)
+                    self.client_certificate = announced
                 self.url = url
             self._reported_or_exited.notify_all()
 
@@ -634,10 +650,15 @@ class InProcessStrategy:
     def start(self, ctx: LaunchContext) -> Running:
         plugins = self.plugins if self.plugins is not None else ctx.plugins
         host_tls = None if ctx.host_certificate is None else pinned_host(self.config, ctx.host_certificate)
+        if host_tls is not None and host_tls.key_pair is None and ctx.auto_mtls is not None:
+            # No socket to encrypt, but a host requiring client certificates needs one on its
+            # calls back: a pair made for this launch, in memory, which the host accepts while
+            # the plugin runs.
+            host_tls = replace(host_tls, key_pair=auto_key_pair())
         server = PluginServer(
             plugins, self.impls, ctx.handshake_config, self.config, self.health, self.link, host_tls=host_tls
         )
-        return _InProcess(ctx, server)
+        return _InProcess(ctx, server, host_tls.key_pair.certificate if host_tls and host_tls.key_pair else None)
 
 
 class _InProcess:
@@ -645,9 +666,10 @@ class _InProcess:
     tls: TLSConfig | None = None  # no socket: nothing to encrypt
     joins_by_itself = False
 
-    def __init__(self, ctx: LaunchContext, server: PluginServer) -> None:
+    def __init__(self, ctx: LaunchContext, server: PluginServer, client_certificate: x509.Certificate | None) -> None:
         self._ctx = ctx
         self._server = server
+        self.client_certificate = client_certificate
         self.url = f"http://{ctx.name}.inprocess.invalid"
         self.app_protocol_version = max(ctx.handshake_config.app_protocol_versions)
         self.app = server.app
