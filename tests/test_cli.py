@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -367,6 +370,7 @@ def test_the_readme_host_file_reads_as_the_configs_it_names(tmp_path, pki, monke
     (tmp_path / "pki" / "host.pem").write_bytes(pki.host.certificate_pem())
     (tmp_path / "pki" / "host-key.pem").write_bytes(pki.host.private_key_pem())
     (tmp_path / "pki" / "ca.pem").write_bytes(pki.ca.certificate_pem())
+    (tmp_path / "pki" / "revoked.txt").write_text(f"{pki.plugins['other'].fingerprint}\n")
     (tmp_path / "host.toml").write_text(text)
     monkeypatch.setenv("KV_JOIN_TOKEN", "k" * 32)
     monkeypatch.setenv("OPERATOR_TOKEN", "o" * 32)
@@ -380,6 +384,8 @@ def test_the_readme_host_file_reads_as_the_configs_it_names(tmp_path, pki, monke
     assert http.tls is not None and http.tls.key_pair is not None and http.tls.trust is not None
     assert http.tls.key_pair.fingerprint == pki.host.fingerprint
     assert http.tls.trust.cas == (pki.ca.certificate,)
+    assert list(http.tls.trust.revoked) == [pki.plugins["other"].fingerprint]
+    assert described.revoked == tmp_path / "pki" / "revoked.txt"
     assert described.host.join_tokens == (JoinToken("k" * 32, ("kv",), "kv-joiners"),)
     assert described.host.certificate_identities == (CertificateIdentity("reporter", ("reports",)),)
     assert described.host.operator_tokens == (OperatorToken("o" * 32),)
@@ -453,6 +459,117 @@ def test_a_host_file_admits_a_joiner_by_its_certificate_identity(tmp_path, pki):
     [kv] = json.loads(listed.stdout)
     assert (kv["launched"], [s["service_type"] for s in kv["services"]]) == (False, ["kv"]), listed.stdout
     assert (process.returncode, out) == (0, "host stopped\n"), errors
+
+
+def _colons(fingerprint: str) -> str:
+    """A fingerprint as ``openssl x509 -fingerprint -sha256`` prints it."""
+    return "sha256 Fingerprint=" + ":".join(fingerprint[i : i + 2] for i in range(0, 64, 2)).upper()
+
+
+def _readyz_over_tls(url: str, pki_dir: Path, name: str) -> str:
+    """``ok``, or the TLS error a client with ``name``'s certificate gets at ``url``."""
+    config = tls.TLSConfig(
+        key_pair=tls.KeyPair.from_files(pki_dir / f"{name}.pem", pki_dir / f"{name}-key.pem"),
+        trust=tls.Trust.from_files(cas=pki_dir / "ca.pem"),
+    )
+    host, port = url.removeprefix("https://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        try:
+            with tls.client_context(config).wrap_socket(raw, server_hostname=host) as sock:
+                with contextlib.suppress(ssl.SSLEOFError):  # refused: the alert is there to read
+                    sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+                return "ok" if sock.recv(100).startswith(b"HTTP/1.1 200") else "not ready"
+        except ssl.SSLError as e:
+            return str(e)
+
+
+class _Lines:
+    """The lines a process writes to a pipe, collected by a thread as they come."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=lambda: self.lines.extend(pipe), daemon=True)
+        self._thread.start()
+
+    def wait_for(self, text: str) -> str:
+        wait_until(lambda: any(text in line for line in self.lines), f"a line saying {text!r}", timeout=30)
+        return next(line for line in self.lines if text in line)
+
+    def join(self) -> None:
+        self._thread.join(timeout=30)
+
+
+def test_the_revoked_file_of_a_host_file_is_read_again_on_sighup(tmp_path, pki):
+    pki.write(tmp_path / "pki")
+    revoked = tmp_path / "pki" / "revoked.txt"
+    revoked.write_text(f"# revoked 2026-11-30: the laptop was lost\n{_colons(pki.plugins['other'].fingerprint)}\n")
+    (tmp_path / "host.toml").write_text(
+        CERTIFICATE_HOST_FILE.replace('client_ca = "pki/ca.pem"\n', 'client_ca = "pki/ca.pem"\nrevoked = "pki/revoked.txt"\n')
+    )
+    with subprocess.Popen(
+        ["connectplugin", "host", str(tmp_path / "host.toml")],
+        cwd=tmp_path, env=_env(CLI_TEST_OPERATOR_TOKEN=OPERATOR), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    ) as process:
+        out, errors = _Lines(process.stdout), _Lines(process.stderr)
+        url = out.wait_for("host listening on ").removeprefix("host listening on ").strip()
+        before = {name: _readyz_over_tls(url, tmp_path / "pki", name) for name in ("kv", "other")}
+
+        # Now kv's certificate (PEM), and no longer other's.
+        revoked.write_bytes(b"# kv's certificate\n" + pki.plugins["kv"].certificate_pem())
+        process.send_signal(signal.SIGHUP)
+        reread = out.wait_for("revoked certificates read again")
+        after = {name: _readyz_over_tls(url, tmp_path / "pki", name) for name in ("kv", "other")}
+
+        revoked.write_text("not a fingerprint\n")  # a mistake changes nothing
+        process.send_signal(signal.SIGHUP)
+        mistake = errors.wait_for("not read again")
+        still = _readyz_over_tls(url, tmp_path / "pki", "kv")
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        out.join()
+        errors.join()
+
+    assert before["kv"] == "ok"
+    assert "internal error" in before["other"], before  # by fingerprint alone: no reason given
+    assert reread.strip().endswith(": 1 (1 new, 1 no longer)"), reread
+    assert after["other"] == "ok"
+    assert "certificate revoked" in after["kv"], after
+    assert "line 1 is neither a PEM certificate nor a SHA-256 fingerprint" in mistake
+    assert "certificate revoked" in still
+    assert (process.returncode, out.lines[-1]) == (0, "host stopped\n"), "".join(errors.lines)
+
+
+def test_a_revoked_file_lists_certificates_and_fingerprints_and_names_a_wrong_line(tmp_path, pki):
+    path = tmp_path / "revoked.txt"
+    path.write_bytes(
+        f"{pki.plugins['kv'].fingerprint}  # as hex\n\n".encode()
+        + pki.plugins["other"].certificate_pem()
+        + f"{_colons(pki.host.fingerprint)}\n".encode()
+    )
+    listed = hostfile.read_revoked(path)
+    path.write_text(f"{pki.host.fingerprint}\n# fine\n{pki.host.fingerprint[:-1]}\n")
+    with pytest.raises(ValueError) as short:
+        hostfile.read_revoked(path)
+
+    assert listed == {
+        pki.plugins["kv"].fingerprint: None,
+        pki.plugins["other"].fingerprint: pki.plugins["other"].certificate,
+        pki.host.fingerprint: None,
+    }
+    assert "line 3 is neither" in str(short.value)
+
+
+def test_a_revoked_file_needs_client_certificates(tmp_path, pki):
+    pki.write(tmp_path / "pki")
+    (tmp_path / "pki" / "revoked.txt").write_text("")
+    text = CERTIFICATE_HOST_FILE.replace('client_ca = "pki/ca.pem"\n', 'revoked = "pki/revoked.txt"\n')
+    (tmp_path / "host.toml").write_text(text.split("[[host.certificate_identities]]")[0])
+
+    with pytest.raises(hostfile.HostFileError) as refused:
+        hostfile.load(tmp_path / "host.toml")
+
+    assert "revoked needs client_ca" in str(refused.value)
 
 
 # --- connectplugin list --------------------------------------------------------------------------

@@ -135,7 +135,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Start a host as CONFIG describes (handshake, listening address, TLS, join "
         "tokens, the plugins to launch and their restart policy; README 'Running a host from a "
         "file'), print its URL and each launched plugin, and serve until SIGTERM or SIGINT, which "
-        "stop the plugins and the host (exit status 0).",
+        "stop the plugins and the host (exit status 0). SIGHUP reads the file of revoked client "
+        "certificates ([host.http.tls] revoked) again.",
     )
     host.add_argument("config", type=Path, help="the host's TOML file")
     host.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],

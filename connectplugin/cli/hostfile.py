@@ -8,27 +8,36 @@ and an unknown key is an error naming the known ones. README "Running a host fro
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
+import re
+import signal
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..host.admission import CertificateIdentity, JoinToken, OperatorToken
 from ..host.metrics import MetricsConfig
 from ..host.pluginhost import HostConfig, PluginHost
 from ..host.supervisor import RestartPolicy
 from ..rpc.httpserver import HTTPConfig
-from ..rpc.tls import KeyPair, TLSConfig, Trust
+from ..rpc.tls import KeyPair, RevocationList, TLSConfig, Trust, fingerprint, load_certificates
 from ..runtime.handshake import HandshakeConfig
 from ..runtime.launcher import ProcessStrategy
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 try:
     import tomllib
 except ImportError:  # Python 3.10
     tomllib = None  # type: ignore[assignment]
+
+log = logging.getLogger("connectplugin.cli")
 
 
 class HostFileError(Exception):
@@ -58,6 +67,8 @@ class HostFile:
     handshake: HandshakeConfig
     host: HostConfig
     plugins: tuple[LaunchEntry, ...]
+    revoked: Path | None = None
+    """``[host.http.tls] revoked``: the file of revoked client certificates, read again on SIGHUP."""
 
 
 # Sequences of tables, by field name: the element type each table builds.
@@ -92,6 +103,7 @@ class _Reader:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.base = path.resolve().parent
+        self.revoked: Path | None = None
 
     def error(self, where: str, problem: str) -> HostFileError:
         return HostFileError(self.path, where, problem)
@@ -102,7 +114,7 @@ class _Reader:
         host = self.build(HostConfig, data.get("host", {}), "host")
         plugins = self.table(data.get("plugins", {}), "plugins")
         return HostFile(
-            self.path, handshake, host, tuple(self.launch(name, table) for name, table in plugins.items())
+            self.path, handshake, host, tuple(self.launch(name, table) for name, table in plugins.items()), self.revoked
         )
 
     def launch(self, name: str, table: Any) -> LaunchEntry:
@@ -193,20 +205,56 @@ class _Reader:
         return secret
 
     def tls(self, value: Any, where: str) -> TLSConfig:
-        """``{cert, key, client_ca}``: serve TLS with this pair; with ``client_ca`` require a
-        client certificate issued by it (mTLS)."""
+        """``{cert, key, client_ca, revoked}``: serve TLS with this pair; with ``client_ca``
+        require a client certificate issued by it (mTLS), and none that ``revoked`` lists."""
         table = self.table(value, where)
-        self.known(table, where, {"cert", "key", "client_ca"})
+        self.known(table, where, {"cert", "key", "client_ca", "revoked"})
         if "cert" not in table or "key" not in table:
             raise self.error(f"[{where}]", "missing: cert and key (PEM files)")
+        if "revoked" in table and "client_ca" not in table:
+            raise self.error(f"[{where}]", "revoked needs client_ca: without client certificates nothing is revoked")
         files = {k: self.base / self.scalar(v, str, f"{where}.{k}") for k, v in table.items()}
         try:
-            return TLSConfig(
-                key_pair=KeyPair.from_files(files["cert"], files["key"]),
-                trust=Trust.from_files(cas=files["client_ca"]) if "client_ca" in files else None,
-            )
+            pair = KeyPair.from_files(files["cert"], files["key"])
+            trust = Trust.from_files(cas=files["client_ca"]) if "client_ca" in files else None
         except (OSError, ValueError) as e:
             raise self.error(f"[{where}]", f"cannot load: {e}") from None
+        if trust is not None and "revoked" in files:
+            self.revoked = files["revoked"]
+            try:
+                revoked = read_revoked(self.revoked)
+            except (OSError, ValueError) as e:
+                raise self.error(f"{where}.revoked", f"cannot load: {e}") from None
+            trust = dataclasses.replace(trust, revoked=RevocationList(c or p for p, c in revoked.items()))
+        return TLSConfig(key_pair=pair, trust=trust)
+
+
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", re.DOTALL)
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+
+
+def read_revoked(path: Path) -> dict[str, x509.Certificate | None]:
+    """The revoked certificates a ``revoked`` file lists, by SHA-256 fingerprint: PEM
+    certificates, and fingerprints one a line (hex, colons allowed, as ``openssl x509
+    -fingerprint -sha256`` prints them, with or without its ``sha256 Fingerprint=``); ``#``
+    starts a comment. The certificate itself where given (its holder is then told
+    "certificate revoked"), None where only its fingerprint is. ValueError naming the line
+    that is neither."""
+    data = path.read_bytes()
+    revoked: dict[str, x509.Certificate | None] = {}
+    for block in _PEM_CERTIFICATE.findall(data):
+        [certificate] = load_certificates(block)
+        revoked[fingerprint(certificate)] = certificate
+    rest = _PEM_CERTIFICATE.sub(lambda m: b"\n" * m.group().count(b"\n"), data)
+    for number, line in enumerate(rest.decode("utf-8", "replace").splitlines(), 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        print_ = text.rpartition("=")[2].replace(":", "").strip().lower()
+        if not _FINGERPRINT.fullmatch(print_):
+            raise ValueError(f"line {number} is neither a PEM certificate nor a SHA-256 fingerprint: {text[:80]!r}")
+        revoked.setdefault(print_, None)
+    return revoked
 
 
 _SCALARS: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool}
@@ -222,10 +270,11 @@ def _default(field: dataclasses.Field[Any]) -> Any:
 
 def run(host_file: HostFile, out: Callable[[str], None], stop: threading.Event | None = None) -> None:
     """Start the host, launch the plugins in file order, say so on ``out``, and serve until
-    SIGTERM or SIGINT (or ``stop``); then stop the plugins and the host."""
+    SIGTERM or SIGINT (or ``stop``); then stop the plugins and the host. On SIGHUP the
+    ``revoked`` file is read again (see :class:`_Reloader`)."""
     config = dataclasses.replace(host_file.host, handle_signals=True)
     # No plugin definitions: this host dispenses no clients; plugins register what they provide.
-    with PluginHost(host_file.handshake, {}, config) as host:
+    with PluginHost(host_file.handshake, {}, config) as host, _reloading_on_sighup(_Reloader(host_file, host, out)):
         out(f"host listening on {host.url}")
         for entry in host_file.plugins:
             client = host.launch(entry.strategy, entry.name, restart=entry.restart)
@@ -233,3 +282,68 @@ def run(host_file: HostFile, out: Callable[[str], None], stop: threading.Event |
             pid = getattr(client.running, "pid", None)
             out(f"plugin {entry.name} launched at {client.url} (pid {pid}){supervised}")
         (stop or threading.Event()).wait()
+
+
+class _Reloader:
+    """What SIGHUP does to a running host: read its ``revoked`` file again and apply the
+    difference. A certificate newly listed is revoked (``PluginHost.revoke_certificate``:
+    its identities lose their registrations, its connections their calls, new handshakes
+    fail); one no longer listed is accepted again. A file that cannot be read changes
+    nothing (the error is logged). Runs on one thread only."""
+
+    def __init__(self, host_file: HostFile, host: PluginHost, out: Callable[[str], None]) -> None:
+        self._path = host_file.revoked
+        self._host = host
+        self._out = out
+        known = {fingerprint(c): c for c in host.revoked.certificates()[1]}
+        self._listed: dict[str, x509.Certificate | None] = {p: known.get(p) for p in host.revoked}
+
+    def reload(self) -> None:
+        if self._path is None:
+            log.warning("SIGHUP: nothing to read again ([host.http.tls] has no revoked file)")
+            return
+        try:
+            listed = read_revoked(self._path)
+        except (OSError, ValueError) as e:
+            log.error("SIGHUP: %s not read again, the %d revocations read before stay: %s", self._path, len(self._listed), e)
+            return
+        removed = [p for p in self._listed if p not in listed]
+        added = [c or p for p, c in listed.items() if p not in self._listed or (c and not self._listed[p])]
+        self._listed = listed
+        if removed:
+            self._host.revoked.discard(*removed)
+        if added:
+            self._host.revoke_certificate(*added)
+        self._out(f"revoked certificates read again from {self._path}: {len(listed)} ({len(added)} new, {len(removed)} no longer)")
+
+
+@contextlib.contextmanager
+def _reloading_on_sighup(reloader: _Reloader) -> Iterator[None]:
+    """While inside, SIGHUP makes ``reloader.reload()`` run on a thread of its own: the
+    handler only writes a byte to a pipe (the interrupted main thread may hold any lock).
+    Only on the main thread (elsewhere signals cannot be handled); the previous handler is
+    put back on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    woken, wake = os.pipe()  # read end, write end
+    os.set_blocking(wake, False)
+
+    def on_sighup(signum: int, frame: Any) -> None:
+        with contextlib.suppress(BlockingIOError):  # a reload is pending already
+            os.write(wake, b"\0")
+
+    def reload_when_woken() -> None:
+        while os.read(woken, 64):
+            reloader.reload()
+
+    thread = threading.Thread(target=reload_when_woken, name="connectplugin-sighup", daemon=True)
+    thread.start()
+    previous = signal.signal(signal.SIGHUP, on_sighup)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+        os.close(wake)  # the thread reads the end of the pipe and leaves
+        thread.join()
+        os.close(woken)
