@@ -568,6 +568,17 @@ def test_a_launched_plugins_token_over_another_launched_plugins_certificate_is_u
     assert host_answer(ca_host, pki, pairs["a"], links["a"].headers()) is None
 
 
+def test_a_launched_plugins_certificate_admits_no_join_by_itself(ca_host, pki):
+    own = tls.auto_key_pair()
+    ca_host.launch(holding("p", own, HostLink()), name="p")
+    config = tls.TLSConfig(key_pair=own, trust=tls.Trust(pinned=(pki.host.certificate,)))
+
+    with pytest.raises(ConnectError) as refused, Client(ca_host.url, ClientConfig(tls=config, timeout=5)) as client:
+        HandshakeServiceClient(client).handshake(hs.request_for(HANDSHAKE, (), self_id="p", self_version="1.0.0"))
+
+    assert refused.value.code is Code.PERMISSION_DENIED  # it names no plugin, and no join token admits it
+
+
 # --- a client speaking the other protocol than a PluginHost -------------------------------------
 
 
