@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -93,6 +95,21 @@ def test_config_limits_reach_the_server(http_config, ca_file):
         assert reply.status_code == 413
     finally:
         server.close(grace=1.0)
+
+
+def test_a_small_answer_arrives_whole_in_one_read(serve, server_kind, ca_file):
+    # Head and body sent apart would be two segments, and the client woken for each.
+    server = serve(hello)
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    if server_kind == "tls":
+        sock = ssl.create_default_context(cafile=ca_file).wrap_socket(sock, server_hostname="127.0.0.1")
+    with sock:
+        for _ in range(20):  # a split shows on most tries: the client waits in recv before the answer
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+
+            first = sock.recv(65536)
+
+            assert first.startswith(b"HTTP/1.1 200 ") and first.endswith(b"\r\n\r\nhello")
 
 
 # --- streams ------------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from waitress.channel import HTTPChannel
 from waitress.server import create_server
-from waitress.task import ThreadedTaskDispatcher
+from waitress.task import ThreadedTaskDispatcher, WSGITask
 
 from . import _protocol
 from . import tls as _tls
@@ -408,8 +409,47 @@ def _bind_waitress(app: Callable[..., Any], cfg: HTTPConfig) -> tuple[Any, tuple
         # An empty pool: the workers start when serving does, not at bind time.
         _dispatcher=ThreadedTaskDispatcher(),
     )
+    server.channel_class = _Channel
     host, port = server.getsockname()[:2]  # waitress gives the port as a string
     return server, (host, int(port))
+
+
+class _OneSendTask(WSGITask):
+    """waitress's task, sending a response's head with its first body bytes.
+
+    waitress flushes every write at once (its ``send_bytes`` is 1), so a head and a body
+    written one after the other leave as two TCP segments, and the client wakes for each.
+    Together they are one send and one read; an empty write (a stream's headers, sent at
+    once) still sends the head alone.
+    """
+
+    channel: _Channel
+
+    def write(self, data: bytes) -> None:
+        if self.wrote_header or not data:
+            super().write(data)
+            return
+        channel = self.channel
+        channel.corked = []
+        try:
+            super().write(data)  # the head and the body as waitress frames it, held
+        finally:
+            held, channel.corked = channel.corked, None
+        channel.write_soon(b"".join(held))
+
+
+class _Channel(HTTPChannel):
+    """waitress's connection, whose writes a task may hold back to send them as one."""
+
+    task_class = _OneSendTask
+    corked: list[bytes] | None = None
+    """While not None, writes are collected here instead of being sent."""
+
+    def write_soon(self, data: Any) -> int:
+        if self.corked is not None:
+            self.corked.append(data)
+            return len(data)
+        return super().write_soon(data)
 
 
 # --- streams ---------------------------------------------------------------------------------
