@@ -184,12 +184,20 @@ class Router:
         if outcome is None:
             return app(inner, start_response)
 
+        unary = False
+
         def start(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
+            nonlocal unary
             lowered = {k.lower(): v for k, v in headers}
-            outcome.respond(int(status[:3]), lowered, _protocol.is_streaming(lowered.get("content-type", "")))
+            unary = not _protocol.is_streaming(lowered.get("content-type", ""))
+            outcome.respond(int(status[:3]), lowered, not unary)
             return start_response(status, headers, *exc_info)
 
-        return _observed(app(inner, start), outcome)
+        body = _observed(app(inner, start), outcome)
+        if unary:
+            # Counted whole before the caller has it, as a networked provider's unary answer.
+            return [b"".join(body)]
+        return body
 
     def __call__(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
         started = False
