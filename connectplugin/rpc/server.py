@@ -239,9 +239,11 @@ class App:
                 payload = _protocol.get_payload(query, self.config.read_limit)
             else:
                 _protocol.check_version(environ.get(_VERSION))
-                encoding = _protocol.check_encoding(environ.get(_UNARY_ENCODING))
-                payload = self._read_body(environ)
-                if encoding != _protocol.IDENTITY:
+                encoding = environ.get(_UNARY_ENCODING)  # seldom sent, so vetted only when it is
+                if encoding:
+                    encoding = _protocol.check_encoding(encoding)
+                payload = read_body(environ, self.config.read_limit)
+                if encoding and encoding != _protocol.IDENTITY:
                     payload = _protocol.decompress(encoding, payload, self.config.read_limit)
             request = codec.decode(payload, route.input)
             response = route.call(request, ctx)
