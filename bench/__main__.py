@@ -22,7 +22,7 @@ SECTIONS: dict[str, tuple[Callable[[Settings], bool], str]] = {
     "client": (client.run, "sequential client latency: raw http.client vs requests vs ours"),
     "launch": (launch.run, "plugin launch time vs a bare interpreter; 10 plugins at once"),
     "router": (router.run, "plugin-to-plugin Get through the host's router vs direct"),
-    "tls": (tls.run, "unary Get plaintext vs mTLS (keep-alive); launch with and without auto-mTLS"),
+    "tls": (tls.run, "unary Get plaintext vs mTLS (keep-alive); handshake flood; launch with/without auto-mTLS"),
     "fanout": (fanout.run, "one change to 100 registry watchers and to 100 KV watchers: change to receipt"),
     "discovery": (discovery.run, "DiscoverService with 1, 100 and 10,000 providers of a type (1,000 types)"),
     "many": (many.run, "50 plugins launched at once: time to ready, host RSS and threads, calls to all"),

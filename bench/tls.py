@@ -1,23 +1,30 @@
 """Section ``tls``: what mTLS costs. Unary Get throughput and p50 over keep-alive connections,
 plaintext (waitress) against mTLS (cheroot + pyOpenSSL, client certificate required), on the
-same load; then plugin launch-to-ready with and without automatic mTLS (key generation).
+same load; then one established mTLS client's latency while other clients make new
+connections (full handshakes) as fast as they can; then plugin launch-to-ready with and
+without automatic mTLS (key generation).
 
 ``python -m bench.tls serve`` is the server child: it reads one JSON line on stdin (``mode``
 plain or mtls and the PEMs), serves ``connectplugin.App`` with the fixed KV handler, prints
-``PORT <n>``, and exits when its stdin closes.
+``PORT <n>``, and exits when its stdin closes. ``python -m bench.tls flood`` is the flooding
+child: one JSON line on stdin (address, PEMs, threads, seconds), at the lowest CPU priority;
+it prints ``HANDSHAKES <n> <refused>`` when done.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
+from urllib.parse import urlsplit
 
 from bench import report
-from bench.servers import HOST, ROOT, pin_to, placement
+from bench.servers import HOST, ROOT, pin_to, pinned, placement
 from bench.settings import Settings
 from connectplugin import (
     Client,
@@ -45,12 +52,20 @@ ROUNDS = 3
 LAUNCHES = 5
 """Launches per setting (after one warm-up each), interleaved."""
 KEYGENS = 50
+FLOODERS = (4, 16)
+"""Threads of the flooding child, each making one new mTLS connection after another."""
+FLOOD_SECONDS = 3.0
+FLOOD_ROUNDS = 2
+"""Rounds of (alone, each flood), interleaved."""
 TARGET = 0.8
 """mTLS throughput / plaintext throughput the section asks for."""
 
 
 def run(settings: Settings) -> bool:
-    report.title("TLS: unary Get, plaintext vs mTLS with keep-alive; launch with and without auto-mTLS")
+    report.title(
+        "TLS: unary Get, plaintext vs mTLS with keep-alive; an established client during a handshake flood;"
+        " launch with and without auto-mTLS"
+    )
     server_cpu, client_cpu = placement(settings.pin_cpus)
     pinning = f"server CPU {server_cpu}, clients CPU {client_cpu}" if server_cpu is not None else "none"
     print(
@@ -96,6 +111,9 @@ def run(settings: Settings) -> bool:
     )
     ratio = rate[f"mtls{CLIENTS}"] / rate[f"plain{CLIENTS}"]
     print(f"mTLS / plaintext throughput with {CLIENTS} clients = {ratio:.2f} (target >= {TARGET}) {report.verdict(ratio >= TARGET)}")
+
+    print()
+    _flood_figures(pki, settings.server_threads, server_cpu, client_cpu)
 
     print()
     keygen = _keygen_ms()
@@ -185,6 +203,138 @@ def _load(url: str, config: tls.TLSConfig | None, clients: int) -> tuple[float, 
     return len(every) / elapsed, report.percentile(every, 50) * 1000
 
 
+def _flood_figures(pki: tls.DevPKI, threads: int, server_cpu: int | None, client_cpu: int | None) -> None:
+    """One established keep-alive mTLS client calling Get, alone and while a child process's
+    threads open new mTLS connections (TCP connect, full handshake with a client
+    certificate, one request, close) as fast as they can, at the lowest CPU priority on the
+    clients' CPU so that they take what the measured client leaves. Prints the measured
+    client's p50/p99, the handshakes per second the server completed, and the server's
+    CPU time per handshake (its CPU seconds beyond the alone rounds' rate)."""
+    mtls = tls.TLSConfig(key_pair=pki.plugins["bench"], trust=tls.Trust(cas=(pki.ca.certificate,)))
+    server = _Server("mtls", pki, threads, server_cpu)
+    rounds: dict[int, list[tuple[list[float], float, int, int]]] = {n: [] for n in (0, *FLOODERS)}
+    server.start()
+    try:
+        assert server.proc is not None
+        with pinned(client_cpu):
+            for _ in range(FLOOD_ROUNDS):
+                for flooders in rounds:
+                    rounds[flooders].append(_flooded(server.url, server.proc.pid, pki, mtls, flooders, client_cpu))
+    finally:
+        server.stop()
+    print(
+        f"new connections: {', '.join(map(str, FLOODERS))} threads of a child process (nice 19, clients' CPU), each\n"
+        "          TCP connect + mTLS handshake (P-256, client certificate) + one request + close, in a loop;\n"
+        f"          the measured client: one keep-alive connection, Get after Get, {FLOOD_ROUNDS} x {FLOOD_SECONDS:g} s per row"
+    )
+    alone_cpu = sum(cpu for _, cpu, _, _ in rounds[0]) / sum(len(lat) for lat, _, _, _ in rounds[0])
+    rows = []
+    for flooders, runs in rounds.items():
+        every = sorted(x for lat, _, _, _ in runs for x in lat)
+        done = sum(h for _, _, h, _ in runs)
+        refused = sum(r for _, _, _, r in runs)
+        calls = len(every)
+        cpu = sum(c for _, c, _, _ in runs)
+        per_handshake = (cpu - alone_cpu * calls) / done * 1000 if done else 0.0
+        rows.append([
+            "alone" if not flooders else f"{flooders} flooding threads",
+            f"{calls / (FLOOD_ROUNDS * FLOOD_SECONDS):.0f}",
+            f"{report.percentile(every, 50) * 1000:.2f}",
+            f"{report.percentile(every, 99) * 1000:.2f}",
+            f"{done / (FLOOD_ROUNDS * FLOOD_SECONDS):.0f}" if flooders else "-",
+            f"{per_handshake:.2f}" if flooders else "-",
+            str(refused) if flooders else "-",
+        ])
+    report.table(
+        ["established client", "calls/s", "p50 ms", "p99 ms", "handshakes/s", "server CPU ms/handshake", "failed"],
+        rows,
+    )
+
+
+def _flooded(
+    url: str, server_pid: int, pki: tls.DevPKI, config: tls.TLSConfig, flooders: int, cpu: int | None
+) -> tuple[list[float], float, int, int]:
+    """(latencies of the measured client, server CPU seconds, handshakes done, failed) of one
+    FLOOD_SECONDS round with ``flooders`` flooding threads (none: the client alone)."""
+    flood = None
+    if flooders:
+        spec = {
+            "url": url, "threads": flooders, "seconds": FLOOD_SECONDS, "cpu": cpu,
+            "cert": pki.plugins["bench"].certificate_pem().decode(),
+            "key": pki.plugins["bench"].private_key_pem().decode(),
+            "ca": pki.ca.certificate_pem().decode(),
+        }
+        flood = subprocess.Popen(
+            [sys.executable, "-m", "bench.tls", "flood"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        assert flood.stdin is not None and flood.stdout is not None
+        flood.stdin.write(json.dumps(spec) + "\n")
+        flood.stdin.close()
+        if flood.stdout.readline().strip() != "FLOODING":
+            raise RuntimeError("the flooding child did not start")
+    latencies = []
+    with Client(url, ClientConfig(tls=config, timeout=10)) as client:
+        kv = KVServiceClient(client)
+        request = kv_pb2.GetRequest(key="bench-key")
+        kv.get(request)  # connected before the clock starts
+        cpu_before = _cpu_seconds(server_pid)
+        stop_at = time.perf_counter() + FLOOD_SECONDS
+        while (began := time.perf_counter()) < stop_at:
+            kv.get(request)
+            latencies.append(time.perf_counter() - began)
+        cpu = _cpu_seconds(server_pid) - cpu_before
+    done = refused = 0
+    if flood is not None:
+        assert flood.stdout is not None
+        _, done_text, refused_text = flood.stdout.readline().split()
+        done, refused = int(done_text), int(refused_text)
+        flood.wait(timeout=30)
+    return latencies, cpu, done, refused
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (all its threads), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _flood() -> None:
+    """The flooding child: new mTLS connections, one after another on each thread, until
+    ``seconds`` after it says FLOODING; then HANDSHAKES <completed> <failed>."""
+    spec = json.loads(sys.stdin.readline())
+    os.nice(19)
+    pin_to(spec["cpu"])
+    config = tls.TLSConfig(key_pair=tls.KeyPair.from_pem(spec["cert"], spec["key"]), trust=tls.Trust.from_pem(cas=spec["ca"]))
+    context = tls.client_context(config)
+    parts = urlsplit(spec["url"])
+    address = (parts.hostname, parts.port)
+    request = b"GET /nothing HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+    counts = [[0, 0] for _ in range(spec["threads"])]
+    stop_at = time.monotonic() + spec["seconds"]
+
+    def connect_again_and_again(count: list[int]) -> None:
+        while time.monotonic() < stop_at:
+            try:
+                with socket.create_connection(address, timeout=10) as raw:
+                    with context.wrap_socket(raw, server_hostname=parts.hostname) as sock:
+                        sock.sendall(request)
+                        while sock.recv(4096):
+                            pass
+                count[0] += 1
+            except (OSError, ssl.SSLError):
+                count[1] += 1
+
+    workers = [threading.Thread(target=connect_again_and_again, args=(c,)) for c in counts]
+    print("FLOODING", flush=True)
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    print(f"HANDSHAKES {sum(c[0] for c in counts)} {sum(c[1] for c in counts)}", flush=True)
+
+
 def _keygen_ms() -> float:
     times = []
     for _ in range(KEYGENS):
@@ -239,5 +389,7 @@ def _serve() -> None:
 if __name__ == "__main__":
     if sys.argv[1:] == ["serve"]:
         _serve()
+    elif sys.argv[1:] == ["flood"]:
+        _flood()
     else:
-        sys.exit("usage: python -m bench.tls serve")
+        sys.exit("usage: python -m bench.tls serve|flood")

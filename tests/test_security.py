@@ -275,6 +275,90 @@ def test_a_tls_client_feeding_its_handshake_byte_by_byte_is_closed(hygienic):
         sock.close()
 
 
+def _hello_on(sock: socket.socket) -> bytes:
+    """A request on a kept-alive connection, and the reply up to its body."""
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    reply = b""
+    while not reply.endswith(b"hello"):
+        data = sock.recv(4096)
+        if not data:
+            break
+        reply += data
+    return reply
+
+
+def test_a_flood_of_half_open_tls_connections_makes_room_from_itself_not_from_established_ones(pki, ca_file):
+    # Long limits: only the connection limit makes room, and it must take it from the flood.
+    config = HTTPConfig(
+        threads=2, connection_limit=20, handshake_timeout=60, idle_timeout=60, request_timeout=60,
+        tls=TLSConfig(key_pair=pki.host),
+    )
+    with HTTPServer(hello, config) as server:
+        established = _connect(server)
+        flood: list[socket.socket] = []
+        try:
+            assert _hello_on(established).endswith(b"hello")
+            for n in range(3 * config.connection_limit):
+                sock = _connect(server, handshake=False)
+                flood.append(sock)
+                if n % 2:  # half of them start a ClientHello they never finish
+                    sock.sendall(b"\x16\x03\x01\x02\x00\x01")
+            wait_until(lambda: sum(map(_closed_by_server, flood)) >= 2 * config.connection_limit,
+                       "the server to close the oldest of the flood")
+
+            again = _hello_on(established)
+            response = requests.get(server.url + "/", timeout=10, verify=ca_file)  # a new client too
+        finally:
+            established.close()
+            for sock in flood:
+                sock.close()
+
+    assert again.endswith(b"hello")
+    assert (response.status_code, response.text) == (200, "hello")
+
+
+_FEW_DESCRIPTORS_SERVER = """
+import resource, sys, threading
+from connectplugin import HTTPConfig, HTTPServer, TLSConfig
+from connectplugin.rpc.tls import KeyPair
+def hello(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5")])
+    return [b"hello"]
+pair = KeyPair.from_pem(sys.stdin.readline().replace("|", "\\n"), sys.stdin.readline().replace("|", "\\n"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (FILES, FILES))
+config = HTTPConfig(threads=2, handshake_timeout=60, tls=TLSConfig(key_pair=pair))  # connection_limit 1000
+server = HTTPServer(hello, config).start()
+print(server.port, flush=True)
+sys.stdin.read()
+server.close(grace=0)
+"""
+
+
+def test_a_tls_server_out_of_file_descriptors_closes_half_open_connections_to_serve_a_new_client(pki, ca_file):
+    files = 100  # far fewer than the connection limit allows: a process whose `ulimit -n` is low
+    with subprocess.Popen(
+        [sys.executable, "-c", _FEW_DESCRIPTORS_SERVER.replace("FILES", str(files))], env={**os.environ, **ENV},
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) as process:
+        assert process.stdin is not None and process.stdout is not None
+        for pem in (pki.host.certificate_pem(), pki.host.private_key_pem()):
+            process.stdin.write(pem.decode().replace("\n", "|") + "\n")
+        process.stdin.flush()
+        port = int(process.stdout.readline())
+        flood = []
+        try:
+            for _ in range(2 * files):
+                flood.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            response = requests.get(f"https://127.0.0.1:{port}/", timeout=10, verify=ca_file)
+        finally:
+            for sock in flood:
+                sock.close()
+        errors = process.communicate(timeout=30)[1]  # its stdin closed: it stops
+
+    assert (response.status_code, response.text) == (200, "hello")
+    assert errors.count("Too many open files") <= 1, errors[-2000:]
+
+
 @BOTH_SERVERS
 def test_a_request_trickling_in_is_closed_after_request_timeout_however_busy_it_looks(hygienic):
     sock = _connect(hygienic)

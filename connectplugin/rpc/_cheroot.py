@@ -9,6 +9,7 @@ plaintext plugins and hosts never load cheroot or pyOpenSSL.
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import select
 import selectors
@@ -368,13 +369,31 @@ class _Connections(cheroot_connections.ConnectionManager):
     arrived whole; until then the selector thread reads what comes without waiting, and
     closes connections past their limit: ``handshake_timeout`` from the accept,
     ``request_timeout`` from a request's first byte (the worker's reads of the body stop at
-    the same deadline), ``idle_timeout`` between requests. Near ``connection_limit`` the
-    waiting connections longest unused are closed to make room. Connections with a worker
-    are never touched. Runs on the selector thread, but ``ready_for_worker`` and ``put``
-    also on workers (a kept-alive connection); a connection is only ever in one place.
+    the same deadline), ``idle_timeout`` between requests. Connections with a worker are
+    never touched.
+
+    Room, under a flood of connections that never finish their handshake (or never start
+    it, or never finish a request): the connections waiting never number more than
+    ``connection_limit``, each accept beyond it closing one first, and near the limit every
+    sweep closes some down to its margin; either way those with a handshake or a request
+    still arriving go first, oldest first, then the idle ones longest unused. So a flood
+    makes room from itself: the kept-alive connections of clients that got through stay,
+    and a new client is closed only if a whole limit's worth of connections arrive during
+    its own handshake. A process out of file descriptors (``ulimit -n`` below the limit)
+    closes one the same way instead of failing its accepts until the flood ends. Each
+    pass of the loop serves kept-alive connections before those still arriving and before
+    new ones: established clients' requests do not wait behind a batch of handshakes (each
+    ~1 ms of CPU).
+
+    Runs on the selector thread, but ``ready_for_worker`` and ``put`` also on workers (a
+    kept-alive connection); a connection is only ever in one place.
     """
 
-    _selector: Any  # cheroot's, not in its type stubs
+    # cheroot's, not in its type stubs
+    _selector: Any
+    _stop_requested: bool
+    _remove_invalid_sockets: Callable[[], None]
+    _from_server_socket: Callable[[Any], Any]
 
     def __init__(self, server: Any, config: HTTPConfig) -> None:
         super().__init__(server)
@@ -382,6 +401,11 @@ class _Connections(cheroot_connections.ConnectionManager):
         margin = max(1, config.connection_limit // 20)  # as _Sweeper's
         self._crowded = max(1, config.connection_limit - margin)
         self._roomy = max(1, config.connection_limit - 2 * margin)
+        self._arriving: dict[Any, None] = {}
+        """Waiting connections whose handshake or request is still arriving, by the start of
+        that wait, oldest first. Only ever changed on the selector thread."""
+        self._next_sweep = 0.0
+        self._told_out_of_files = False
 
     def put(self, conn: Any) -> None:
         """A worker is done with ``conn``'s request and keeps it open: wait for the next."""
@@ -395,6 +419,7 @@ class _Connections(cheroot_connections.ConnectionManager):
         waiting = getattr(conn, _WAITING, None)
         if waiting is None:  # just accepted
             waiting = _set_waiting(conn, _Wait.HANDSHAKE)
+            self._arriving[conn] = None
         if conn.rfile.has_data():
             arrived: bool | None = True
         else:
@@ -403,8 +428,13 @@ class _Connections(cheroot_connections.ConnectionManager):
             if arrived is False and waiting[0] is not _Wait.REQUEST:
                 if len(raw.pending) > before:
                     waiting = _set_waiting(conn, _Wait.REQUEST)
+                    self._arriving.pop(conn, None)
+                    self._arriving[conn] = None  # the youngest again
                 elif waiting[0] is _Wait.HANDSHAKE and conn.socket.get_finished() is not None:
                     waiting = _set_waiting(conn, _Wait.IDLE)  # a handshake and no request yet
+                    self._arriving.pop(conn, None)
+        if arrived is not False and waiting[0] is not _Wait.IDLE:  # (a worker's call is always IDLE)
+            self._arriving.pop(conn, None)
         if arrived is False:
             self._selector.register(conn.socket.fileno(), selectors.EVENT_READ, data=conn)
             return False
@@ -412,29 +442,105 @@ class _Connections(cheroot_connections.ConnectionManager):
         raw.deadline = started + self._config.request_timeout
         return True
 
-    def _expire(self, threshold: float) -> None:
-        """Close connections past their own limit (cheroot's one ``threshold`` is ignored),
-        and when crowded the longest unused beyond the limit's margin."""
+    def _run(self, expiration_interval: float) -> None:
+        """cheroot's selector loop, with the order and the room the class describes; sweeps
+        keep their pace even when a pass raises (cheroot's ``serve`` logs it and calls again)."""
+        while not self._stop_requested:
+            try:
+                ready = list(self._selector.select(timeout=expiration_interval))
+            except OSError:
+                self._remove_invalid_sockets()
+                continue
+            accept = False
+            later = []
+            for fd, conn in ready:
+                if conn is self.server:
+                    accept = True
+                elif conn in self._arriving:
+                    later.append((fd, conn))
+                else:
+                    self._serve(fd, conn)
+            for fd, conn in later:
+                if getattr(conn, _CLOSED, False):  # closed to make room meanwhile
+                    continue
+                self._serve(fd, conn)
+            if accept:
+                self._accept()
+            now = time.monotonic()
+            if now >= self._next_sweep:
+                self._next_sweep = now + expiration_interval
+                self._sweep(now)
+
+    def _serve(self, fd: int, conn: Any) -> None:
+        self._selector.unregister(fd)
+        self.server.process_conn(conn)
+
+    def _accept(self) -> None:
+        if len(self._selector) > self._config.connection_limit:  # (the listening socket is one)
+            self._make_room()
+        try:
+            conn = self._from_server_socket(self.server.socket)
+        except OSError as e:
+            if e.errno not in _OUT_OF_FILES:
+                raise
+            if not self._told_out_of_files:
+                self._told_out_of_files = True
+                log.warning(
+                    "out of file descriptors with %d connections waiting (%s): closing the oldest to accept new "
+                    "ones; raise the process's limit (ulimit -n) or lower HTTPConfig.connection_limit (%d)",
+                    len(self._selector) - 1, e.strerror, self._config.connection_limit,
+                )
+            self._make_room()
+            return
+        if conn is not None:
+            self.server.process_conn(conn)
+
+    def _make_room(self) -> None:
+        """Close the waiting connection that matters least: the oldest with a handshake or
+        request still arriving, else the idle one longest unused."""
+        if self._arriving:
+            conn = next(iter(self._arriving))
+        else:
+            waiting = [c for _, c in self._selector.connections if c is not self.server]
+            if not waiting:
+                return
+            conn = min(waiting, key=lambda c: getattr(c, _WAITING, (_Wait.IDLE, 0.0))[1])
+        self._close(conn)
+
+    def _close(self, conn: Any) -> None:
+        self._arriving.pop(conn, None)
+        setattr(conn, _CLOSED, True)
+        self._selector.unregister(conn.socket.fileno())
+        conn.close()
+
+    def _sweep(self, now: float) -> None:
+        """Close connections past their own limit, and when crowded, beyond the limit's
+        margin, those with a handshake or request still arriving (oldest first), then the
+        idle ones longest unused."""
         cfg = self._config
         limits = {_Wait.HANDSHAKE: cfg.handshake_timeout, _Wait.IDLE: cfg.idle_timeout, _Wait.REQUEST: cfg.request_timeout}
-        now = time.monotonic()
-        expired: list[tuple[float, int, Any]] = []
-        unused: list[tuple[float, int, Any]] = []
-        for fd, conn in self._selector.connections:
+        expired: list[Any] = []
+        unused: list[tuple[bool, float, Any]] = []
+        for _, conn in self._selector.connections:
             if conn is self.server:
                 continue
             waiting, since = getattr(conn, _WAITING, (_Wait.IDLE, now))
-            age = now - since
-            (expired if age > limits[waiting] else unused).append((age, fd, conn))
+            if now - since > limits[waiting]:
+                expired.append(conn)
+            else:
+                unused.append((waiting is _Wait.IDLE, since, conn))
         excess = len(expired) + len(unused) - self._roomy if len(expired) + len(unused) >= self._crowded else 0
         if excess > len(expired):
-            unused.sort(key=lambda item: item[0], reverse=True)
-            expired += unused[: excess - len(expired)]
-        for _, fd, conn in expired:
-            self._selector.unregister(fd)
-            conn.close()
+            unused.sort(key=lambda item: item[:2])
+            expired += [conn for _, _, conn in unused[: excess - len(expired)]]
+        for conn in expired:
+            self._close(conn)
 
 
+_OUT_OF_FILES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+"""What ``accept`` fails with when the process or the system has no descriptor or memory left."""
+_CLOSED = "_connectplugin_closed"
+"""Set on a cheroot connection the selector thread closed to make room."""
 _WAITING = "_connectplugin_waiting"
 """A cheroot connection's (_Wait, since) while no worker has it; ``since`` is monotonic."""
 
