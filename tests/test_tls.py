@@ -235,6 +235,83 @@ def test_pythons_ssl_reads_the_alert_certificate_revoked(pki, kv, version):
     assert "certificate revoked" in str(refused.value)
 
 
+# The orders of P-256 (the development CA's curve) and P-521 (``openssl ecparam -param_enc explicit``).
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+P521_ORDER = int(
+    "01FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF"
+    "FA51868783BF2F966B7FCC0148F709A5D03BB5C9B8899C47AEBB6FB71E91386409", 16
+)
+
+
+def ecdsa_twin(pair: tls.KeyPair, order: int = P256_ORDER) -> tls.KeyPair:
+    """``pair`` with its certificate's ECDSA signature (r, s) made (r, n - s): as valid (the CA
+    signed it, as far as anyone can tell), another DER, another fingerprint. Anyone holding a
+    certificate can make it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric.utils import (
+        decode_dss_signature,
+        encode_dss_signature,
+    )
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    def element(data: bytes, at: int) -> tuple[int, int]:  # a DER element's content start and end
+        length, start = data[at + 1], at + 2
+        if length & 0x80:
+            start += length & 0x7F
+            length = int.from_bytes(data[at + 2:start], "big")
+        return start, start + length
+
+    def length_of(size: int) -> bytes:
+        octets = size.to_bytes((size.bit_length() + 7) // 8, "big")
+        return bytes([size]) if size < 0x80 else bytes([0x80 | len(octets)]) + octets
+
+    der = pair.certificate.public_bytes(Encoding.DER)
+    start, _ = element(der, 0)
+    algorithm_end = element(der, element(der, start)[1])[1]  # after the signed part and the algorithm
+    r, s = decode_dss_signature(pair.certificate.signature)
+    signature = b"\0" + encode_dss_signature(r, order - s)
+    body = der[start:algorithm_end] + b"\x03" + length_of(len(signature)) + signature
+    twin = x509.load_der_x509_certificate(b"\x30" + length_of(len(body)) + body)
+    return tls.KeyPair(twin, pair.private_key, pair.chain)
+
+
+def test_a_twin_of_a_certificate_signed_on_another_curve_is_revoked_with_it():
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    ca_key = ec.generate_private_key(ec.SECP521R1())
+    ca = tls.KeyPair(tls.generate_key_pair("P-521 CA", is_ca=True).certificate, ca_key)  # signs with ca_key
+    leaf = tls.generate_key_pair("leaf", issuer=ca)
+    twin = ecdsa_twin(leaf, P521_ORDER).certificate
+    ca_key.public_key().verify(twin.signature, twin.tbs_certificate_bytes, ec.ECDSA(hashes.SHA256()))  # valid
+
+    assert tls.is_revoked(twin, {leaf.fingerprint})
+    assert tls.is_revoked(leaf.certificate, {tls.fingerprint(twin)})
+    assert not tls.is_revoked(twin, {tls.generate_key_pair("other", issuer=ca).fingerprint})
+
+
+@pytest.mark.parametrize("how", ["as a certificate", "by its fingerprint", "in a fixed set"])
+def test_a_revoked_certificates_ecdsa_twin_is_refused_too(pki, kv, how):
+    original = pki.plugins["kv"]
+    twin = ecdsa_twin(original)
+    assert twin.fingerprint != original.fingerprint
+    twin.certificate.verify_directly_issued_by(pki.ca.certificate)  # as valid as the original
+    revoked = {
+        "as a certificate": tls.RevocationList([original.certificate]),
+        "by its fingerprint": tls.RevocationList([original.fingerprint]),
+        "in a fixed set": frozenset({original.fingerprint}),
+    }[how]
+    config = tls.TLSConfig(key_pair=pki.host, trust=tls.Trust(cas=(pki.ca.certificate,), revoked=revoked))
+    with HTTPServer(App([kv]), HTTPConfig(threads=2, tls=config)) as server:
+        with pytest.raises(ConnectError) as refused:
+            put(server.url, presenting(pki, twin))
+        put(server.url, as_plugin(pki, "other"))
+
+    assert refused.value.code is Code.UNAVAILABLE
+    if how == "as a certificate":
+        assert "certificate revoked" in refused.value.message
+
+
 def test_a_plaintext_client_at_a_tls_port_is_told_to_use_https(mtls_server, pki):
     plain_url = mtls_server.url.replace("https://", "http://")
 
@@ -802,12 +879,19 @@ def test_a_runtime_token_fails_on_a_connection_with_another_certificate(cert_hos
         discover(own)
 
 
-def test_a_revoked_certificate_loses_its_identity_and_is_refused_at_the_next_handshake(cert_host, join, pki):
-    provider = join(cert_host, "kv", provides=("svc",))
+@pytest.mark.parametrize(
+    "joined_with, revoked",
+    [("the certificate", "as a certificate"), ("its ECDSA twin", "as a certificate"), ("its ECDSA twin", "by its fingerprint")],
+)
+def test_a_revoked_certificate_loses_its_identity_and_is_refused_at_the_next_handshake(
+    cert_host, join, pki, joined_with, revoked
+):
+    original = pki.plugins["kv"]
+    provider = join(cert_host, "kv", provides=("svc",), pair=original if joined_with == "the certificate" else ecdsa_twin(original))
     caller = join(cert_host, "other")
     cert_host.discover("svc")
 
-    cert_host.revoke_certificate(pki.plugins["kv"].certificate)
+    cert_host.revoke_certificate(original.certificate if revoked == "as a certificate" else original.fingerprint)
 
     with pytest.raises(ConnectError) as gone:
         cert_host.discover("svc")
@@ -818,7 +902,8 @@ def test_a_revoked_certificate_loses_its_identity_and_is_refused_at_the_next_han
     with pytest.raises(ConnectError) as handshake:
         provider.link.connect(HANDSHAKE, "kv", "1.0.0", "")
     assert handshake.value.code is Code.UNAVAILABLE  # the TLS handshake refuses the certificate
-    assert "certificate revoked" in handshake.value.message
+    if revoked == "as a certificate":
+        assert "certificate revoked" in handshake.value.message
     caller.link.heartbeat()  # the host keeps serving others
 
 

@@ -64,6 +64,9 @@ class Identity:
     """The SHA-256 fingerprint of the client certificate it joined with: every call made with
     this identity must come on a TLS connection presenting that certificate. "" when it
     joined without one (launched plugins, join tokens over plaintext)."""
+    revoked_as: frozenset[str] = frozenset()
+    """The fingerprints a revocation of that certificate may name: its own and its twins'
+    (``tls.revocation_prints``); revoking any of them revokes this identity."""
 
     @property
     def client_tls(self) -> TLSConfig | None:
@@ -144,6 +147,7 @@ class Identities:
                 expires_at=expires_at,
                 verified=launched,
                 certificate=_fingerprint(certificate),
+                revoked_as=_revoked_as(certificate),
             )
             self._by_id[runtime_id] = identity
             self._used[runtime_id] = now
@@ -251,16 +255,17 @@ class Identities:
         return self.verify(ctx.request_headers, tls.peer_certificate(ctx.environ), missing=Code.INVALID_ARGUMENT)
 
     def bound_to(self, fingerprints: set[str]) -> list[str]:
-        """Runtime ids of the identities bound to one of these certificate fingerprints."""
+        """Runtime ids of the identities bound to a certificate revoked under one of these
+        fingerprints (its own or a twin's: see ``tls.revocation_prints``)."""
         with self._lock:
-            return [i.runtime_id for i in self._by_id.values() if i.certificate and i.certificate in fingerprints]
+            return [i.runtime_id for i in self._by_id.values() if not i.revoked_as.isdisjoint(fingerprints)]
 
     def check_certificate(self, certificate: x509.Certificate) -> None:
         """Refuse (``unauthenticated``) a client certificate that is revoked, or not valid now.
 
         The TLS handshake checked both already; a connection kept open outlives that check.
         """
-        if tls.fingerprint(certificate) in self.revoked:
+        if tls.is_revoked(certificate, self.revoked):
             raise ConnectError(Code.UNAUTHENTICATED, "the client certificate is revoked")
         now = self._wall_clock()
         if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
@@ -308,3 +313,7 @@ class Identities:
 
 def _fingerprint(certificate: x509.Certificate | None) -> str:
     return tls.fingerprint(certificate) if certificate is not None else ""
+
+
+def _revoked_as(certificate: x509.Certificate | None) -> frozenset[str]:
+    return tls.revocation_prints(certificate) if certificate is not None else frozenset()

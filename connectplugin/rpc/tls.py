@@ -17,6 +17,7 @@ import argparse
 import base64
 import binascii
 import datetime
+import hashlib
 import ipaddress
 import os
 import secrets
@@ -24,7 +25,7 @@ import ssl
 import sys
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +55,73 @@ def fingerprint(certificate: x509.Certificate) -> str:
     from cryptography.hazmat.primitives import hashes
 
     return certificate.fingerprint(hashes.SHA256()).hex()
+
+
+def revocation_prints(certificate: x509.Certificate) -> frozenset[str]:
+    """The fingerprints a revocation of ``certificate`` may be listed under: its own and,
+    when an ECDSA key signed it, its twins'. An ECDSA signature (r, s) is as valid as
+    (r, n - s), n the order of the signer's curve, so whoever holds a certificate can make
+    another, equally valid, that differs only there, and so in fingerprint: a revocation
+    of one is a revocation of both. The signer's curve is not known from the certificate
+    alone: one twin per curve of :data:`_ECDSA_ORDERS` whose order exceeds r and s."""
+    from cryptography.hazmat.primitives.asymmetric.utils import (
+        decode_dss_signature,
+        encode_dss_signature,
+    )
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    der = certificate.public_bytes(Encoding.DER)
+    prints = {hashlib.sha256(der).hexdigest()}
+    if not certificate.signature_algorithm_oid.dotted_string.startswith(_ECDSA_SIGNATURES):
+        return frozenset(prints)
+    try:
+        r, s = decode_dss_signature(certificate.signature)
+        start = _der_element(der, 0)[0]
+        signed_and_algorithm = der[start:_der_element(der, _der_element(der, start)[1])[1]]
+    except (ValueError, IndexError):  # not an ECDSA signature after all: no twin
+        return frozenset(prints)
+    for order in _ECDSA_ORDERS:
+        if 0 < r < order and 0 < s < order:
+            signature = b"\0" + encode_dss_signature(r, order - s)
+            body = signed_and_algorithm + b"\x03" + _der_length(len(signature)) + signature
+            prints.add(hashlib.sha256(b"\x30" + _der_length(len(body)) + body).hexdigest())
+    return frozenset(prints)
+
+
+def is_revoked(certificate: x509.Certificate, revoked: Container[str]) -> bool:
+    """Whether ``revoked`` (fingerprints) lists ``certificate``, or a twin of it (see
+    :func:`revocation_prints`)."""
+    return any(print_ in revoked for print_ in revocation_prints(certificate))
+
+
+_ECDSA_SIGNATURES = "1.2.840.10045.4."
+"""The OID arc of the ECDSA signature algorithms (ecdsa-with-SHA1, -SHA224 ... -SHA512)."""
+_ECDSA_ORDERS = (
+    0xFFFFFFFFFFFFFFFFFFFFFFFFFFFF16A2E0B8F03E13DD29455C5C2A3D,
+    0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
+    0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973,
+    0x01FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFA51868783BF2F966B7FCC0148F709A5D03BB5C9B8899C47AEBB6FB71E91386409,
+    0xA9FB57DBA1EEA9BC3E660A909D838D718C397AA3B561A6F7901E0E82974856A7,
+    0x8CB91E82A3386D280F5D6F7E50E641DF152F7109ED5456B31F166E6CAC0425A7CF3AB6AF6B7FC3103B883202E9046565,
+    0xAADD9DB8DBE9C48B3FD4E6AE33C9FC07CB308DB3B3C9D20ED6639CCA70330870553E5C414CA92619418661197FAC10471DB1D381085DDADDB58796829CA90069,
+)
+"""The orders of the curves certificate authorities sign with: NIST P-224, P-256, P-384,
+P-521 and Brainpool P256r1, P384r1, P512r1 (``openssl ecparam -name C -param_enc explicit``)."""
+
+
+def _der_element(der: bytes, at: int) -> tuple[int, int]:
+    """Where the content of the DER element at ``at`` starts and where the element ends."""
+    length, start = der[at + 1], at + 2
+    if length & 0x80:
+        start += length & 0x7F
+        length = int.from_bytes(der[at + 2:start], "big")
+    return start, start + length
+
+
+def _der_length(size: int) -> bytes:
+    """A DER length: one octet below 128, else the fewest octets after one saying how many."""
+    octets = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes([size]) if size < 0x80 else bytes([0x80 | len(octets)]) + octets
 
 
 def load_certificates(pem: bytes | str) -> tuple[x509.Certificate, ...]:
@@ -249,14 +317,17 @@ class Trust:
 
     def accepts_leaf(self, certificate: x509.Certificate) -> bool:
         """The checks beyond the chain: pinned (when pins only) or a live pin, and not revoked."""
-        print_ = fingerprint(certificate)
-        if print_ in self.revoked:
+        if is_revoked(certificate, self.revoked):
             return False
-        return not self.pins_only or print_ in {fingerprint(c) for c in self.pinned} or self.live_pinned(print_)
+        pinned = {fingerprint(c) for c in self.pinned}
+        return not self.pins_only or fingerprint(certificate) in pinned or self.live_pinned(certificate)
 
-    def live_pinned(self, print_: str) -> bool:
-        """Whether the certificate of this fingerprint is in ``live_pins`` now, and not revoked."""
-        return self.live_pins is not None and print_ in self.live_pins and print_ not in self.revoked
+    def live_pinned(self, certificate: x509.Certificate) -> bool:
+        """Whether ``certificate`` is in ``live_pins`` now, and not revoked."""
+        return (
+            self.live_pins is not None and fingerprint(certificate) in self.live_pins
+            and not is_revoked(certificate, self.revoked)
+        )
 
 
 @dataclass(frozen=True)
@@ -558,12 +629,12 @@ def server_context(config: TLSConfig) -> Any:
             if errno in _CRL_TROUBLE:
                 return True  # our own CRLs (see _RevocationAlerts): they decide nothing
             if errno == _CERT_REVOKED:  # in our CRL, so most likely revoked: the list decides
-                return fingerprint(certificate.to_cryptography()) not in trust.revoked
+                return not is_revoked(certificate.to_cryptography(), trust.revoked)
             if not ok:
                 # A live pin anchors itself: OpenSSL's only complaint allowed is that the
                 # client's own certificate leads to no anchor in the store. Any other (expired,
                 # not yet valid, wrong purpose, a bad certificate above it) still refuses it.
-                return depth == 0 and errno in _NO_ANCHOR and trust.live_pinned(fingerprint(certificate.to_cryptography()))
+                return depth == 0 and errno in _NO_ANCHOR and trust.live_pinned(certificate.to_cryptography())
             return depth > 0 or trust.accepts_leaf(certificate.to_cryptography())
 
         context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
