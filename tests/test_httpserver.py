@@ -112,6 +112,43 @@ def test_a_small_answer_arrives_whole_in_one_read(serve, server_kind, ca_file):
             assert first.startswith(b"HTTP/1.1 200 ") and first.endswith(b"\r\n\r\nhello")
 
 
+def _ask(sock: socket.socket, requests: int = 1) -> list[bytes]:
+    """Send ``requests`` GETs at once (pipelined) and read their answers (``hello``'s)."""
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n" * requests)
+    received = b""
+    while received.count(b"hello") < requests:
+        data = sock.recv(65536)
+        assert data, "the server closed the connection"
+        received += data
+    return [b"HTTP/1.1" + answer for answer in received.split(b"HTTP/1.1")[1:]]
+
+
+def test_keep_alive_calls_wake_the_serving_loop_only_when_it_has_work(serve, server_kind):
+    if server_kind == "tls":
+        pytest.skip("waitress's serving loop (cheroot has none such)")
+    server = serve(hello)
+    trigger = server._server.trigger
+    pulls = []
+    pull = trigger.pull_trigger
+    trigger.pull_trigger = lambda *args: (pulls.append(args), pull(*args))  # counts, then wakes as before
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        assert len(_ask(sock)) == 1
+        (channel,) = server._server.active_channels.values()
+        pulls.clear()
+        for _ in range(20):
+            # Each call once the last is over: a request arriving before that queues behind
+            # it, and the loop, no longer reading, must be woken to read again.
+            wait_until(lambda: not channel.requests and channel.watched, "the last call to be over")
+            assert len(_ask(sock)) == 1
+
+        # Nothing to send or close after a call, and the loop waiting for the next one already.
+        assert len(pulls) <= 2
+
+        answers = _ask(sock, 3)  # pipelined: the loop stops reading while they queue
+        assert len(answers) == 3 and all(a.startswith(b"HTTP/1.1 200 ") for a in answers)
+        assert len(_ask(sock)) == 1
+
+
 # --- streams ------------------------------------------------------------------------------------
 
 

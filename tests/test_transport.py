@@ -283,6 +283,15 @@ def test_an_interim_response_is_skipped():
         assert (response.status, response.headers["x-a"], read_all(response)) == (200, "1", b"ok")
 
 
+@pytest.mark.parametrize("folded", [False, True], ids=["plain", "folded"])
+def test_header_values_lose_the_blanks_around_them_and_folded_lines_are_joined(folded):
+    fold = b"X-C: one\r\n \t two\r\n" if folded else b"X-C: one two\r\n"
+    reply = b"HTTP/1.1 200 OK\r\nX-A: \t v  w \t\r\nX-B:\r\n" + fold + b"Content-Length: 0\r\n\r\n"
+    with raw_peer(reply) as (pool, _):
+        response = pool.send("GET", "/", {}, None, 5.0, 5.0)
+        assert response.header_items() == [("X-A", "v  w"), ("X-B", ""), ("X-C", "one two"), ("Content-Length", "0")]
+
+
 def test_a_body_ending_with_the_connection_is_read_to_its_end_and_not_kept():
     with raw_peer(b"HTTP/1.0 200 OK\r\n\r\nall of it") as (pool, _):
         assert read_all(pool.send("GET", "/", {}, None, 5.0, 5.0)) == b"all of it"

@@ -8,8 +8,10 @@ never the caller's token. Responses, streams included, pass through chunk by chu
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
+import re
 import sys
 import threading
 import time
@@ -51,6 +53,9 @@ _TIMEOUT = environ_key(_protocol.TIMEOUT_HEADER)
 _VERSION = environ_key(_protocol.VERSION_HEADER)
 _UNARY_ENCODING = environ_key(_protocol.UNARY_ENCODING_HEADER)
 _STREAM_ENCODING = environ_key(_protocol.STREAM_ENCODING_HEADER)
+
+_UNQUOTED = re.compile(r"[A-Za-z0-9_.~/-]*").fullmatch
+"""A path that quoting leaves as it is."""
 
 RELAY_CHUNK = 65536
 """Most bytes passed on at once; a response is relayed as it arrives, never whole."""
@@ -232,17 +237,13 @@ class Router:
         types = _protocol.STREAM_TYPES if streaming else _protocol.UNARY_TYPES
         try:
             caller = self._identities.verify(_headers(environ), peer_certificate(environ))
-            if environ["REQUEST_METHOD"] == "POST" and not _protocol.codec_for(content_type, types):
+            if environ["REQUEST_METHOD"] == "POST" and content_type not in types and not _protocol.codec_for(content_type, types):
                 return unsupported_media(start_response, types)
             timeout = self._upstream_timeout(_check_headers(environ, streaming), streaming)
             # One deadline for everything the provider sends, however steadily it trickles.
             deadline = None if timeout is None else time.monotonic() + timeout
             body = read_body(environ, self.config.read_limit, _protocol.ENVELOPE_HEADER_SIZE if streaming else 0)
-            headers = {
-                key[5:].replace("_", "-").title(): value
-                for key, value in environ.items()
-                if key.startswith("HTTP_") and key not in _DROP
-            }
+            headers = {_header_name(key): value for key, value in environ.items() if key.startswith("HTTP_") and key not in _DROP}
             if environ.get("CONTENT_TYPE"):
                 headers["Content-Type"] = environ["CONTENT_TYPE"]
             headers[CALLER_HEADER] = caller.runtime_id
@@ -260,7 +261,7 @@ class Router:
                     environ["wsgi.input"] = io.BytesIO(body)
                     return self._call_local(local, path, caller.runtime_id, environ, start_response, outcome)
                 # PATH_INFO arrives decoded; quote it again for the next hop.
-                target = quote(path, safe="/")
+                target = path if _UNQUOTED(path) else quote(path, safe="/")
                 if environ.get("QUERY_STRING"):
                     target += "?" + environ["QUERY_STRING"]
                 identity = self._identities.get(provider.provider_id)
@@ -532,6 +533,12 @@ def _check_headers(environ: dict, streaming: bool) -> float | None:
         _protocol.check_encoding(environ.get(_STREAM_ENCODING if streaming else _UNARY_ENCODING))
     timeout_ms = environ.get(_TIMEOUT)
     return None if timeout_ms is None else _protocol.parse_timeout_ms(timeout_ms)
+
+
+@functools.lru_cache(maxsize=256)
+def _header_name(key: str) -> str:
+    """The header an environ key carries, as forwarded: ``HTTP_USER_AGENT`` -> ``User-Agent``."""
+    return key[5:].replace("_", "-").title()
 
 
 def _headers(environ: dict) -> dict[str, str]:

@@ -45,9 +45,13 @@ STREAM_ACCEPT_ENCODING_HEADER = "Connect-Accept-Encoding"
 TRAILER_PREFIX = "trailer-"
 
 # HTTP/1.1 header syntax, held to by whatever reads a head it may pass on (RFC 9110/9112).
-is_header_name = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+").fullmatch
+_TOKEN = r"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
+_ILLEGAL_TEXT = "\x00-\x08\x0a-\x1f\x7f"
+is_header_name = re.compile(_TOKEN).fullmatch
 """Whether a string is a header name (a token)."""
-has_illegal_text = re.compile("[\x00-\x08\x0a-\x1f\x7f]").search
+HEADER_LINE = re.compile(f"({_TOKEN}):([^{_ILLEGAL_TEXT}]*)\r\n")
+"""A well-formed header line with its CRLF: the name, and the value with the blanks around it."""
+has_illegal_text = re.compile(f"[{_ILLEGAL_TEXT}]").search
 """Whether a header value, status or reason holds what it may not: a control character but
 tab, above all a lone CR or LF that would split the line for whoever reads it next, or NUL."""
 """Unary trailers travel as headers with this prefix; stream trailers in the end-stream message."""

@@ -510,6 +510,8 @@ _ILLEGAL_VALUE = re.compile(r"\n(?![ \t])|\r(?![ \t\n])").search
 _ILLEGAL_TARGET = re.compile("[\x00-\x20\x7f]").search
 # The same checks as http.client's putrequest/putheader: no header or line can be smuggled in.
 _STATUS_LINE = re.compile(r"HTTP/\d\.\d (\d{3})(?: (.*))?").fullmatch
+_PLAIN_FIELDS = re.compile(f"(?:{_protocol.HEADER_LINE.pattern})*").fullmatch
+"""Header lines that are all well formed (none folded): the usual head, checked in one pass."""
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}").fullmatch
 """A chunk size: hex digits only (no sign, prefix or blanks, as int(x, 16) would take)."""
 _BODYLESS_STATUS = frozenset({204, 304})
@@ -629,7 +631,8 @@ class _PooledResponse(Response):
         self._left: int | None = 0
         """Bytes left in the current data section; None: the body ends with the connection."""
         headers = self.headers
-        tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+        connection = headers.get("connection")
+        tokens = {t.strip().lower() for t in connection.split(",")} if connection else set()
         self._will_close = "close" in tokens or (version == "HTTP/1.0" and "keep-alive" not in tokens)
         encoding = headers.get("transfer-encoding")
         if head_only or status in _BODYLESS_STATUS or status < 200:
@@ -786,34 +789,48 @@ def _read_head(conn: _Connection) -> tuple[int, str, str, list[tuple[str, str]]]
                 if buffer:
                     raise http.client.IncompleteRead(bytes(buffer[:100]))
                 raise http.client.RemoteDisconnected("the peer closed the connection without a response")
-        lines = bytes(buffer[:end]).decode("latin-1").split("\r\n")
+        head = bytes(buffer[: end + 2]).decode("latin-1")  # each line with its CRLF
         del buffer[: end + 4]
-        status_line = _STATUS_LINE(lines[0])
-        if status_line is None or _protocol.has_illegal_text(lines[0]):
-            raise http.client.BadStatusLine(lines[0][:100])
+        first = head.index("\r\n")
+        status_line = _STATUS_LINE(head[:first])
+        if status_line is None or _protocol.has_illegal_text(head[:first]):
+            raise http.client.BadStatusLine(head[:first][:100])
         status, reason = int(status_line[1]), status_line[2] or ""
         if not 100 <= status < 600 or status == 101:  # we never ask to switch protocols
-            raise http.client.BadStatusLine(lines[0][:100])
-        version = lines[0][:8]
-        if len(lines) > _MAX_HEADERS + 1:
+            raise http.client.BadStatusLine(head[:first][:100])
+        version = head[:8]
+        fields = head[first + 2 :]
+        if _PLAIN_FIELDS(fields):
+            items = [(name, value.strip(" \t")) for name, value in _protocol.HEADER_LINE.findall(fields)]
+        else:
+            items = _fields(fields.split("\r\n")[:-1])
+        if len(items) > _MAX_HEADERS:
             raise http.client.HTTPException(f"got more than {_MAX_HEADERS} headers")
-        items: list[tuple[str, str]] = []
-        for line in lines[1:]:
-            if _protocol.has_illegal_text(line):
-                raise http.client.HTTPException(f"control character in header line {line[:100]!r}")
-            if line[:1] in (" ", "\t") and items:  # an obsolete folded continuation
-                name, value = items[-1]
-                items[-1] = (name, value + " " + line.strip(" \t"))
-                continue
-            name, colon, value = line.partition(":")
-            if not colon or not _protocol.is_header_name(name):
-                raise http.client.HTTPException(f"malformed header line {line[:100]!r}")
-            items.append((name, value.strip(" \t")))
         if status >= 200:
             return status, reason.strip(" \t"), version, items
         interim += 1
         if interim > _MAX_INTERIM:
             raise http.client.HTTPException(f"more than {_MAX_INTERIM} interim (1xx) responses")
+
+
+def _fields(lines: list[str]) -> list[tuple[str, str]]:
+    """The fields of header lines that are not all well formed: folded ones are joined, and
+    the first malformed one is an error."""
+    if len(lines) > _MAX_HEADERS:
+        raise http.client.HTTPException(f"got more than {_MAX_HEADERS} headers")
+    items: list[tuple[str, str]] = []
+    for line in lines:
+        if _protocol.has_illegal_text(line):
+            raise http.client.HTTPException(f"control character in header line {line[:100]!r}")
+        if line[:1] in (" ", "\t") and items:  # an obsolete folded continuation
+            name, value = items[-1]
+            items[-1] = (name, value + " " + line.strip(" \t"))
+            continue
+        name, colon, value = line.partition(":")
+        if not colon or not _protocol.is_header_name(name):
+            raise http.client.HTTPException(f"malformed header line {line[:100]!r}")
+        items.append((name, value.strip(" \t")))
+    return items
 
 
 class ConnectionPool:
@@ -900,7 +917,7 @@ class ConnectionPool:
         for name, value in headers.items():
             if not _protocol.is_header_name(name):
                 raise ValueError(f"invalid header name {name!r}")
-            if _ILLEGAL_VALUE(value):
+            if ("\r" in value or "\n" in value) and _ILLEGAL_VALUE(value):
                 raise ValueError(f"invalid header value {value!r}")
             lowered = name.lower()
             if lowered == "host":  # the caller's own Host replaces ours

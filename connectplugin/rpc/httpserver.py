@@ -410,6 +410,7 @@ def _bind_waitress(app: Callable[..., Any], cfg: HTTPConfig) -> tuple[Any, tuple
         _dispatcher=ThreadedTaskDispatcher(),
     )
     server.channel_class = _Channel
+    _wake_only_when_needed(server)
     host, port = server.getsockname()[:2]  # waitress gives the port as a string
     return server, (host, int(port))
 
@@ -438,18 +439,57 @@ class _OneSendTask(WSGITask):
         channel.write_soon(b"".join(held))
 
 
+_serving = threading.local()
+"""``channel``: the connection whose request a waitress worker thread is serving, if any."""
+
+
 class _Channel(HTTPChannel):
-    """waitress's connection, whose writes a task may hold back to send them as one."""
+    """waitress's connection: its writes a task may hold back to send them as one, and the
+    serving loop woken after a request only when it has something to do for it."""
 
     task_class = _OneSendTask
     corked: list[bytes] | None = None
     """While not None, writes are collected here instead of being sent."""
+    watched = False
+    """Whether the serving loop, when it last looked, waited for this connection's next request."""
 
     def write_soon(self, data: Any) -> int:
         if self.corked is not None:
             self.corked.append(data)
             return len(data)
         return super().write_soon(data)
+
+    def readable(self) -> bool:
+        self.watched = bool(super().readable())
+        return self.watched
+
+    def service(self) -> None:
+        _serving.channel = self
+        try:
+            super().service()
+        finally:
+            _serving.channel = None
+
+    def settled(self) -> bool:
+        """Whether the serving loop has nothing to do for this connection but to wait for its
+        next request, as it does already: nothing left to send, to close, or queued."""
+        return self.watched and self.connected and not (
+            self.requests or self.total_outbufs_len or self.will_close or self.close_when_flushed
+        )
+
+
+def _wake_only_when_needed(server: Any) -> None:
+    """waitress wakes its serving loop (a byte down a pipe) whenever a worker ends a request,
+    so that the loop looks at the connection again. A settled connection needs no look: a
+    pipe write, a pass of the loop and a context switch saved per call."""
+    pull = server.pull_trigger
+
+    def pull_trigger() -> None:
+        channel = getattr(_serving, "channel", None)
+        if channel is None or not channel.settled():
+            pull()
+
+    server.pull_trigger = pull_trigger
 
 
 # --- streams ---------------------------------------------------------------------------------
