@@ -287,7 +287,10 @@ def _hello_on(sock: socket.socket) -> bytes:
     return reply
 
 
-def test_a_flood_of_half_open_tls_connections_makes_room_from_itself_not_from_established_ones(pki, ca_file):
+@pytest.mark.parametrize("handshake", [False, True], ids=["half-open", "handshake-only"])
+def test_a_flood_of_tls_connections_without_requests_makes_room_from_itself_not_from_established_ones(
+    pki, ca_file, handshake
+):
     # Long limits: only the connection limit makes room, and it must take it from the flood.
     config = HTTPConfig(
         threads=2, connection_limit=20, handshake_timeout=60, idle_timeout=60, request_timeout=60,
@@ -299,9 +302,10 @@ def test_a_flood_of_half_open_tls_connections_makes_room_from_itself_not_from_es
         try:
             assert _hello_on(established).endswith(b"hello")
             for n in range(3 * config.connection_limit):
-                sock = _connect(server, handshake=False)
+                # Silent, or a ClientHello never finished; or a whole handshake and no request.
+                sock = _connect(server, handshake=handshake)
                 flood.append(sock)
-                if n % 2:  # half of them start a ClientHello they never finish
+                if n % 2 and not handshake:
                     sock.sendall(b"\x16\x03\x01\x02\x00\x01")
             wait_until(lambda: sum(map(_closed_by_server, flood)) >= 2 * config.connection_limit,
                        "the server to close the oldest of the flood")

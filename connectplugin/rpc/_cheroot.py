@@ -373,17 +373,18 @@ class _Connections(cheroot_connections.ConnectionManager):
     never touched.
 
     Room, under a flood of connections that never finish their handshake (or never start
-    it, or never finish a request): the connections waiting never number more than
-    ``connection_limit``, each accept beyond it closing one first, and near the limit every
-    sweep closes some down to its margin; either way those with a handshake or a request
-    still arriving go first, oldest first, then the idle ones longest unused. So a flood
-    makes room from itself: the kept-alive connections of clients that got through stay,
-    and a new client is closed only if a whole limit's worth of connections arrive during
-    its own handshake. A process out of file descriptors (``ulimit -n`` below the limit)
-    closes one the same way instead of failing its accepts until the flood ends. Each
-    pass of the loop serves kept-alive connections before those still arriving and before
-    new ones: established clients' requests do not wait behind a batch of handshakes (each
-    ~1 ms of CPU).
+    it, or never send a request after it, or never finish one): the connections waiting
+    never number more than ``connection_limit``, each accept beyond it closing one first,
+    and near the limit every sweep closes some down to its margin; either way the
+    unproven go first, oldest first (those in their handshake, through it without a
+    request yet, or with a request still arriving), then the kept-alive ones longest
+    unused. So a flood makes room from itself: the kept-alive connections of clients that
+    were served stay, and a new client is closed only if a whole limit's worth of
+    connections arrive during its own handshake. A process out of file descriptors
+    (``ulimit -n`` below the limit) closes one the same way instead of failing its accepts
+    until the flood ends. Each pass of the loop serves kept-alive connections before the
+    unproven and before new ones: established clients' requests do not wait behind a batch
+    of handshakes (each ~1 ms of CPU).
 
     Runs on the selector thread, but ``ready_for_worker`` and ``put`` also on workers (a
     kept-alive connection); a connection is only ever in one place.
@@ -401,9 +402,10 @@ class _Connections(cheroot_connections.ConnectionManager):
         margin = max(1, config.connection_limit // 20)  # as _Sweeper's
         self._crowded = max(1, config.connection_limit - margin)
         self._roomy = max(1, config.connection_limit - 2 * margin)
-        self._arriving: dict[Any, None] = {}
-        """Waiting connections whose handshake or request is still arriving, by the start of
-        that wait, oldest first. Only ever changed on the selector thread."""
+        self._unproven: dict[Any, None] = {}
+        """Waiting connections in their handshake, through it without a request yet, or
+        with a request arriving, by the start of that wait, oldest first. Changed on the
+        selector thread only (a worker's connections were served: never in it)."""
         self._next_sweep = 0.0
         self._told_out_of_files = False
 
@@ -419,7 +421,7 @@ class _Connections(cheroot_connections.ConnectionManager):
         waiting = getattr(conn, _WAITING, None)
         if waiting is None:  # just accepted
             waiting = _set_waiting(conn, _Wait.HANDSHAKE)
-            self._arriving[conn] = None
+            self._unproven[conn] = None
         if conn.rfile.has_data():
             arrived: bool | None = True
         else:
@@ -428,13 +430,12 @@ class _Connections(cheroot_connections.ConnectionManager):
             if arrived is False and waiting[0] is not _Wait.REQUEST:
                 if len(raw.pending) > before:
                     waiting = _set_waiting(conn, _Wait.REQUEST)
-                    self._arriving.pop(conn, None)
-                    self._arriving[conn] = None  # the youngest again
+                    self._unproven.pop(conn, None)
+                    self._unproven[conn] = None  # the youngest again
                 elif waiting[0] is _Wait.HANDSHAKE and conn.socket.get_finished() is not None:
                     waiting = _set_waiting(conn, _Wait.IDLE)  # a handshake and no request yet
-                    self._arriving.pop(conn, None)
-        if arrived is not False and waiting[0] is not _Wait.IDLE:  # (a worker's call is always IDLE)
-            self._arriving.pop(conn, None)
+        if arrived is not False and conn in self._unproven:  # to a worker: served from now on
+            del self._unproven[conn]
         if arrived is False:
             self._selector.register(conn.socket.fileno(), selectors.EVENT_READ, data=conn)
             return False
@@ -456,7 +457,7 @@ class _Connections(cheroot_connections.ConnectionManager):
             for fd, conn in ready:
                 if conn is self.server:
                     accept = True
-                elif conn in self._arriving:
+                elif conn in self._unproven:
                     later.append((fd, conn))
                 else:
                     self._serve(fd, conn)
@@ -496,10 +497,10 @@ class _Connections(cheroot_connections.ConnectionManager):
             self.server.process_conn(conn)
 
     def _make_room(self) -> None:
-        """Close the waiting connection that matters least: the oldest with a handshake or
-        request still arriving, else the idle one longest unused."""
-        if self._arriving:
-            conn = next(iter(self._arriving))
+        """Close the waiting connection that matters least: the oldest unproven, else the
+        kept-alive one longest unused."""
+        if self._unproven:
+            conn = next(iter(self._unproven))
         else:
             waiting = [c for _, c in self._selector.connections if c is not self.server]
             if not waiting:
@@ -508,15 +509,14 @@ class _Connections(cheroot_connections.ConnectionManager):
         self._close(conn)
 
     def _close(self, conn: Any) -> None:
-        self._arriving.pop(conn, None)
+        self._unproven.pop(conn, None)
         setattr(conn, _CLOSED, True)
         self._selector.unregister(conn.socket.fileno())
         conn.close()
 
     def _sweep(self, now: float) -> None:
         """Close connections past their own limit, and when crowded, beyond the limit's
-        margin, those with a handshake or request still arriving (oldest first), then the
-        idle ones longest unused."""
+        margin, the unproven (oldest first), then the kept-alive ones longest unused."""
         cfg = self._config
         limits = {_Wait.HANDSHAKE: cfg.handshake_timeout, _Wait.IDLE: cfg.idle_timeout, _Wait.REQUEST: cfg.request_timeout}
         expired: list[Any] = []
@@ -528,7 +528,7 @@ class _Connections(cheroot_connections.ConnectionManager):
             if now - since > limits[waiting]:
                 expired.append(conn)
             else:
-                unused.append((waiting is _Wait.IDLE, since, conn))
+                unused.append((conn not in self._unproven, since, conn))
         excess = len(expired) + len(unused) - self._roomy if len(expired) + len(unused) >= self._crowded else 0
         if excess > len(expired):
             unused.sort(key=lambda item: item[:2])
