@@ -11,8 +11,10 @@ $(STAMP): setup.cfg setup.py
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# AUTO_MTLS=1: the host launches every plugin with automatic mTLS (HostConfig.auto_mtls).
+AUTO_MTLS ?=
 demo: $(STAMP)
-	$(PY) -m samples.demo
+	$(PY) -m samples.demo $(if $(filter-out 0,$(AUTO_MTLS)),--auto-mtls)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

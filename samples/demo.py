@@ -1,7 +1,11 @@
-"""``make demo``: a host launches the KV plugin, uses it, watches it, and stops it."""
+"""``make demo``: a host launches the KV plugin, uses it, watches it, and stops it.
+
+``make demo AUTO_MTLS=1`` (``python -m samples.demo --auto-mtls``) launches every plugin with
+automatic mTLS (``HostConfig.auto_mtls``): the same calls, over TLS pinned both ways."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import threading
@@ -19,12 +23,15 @@ def say(what: str) -> None:
     print(f"[{time.monotonic() - _start:6.3f}s] {what}", flush=True)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m samples.demo", description=__doc__)
+    parser.add_argument("--auto-mtls", action="store_true", help="launch the plugins with automatic mTLS")
+    auto_mtls = parser.parse_args(argv).auto_mtls
     # The plugin's own log lines arrive through the host's logging, tagged with its name.
     logging.basicConfig(level=logging.WARNING, format="           %(name)s: %(message)s")
     # An entry point owns the process's signals: here Ctrl-C or SIGTERM unwinds the with
     # block, which stops the plugin (a library embedding a host would leave them alone).
-    with PluginHost(HANDSHAKE, PLUGINS, HostConfig(handle_signals=True)) as host:
+    with PluginHost(HANDSHAKE, PLUGINS, HostConfig(handle_signals=True, auto_mtls=auto_mtls)) as host:
         say(f"host listening on {host.url}")
         client = host.launch(ProcessStrategy([sys.executable, "-m", "samples.kv"]), name="kv")
         say(f"launched kv plugin: pid {client.running.pid}, serving at {client.url}")
@@ -69,7 +76,7 @@ def main() -> int:
     say("host closed")
     ok = len(events) == 3 and client.exit_code == 0
     print()
-    ok = platform_demo.run(say) and ok
+    ok = platform_demo.run(say, auto_mtls=auto_mtls) and ok
     return 0 if ok else 1
 
 

@@ -46,13 +46,13 @@ def _wait(what: str, check: Callable[[], bool], timeout: float = 15.0) -> None:
         time.sleep(0.05)
 
 
-def run(say: Callable[[str], None]) -> bool:
+def run(say: Callable[[str], None], auto_mtls: bool = False) -> bool:
     host_logger = HostLogger()
     # Self-registering plugins need a join token: one for the sidecars that provide storage
     # and api, one (allowed to provide nothing) for this script acting as a plugin.
     sidecar_token = JoinToken(secrets.token_urlsafe(24), ("storage", "api"), name="demo sidecars")
     client_token = JoinToken(secrets.token_urlsafe(24), name="demo client")
-    config = HostConfig(handle_signals=True, join_tokens=[sidecar_token, client_token])
+    config = HostConfig(handle_signals=True, join_tokens=[sidecar_token, client_token], auto_mtls=auto_mtls)
     with PluginHost(HANDSHAKE, {}, config) as host:
         host.broker.add("logger", "1.0.0", host_logger)
         platform = Platform(host)
@@ -63,7 +63,7 @@ def run(say: Callable[[str], None]) -> bool:
             PluginSpec("cache", _plugin("cache"), provides=["cache"], requires=[Requirement("logger", "1.0.0")]),
             PluginSpec("logger", _plugin("logger"), provides=["logger"]),
         )
-        say(f"dependency-ordered start: {' -> '.join(started)}")
+        say(f"dependency-ordered start: {' -> '.join(f'{name} at {platform.client(name).url}' for name in started)}")
         say(f"removing logger would affect: {platform.impact('logger')}")
 
         # Model B: storage and api start on their own and join the host.

@@ -103,6 +103,19 @@ def test_readme_quick_start_runs_in_an_empty_directory(tmp_path):
     assert probe.returncode != 0
 
 
+def test_make_demo_runs_with_automatic_mtls_on():
+    planned = subprocess.run(["make", "-n", "demo", "AUTO_MTLS=1"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "samples.demo", "--auto-mtls"], cwd=ROOT, env=_env(), capture_output=True, text=True,
+        timeout=90,
+    )
+
+    assert "-m samples.demo --auto-mtls" in planned.stdout, planned.stdout + planned.stderr
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"launched kv plugin: pid \d+, serving at https://127\.0\.0\.1:\d+\n", done.stdout), done.stdout
+    assert re.search(r"start: logger at https://\S+ -> cache at https://", done.stdout), done.stdout
+
+
 # --- connectplugin call --------------------------------------------------------------------------
 
 KV_MODULE = ["--module", "samples.kv.gen.kv.v1.kv_pb2"]
@@ -352,6 +365,34 @@ def test_a_host_file_written_wrongly_exits_2_naming_the_key(tmp_path, change, sa
 
     assert (done.returncode, done.stdout) == (2, "")
     assert says in done.stderr
+
+
+def test_a_host_file_serving_plaintext_off_loopback_exits_2_saying_how_to_serve_tls(tmp_path):
+    text = HOST_FILE.replace("port = 0\n", 'host = "0.0.0.0"\nport = 0\n')
+    done = connectplugin("host", str(_host_file(tmp_path, text)), env=_env(CLI_TEST_OPERATOR_TOKEN=OPERATOR))
+
+    assert (done.returncode, done.stdout) == (2, "")
+    assert "[host.http] host = '0.0.0.0' is not a loopback address" in done.stderr
+    assert "[host.http.tls] table with cert and key), or set behind_tls_proxy = true" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_host_file_behind_a_tls_proxy_serves_plaintext_off_loopback_and_warns(tmp_path):
+    text = HOST_FILE.replace("port = 0\n", 'host = "0.0.0.0"\nport = 0\nbehind_tls_proxy = true\n')
+    text = text.split("[plugins.kv]")[0]
+    with subprocess.Popen(
+        ["connectplugin", "host", str(_host_file(tmp_path, text))],
+        cwd=tmp_path, env=_env(CLI_TEST_OPERATOR_TOKEN=OPERATOR), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    ) as process:
+        assert process.stdout is not None
+        listening = process.stdout.readline()
+        process.send_signal(signal.SIGTERM)
+        out, errors = process.communicate(timeout=30)
+
+    assert listening.startswith("host listening on http://0.0.0.0:"), listening + errors
+    assert "WARNING connectplugin.httpserver: serving plaintext HTTP on 0.0.0.0" in errors
+    assert (process.returncode, out) == (0, "host stopped\n"), errors
 
 
 def test_a_host_file_secret_comes_from_the_environment_it_names(tmp_path):

@@ -1,22 +1,30 @@
-"""The plugin side of serving, as its host sees it: the identity a plugin accepts, the
-threads it keeps for unary calls while streams are open."""
+"""The plugin side of serving, as its host sees it: the identity a plugin accepts, what a
+plugin that cannot join says, the threads it keeps for unary calls while streams are open."""
 
 from __future__ import annotations
+
+import logging
+import threading
 
 import pytest
 import requests
 
 from connectplugin import (
+    CertificateIdentity,
     Client,
     ClientConfig,
     Code,
     ConnectError,
+    HTTPConfig,
     PluginServer,
     ServeConfig,
     ServingStatus,
+    TLSConfig,
+    Trust,
 )
 from connectplugin.gen.connectplugin.v1 import plugininfo_pb2
 from connectplugin.gen.connectplugin.v1.plugininfo_connect import PluginIdentityClient
+from connectplugin.rpc import tls
 from connectplugin.runtime.credentials import HOST_SECRET_HEADER
 from samples.kv.gen.kv.v1 import kv_pb2
 from samples.kv.gen.kv.v1.kv_connect import KVServiceClient
@@ -53,6 +61,47 @@ def test_a_runtime_identity_with_no_host_url_for_a_plugin_that_knows_none_is_ref
     assert e.value.code is Code.FAILED_PRECONDITION
     assert not server.link.connected
     server.link.close()
+
+
+# --- joining by itself --------------------------------------------------------------------------
+
+
+def test_a_plugin_that_cannot_join_says_why_once_and_keeps_trying(make_host, pki, caplog):
+    host = make_host(
+        http=HTTPConfig(threads=4, tls=TLSConfig(key_pair=pki.host, trust=Trust(cas=(pki.ca.certificate,)))),
+        certificate_identities=[CertificateIdentity("kv", ["svc"])],
+        dev_cookie_joins=False,
+    )
+    stranger = tls.make_dev_pki(["kv"])  # another CA, which did not issue the host's certificate
+    own = TLSConfig(key_pair=stranger.plugins["kv"], trust=Trust(cas=(stranger.ca.certificate,)))
+    config = ServeConfig(
+        self_id="kv", self_version="1.0.0", host_url=host.url, http=HTTPConfig(threads=2, tls=own),
+        heartbeat_interval=0.02,
+    )
+    server = PluginServer(PLUGINS, {"kv": Recorder("kv")}, HANDSHAKE, config)
+    url = server.listen()
+    caplog.set_level(logging.DEBUG, "connectplugin.plugin")
+    threads = [
+        threading.Thread(target=server.run, name="joiner"),
+        threading.Thread(target=server._stay_joined, args=(url,), name="joiner-join"),
+    ]
+    for thread in threads:
+        thread.start()
+
+    def attempts() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.getMessage().startswith("cannot join the host")]
+
+    try:
+        wait_until(lambda: len(attempts()) >= 3, "three attempts to join", timeout=30)
+    finally:
+        server.stop(grace=0)
+        for thread in threads:
+            thread.join(timeout=10)
+
+    [warning] = [r for r in attempts() if r.levelno == logging.WARNING]
+    assert f"cannot join the host at {host.url}: unavailable: " in warning.getMessage()
+    assert "the server's certificate comes from a CA the client does not trust" in warning.getMessage()
+    assert not server.link.connected
 
 
 # --- streams and threads ----------------------------------------------------------------------

@@ -14,12 +14,12 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import requests
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
@@ -27,9 +27,10 @@ from google.protobuf.message import Message
 from ..codegen import __main__ as codegen
 from ..gen.connectplugin.health.v1 import health_pb2
 from ..gen.connectplugin.health.v1.health_connect import HealthServiceClient
-from ..rpc.client import Client, ClientConfig
+from ..rpc._transport import ConnectionPool, TransportError
+from ..rpc.client import DEFAULT_TIMEOUT, Client, ClientConfig
 from ..rpc.errors import Code, ConnectError
-from ..rpc.httpserver import is_loopback
+from ..rpc.httpserver import PlaintextRefusedError, is_loopback
 from ..rpc.service import Method
 from ..rpc.tls import KeyPair, TLSConfig, Trust
 from ..runtime.health import ServingStatus, status_from_wire
@@ -295,7 +296,7 @@ def _health(args: argparse.Namespace) -> int:
 
 def _readyz(args: argparse.Namespace) -> ServingStatus:
     """The host's readiness probe: 200 is SERVING, any other answer NOT_SERVING."""
-    return ServingStatus.SERVING if _get(args, "/readyz").status_code == 200 else ServingStatus.NOT_SERVING
+    return ServingStatus.SERVING if _get(args, "/readyz")[0] == 200 else ServingStatus.NOT_SERVING
 
 
 # --- host ----------------------------------------------------------------------------------------
@@ -313,6 +314,12 @@ def _host(args: argparse.Namespace) -> int:
     except LaunchError as e:
         print(f"{PROG} host: {e}", file=sys.stderr)
         return 1
+    except PlaintextRefusedError as e:
+        raise UsageError(
+            f"{args.config}: [host.http] host = {e.host!r} is not a loopback address, where plaintext is refused: "
+            "serve TLS there (a [host.http.tls] table with cert and key), or set behind_tls_proxy = true "
+            "when a TLS-terminating proxy is in front"
+        ) from None
     except (KeyboardInterrupt, SystemExit):  # SIGINT, SIGTERM: the with block stopped everything
         print("host stopped", flush=True)
     return 0
@@ -329,11 +336,12 @@ def _list(args: argparse.Namespace) -> int:
     if args.url.startswith("http://") and not is_loopback(host):
         print(f"{PROG} list: warning: the operator token crosses the network to {host} in clear; use https",
               file=sys.stderr)
-    answer = _get(args, "/plugins", {"Authorization": f"Bearer {token}"})
-    if answer.status_code != 200:
-        code = _HTTP_CODES.get(answer.status_code, Code.UNKNOWN)
-        raise ConnectError(code, f"{args.url.rstrip('/')}/plugins answered {answer.status_code}: {answer.text.strip()}")
-    plugins = answer.json()["plugins"]
+    status, body = _get(args, "/plugins", {"Authorization": f"Bearer {token}"})
+    if status != 200:
+        code = _HTTP_CODES.get(status, Code.UNKNOWN)
+        text = body.decode(errors="replace").strip()
+        raise ConnectError(code, f"{args.url.rstrip('/')}/plugins answered {status}: {text}")
+    plugins = json.loads(body)["plugins"]
     if args.json:
         print(json.dumps(plugins, indent=2))
         return 0
@@ -352,20 +360,28 @@ def _list(args: argparse.Namespace) -> int:
 _HTTP_CODES = {401: Code.UNAUTHENTICATED, 403: Code.PERMISSION_DENIED, 404: Code.UNIMPLEMENTED}
 
 
-def _get(args: argparse.Namespace, path: str, headers: dict[str, str] | None = None) -> requests.Response:
-    """A plain GET of ``URL + path`` with the connection options (a probe, the inventory)."""
+def _get(args: argparse.Namespace, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """A plain GET of ``URL + path`` with the connection options (a probe, the inventory):
+    its status and body, on the transport the other commands' calls take."""
     if not args.url.startswith(("http://", "https://")):
         raise UsageError(f"{args.url!r} is not an http:// or https:// URL")
-    if (args.cert is None) != (args.key is None):
-        raise UsageError("--cert and --key go together")
-    url = f"{args.url.rstrip('/')}{path}"
+    config = _client_config(args)
+    url = args.url.rstrip("/")
+    timeout: float = args.timeout or DEFAULT_TIMEOUT
+    pool = ConnectionPool(url, 1, config.tls)
     try:
-        return requests.get(
-            url,
-            headers={**_client_config(args).headers, **(headers or {})},
-            verify=str(args.cacert) if args.cacert else True,
-            cert=(str(args.cert), str(args.key)) if args.cert else None,
-            timeout=args.timeout or ClientConfig.timeout,
+        response = pool.send(
+            "GET", path, {**config.headers, **(headers or {})}, None, min(config.connect_timeout, timeout), timeout,
+            deadline=time.monotonic() + timeout,
         )
-    except requests.RequestException as e:
-        raise ConnectError(Code.UNAVAILABLE, f"{url}: {e}") from None
+        try:
+            chunks = []
+            while chunk := response.read(65536):
+                chunks.append(chunk)
+        finally:
+            response.close()
+    except TransportError as e:
+        raise ConnectError(Code.UNAVAILABLE, f"cannot reach {url}: {e.reason}") from None
+    finally:
+        pool.close()
+    return response.status, b"".join(chunks)

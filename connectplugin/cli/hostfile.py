@@ -39,6 +39,11 @@ except ImportError:  # Python 3.10
 
 log = logging.getLogger("connectplugin.cli")
 
+SIGNAL_CHECK_INTERVAL = 0.5
+"""Seconds the serving main thread waits at a time. CPython runs signal handlers on the main
+thread only, and a signal the kernel hands to another thread does not interrupt a lock wait
+there: without a timeout, a SIGTERM could go unnoticed until the next one."""
+
 
 class HostFileError(Exception):
     """The file cannot describe a host as written; ``where`` is the table or key at fault."""
@@ -223,6 +228,8 @@ class _Reader:
             self.revoked = files["revoked"]
             try:
                 revoked = read_revoked(self.revoked)
+            except FileNotFoundError as e:
+                raise self.error(f"{where}.revoked", f"cannot load: {e} (an empty file revokes nothing)") from None
             except (OSError, ValueError) as e:
                 raise self.error(f"{where}.revoked", f"cannot load: {e}") from None
             trust = dataclasses.replace(trust, revoked=RevocationList(c or p for p, c in revoked.items()))
@@ -281,7 +288,9 @@ def run(host_file: HostFile, out: Callable[[str], None], stop: threading.Event |
             supervised = " (restarted when it crashes)" if entry.restart else ""
             pid = getattr(client.running, "pid", None)
             out(f"plugin {entry.name} launched at {client.url} (pid {pid}){supervised}")
-        (stop or threading.Event()).wait()
+        stopping = stop or threading.Event()
+        while not stopping.wait(SIGNAL_CHECK_INTERVAL):
+            pass
 
 
 class _Reloader:

@@ -241,7 +241,7 @@ def _reason(e: BaseException) -> str:
             e = e.args[0]
         else:
             break
-    return str(e) or type(e).__name__
+    return _tls.explain(e)
 
 
 # --- requests' HTTPAdapter, its urllib3 pool called directly --------------------------------

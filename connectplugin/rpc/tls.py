@@ -738,6 +738,48 @@ PEER_CERTIFICATE_KEY = "connectplugin.peer_certificate"
 # --- the command ------------------------------------------------------------------------------
 
 
+# --- a failed handshake, in words --------------------------------------------------------------
+
+_ALERTS = {
+    # What a server's alert says about the client's certificate (RFC 8446 6.2; TLS 1.2 names).
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the server requires a client certificate",
+    "TLSV1_ALERT_UNKNOWN_CA": "the server does not trust the CA that issued the client certificate",
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": "the server has revoked the client certificate",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the server finds the client certificate expired or not yet valid",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the server refused the client certificate",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the server refused the client certificate",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": "the server refused the client certificate",
+    # Our server's verify callback can refuse but not say why (see _RevocationAlerts).
+    "TLSV1_ALERT_INTERNAL_ERROR": "the server refused the handshake, as it refuses a client certificate "
+    "it revoked by fingerprint or does not accept",
+}
+_VERIFY_ERRORS = {
+    # OpenSSL's X509_V_ERR_* codes for the server's certificate, as the client checked it.
+    9: "the server's certificate is not valid yet (or this machine's clock is behind)",
+    10: "the server's certificate has expired (or this machine's clock is ahead)",
+    18: "the server's certificate is self-signed, and the client trusts no such certificate",
+    19: "the server's certificate comes from a CA the client does not trust",
+    20: "the server's certificate comes from a CA the client does not trust",
+    21: "the server's certificate comes from a CA the client does not trust",
+    62: "the server's certificate does not name the host of the URL",
+    64: "the server's certificate does not name the address of the URL",
+}
+
+
+def explain(error: BaseException) -> str:
+    """A TLS failure's error message, led by what it means in plain words when that is known
+    (``ssl``'s messages quote OpenSSL: "tlsv13 alert certificate required")."""
+    meaning = ""  # an ssl error of our own making has no verify_code or reason
+    if isinstance(error, ssl.SSLCertVerificationError):
+        meaning = _VERIFY_ERRORS.get(getattr(error, "verify_code", 0), "")
+    elif isinstance(error, ssl.SSLEOFError):
+        meaning = "the server closed the connection (as a TLS server may when it requires a client certificate)"
+    elif isinstance(error, ssl.SSLError):
+        meaning = _ALERTS.get(getattr(error, "reason", None) or "", "")
+    text = str(error) or type(error).__name__
+    return f"{meaning}: {text}" if meaning else text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m connectplugin.rpc.tls --out DIR [--plugin NAME ...]``: a development PKI."""
     parser = argparse.ArgumentParser(

@@ -301,12 +301,14 @@ class PluginServer:
     def _stay_joined(self, base_url: str) -> None:
         """Self-registering: (re)join the host whenever it is new or back, until ``run()`` ends."""
         link, interval = self.link, self.config.heartbeat_interval
+        refused = ""  # why the last attempt to join failed: told once, not every interval
         while not self._finished.is_set():
             try:
                 if not link.connected:
                     join_token = self.config.join_token or os.environ.get(ENV_JOIN_TOKEN, "")
                     link.connect(self.handshake_config, self.info.self_id, self.info.self_version, base_url, join_token)
                     log.info("connected to host %s as %s", link.host_url, link.runtime_id)
+                    refused = ""
                 else:
                     link.rotate_if_due(self.handshake_config, self.info.self_id, self.info.self_version)
                     link.heartbeat()
@@ -315,7 +317,13 @@ class PluginServer:
                     log.warning("lost the host at %s (%s); reconnecting", link.host_url, e.code.value)
                     link.reset()
                 elif not link.connected:
-                    log.debug("host at %s not reachable yet: %s", link.host_url, e)
+                    # A wrong CA, certificate or join token never heals by itself: say so at once.
+                    reason = f"{e.code.value}: {e.message}"
+                    log.log(
+                        logging.DEBUG if reason == refused else logging.WARNING,
+                        "cannot join the host at %s: %s (trying again every %g s)", link.host_url, reason, interval,
+                    )
+                    refused = reason
             self._finished.wait(interval)
 
 
