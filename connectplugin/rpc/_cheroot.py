@@ -340,12 +340,20 @@ class _TLSAdapter(pyOpenSSLAdapter):
     def __init__(self, context: Any) -> None:
         super().__init__(None, None)
         self.context = context
+        self._listening: Any = None
 
-    def wrap(self, sock: Any) -> Any:
-        """A connection just accepted, before its handshake: revocations made since the last
-        one apply to it (``tls.sync_revocations``)."""
-        _tls.sync_revocations(self.context)
-        return super().wrap(sock)
+    def bind(self, sock: Any) -> Any:
+        self._listening = super().bind(sock)
+        return self._listening
+
+    def before_accept(self) -> None:
+        """Revocations made since the last connection apply to the next: a context whose CRLs
+        say them (``tls.current_context``), which the listening socket gives the connections
+        it accepts (pyOpenSSL's ``accept`` uses its context)."""
+        current = _tls.current_context(self.context)
+        if current is not self.context:
+            self.context = current
+            self._listening._ssl_conn.set_context(current)  # cheroot's proxy holds the pyOpenSSL one
 
     def makefile(self, sock: Any, mode: str = "r", bufsize: int = -1) -> Any:
         return _TLSReader(sock, bufsize) if "r" in mode else _TLSWriter(sock)
@@ -479,6 +487,7 @@ class _Connections(cheroot_connections.ConnectionManager):
     def _accept(self) -> None:
         if len(self._selector) > self._config.connection_limit:  # (the listening socket is one)
             self._make_room()
+        self.server.ssl_adapter.before_accept()
         try:
             conn = self._from_server_socket(self.server.socket)
         except OSError as e:

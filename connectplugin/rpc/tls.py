@@ -621,13 +621,13 @@ def server_context(config: TLSConfig) -> Any:
         if trust.pinned:  # a pinned certificate anchors a chain by itself even when a CA issued it
             store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
         if isinstance(trust.revoked, RevocationList):
-            alerts = _RevocationAlerts(store, trust.revoked)
-            alerts.sync()
-            context.set_app_data(alerts)
+            version, certificates = trust.revoked.certificates()
+            _list_revoked(store, certificates)
+            context.set_app_data(_Made(config, trust.revoked, version))
 
         def verify(conn: Any, certificate: Any, errno: int, depth: int, ok: int) -> bool:
             if errno in _CRL_TROUBLE:
-                return True  # our own CRLs (see _RevocationAlerts): they decide nothing
+                return True  # our own CRLs (see _list_revoked): they decide nothing
             if errno == _CERT_REVOKED:  # in our CRL, so most likely revoked: the list decides
                 return not is_revoked(certificate.to_cryptography(), trust.revoked)
             if not ok:
@@ -641,12 +641,26 @@ def server_context(config: TLSConfig) -> Any:
     return context
 
 
-def sync_revocations(context: Any) -> None:
-    """Before a handshake on ``context`` (a :func:`server_context`): bring what it tells
-    revoked certificates up to date with its ``RevocationList``. Cheap when nothing changed."""
-    alerts = context.get_app_data()
-    if alerts is not None:
-        alerts.sync()
+def current_context(context: Any) -> Any:
+    """The context for the next handshake in place of ``context`` (a :func:`server_context`):
+    itself, or a new one when its ``RevocationList`` changed since it was made, so that what
+    it tells revoked certificates is up to date. Cheap when nothing changed. A context's CRLs
+    never change (OpenSSL's store cannot drop one): a new context each change keeps one per
+    issuer, not one per change, and the old is freed with its last connection."""
+    made = context.get_app_data()
+    if made is None or made.revoked.version == made.version:
+        return context
+    return server_context(made.config)
+
+
+@dataclass(frozen=True)
+class _Made:
+    """What a server context was made from: its config, and the version of the revocation
+    list its CRLs say."""
+
+    config: TLSConfig
+    revoked: RevocationList
+    version: int
 
 
 _NO_ANCHOR = frozenset({18, 20, 21})
@@ -663,66 +677,51 @@ _KEYUSAGE_NO_CRL_SIGN, _UNHANDLED_CRITICAL_CRL_EXTENSION, _DIFFERENT_CRL_SCOPE,
 _CRL_PATH_VALIDATION_ERROR)."""
 
 
-class _RevocationAlerts:
-    """Makes a TLS server refuse a revoked certificate with the alert ``certificate_revoked``.
+def _list_revoked(store: Any, certificates: Sequence[x509.Certificate]) -> None:
+    """Make a TLS server refuse these revoked certificates with the alert ``certificate_revoked``.
 
     pyOpenSSL's verify callback can refuse a certificate but not say why: OpenSSL then sends
     ``internal_error``, and the client is left guessing. OpenSSL says "revoked" only for a
     certificate its own CRL check finds in a CRL, and a CRL must be signed by the issuing
-    CA's key, which a server rarely holds. So the server keeps CRLs of its own, signed by a
-    throwaway key, listing the revoked certificates it knows by issuer and serial; the check
-    finds their signature wrong, the verify callback accepts every error that only CRLs raise
-    (``_CRL_TROUBLE``), and what remains is OpenSSL's "revoked" for a listed serial, which the
-    callback confirms against the fingerprints. The fingerprints decide, as without CRLs: a
-    CRL only chooses the alert. A certificate revoked by its fingerprint alone has no serial
-    to list, and gets ``internal_error`` still.
+    CA's key, which a server rarely holds. So the server's store gets CRLs of its own, one
+    per issuer, signed by a throwaway key, listing the revoked certificates it knows by
+    issuer and serial; the check finds their signature wrong, the verify callback accepts
+    every error that only CRLs raise (``_CRL_TROUBLE``), and what remains is OpenSSL's
+    "revoked" for a listed serial, which the callback confirms against the fingerprints.
+    The fingerprints decide, as without CRLs: a CRL only chooses the alert. A certificate
+    revoked by its fingerprint alone has no serial to list, and gets ``internal_error`` still.
+    The CRLs' dates are fixed and long past and far ahead: no clock makes them stale."""
+    if not certificates:
+        return
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from OpenSSL import crypto
 
-    Each change of the list adds one CRL per issuer (the store cannot drop one); OpenSSL uses
-    the one issued last, so each is dated one second after the one before (from a year ago).
-    Only ever called on the server's connection thread (``_lock`` all the same)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    by_issuer: dict[x509.Name, list[int]] = {}
+    for certificate in certificates:
+        by_issuer.setdefault(certificate.issuer, []).append(certificate.serial_number)
+    for issuer, serials in by_issuer.items():
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(issuer)
+            .last_update(_CRL_DATES[0])
+            .next_update(_CRL_DATES[1])
+        )
+        for serial in serials:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(_CRL_DATES[0]).build()
+            )
+        store.add_crl(builder.sign(key, hashes.SHA256()))
+    store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
 
-    def __init__(self, store: Any, revoked: RevocationList) -> None:
-        from cryptography.hazmat.primitives.asymmetric import ec
 
-        self._store = store
-        self._revoked = revoked
-        self._version = -1
-        self._key = ec.generate_private_key(ec.SECP256R1())
-        self._epoch = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=365)
-        self._issued = 0
-        self._lock = threading.Lock()
-
-    def sync(self) -> None:
-        if self._revoked.version == self._version:
-            return
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes
-        from OpenSSL import crypto
-
-        with self._lock:
-            version, certificates = self._revoked.certificates()
-            if version == self._version:
-                return
-            by_issuer: dict[x509.Name, list[int]] = {}
-            for certificate in certificates:
-                by_issuer.setdefault(certificate.issuer, []).append(certificate.serial_number)
-            self._issued += 1
-            issued = self._epoch + datetime.timedelta(seconds=self._issued)
-            for issuer, serials in by_issuer.items():
-                builder = (
-                    x509.CertificateRevocationListBuilder()
-                    .issuer_name(issuer)
-                    .last_update(issued)
-                    .next_update(issued + datetime.timedelta(days=36500))
-                )
-                for serial in serials:
-                    builder = builder.add_revoked_certificate(
-                        x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(issued).build()
-                    )
-                self._store.add_crl(builder.sign(self._key, hashes.SHA256()))
-            if by_issuer:
-                self._store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
-            self._version = version
+_CRL_DATES = (
+    datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc),
+    datetime.datetime(9999, 1, 1, tzinfo=datetime.timezone.utc),
+)
+"""The ``lastUpdate`` and ``nextUpdate`` of the CRLs of :func:`_list_revoked`."""
 
 
 def peer_certificate(environ: dict) -> x509.Certificate | None:
