@@ -1480,11 +1480,28 @@ def test_an_answer_shorter_than_its_content_length_closes_the_connection(serve, 
 
 
 @BOTH_SERVERS
-@pytest.mark.parametrize("line", [b"X\x0bA: 1", b"X-A: a\x00b", b"X-Plugin-Caller-ID\x0b: evil"])
-def test_a_request_header_with_a_control_character_is_400(serve, pki, line):
+@pytest.mark.parametrize(
+    "line",
+    [b"X\x0bA: 1", b"X-A: a\x00b", b"X-Plugin-Caller-ID\x0b: evil", b"X-A: a\nX-B: b", b"X-A: a\rb", b" X-A: folded, of no header"],
+)
+def test_a_request_header_with_a_control_character_a_bare_line_break_or_a_leading_fold_is_400(serve, pki, line):
     with _raw_connection(serve(hello), pki) as sock:
-        answer = _exchange(sock, b"GET / HTTP/1.1\r\nHost: x\r\n" + line + b"\r\n\r\n")
+        answer = _exchange(sock, b"GET / HTTP/1.1\r\n" + line + b"\r\nHost: x\r\n\r\n")
         assert answer.status == 400
+
+
+@BOTH_SERVERS
+def test_a_request_head_longer_than_one_read_arrives_whole(serve, pki):
+    seen = []
+
+    def app(environ, start_response):
+        seen.append(len(environ.get("HTTP_X_BIG", "")))
+        return hello(environ, start_response)
+
+    with _raw_connection(serve(app), pki) as sock:  # 40 kB: more than the TLS reader takes at once
+        answer = _exchange(sock, b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40_000 + b"\r\n\r\n")
+        assert answer.status == 200
+    assert seen == [40_000]
 
 
 @BOTH_SERVERS

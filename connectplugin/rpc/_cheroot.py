@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import io
 import logging
 import select
 import selectors
@@ -49,7 +50,13 @@ class _StrictHeaderReader(cheroot_server.HeaderReader):
     ``X_Plugin_Caller_ID`` and ``X-Plugin-Caller-ID`` would be one key."""
 
     def __call__(self, rfile: Any, hdict: Any = None) -> Any:
-        headers = super().__call__(rfile, hdict)
+        # The head's lines are gathered first (at once when our reader holds them all), then
+        # parsed by cheroot from memory: one C readline a line instead of a walk through
+        # cheroot's size check and our reader each.
+        head = _buffered_head(rfile) or _read_head(rfile)
+        if head[:1] in (b" ", b"\t"):  # a continuation of no header (cheroot would fail on it)
+            raise ValueError("Illegal header line.")
+        headers = super().__call__(io.BytesIO(head), hdict)
         if any(_protocol.has_illegal_text(value.decode("latin-1")) for value in headers.values()):
             raise ValueError("Illegal header value.")
         return headers
@@ -61,6 +68,32 @@ class _StrictHeaderReader(cheroot_server.HeaderReader):
         if not _protocol.is_header_name(key_name.decode("latin-1")):
             raise ValueError("Illegal header name.")
         return key_name.title()
+
+
+def _buffered_head(rfile: Any) -> bytes | None:
+    """The rest of a request's head, through its blank line, taken from ``rfile`` (cheroot's
+    size-checking wrapper of a :class:`_TLSReader`) when it is all buffered and within the
+    size limit; else None, and nothing is taken."""
+    reader = getattr(rfile, "rfile", None)
+    if not isinstance(reader, _TLSReader):
+        return None
+    head = reader.buffered_head()
+    if head is None or (rfile.maxlen and rfile.bytes_read + len(head) > rfile.maxlen):
+        return None
+    reader.skip(len(head))
+    rfile.bytes_read += len(head)
+    return head
+
+
+def _read_head(rfile: Any) -> bytes:
+    """The rest of a request's head read line by line, up to its blank line or the first
+    line that cannot belong to it (for cheroot's parsing to refuse)."""
+    lines = []
+    while True:
+        line = rfile.readline()
+        lines.append(line)
+        if line == b"\r\n" or not line.endswith(b"\r\n"):
+            return b"".join(lines)
 
 
 class _Request(cheroot_server.HTTPRequest):
@@ -285,6 +318,19 @@ class _TLSReader:
         while len(buffer) < size and self._fill():
             pass
         return self._take(min(size, len(buffer)))
+
+    def buffered_head(self) -> bytes | None:
+        """The header lines and blank line at the front of the buffer (the request line
+        already read), without taking them; None unless all of them are there."""
+        buffer = self._buffer
+        if buffer.startswith(b"\r\n"):
+            return b"\r\n"
+        end = buffer.find(b"\r\n\r\n")
+        return None if end < 0 else bytes(buffer[: end + 4])
+
+    def skip(self, n: int) -> None:
+        del self._buffer[:n]
+        self.bytes_read += n
 
     def _take(self, n: int) -> bytes:
         data = bytes(self._buffer[:n])
