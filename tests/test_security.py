@@ -1505,6 +1505,33 @@ def test_a_request_head_longer_than_one_read_arrives_whole(serve, pki):
 
 
 @BOTH_SERVERS
+def test_request_headers_reach_the_environ_where_wsgi_puts_them(serve, pki):
+    seen: list[dict] = []
+
+    def app(environ, start_response):
+        seen.append({k: v for k, v in environ.items() if k.startswith(("HTTP_", "CONTENT_"))})
+        environ["wsgi.input"].read()
+        return hello(environ, start_response)
+
+    request = (
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+        b"x-custom-header: v\r\nAccept: a\r\nAccept: b\r\n\r\n{}"
+    )
+    with _raw_connection(serve(app), pki) as sock:
+        for _ in range(2):  # the second on the same connection, its names seen before
+            answer = _exchange(sock, request)
+            assert (answer.status, answer.read()) == (200, b"hello")
+    want = {
+        "HTTP_HOST": "x",
+        "CONTENT_TYPE": "application/json",
+        "CONTENT_LENGTH": "2",
+        "HTTP_X_CUSTOM_HEADER": "v",
+        "HTTP_ACCEPT": "a, b",
+    }
+    assert seen == [want, want]
+
+
+@BOTH_SERVERS
 def test_a_request_header_named_with_an_underscore_never_reaches_the_app(serve, pki):
     seen = []
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 import errno
-import io
 import logging
 import select
 import selectors
@@ -28,6 +27,7 @@ from OpenSSL import SSL
 
 from . import _protocol
 from . import tls as _tls
+from ._metadata import environ_key
 
 if TYPE_CHECKING:
     from .httpserver import HTTPConfig
@@ -47,27 +47,64 @@ class _StrictHeaderReader(cheroot_server.HeaderReader):
     a value holding a control character, is 400. (cheroot strips blanks and control
     characters around a name: ``X-Plugin-Caller-ID\\x0b`` would pass as the real header.)
     A name with an underscore is dropped, as waitress drops it: in the WSGI environ
-    ``X_Plugin_Caller_ID`` and ``X-Plugin-Caller-ID`` would be one key."""
+    ``X_Plugin_Caller_ID`` and ``X-Plugin-Caller-ID`` would be one key. A folded line
+    (obsolete line folding) is 400, as RFC 9112 lets a server answer it.
+
+    The head's lines are gathered first, at once when our reader holds them all, and parsed
+    here in one pass: cheroot's reader walks each line through its size check and our
+    reader, the most of what reading a request cost.
+    """
 
     def __call__(self, rfile: Any, hdict: Any = None) -> Any:
-        # The head's lines are gathered first (at once when our reader holds them all), then
-        # parsed by cheroot from memory: one C readline a line instead of a walk through
-        # cheroot's size check and our reader each.
         head = _buffered_head(rfile) or _read_head(rfile)
-        if head[:1] in (b" ", b"\t"):  # a continuation of no header (cheroot would fail on it)
-            raise ValueError("Illegal header line.")
-        headers = super().__call__(io.BytesIO(head), hdict)
-        if any(_protocol.has_illegal_text(value.decode("latin-1")) for value in headers.values()):
-            raise ValueError("Illegal header value.")
+        return _parse_head(head, {} if hdict is None else hdict)
+
+
+def _parse_head(head: bytes, headers: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """``head``'s header lines (through the blank line ending them) into ``headers``, keyed
+    as cheroot keys them (title case), repeats of a list-valued header joined by commas;
+    ValueError (cheroot answers 400) for anything malformed."""
+    if head == b"\r\n":
         return headers
+    if not head.endswith(b"\r\n\r\n"):
+        raise ValueError("Illegal end of headers.")
+    for line in head[:-4].split(b"\r\n"):
+        if b"\n" in line or b"\r" in line:
+            raise ValueError("HTTP requires CRLF terminators")
+        name, colon, value = line.partition(b":")
+        if not colon or line[:1] in (b" ", b"\t"):
+            raise ValueError("Illegal header line.")
+        key = _HEADER_KEYS.get(name)
+        if key is None:
+            key = _header_key(name)
+        value = value.strip()
+        if _protocol.has_illegal_text(value.decode("latin-1")):
+            raise ValueError("Illegal header value.")
+        if not key:  # a name with an underscore
+            continue
+        if key in _LIST_HEADERS and headers.get(key):
+            value = headers[key] + b", " + value
+        headers[key] = value
+    return headers
 
-    def _allow_header(self, key_name: bytes) -> bool:
-        return b"_" not in key_name  # (cheroot's DropUnderscoreHeaderReader looks for a str)
 
-    def _transform_key(self, key_name: bytes) -> bytes:
-        if not _protocol.is_header_name(key_name.decode("latin-1")):
-            raise ValueError("Illegal header name.")
-        return key_name.title()
+_LIST_HEADERS = frozenset(cheroot_server.comma_separated_headers)  # type: ignore[attr-defined]  # not in its stubs
+"""Headers whose repeats are joined with commas (cheroot's list)."""
+_HEADER_KEYS: dict[bytes, bytes] = {}
+"""Valid request header names as sent -> as cheroot keys them (b"" to drop the header)."""
+_HEADER_KEYS_KEPT = 256
+"""Names remembered at most; all are forgotten when full (clients choose the names)."""
+
+
+def _header_key(name: bytes) -> bytes:
+    """The key of a valid header name, remembered; ValueError for a name that is no token."""
+    if not _protocol.is_header_name(name.decode("latin-1")):
+        raise ValueError("Illegal header name.")
+    key = b"" if b"_" in name else name.title()
+    if len(_HEADER_KEYS) >= _HEADER_KEYS_KEPT:
+        _HEADER_KEYS.clear()
+    _HEADER_KEYS[name] = key
+    return key
 
 
 def _buffered_head(rfile: Any) -> bytes | None:
@@ -134,6 +171,19 @@ class _CherootServer(cheroot_wsgi.Server):
             super().process_conn(conn)
 
 
+_ENVIRON_KEYS: dict[bytes, str] = {}
+"""Request header names (as cheroot gives them) -> their WSGI environ keys."""
+_ENVIRON_KEYS_KEPT = 256
+"""Names remembered at most; all are forgotten when full (clients choose the names)."""
+
+
+def _wsgi_key(name: str) -> str:
+    """Where WSGI puts a header: ``environ_key``, but Content-Type and Content-Length
+    go without the ``HTTP_`` prefix."""
+    key = environ_key(name)
+    return key[5:] if key in ("HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH") else key
+
+
 class _Gateway(cheroot_wsgi.Gateway_10):
     """cheroot's WSGI 1.0 gateway, adding what waitress offers: a disconnection check, the
     verified client certificate, and its strictness. An app's status or header holding a
@@ -142,7 +192,21 @@ class _Gateway(cheroot_wsgi.Gateway_10):
     client's next response is never read as its rest."""
 
     def get_environ(self) -> dict:  # type: ignore[override]  # cheroot's stub says None
-        environ = super().get_environ()
+        # cheroot formats each header's environ key anew on every request; the names repeat,
+        # so here the keys are looked up (cheroot sees no headers, and adds the rest).
+        req = self.req
+        headers, req.inheaders = req.inheaders, {}
+        try:
+            environ = super().get_environ()
+        finally:
+            req.inheaders = headers
+        for name, value in headers.items():
+            key = _ENVIRON_KEYS.get(name)
+            if key is None:
+                if len(_ENVIRON_KEYS) >= _ENVIRON_KEYS_KEPT:
+                    _ENVIRON_KEYS.clear()
+                key = _ENVIRON_KEYS[name] = _wsgi_key(name.decode("latin-1"))
+            environ[key] = value.decode("latin-1")
         connection = self.req.conn
         fd = connection.socket.fileno()
         environ[CLIENT_DISCONNECTED_KEY] = lambda: _peer_gone(fd)
