@@ -1490,6 +1490,14 @@ def test_a_request_header_with_a_control_character_a_bare_line_break_or_a_leadin
         assert answer.status == 400
 
 
+@pytest.mark.parametrize("server_kind", ["tls"], indirect=True)
+def test_a_folded_request_header_line_is_400_over_tls(serve, pki):
+    # RFC 9112 5.2 lets a server refuse obsolete line folding; waitress unfolds it instead.
+    with _raw_connection(serve(hello), pki) as sock:
+        answer = _exchange(sock, b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n")
+        assert answer.status == 400
+
+
 @BOTH_SERVERS
 def test_a_request_head_longer_than_one_read_arrives_whole(serve, pki):
     seen = []
