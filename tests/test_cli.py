@@ -63,7 +63,7 @@ def _quick_start(heading: str = "## Quick start") -> tuple[dict[str, str], list[
     for lang, body in re.findall(r"^```(\w+)\n(.*?)^```$", section, re.MULTILINE | re.DOTALL):
         if lang == "sh":
             commands += [line for line in body.splitlines() if line.strip()]
-        else:  # the first line names the file: "# greeter.py: ..." or "// proto/x.proto: ..."
+        elif lang != "text":  # the first line names the file: "# greeter.py: ..." or "// proto/x.proto: ..."
             first = body.splitlines()[0]
             name = re.match(r"(?:#|//) ([\w./]+)", first)
             assert name, f"a {lang} block in the quick start names no file: {first!r}"
@@ -114,6 +114,72 @@ def test_make_demo_runs_with_automatic_mtls_on():
     assert done.returncode == 0, done.stdout + done.stderr
     assert re.search(r"launched kv plugin: pid \d+, serving at https://127\.0\.0\.1:\d+\n", done.stdout), done.stdout
     assert re.search(r"start: logger at https://\S+ -> cache at https://", done.stdout), done.stdout
+
+
+def _until_it_does(command: str, cwd: Path, env: dict[str, str], expected: tuple[int, str | None, str]) -> None:
+    """Run a shell command until it exits with the status, prints the stdout (None: any) and
+    says the part of stderr ``expected`` names: what it does once the processes it asks are up."""
+    got: list[Any] = []
+
+    def done() -> bool:
+        ran = subprocess.run(command, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+        got[:] = [ran.returncode, ran.stdout.strip(), ran.stderr]
+        status, out, error = expected
+        return ran.returncode == status and out in (None, got[1]) and error in ran.stderr
+
+    wait_until(done, lambda: f"{command!r} to do as the README says; got {got}", timeout=30)
+
+
+def test_readme_model_b_walkthrough_runs_as_written(tmp_path):
+    quick_files, quick_commands = _quick_start()
+    files, commands = _quick_start("#### Trying Model B on one machine")
+    section = (ROOT / "README.md").read_text().split("\n#### Trying Model B on one machine\n", 1)[1]
+    table = re.search(r"^```text\n(.*?)^```$", section, re.MULTILINE | re.DOTALL).group(1)  # type: ignore[union-attr]
+    assert set(files) == {"host.toml", "joiner.py"}
+    port = str(free_port())  # the README's 8443 may be taken here
+    for name, text in {**quick_files, **files}.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text.replace("8443", port))
+    [codegen] = [c for c in quick_commands if c.startswith("connectplugin codegen")]
+    subprocess.run(codegen, shell=True, cwd=tmp_path, env=_env(), check=True, capture_output=True, timeout=60)
+    env, background = _env(), []
+    try:
+        for line in commands:
+            command, _, comment = line.replace("8443", port).partition("#")
+            command, comment = command.strip(), comment.strip()
+            if re.fullmatch(r'export \w+=.*|\w+="[^"]*"', command):  # a variable for the lines below
+                shown = subprocess.run(
+                    ["bash", "-c", f"set -a; {command}; env -0"], env=env, capture_output=True, text=True, timeout=60
+                )
+                env = dict(item.split("=", 1) for item in shown.stdout.split("\0") if item)
+            elif command.endswith("&"):
+                process = subprocess.Popen(
+                    ["bash", "-c", f"exec {command[:-1]}"], cwd=tmp_path, env=env, text=True,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                )
+                background.append((process, _Lines(process.stdout), _Lines(process.stderr)))
+                if comment.startswith("prints:"):
+                    background[-1][1].wait_for(comment.removeprefix("prints:").strip())
+            else:
+                # (exit status, stdout or None: any, a part of stderr) as the line's comment says
+                expected: tuple[int, str | None, str] = (0, None, "")
+                if comment.startswith("fails:"):
+                    expected = (1, None, comment.removeprefix("fails:").strip())
+                elif comment.startswith("prints:"):
+                    expected = (0, comment.removeprefix("prints:").strip(), "")
+                elif "connectplugin list" in command:
+                    expected = (0, table.strip(), "")
+                _until_it_does(command, tmp_path, env, expected)
+    finally:
+        for process, out, errors in background:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=30)
+            out.join()
+            errors.join()
+    host, joiner = background
+    assert (host[0].returncode, host[1].lines[-1]) == (0, "host stopped\n"), "".join(host[2].lines)
+    assert "through its client certificate (greet)" in "".join(host[2].lines)
+    assert joiner[0].returncode == 0, "".join(joiner[2].lines)
 
 
 # --- connectplugin call --------------------------------------------------------------------------
