@@ -363,6 +363,70 @@ def test_a_tls_server_out_of_file_descriptors_closes_half_open_connections_to_se
     assert errors.count("Too many open files") <= 1, errors[-2000:]
 
 
+_NO_DESCRIPTORS_LEFT_SERVER = """
+import os, resource, socket, ssl, sys
+from connectplugin import HTTPConfig, HTTPServer, TLSConfig
+from connectplugin.rpc.tls import KeyPair
+def hello(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5")])
+    return [b"hello"]
+pair = KeyPair.from_pem(sys.stdin.readline().replace("|", "\\n"), sys.stdin.readline().replace("|", "\\n"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+server = HTTPServer(hello, HTTPConfig(threads=2, tls=TLSConfig(key_pair=pair))).start()
+context = ssl.create_default_context()
+context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+with context.wrap_socket(socket.create_connection(("127.0.0.1", server.port))) as sock:
+    sock.sendall(b"GET / HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n")
+    assert sock.recv(100).startswith(b"HTTP/1.1 200")  # serving: its selector and threads exist
+taken = []
+try:
+    while True:  # what the rest of a busy process might hold
+        taken.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+print(server.port, flush=True)
+sys.stdin.readline()
+os.close(taken.pop())
+sys.stdin.read()
+server.close(grace=0)
+"""
+
+
+def test_a_tls_server_out_of_descriptors_with_none_of_its_own_waits_without_spinning_then_serves(pki, ca_file):
+    with subprocess.Popen(
+        [sys.executable, "-c", _NO_DESCRIPTORS_LEFT_SERVER], env={**os.environ, **ENV},
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) as process:
+        assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+        for pem in (pki.host.certificate_pem(), pki.host.private_key_pem()):
+            process.stdin.write(pem.decode().replace("\n", "|") + "\n")
+        process.stdin.flush()
+        port = int(process.stdout.readline())
+        answers: list[requests.Response] = []
+        client = threading.Thread(
+            target=lambda: answers.append(requests.get(f"https://127.0.0.1:{port}/", timeout=30, verify=ca_file))
+        )
+        client.start()  # its connection waits in the listening socket's queue
+        told = process.stderr.readline()  # the server's one warning: it could not accept
+        before = _cpu_seconds(process.pid)
+        threading.Event().wait(1.0)  # a window to measure in, not a synchronisation
+        spent = _cpu_seconds(process.pid) - before
+        process.stdin.write("free one\n")
+        process.stdin.flush()
+        client.join(timeout=30)
+        errors = process.communicate(timeout=30)[1]
+
+    assert "out of file descriptors with 0 connections waiting" in told, told + errors
+    assert spent < 0.1, f"the server spent {spent:.2f} s of CPU in 1 s waiting for a descriptor"
+    assert [(a.status_code, a.text) for a in answers] == [(200, "hello")]
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @BOTH_SERVERS
 def test_a_request_trickling_in_is_closed_after_request_timeout_however_busy_it_looks(hygienic):
     sock = _connect(hygienic)

@@ -525,6 +525,7 @@ class _Connections(cheroot_connections.ConnectionManager):
         with a request arriving, by the start of that wait, oldest first. Changed on the
         selector thread only (a worker's connections were served: never in it)."""
         self._next_sweep = 0.0
+        self._accepting = True  # False while out of descriptors with nothing to close
         self._told_out_of_files = False
 
     def put(self, conn: Any) -> None:
@@ -563,7 +564,9 @@ class _Connections(cheroot_connections.ConnectionManager):
 
     def _run(self, expiration_interval: float) -> None:
         """cheroot's selector loop, with the order and the room the class describes; sweeps
-        keep their pace even when a pass raises (cheroot's ``serve`` logs it and calls again)."""
+        keep their pace even when a pass raises (cheroot's ``serve`` logs it and calls again).
+        Connections are closed only after the pass has served those ready (the accept and
+        the sweep come last), so none in ``ready`` is closed under it."""
         while not self._stop_requested:
             try:
                 ready = list(self._selector.select(timeout=expiration_interval))
@@ -580,8 +583,6 @@ class _Connections(cheroot_connections.ConnectionManager):
                 else:
                     self._serve(fd, conn)
             for fd, conn in later:
-                if getattr(conn, _CLOSED, False):  # closed to make room meanwhile
-                    continue
                 self._serve(fd, conn)
             if accept:
                 self._accept()
@@ -589,6 +590,9 @@ class _Connections(cheroot_connections.ConnectionManager):
             if now >= self._next_sweep:
                 self._next_sweep = now + expiration_interval
                 self._sweep(now)
+                if not self._accepting:
+                    self._accepting = True
+                    self._selector.register(self.server.socket.fileno(), selectors.EVENT_READ, data=self.server)
 
     def _serve(self, fd: int, conn: Any) -> None:
         self._selector.unregister(fd)
@@ -610,26 +614,30 @@ class _Connections(cheroot_connections.ConnectionManager):
                     "ones; raise the process's limit (ulimit -n) or lower HTTPConfig.connection_limit (%d)",
                     len(self._selector) - 1, e.strerror, self._config.connection_limit,
                 )
-            self._make_room()
+            if not self._make_room():
+                # Nothing of ours to close (the descriptors are held elsewhere): no accepts
+                # until the next sweep, rather than failing them in a loop.
+                self._accepting = False
+                self._selector.unregister(self.server.socket.fileno())
             return
         if conn is not None:
             self.server.process_conn(conn)
 
-    def _make_room(self) -> None:
+    def _make_room(self) -> bool:
         """Close the waiting connection that matters least: the oldest unproven, else the
-        kept-alive one longest unused."""
+        kept-alive one longest unused. False when none is waiting."""
         if self._unproven:
             conn = next(iter(self._unproven))
         else:
             waiting = [c for _, c in self._selector.connections if c is not self.server]
             if not waiting:
-                return
+                return False
             conn = min(waiting, key=lambda c: getattr(c, _WAITING, (_Wait.IDLE, 0.0))[1])
         self._close(conn)
+        return True
 
     def _close(self, conn: Any) -> None:
         self._unproven.pop(conn, None)
-        setattr(conn, _CLOSED, True)
         self._selector.unregister(conn.socket.fileno())
         conn.close()
 
@@ -658,8 +666,6 @@ class _Connections(cheroot_connections.ConnectionManager):
 
 _OUT_OF_FILES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 """What ``accept`` fails with when the process or the system has no descriptor or memory left."""
-_CLOSED = "_connectplugin_closed"
-"""Set on a cheroot connection the selector thread closed to make room."""
 _WAITING = "_connectplugin_waiting"
 """A cheroot connection's (_Wait, since) while no worker has it; ``since`` is monotonic."""
 
