@@ -647,6 +647,26 @@ def test_the_revoked_file_of_a_host_file_is_read_again_on_sighup(tmp_path, pki):
     assert (process.returncode, out.lines[-1]) == (0, "host stopped\n"), "".join(errors.lines)
 
 
+def test_a_reload_that_fails_unexpectedly_is_logged_and_the_next_sighup_reloads_still(caplog):
+    """Its last line said on a closed stdout, say (BrokenPipeError): the thread that reloads
+    used to end with it, and every later SIGHUP changed nothing, silently."""
+    reloads: list[int] = []
+
+    class Reloader:
+        def reload(self) -> None:
+            reloads.append(len(reloads))
+            if len(reloads) == 1:
+                raise BrokenPipeError(32, "Broken pipe")
+
+    with hostfile._reloading_on_sighup(Reloader()):  # type: ignore[arg-type]  # only reload() is called
+        os.kill(os.getpid(), signal.SIGHUP)
+        wait_until(lambda: len(reloads) == 1, "the first reload", timeout=10)
+        os.kill(os.getpid(), signal.SIGHUP)
+        wait_until(lambda: len(reloads) == 2, "the second reload", timeout=10)
+
+    assert "Broken pipe" in caplog.text
+
+
 def test_a_revoked_file_lists_certificates_and_fingerprints_and_names_a_wrong_line(tmp_path, pki):
     path = tmp_path / "revoked.txt"
     path.write_bytes(

@@ -344,7 +344,10 @@ def _reloading_on_sighup(reloader: _Reloader) -> Iterator[None]:
 
     def reload_when_woken() -> None:
         while os.read(woken, 64):
-            reloader.reload()
+            try:
+                reloader.reload()
+            except Exception:  # one failed reload must not end the next ones (an unread file does not come here)
+                log.exception("SIGHUP: reading the revoked file again failed; the next SIGHUP tries again")
 
     thread = threading.Thread(target=reload_when_woken, name="connectplugin-sighup", daemon=True)
     thread.start()

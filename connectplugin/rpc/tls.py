@@ -748,7 +748,7 @@ _ALERTS = {
     "SSLV3_ALERT_BAD_CERTIFICATE": "the server refused the client certificate",
     "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the server refused the client certificate",
     "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": "the server refused the client certificate",
-    # Our server's verify callback can refuse but not say why (see _RevocationAlerts).
+    # Our server's verify callback can refuse but not say why (see _list_revoked).
     "TLSV1_ALERT_INTERNAL_ERROR": "the server refused the handshake, as it refuses a client certificate "
     "it revoked by fingerprint or does not accept",
 }
