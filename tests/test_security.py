@@ -1576,6 +1576,42 @@ def test_a_request_head_longer_than_one_read_arrives_whole(serve, pki):
     assert seen == [40_000]
 
 
+_LIMIT = HTTPConfig.max_request_header_size
+
+
+@BOTH_SERVERS
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * _LIMIT + b"\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-A: a\r\n" * (_LIMIT // 8) + b"\r\n",
+        b"GET /" + b"a" * _LIMIT + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    ],
+    ids=["long-header", "many-headers", "long-request-line"],
+)
+def test_a_request_head_over_the_limit_is_431_and_closes_the_connection(serve, pki, head):
+    with _raw_connection(serve(hello), pki) as sock:
+        answer = _exchange(sock, head)
+        assert (answer.status, answer.getheader("Connection")) == (431, "close")
+        answer.read()
+        assert sock.recv(1) == b""
+
+
+@BOTH_SERVERS
+def test_a_request_head_sent_forever_is_cut_off(serve, pki):
+    # The server reads a head up to its limit, then refuses and closes: the sender is stopped
+    # long before the 64 MiB go out (the TLS server buffered all it was sent until request_timeout).
+    server = serve(hello)
+    line = b"X-A: " + b"a" * 8000 + b"\r\n"
+    sent = 0
+    with _raw_connection(server, pki) as sock, pytest.raises((ConnectionError, ssl.SSLError)):  # not a timeout
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        while sent < 64 * 1024 * 1024:
+            sock.sendall(line * 16)
+            sent += len(line) * 16
+    assert sent < 32 * 1024 * 1024, "the server kept reading the head"
+
+
 @BOTH_SERVERS
 def test_request_headers_reach_the_environ_where_wsgi_puts_them(serve, pki):
     seen: list[dict] = []

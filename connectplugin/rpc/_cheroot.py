@@ -136,6 +136,28 @@ def _read_head(rfile: Any) -> bytes:
 class _Request(cheroot_server.HTTPRequest):
     header_reader = _StrictHeaderReader()
 
+    def parse_request(self) -> None:
+        """cheroot's, but a head longer than ``max_request_header_size`` (its request line
+        counted) is answered 431 and its connection closed, as waitress answers it (cheroot:
+        414 or 413, the latter without closing)."""
+        self.rfile = cheroot_server.SizeCheckWrapper(self.conn.rfile, self.server.max_request_header_size)
+        try:
+            self.ready = bool(self.read_request_line() and self.read_request_headers())
+        except cheroot_errors.MaxSizeExceeded:
+            self.ready = False
+            self.close_connection = True
+            try:
+                self.conn.wfile.write(_HEAD_TOO_LARGE)
+            except OSError:  # the client left meanwhile (or stopped reading)
+                pass
+
+
+_HEAD_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\nContent-Length: 38\r\n"
+    b"Connection: close\r\n\r\nThe request's head exceeds the limit.\n"
+)
+"""The answer to a request head over ``HTTPConfig.max_request_header_size``."""
+
 
 class _CherootConnection(cheroot_server.HTTPConnection):
     RequestHandlerClass = _Request
@@ -323,8 +345,6 @@ def _tls_failure(e: SSL.Error) -> Exception:
 
 _READ_AHEAD = 16 * 1024
 """Bytes the selector thread reads from a connection at a time while its request head arrives."""
-_MAX_READ_AHEAD = 64 * 1024
-"""A request head not ended within this many bytes goes to a worker anyway, for cheroot to refuse."""
 
 
 class _TLSReader:
@@ -545,7 +565,8 @@ class _Connections(cheroot_connections.ConnectionManager):
             arrived: bool | None = True
         else:
             before = len(raw.pending)
-            arrived = raw.read_ahead(_MAX_READ_AHEAD)
+            # A head not ended within the limit goes to a worker to be refused there.
+            arrived = raw.read_ahead(self._config.max_request_header_size + 1)
             if arrived is False and waiting[0] is not _Wait.REQUEST:
                 if len(raw.pending) > before:
                     waiting = _set_waiting(conn, _Wait.REQUEST)
@@ -736,6 +757,7 @@ def bind(app: Callable[..., Any], cfg: HTTPConfig) -> tuple[Any, tuple[str, int]
     )
     server.gateway = _Gateway
     server.max_request_body_size = cfg.max_request_body_size
+    server.max_request_header_size = cfg.max_request_header_size  # cheroot's default: no limit
     server.keep_alive_conn_limit = cfg.connection_limit  # cheroot's default keeps only 10
     # How often the selector loop wakes: to notice close(), and to close connections past their limits.
     server.expiration_interval = min(cfg.tls.stop_poll_interval, cfg.sweep_interval)

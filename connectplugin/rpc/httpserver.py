@@ -55,6 +55,12 @@ class HTTPConfig:
     so clients that connect and send nothing (or a ClientHello byte by byte) hold none."""
     sweep_interval: float = 0.5
     """Seconds between looks for idle and slow connections."""
+    max_request_header_size: int = 64 * 1024
+    """Bytes a request's head (its request line and header lines) may take; a longer one is
+    answered 431 Request Header Fields Too Large and its connection closed. Each connection
+    still sending its head may hold this much, so ``connection_limit`` of them hold at most
+    their product (64 MiB by default; waitress's own default, 256 KiB, would allow 256 MiB).
+    A Connect call's head is a few hundred bytes, a bearer token's a few kilobytes."""
     max_request_body_size: int = 64 * 1024 * 1024
     """Waitress buffers whole bodies before the app runs; cap it well above the read limit."""
     mmap_threshold: int | None = 128 * 1024
@@ -401,6 +407,7 @@ def _bind_waitress(app: Callable[..., Any], cfg: HTTPConfig) -> tuple[Any, tuple
         channel_timeout=cfg.idle_timeout,
         # poll(), not select(): select cannot watch descriptors past 1023.
         asyncore_use_poll=True,
+        max_request_header_size=cfg.max_request_header_size,
         max_request_body_size=cfg.max_request_body_size,
         # Lets a handler see a vanished client (Context.is_active) without writing to it.
         channel_request_lookahead=1,
