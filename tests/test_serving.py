@@ -100,7 +100,7 @@ def test_a_plugin_that_cannot_join_says_why_once_and_keeps_trying(make_host, pki
 
     [warning] = [r for r in attempts() if r.levelno == logging.WARNING]
     assert f"cannot join the host at {host.url}: unavailable: " in warning.getMessage()
-    assert "the server's certificate comes from a CA the client does not trust" in warning.getMessage()
+    assert "the server's certificate is not from a CA (or a pinned certificate) the client trusts" in warning.getMessage()
     assert not server.link.connected
 
 

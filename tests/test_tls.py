@@ -189,7 +189,21 @@ def test_a_refused_handshake_is_unavailable_and_the_server_keeps_serving(mtls_se
 
     assert refused.value.code is Code.UNAVAILABLE
     assert "SSL" in refused.value.message or "EOF" in refused.value.message
+    # What it means leads the message (or, for a refused client, the server hung up on it).
+    assert MEANINGS[case] in refused.value.message or (
+        "client" in case and "the server closed the connection" in refused.value.message
+    ), refused.value.message
     put(mtls_server.url, as_plugin(pki))
+
+
+MEANINGS = {
+    "no client certificate": ": the server requires a client certificate: [SSL: ",
+    "client certificate from another CA": ": the server does not trust the CA that issued the client certificate: [",
+    "expired client certificate": ": the server finds the client certificate expired or not yet valid: [",
+    "server checked against another CA": "certificate is not from a CA (or a pinned certificate) the client trusts: [",
+    "server pinned to another certificate": "certificate is not from a CA (or a pinned certificate) the client trusts",
+    "system CAs only": "certificate is not from a CA (or a pinned certificate) the client trusts",
+}
 
 
 def test_a_revoked_client_certificate_is_refused(pki, kv):

@@ -757,9 +757,9 @@ _VERIFY_ERRORS = {
     9: "the server's certificate is not valid yet (or this machine's clock is behind)",
     10: "the server's certificate has expired (or this machine's clock is ahead)",
     18: "the server's certificate is self-signed, and the client trusts no such certificate",
-    19: "the server's certificate comes from a CA the client does not trust",
-    20: "the server's certificate comes from a CA the client does not trust",
-    21: "the server's certificate comes from a CA the client does not trust",
+    19: "the server's certificate is not from a CA (or a pinned certificate) the client trusts",
+    20: "the server's certificate is not from a CA (or a pinned certificate) the client trusts",
+    21: "the server's certificate is not from a CA (or a pinned certificate) the client trusts",
     62: "the server's certificate does not name the host of the URL",
     64: "the server's certificate does not name the address of the URL",
 }
@@ -780,7 +780,7 @@ def explain(error: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m connectplugin.rpc.tls --out DIR [--plugin NAME ...]``: a development PKI."""
+    """``connectplugin-devpki --out DIR [--plugin NAME ...]``: a development PKI."""
     parser = argparse.ArgumentParser(
         prog="connectplugin-devpki",
         description="Write a development CA, a host certificate and plugin certificates (PEM), "
