@@ -260,12 +260,14 @@ class Identities:
         with self._lock:
             return [i.runtime_id for i in self._by_id.values() if not i.revoked_as.isdisjoint(fingerprints)]
 
-    def check_certificate(self, certificate: x509.Certificate) -> None:
-        """Refuse (``unauthenticated``) a client certificate that is revoked, or not valid now.
+    def check_certificate(self, certificate: x509.Certificate, revoked_as: frozenset[str] | None = None) -> None:
+        """Refuse (``unauthenticated``) a client certificate that is revoked, or not valid now;
+        ``revoked_as`` its ``tls.revocation_prints`` when known already (a bound identity's).
 
         The TLS handshake checked both already; a connection kept open outlives that check.
         """
-        if tls.is_revoked(certificate, self.revoked):
+        prints = tls.revocation_prints(certificate) if revoked_as is None else revoked_as
+        if any(print_ in self.revoked for print_ in prints):
             raise ConnectError(Code.UNAUTHENTICATED, "the client certificate is revoked")
         now = self._wall_clock()
         if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
@@ -304,7 +306,7 @@ class Identities:
                 raise ConnectError(
                     Code.UNAUTHENTICATED, f"{runtime_id} calls only with the client certificate it joined with"
                 )
-            self.check_certificate(peer)
+            self.check_certificate(peer, identity.revoked_as)  # the peer is that certificate
         with self._lock:
             if runtime_id in self._used:
                 self._used[runtime_id] = now
