@@ -316,6 +316,26 @@ def test_a_revocation_list_changed_again_and_again_keeps_the_servers_memory_flat
     assert "certificate revoked" in refused.value.message
 
 
+def test_a_fingerprint_as_openssl_prints_it_revokes_and_a_malformed_one_is_an_error(pki, make_host):
+    kv = pki.plugins["kv"]
+    openssl = "sha256 Fingerprint=" + ":".join(kv.fingerprint[i:i + 2] for i in range(0, 64, 2)).upper()
+
+    assert kv.fingerprint in tls.RevocationList([openssl])
+    assert not tls.Trust(cas=(pki.ca.certificate,), revoked=frozenset({openssl})).accepts_leaf(kv.certificate)
+    for malformed in ("", kv.fingerprint[:-1], "AB:CD", "sha1 Fingerprint=" + "ab" * 20, kv.fingerprint + "0"):
+        with pytest.raises(ValueError, match="not a SHA-256 fingerprint"):
+            tls.RevocationList([malformed])
+        with pytest.raises(ValueError, match="not a SHA-256 fingerprint"):
+            tls.PinList().add(malformed)
+        with pytest.raises(ValueError, match="not a SHA-256 fingerprint"):
+            tls.Trust(cas=(pki.ca.certificate,), revoked=frozenset({malformed}))
+    host = make_host()
+    with pytest.raises(ValueError, match="not a SHA-256 fingerprint"):
+        host.revoke_certificate("AB:CD")
+    host.revoke_certificate(openssl)
+    assert kv.fingerprint in host.revoked
+
+
 def test_a_twin_of_a_certificate_signed_on_another_curve_is_revoked_with_it():
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec

@@ -25,7 +25,15 @@ from ..host.metrics import MetricsConfig
 from ..host.pluginhost import HostConfig, PluginHost
 from ..host.supervisor import RestartPolicy
 from ..rpc.httpserver import HTTPConfig
-from ..rpc.tls import KeyPair, RevocationList, TLSConfig, Trust, fingerprint, load_certificates
+from ..rpc.tls import (
+    KeyPair,
+    RevocationList,
+    TLSConfig,
+    Trust,
+    fingerprint,
+    load_certificates,
+    parse_fingerprint,
+)
 from ..runtime.handshake import HandshakeConfig
 from ..runtime.launcher import ProcessStrategy
 
@@ -237,7 +245,6 @@ class _Reader:
 
 
 _PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", re.DOTALL)
-_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
 
 def read_revoked(path: Path) -> dict[str, x509.Certificate | None]:
@@ -257,9 +264,10 @@ def read_revoked(path: Path) -> dict[str, x509.Certificate | None]:
         text = line.split("#", 1)[0].strip()
         if not text:
             continue
-        print_ = text.rpartition("=")[2].replace(":", "").strip().lower()
-        if not _FINGERPRINT.fullmatch(print_):
-            raise ValueError(f"line {number} is neither a PEM certificate nor a SHA-256 fingerprint: {text[:80]!r}")
+        try:
+            print_ = parse_fingerprint(text)
+        except ValueError:
+            raise ValueError(f"line {number} is neither a PEM certificate nor a SHA-256 fingerprint: {text[:80]!r}") from None
         revoked.setdefault(print_, None)
     return revoked
 

@@ -856,7 +856,7 @@ class PluginHost:
         which are revoked here (their registrations withdrawn, watchers told). Safe from any
         thread."""
         self.revoked.add(*certificates)
-        prints = {c.lower() if isinstance(c, str) else tls.fingerprint(c) for c in certificates}
+        prints = {tls.parse_fingerprint(c) if isinstance(c, str) else tls.fingerprint(c) for c in certificates}
         for runtime_id in self.identities.bound_to(prints):
             self._revoke(runtime_id, "its client certificate was revoked")
 

@@ -20,6 +20,7 @@ import datetime
 import hashlib
 import ipaddress
 import os
+import re
 import secrets
 import ssl
 import sys
@@ -278,7 +279,21 @@ class PinList:
 
 
 def _print_of(certificate: str | x509.Certificate) -> str:
-    return certificate.lower() if isinstance(certificate, str) else fingerprint(certificate)
+    return parse_fingerprint(certificate) if isinstance(certificate, str) else fingerprint(certificate)
+
+
+def parse_fingerprint(text: str) -> str:
+    """A SHA-256 fingerprint as :func:`fingerprint` writes it (64 lower-case hex digits), from
+    that or from what ``openssl x509 -fingerprint -sha256`` prints (colons, upper case, with
+    or without its ``sha256 Fingerprint=``). ValueError for anything else: a revocation or
+    a pin that silently matches nothing would be worse than an error."""
+    print_ = text.rpartition("=")[2].replace(":", "").strip().lower()
+    if not _FINGERPRINT.fullmatch(print_):
+        raise ValueError(f"not a SHA-256 fingerprint (64 hex digits, colons allowed): {text[:80]!r}")
+    return print_
+
+
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -299,6 +314,8 @@ class Trust:
     def __post_init__(self) -> None:
         if not self.cas and not self.pinned:
             raise ValueError("a Trust needs at least one CA or pinned certificate")
+        if not isinstance(self.revoked, RevocationList):  # as fingerprint() writes them, or ValueError
+            object.__setattr__(self, "revoked", frozenset(parse_fingerprint(p) for p in self.revoked))
 
     @classmethod
     def from_pem(cls, cas: bytes | str = b"", pinned: bytes | str = b"") -> Trust:
