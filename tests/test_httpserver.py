@@ -215,3 +215,47 @@ def test_close_lets_a_call_in_flight_finish_within_the_grace(http_config, connec
     caller.join(10)
 
     assert result and result[0].value == b"done"
+
+
+def _connection(server: HTTPServer, ca_file: str) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    if server.config.tls is None:
+        return sock
+    return ssl.create_default_context(cafile=ca_file).wrap_socket(sock, server_hostname="127.0.0.1")
+
+
+def test_close_drops_a_client_still_sending_its_next_request_head_at_once(http_config, ca_file):
+    # No call is in flight: the grace is not for it (the TLS server failed here, leaking a worker).
+    before = set(threading.enumerate())
+    server = HTTPServer(hello, http_config).start()
+    with _connection(server, ca_file) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        closer = threading.Thread(target=server.close, kwargs={"grace": 60.0})
+        closer.start()
+
+        closer.join(30)  # generous: it takes milliseconds
+
+        assert not closer.is_alive()
+        assert sock.recv(65536) == b""
+    wait_until(lambda: set(threading.enumerate()) <= before, "the server's threads to end", timeout=5)
+
+
+def test_close_ends_a_call_still_reading_its_body_after_the_grace(http_config, ca_file):
+    before = set(threading.enumerate())
+    reading = threading.Event()
+
+    def app(environ, start_response):
+        reading.set()
+        environ["wsgi.input"].read()
+        return hello(environ, start_response)
+
+    server = HTTPServer(app, http_config).start()
+    with _connection(server, ca_file) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+        if http_config.tls is not None:  # waitress runs the app only once the body is in
+            assert reading.wait(5)
+
+        server.close(grace=0.2)
+
+        wait_until(lambda: set(threading.enumerate()) <= before, "the server's threads to end", timeout=5)

@@ -23,6 +23,7 @@ from cheroot import errors as cheroot_errors
 from cheroot import server as cheroot_server
 from cheroot import wsgi as cheroot_wsgi
 from cheroot.ssl.pyopenssl import pyOpenSSLAdapter
+from cheroot.workers import threadpool as cheroot_threadpool
 from OpenSSL import SSL
 
 from . import _protocol
@@ -141,6 +142,7 @@ class _Request(cheroot_server.HTTPRequest):
         counted) is answered 431 and its connection closed, as waitress answers it (cheroot:
         414 or 413, the latter without closing)."""
         self.rfile = cheroot_server.SizeCheckWrapper(self.conn.rfile, self.server.max_request_header_size)
+        setattr(self.conn, _READING_HEAD, True)
         try:
             self.ready = bool(self.read_request_line() and self.read_request_headers())
         except cheroot_errors.MaxSizeExceeded:
@@ -150,6 +152,8 @@ class _Request(cheroot_server.HTTPRequest):
                 self.conn.wfile.write(_HEAD_TOO_LARGE)
             except OSError:  # the client left meanwhile (or stopped reading)
                 pass
+        finally:
+            setattr(self.conn, _READING_HEAD, False)
 
 
 _HEAD_TOO_LARGE = (
@@ -157,6 +161,42 @@ _HEAD_TOO_LARGE = (
     b"Connection: close\r\n\r\nThe request's head exceeds the limit.\n"
 )
 """The answer to a request head over ``HTTPConfig.max_request_header_size``."""
+
+
+_READING_HEAD = "_connectplugin_reading_head"
+"""Set on a cheroot connection while its worker reads a request's head: no call in flight yet."""
+
+
+class _Workers(cheroot_threadpool.ThreadPool):
+    """cheroot's worker threads. Stopping them first ends the connections whose worker still
+    reads a request's head (a kept-alive client sent part of its next one): no call is in
+    flight there, and waitress drops such a connection at once too. The others get the grace,
+    then their sockets are shut, which wakes a worker waiting for its client (cheroot shuts
+    only the TLS stream, a close_notify that wakes no read, and failed on our reader)."""
+
+    _threads: list[Any]  # cheroot's, not in its type stubs
+
+    def stop(self, timeout: float | None = 5) -> None:  # type: ignore[override]  # any number
+        for worker in list(self._threads):
+            conn = worker.conn
+            if conn is not None and getattr(conn, _READING_HEAD, False):
+                self._force_close(conn)
+        super().stop(timeout)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _force_close(conn: Any) -> None:
+        if conn is None or conn.rfile.closed:
+            return
+        try:
+            sock = socket.socket(fileno=conn.socket.fileno())
+        except (OSError, ValueError):  # closed meanwhile
+            return
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            sock.detach()
 
 
 class _CherootConnection(cheroot_server.HTTPConnection):
@@ -421,6 +461,10 @@ class _TLSReader:
         del self._buffer[:n]
         self.bytes_read += n
         return data
+
+    @property
+    def closed(self) -> bool:
+        return self.raw.closed
 
     def close(self) -> None:
         self.raw.close()
@@ -753,8 +797,8 @@ def bind(app: Callable[..., Any], cfg: HTTPConfig) -> tuple[Any, tuple[str, int]
         # Each blocking read or write of a worker; _Connections bounds the waits without one.
         timeout=cfg.request_timeout,  # type: ignore[arg-type]  # any number
         shutdown_timeout=cfg.close_grace,  # type: ignore[arg-type]
-        accepted_queue_size=cfg.connection_limit,
     )
+    server.requests = _Workers(server, min=cfg.workers, max=cfg.workers, accepted_queue_size=cfg.connection_limit)
     server.gateway = _Gateway
     server.max_request_body_size = cfg.max_request_body_size
     server.max_request_header_size = cfg.max_request_header_size  # cheroot's default: no limit
