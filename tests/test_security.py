@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import logging
@@ -1610,6 +1611,47 @@ def test_a_request_head_sent_forever_is_cut_off(serve, pki):
             sock.sendall(line * 16)
             sent += len(line) * 16
     assert sent < 32 * 1024 * 1024, "the server kept reading the head"
+
+
+def _reading(environ, start_response):
+    environ["wsgi.input"].read()
+    return hello(environ, start_response)
+
+
+_CHUNKED = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@BOTH_SERVERS
+@pytest.mark.parametrize(
+    ("start", "more"),
+    [(b"1;a=", b"b" * 65536), (b"", b"0" * 65536), (b"", b"10000\r\n" + b"a" * 65536 + b"\r\n")],
+    ids=["endless-chunk-extension", "endless-chunk-size", "endless-chunks"],
+)
+def test_a_chunked_body_sent_forever_is_cut_off(http_config, pki, start, more):
+    # The TLS server buffered a chunk size line however long, until request_timeout.
+    config = dataclasses.replace(http_config, max_request_body_size=1024 * 1024)
+    server = HTTPServer(_reading, config).start()
+    sent = 0
+    try:
+        with _raw_connection(server, pki) as sock, pytest.raises((ConnectionError, ssl.SSLError)):  # not a timeout
+            sock.sendall(_CHUNKED + start)
+            while sent < 64 * 1024 * 1024:
+                sock.sendall(more)
+                sent += len(more)
+    finally:
+        server.close(grace=1.0)
+    assert sent < 32 * 1024 * 1024, "the server kept reading the body"
+
+
+@BOTH_SERVERS
+def test_a_chunked_body_over_the_limit_is_413(http_config, pki):
+    server = HTTPServer(_reading, dataclasses.replace(http_config, max_request_body_size=1024)).start()
+    try:
+        with _raw_connection(server, pki) as sock:
+            answer = _exchange(sock, _CHUNKED + b"800\r\n" + b"a" * 2048 + b"\r\n0\r\n\r\n")
+            assert answer.status == 413
+    finally:
+        server.close(grace=1.0)
 
 
 @BOTH_SERVERS

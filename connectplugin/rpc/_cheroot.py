@@ -156,6 +156,63 @@ class _Request(cheroot_server.HTTPRequest):
             setattr(self.conn, _READING_HEAD, False)
 
 
+    def respond(self) -> None:
+        """cheroot's, with a chunked body read by :class:`_ChunkedBody`, and a body over
+        ``max_request_body_size`` that the app let the error of through answered 413 and
+        closed, as waitress answers it (cheroot: 500)."""
+        if not self.chunked_read:
+            super().respond()
+            return
+        server = self.server
+        self.rfile = _ChunkedBody(self.conn.rfile, server.max_request_body_size, server.max_request_header_size)
+        try:
+            server.gateway(self).respond()
+        except cheroot_errors.MaxSizeExceeded:
+            if self.sent_headers:
+                raise
+            self.simple_response("413 Request Entity Too Large", "The request's body exceeds the limit.\n")
+            return
+        if self.ready:
+            self.ensure_headers_sent()
+        if self.chunked_write:
+            self.conn.wfile.write(b"0\r\n\r\n")
+
+
+class _ChunkedBody(cheroot_server.ChunkedRFile):
+    """cheroot's reader of a chunked request body, whose chunk size lines (extensions
+    included) may be no longer than ``line_limit``: cheroot read each whole, however long
+    (an endless chunk extension was buffered until ``request_timeout``)."""
+
+    def __init__(self, rfile: Any, maxlen: int, line_limit: int) -> None:
+        super().__init__(_CappedLines(rfile, line_limit), maxlen)
+
+    def _fetch(self) -> None:
+        try:
+            super()._fetch()  # type: ignore[misc]  # cheroot's, not in its type stubs
+        except OSError as e:  # cheroot's words for a chunk past the limit, as a plain OSError
+            if e.args != ("Request Entity Too Large",):
+                raise
+            raise cheroot_errors.MaxSizeExceeded("Request Entity Too Large", self.maxlen) from None
+
+
+class _CappedLines:
+    """``rfile`` whose lines are read no further than ``limit`` bytes: a longer one is
+    MaxSizeExceeded (for cheroot's chunked reader, which asks for lines without a size)."""
+
+    def __init__(self, rfile: Any, limit: int) -> None:
+        self._rfile = rfile
+        self._limit = limit
+
+    def readline(self, size: int | None = -1) -> bytes:
+        line = self._rfile.readline(self._limit + 1)
+        if len(line) > self._limit:
+            raise cheroot_errors.MaxSizeExceeded("Request Entity Too Large", self._limit)
+        return line
+
+    def read(self, size: int | None = -1) -> bytes:
+        return self._rfile.read(size)
+
+
 _HEAD_TOO_LARGE = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\nContent-Length: 38\r\n"
     b"Connection: close\r\n\r\nThe request's head exceeds the limit.\n"
