@@ -336,6 +336,32 @@ def test_a_fingerprint_as_openssl_prints_it_revokes_and_a_malformed_one_is_an_er
     assert kv.fingerprint in host.revoked
 
 
+def test_revoking_a_certificate_whose_serial_no_crl_can_list_leaves_the_server_accepting(pki, kv):
+    """Serial 0 (a broken CA's, or a forged certificate the operator revokes all the same): a
+    CRL cannot list it, and making the CRLs failed at every accept, so nobody got in."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    original = pki.plugins["other"].certificate
+    der = bytearray(original.public_bytes(Encoding.DER))
+    serial = original.serial_number.to_bytes((original.serial_number.bit_length() + 8) // 8, "big")
+    at = der.index(b"\x02" + bytes([len(serial)]) + serial)
+    der[at:at + 2 + len(serial)] = b"\x02\x01\x00"
+    for length_at in (2, 6):  # the certificate's and its signed part's two-octet lengths
+        der[length_at:length_at + 2] = (int.from_bytes(der[length_at:length_at + 2], "big") + 1 - len(serial)).to_bytes(2, "big")
+    zero = x509.load_der_x509_certificate(bytes(der))
+    assert zero.serial_number == 0
+    revoked = tls.RevocationList()
+    config = tls.TLSConfig(key_pair=pki.host, trust=tls.Trust(cas=(pki.ca.certificate,), revoked=revoked))
+    with HTTPServer(App([kv]), HTTPConfig(threads=2, tls=config)) as server:
+        revoked.add(zero, pki.plugins["kv"].certificate)
+
+        put(server.url, as_plugin(pki, "other"), connect_timeout=10)
+        with pytest.raises(ConnectError) as refused:
+            put(server.url, as_plugin(pki, "kv"))
+    assert "certificate revoked" in refused.value.message
+
+
 def test_a_twin_of_a_certificate_signed_on_another_curve_is_revoked_with_it():
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec

@@ -706,7 +706,8 @@ def _list_revoked(store: Any, certificates: Sequence[x509.Certificate]) -> None:
     every error that only CRLs raise (``_CRL_TROUBLE``), and what remains is OpenSSL's
     "revoked" for a listed serial, which the callback confirms against the fingerprints.
     The fingerprints decide, as without CRLs: a CRL only chooses the alert. A certificate
-    revoked by its fingerprint alone has no serial to list, and gets ``internal_error`` still.
+    revoked by its fingerprint alone has no serial to list, nor has one whose serial a CRL
+    cannot hold (zero, negative, over 20 octets): they get ``internal_error`` still.
     The CRLs' dates are fixed and long past and far ahead: no clock makes them stale."""
     if not certificates:
         return
@@ -718,7 +719,10 @@ def _list_revoked(store: Any, certificates: Sequence[x509.Certificate]) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     by_issuer: dict[x509.Name, list[int]] = {}
     for certificate in certificates:
-        by_issuer.setdefault(certificate.issuer, []).append(certificate.serial_number)
+        if 0 < certificate.serial_number < 2**159:  # what a CRL can list (RFC 5280: positive, 20 octets)
+            by_issuer.setdefault(certificate.issuer, []).append(certificate.serial_number)
+    if not by_issuer:
+        return
     for issuer, serials in by_issuer.items():
         builder = (
             x509.CertificateRevocationListBuilder()
