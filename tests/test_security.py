@@ -1655,6 +1655,23 @@ def test_a_chunked_body_over_the_limit_is_413(http_config, pki):
 
 
 @BOTH_SERVERS
+@pytest.mark.parametrize("size", [b"0x5", b"+5", b"0_5", b" 5", b"5 ", b"\xd9\xa5"], ids=repr)
+def test_a_chunk_size_int_would_take_but_http_forbids_is_400(serve, pki, size):
+    # The TLS server took whatever int(x, 16) takes; waitress, and every strict reader after
+    # it, would frame the same body differently.
+    with _raw_connection(serve(_reading), pki) as sock:
+        answer = _exchange(sock, _CHUNKED + size + b"\r\nhello\r\n0\r\n\r\n")
+        assert answer.status == 400
+
+
+@BOTH_SERVERS
+def test_a_chunk_size_with_an_extension_is_read(serve, pki):
+    with _raw_connection(serve(_reading), pki) as sock:
+        answer = _exchange(sock, _CHUNKED + b"5;name=value\r\nhello\r\n0\r\n\r\n")
+        assert (answer.status, answer.read()) == (200, b"hello")
+
+
+@BOTH_SERVERS
 def test_request_headers_reach_the_environ_where_wsgi_puts_them(serve, pki):
     seen: list[dict] = []
 

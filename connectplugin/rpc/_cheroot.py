@@ -158,8 +158,8 @@ class _Request(cheroot_server.HTTPRequest):
 
     def respond(self) -> None:
         """cheroot's, with a chunked body read by :class:`_ChunkedBody`, and a body over
-        ``max_request_body_size`` that the app let the error of through answered 413 and
-        closed, as waitress answers it (cheroot: 500)."""
+        ``max_request_body_size`` or a malformed chunk size that the app let the error of
+        through answered 413 or 400 and closed, as waitress answers them (cheroot: 500)."""
         if not self.chunked_read:
             super().respond()
             return
@@ -172,6 +172,11 @@ class _Request(cheroot_server.HTTPRequest):
                 raise
             self.simple_response("413 Request Entity Too Large", "The request's body exceeds the limit.\n")
             return
+        except _BadChunkSize as e:
+            if self.sent_headers:
+                raise
+            self.simple_response("400 Bad Request", f"{e}\n")  # closes: the framing is lost
+            return
         if self.ready:
             self.ensure_headers_sent()
         if self.chunked_write:
@@ -179,12 +184,12 @@ class _Request(cheroot_server.HTTPRequest):
 
 
 class _ChunkedBody(cheroot_server.ChunkedRFile):
-    """cheroot's reader of a chunked request body, whose chunk size lines (extensions
-    included) may be no longer than ``line_limit``: cheroot read each whole, however long
-    (an endless chunk extension was buffered until ``request_timeout``)."""
+    """cheroot's reader of a chunked request body, whose chunk size lines are held to
+    :class:`_ChunkSizeLines` (cheroot read each whole however long, an endless chunk extension
+    buffered until ``request_timeout``, and took whatever ``int(x, 16)`` takes)."""
 
     def __init__(self, rfile: Any, maxlen: int, line_limit: int) -> None:
-        super().__init__(_CappedLines(rfile, line_limit), maxlen)
+        super().__init__(_ChunkSizeLines(rfile, line_limit), maxlen)
 
     def _fetch(self) -> None:
         try:
@@ -195,9 +200,14 @@ class _ChunkedBody(cheroot_server.ChunkedRFile):
             raise cheroot_errors.MaxSizeExceeded("Request Entity Too Large", self.maxlen) from None
 
 
-class _CappedLines:
-    """``rfile`` whose lines are read no further than ``limit`` bytes: a longer one is
-    MaxSizeExceeded (for cheroot's chunked reader, which asks for lines without a size)."""
+class _BadChunkSize(ValueError):
+    """A chunked request body's size line is not hex digits (with an extension) and CRLF."""
+
+
+class _ChunkSizeLines:
+    """``rfile`` as cheroot's chunked reader sees it: the lines it reads are chunk size lines,
+    no longer than ``limit`` bytes (a longer one is MaxSizeExceeded) and well formed (hex
+    digits, an optional extension, CRLF: ``_BadChunkSize`` otherwise), as waitress holds them."""
 
     def __init__(self, rfile: Any, limit: int) -> None:
         self._rfile = rfile
@@ -207,6 +217,9 @@ class _CappedLines:
         line = self._rfile.readline(self._limit + 1)
         if len(line) > self._limit:
             raise cheroot_errors.MaxSizeExceeded("Request Entity Too Large", self._limit)
+        chunk_size = line.removesuffix(b"\r\n").partition(b";")[0]
+        if not line.endswith(b"\r\n") or not _protocol.is_chunk_size(chunk_size):
+            raise _BadChunkSize(f"bad chunk size line {line[:20]!r}")
         return line
 
     def read(self, size: int | None = -1) -> bytes:

@@ -54,6 +54,9 @@ HEADER_LINE = re.compile(f"({_TOKEN}):([^{_ILLEGAL_TEXT}]*)\r\n")
 has_illegal_text = re.compile(f"[{_ILLEGAL_TEXT}]").search
 """Whether a header value, status or reason holds what it may not: a control character but
 tab, above all a lone CR or LF that would split the line for whoever reads it next, or NUL."""
+is_chunk_size = re.compile(rb"[0-9A-Fa-f]{1,16}").fullmatch
+"""Whether bytes are a chunk size: hex digits only, no sign, prefix, underscore or blank (all
+of which ``int(x, 16)`` takes), so both ends of a chunked body read the same framing."""
 """Unary trailers travel as headers with this prefix; stream trailers in the end-stream message."""
 
 

@@ -512,8 +512,6 @@ _ILLEGAL_TARGET = re.compile("[\x00-\x20\x7f]").search
 _STATUS_LINE = re.compile(r"HTTP/\d\.\d (\d{3})(?: (.*))?").fullmatch
 _PLAIN_FIELDS = re.compile(f"(?:{_protocol.HEADER_LINE.pattern})*").fullmatch
 """Header lines that are all well formed (none folded): the usual head, checked in one pass."""
-_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}").fullmatch
-"""A chunk size: hex digits only (no sign, prefix or blanks, as int(x, 16) would take)."""
 _BODYLESS_STATUS = frozenset({204, 304})
 
 
@@ -734,7 +732,7 @@ class _PooledResponse(Response):
                 self._chunk = self._SIZE
             elif self._chunk == self._SIZE:
                 size = line.split(b";", 1)[0].strip()
-                if not _HEX(size):
+                if not _protocol.is_chunk_size(size):
                     raise http.client.HTTPException(f"bad chunk size {size[:20]!r}")
                 self._left = int(size, 16)
                 if not self._left:
