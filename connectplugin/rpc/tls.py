@@ -26,7 +26,7 @@ import ssl
 import sys
 import tempfile
 import threading
-from collections.abc import Container, Iterable, Iterator, Sequence
+from collections.abc import Collection, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -183,17 +183,37 @@ class KeyPair:
         return fingerprint(self.certificate)
 
 
-class RevocationList:
+class _Fingerprints:
+    """A set of certificate fingerprints changed while serving and read from any thread:
+    ``in``, iteration (sorted, a copy) and ``len`` under ``_lock``, over ``_prints``."""
+
+    _lock: threading.Lock
+    _prints: Collection[str]
+
+    def __contains__(self, print_: object) -> bool:
+        with self._lock:
+            return print_ in self._prints
+
+    def __iter__(self) -> Iterator[str]:
+        with self._lock:
+            return iter(sorted(self._prints))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._prints)
+
+
+class RevocationList(_Fingerprints):
     """Fingerprints of certificates refused from now on, changed while serving (a CRL kept
     in memory). A server whose ``Trust.revoked`` is one refuses a certificate at the next
     handshake that presents it; a host also refuses it on the calls of connections already
     open. A certificate revoked as itself (not only by its fingerprint) is refused with the
     TLS alert ``certificate_revoked``, so its holder is told why. Safe from any thread;
-    ``_lock`` guards ``_revoked`` and ``_version``."""
+    ``_lock`` guards ``_prints`` and ``_version``."""
 
     def __init__(self, revoked: Iterable[str | x509.Certificate] = ()) -> None:
         self._lock = threading.Lock()
-        self._revoked: dict[str, x509.Certificate | None] = {}
+        self._prints: dict[str, x509.Certificate | None] = {}
         self._version = 0
         self.add(*revoked)
 
@@ -202,8 +222,8 @@ class RevocationList:
         entries = [(_print_of(r), None if isinstance(r, str) else r) for r in revoked]
         with self._lock:
             for print_, certificate in entries:
-                if certificate is not None or print_ not in self._revoked:
-                    self._revoked[print_] = certificate
+                if certificate is not None or print_ not in self._prints:
+                    self._prints[print_] = certificate
             self._version += 1
 
     def discard(self, *revoked: str | x509.Certificate) -> None:
@@ -212,7 +232,7 @@ class RevocationList:
         prints = {_print_of(r) for r in revoked}
         with self._lock:
             for print_ in prints:
-                self._revoked.pop(print_, None)
+                self._prints.pop(print_, None)
             self._version += 1
 
     @property
@@ -224,22 +244,11 @@ class RevocationList:
         """A version number that changes with every change, and the certificates revoked as
         themselves (not those known only by their fingerprint)."""
         with self._lock:
-            return self._version, tuple(c for c in self._revoked.values() if c is not None)
-
-    def __contains__(self, print_: object) -> bool:
-        with self._lock:
-            return print_ in self._revoked
-
-    def __iter__(self) -> Iterator[str]:
-        with self._lock:
-            return iter(sorted(self._revoked))
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._revoked)
+            return self._version, tuple(c for c in self._prints.values() if c is not None)
 
 
-class PinList:
+
+class PinList(_Fingerprints):
     """Fingerprints of client certificates accepted for as long as they are listed, whoever
     issued them (self-signed ones too): added and removed while serving. A host puts here
     the automatic-mTLS certificate of each plugin it launched, while that plugin runs, so
@@ -264,18 +273,6 @@ class PinList:
         prints = {_print_of(c) for c in certificates}
         with self._lock:
             self._prints -= prints
-
-    def __contains__(self, print_: object) -> bool:
-        with self._lock:
-            return print_ in self._prints
-
-    def __iter__(self) -> Iterator[str]:
-        with self._lock:
-            return iter(sorted(self._prints))
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._prints)
 
 
 def _print_of(certificate: str | x509.Certificate) -> str:
